@@ -1,0 +1,18 @@
+"""Shared fixtures: where the real Zeiss files live, and small synthetic slides made per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_CZI = REPO_ROOT.parent / "shared" / "czi"
+
+
+@pytest.fixture(scope="session")
+def shared_czi() -> Path:
+    """The folder of real Zeiss CZI files beside the checkout; tests using it skip without it."""
+    if not SHARED_CZI.is_dir():
+        pytest.skip("../shared/czi is absent (real Zeiss test files)")
+    return SHARED_CZI
