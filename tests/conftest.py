@@ -16,3 +16,13 @@ def shared_czi() -> Path:
     if not SHARED_CZI.is_dir():
         pytest.skip("../shared/czi is absent (real Zeiss test files)")
     return SHARED_CZI
+
+
+@pytest.fixture(scope="session")
+def synthetic_slide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 4000 x 4000 px brightfield synthetic CZI (seed 0) and its truth table, made once."""
+    from bmseg.synth import write_synthetic_slide
+
+    czi_path = tmp_path_factory.mktemp("synthetic") / "synthetic.czi"
+    truth_path = write_synthetic_slide(czi_path, 4000, 4000, seed=0, modality="brightfield")
+    return czi_path, truth_path
