@@ -1,5 +1,745 @@
-"""Placeholder: the helper that owns this step replaces this file."""
+"""GATHER: SEGMENT's batch outputs become per-slide results a lab reads.
+
+Per slide: the cell table (cells kept by two tiles resolved), the gallery crops, a GeoJSON that
+QuPath imports as detections; for the run: ``summary.csv`` (counts and densities per mm² of
+segmented tissue, size quantiles), plots, and the batches' timing records. Tables are streamed
+row group by row group and the 2048-d embeddings are copied by Arrow, never touched by Python,
+so a million cells gather in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from bmseg.errors import BmsegError
+from bmseg.storage import atomic_path, write_bytes, write_json
+from bmseg.versions import package_versions
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+CELLS_FILE = "cells.parquet"
+CROPS_FILE = "crops.parquet"
+BATCH_FILE = "batch.json"
+SUMMARY_FILE = "summary.csv"
+BATCHES_RECORD = "batches.json"
+GATHER_RECORD = "gather.json"
+EMBEDDING_COLUMN = "embedding"
+CELL_TYPES = ("MK", "HSPC")
+TYPE_COLOURS = {"MK": (220, 50, 47), "HSPC": (38, 139, 210)}
+AREA_QUANTILES = (10, 25, 50, 75, 90)
+ROW_GROUP_ROWS = 32768
+GEOJSON_CHUNK = 50000
+REQUIRED_COLUMNS = (
+    "cell_uid",
+    "slide_id",
+    "tile_id",
+    "cell_type",
+    "centroid_x_px",
+    "centroid_y_px",
+    "bbox_x_px",
+    "bbox_y_px",
+    "bbox_w_px",
+    "bbox_h_px",
+    "area_px",
+    "area_um2",
+    "score",
+    "contour_x_px",
+    "contour_y_px",
+)
+# Numeric columns that locate a cell rather than describe it: never features or measurements.
+LOCATION_COLUMNS = frozenset(
+    {
+        "centroid_x_px",
+        "centroid_y_px",
+        "centroid_x_um",
+        "centroid_y_um",
+        "bbox_x_px",
+        "bbox_y_px",
+        "bbox_w_px",
+        "bbox_h_px",
+        "area_px",
+        "mask_label",
+    }
+)
 
 
-def register(subparsers):
-    """Adds nothing yet."""
+def feature_columns(schema: pa.Schema) -> list[str]:
+    """Scalar measurement columns (shape, intensity, area µm², score) in table order.
+
+    Location columns and classifier outputs are left out, so the same rule serves training,
+    classification and the QuPath measurements whatever shape/intensity columns SEGMENT writes.
+    """
+    return [
+        field.name
+        for field in schema
+        if (pa.types.is_floating(field.type) or pa.types.is_integer(field.type))
+        and field.name not in LOCATION_COLUMNS
+        and not field.name.endswith("_probability")
+    ]
+
+
+@dataclass(frozen=True)
+class BatchInput:
+    """One SEGMENT output directory."""
+
+    directory: Path
+    cells: Path
+    crops: Path | None
+    record: dict
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """What GATHER needs from PLAN's ``{slide}.slide.json`` (and its neighbours)."""
+
+    slide_id: str
+    pixel_size_um: float
+    origin_x: float
+    origin_y: float
+    tissue_area_mm2: float
+    tiles_kept: int
+    slide_json: Path
+    tissue_png: Path | None
+    tiles_table: Path | None
+
+
+def read_batch_inputs(directories: Sequence[Path]) -> list[BatchInput]:
+    """Validate SEGMENT output directories: files present, schema complete, no tile twice."""
+    batches: list[BatchInput] = []
+    seen_tiles: dict[tuple[str, str], Path] = {}
+    if len(set(map(Path.resolve, directories))) != len(directories):
+        raise BmsegError("BATCH_DIRS: a directory is given twice; pass each batch output once")
+    for directory in directories:
+        cells = directory / CELLS_FILE
+        record_path = directory / BATCH_FILE
+        for required in (cells, record_path):
+            if not required.is_file():
+                raise BmsegError(f"{required}: missing; pass SEGMENT output directories")
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            tiles = [(t["slide_id"], t["tile_id"]) for t in record["tiles"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise BmsegError(
+                f"{record_path}: not a SEGMENT batch record ({error}); re-run SEGMENT"
+            ) from error
+        missing = [c for c in REQUIRED_COLUMNS if c not in pq.read_schema(cells).names]
+        if missing:
+            raise BmsegError(
+                f"{cells}: columns {', '.join(missing)} missing; re-run SEGMENT with this bmseg"
+            )
+        for tile in tiles:
+            if tile in seen_tiles:
+                raise BmsegError(
+                    f"{directory}: tile {tile[0]}/{tile[1]} also in {seen_tiles[tile]}; "
+                    "pass each batch output once"
+                )
+            seen_tiles[tile] = directory
+        crops = directory / CROPS_FILE
+        batches.append(BatchInput(directory, cells, crops if crops.is_file() else None, record))
+    return batches
+
+
+def read_plans(plans_dir: Path, slide_ids: Iterable[str]) -> dict[str, SlidePlan]:
+    """Read ``{slide}.slide.json`` for every slide; a missing or incomplete one is an error."""
+    plans: dict[str, SlidePlan] = {}
+    for slide_id in sorted(slide_ids):
+        path = plans_dir / f"{slide_id}.slide.json"
+        if not path.is_file():
+            raise BmsegError(f"{path}: missing; pass --plans the directory PLAN wrote")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            bounds = data["bounds"]
+            plan = SlidePlan(
+                slide_id=slide_id,
+                pixel_size_um=float(data["pixel_size_um"]),
+                origin_x=float(bounds["x"]),
+                origin_y=float(bounds["y"]),
+                tissue_area_mm2=float(data["tissue_area_mm2"]),
+                tiles_kept=int(data.get("tiles_kept", 0)),
+                slide_json=path,
+                tissue_png=_existing(plans_dir / f"{slide_id}.tissue.png"),
+                tiles_table=_existing(plans_dir / f"{slide_id}.tiles.parquet"),
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise BmsegError(f"{path}: not a PLAN slide record ({error}); re-run PLAN") from error
+        plans[slide_id] = plan
+    return plans
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.is_file() else None
+
+
+def segmented_tissue_mm2(plan: SlidePlan, tile_ids: set[str]) -> float:
+    """Tissue area of the tiles that were segmented, the denominator of every density.
+
+    With PLAN's tile table: the sum of tissue share × core area over those tiles. Without it:
+    the slide's tissue area scaled by the share of kept tiles that were segmented.
+    """
+    if plan.tiles_table is not None:
+        tiles = pq.read_table(
+            plan.tiles_table, columns=["tile_id", "core_w", "core_h", "tissue_fraction"]
+        ).to_pandas()
+        tiles = tiles[tiles["tile_id"].isin(tile_ids)]
+        core_px = tiles["core_w"].to_numpy(np.float64) * tiles["core_h"].to_numpy(np.float64)
+        tissue_px = float(np.sum(core_px * tiles["tissue_fraction"].to_numpy(np.float64)))
+        return tissue_px * plan.pixel_size_um**2 / 1e6
+    share = min(1.0, len(tile_ids) / plan.tiles_kept) if plan.tiles_kept > 0 else 1.0
+    return plan.tissue_area_mm2 * share
+
+
+def read_cell_metadata(cells_files: Sequence[Path]) -> pa.Table:
+    """Every column but the embedding of all files, in file and row order."""
+    tables = []
+    for path in cells_files:
+        names = [n for n in pq.read_schema(path).names if n != EMBEDDING_COLUMN]
+        tables.append(pq.read_table(path, columns=names))
+    try:
+        return pa.concat_tables(tables, promote_options="default").combine_chunks()
+    except pa.ArrowInvalid as error:
+        raise BmsegError(
+            f"{cells_files[0]}: column types differ between cell tables ({error}); "
+            "re-run SEGMENT with one bmseg version"
+        ) from error
+
+
+def _codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[str]]:
+    """Integer codes and their values for a string column."""
+    encoded = pc.dictionary_encode(column)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    return encoded.indices.to_numpy(zero_copy_only=False), encoded.dictionary.to_pylist()
+
+
+def _flat_contours(meta: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Contour vertices as flat x and y arrays and per-cell offsets into them."""
+    xs = meta["contour_x_px"].combine_chunks()
+    ys = meta["contour_y_px"].combine_chunks()
+    lengths = pc.list_value_length(xs).fill_null(0).to_numpy()
+    if not np.array_equal(lengths, pc.list_value_length(ys).fill_null(0).to_numpy()):
+        raise BmsegError("contour_x_px and contour_y_px differ in length; re-run SEGMENT")
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat_x = pc.list_flatten(xs).to_numpy(zero_copy_only=False).astype(np.float64)
+    flat_y = pc.list_flatten(ys).to_numpy(zero_copy_only=False).astype(np.float64)
+    return flat_x, flat_y, offsets
+
+
+def _overlap_over_smaller(
+    first: int, second: int, contours: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> float:
+    """Overlap of two cells' filled contours divided by the smaller area (rasterised)."""
+    import cv2
+
+    flat_x, flat_y, offsets = contours
+    polygons = [
+        np.stack([flat_x[offsets[i] : offsets[i + 1]], flat_y[offsets[i] : offsets[i + 1]]], 1)
+        for i in (first, second)
+    ]
+    if min(len(p) for p in polygons) < 3:
+        return 0.0
+    stacked = np.concatenate(polygons)
+    origin = np.floor(stacked.min(axis=0))
+    size = np.ceil(stacked.max(axis=0) - origin).astype(int) + 2
+    masks = []
+    for polygon in polygons:
+        mask = np.zeros((size[1], size[0]), np.uint8)
+        cv2.fillPoly(mask, [np.rint(polygon - origin).astype(np.int32)], 1)
+        masks.append(mask.astype(bool))
+    smaller = min(int(m.sum()) for m in masks)
+    return float(np.count_nonzero(masks[0] & masks[1])) / smaller if smaller else 0.0
+
+
+def find_duplicates(meta: pa.Table, min_overlap: float = 0.5) -> tuple[np.ndarray, int]:
+    """Rows to drop because another tile kept the same cell with a higher score.
+
+    Two cells of one slide and type from different tiles are the same cell when their filled
+    contours overlap by ``min_overlap`` of the smaller one. Candidates come from a spatial
+    index: tiles whose cell envelopes meet, then the cells of one tile inside the other's
+    envelope, then bounding boxes whose intersection could hold that overlap. Returns the
+    row indices to drop and the number of pairs whose contours were compared.
+    """
+    slide_code, _ = _codes(meta["slide_id"])
+    type_code, _ = _codes(meta["cell_type"])
+    tile_code, _ = _codes(meta["tile_id"])
+    x0 = meta["bbox_x_px"].to_numpy().astype(np.float64)
+    y0 = meta["bbox_y_px"].to_numpy().astype(np.float64)
+    x1 = x0 + meta["bbox_w_px"].to_numpy()
+    y1 = y0 + meta["bbox_h_px"].to_numpy()
+    area = meta["area_px"].to_numpy()
+    score = meta["score"].to_numpy()
+    uids = meta["cell_uid"].to_numpy(zero_copy_only=False)
+    contours = _flat_contours(meta)
+    group = slide_code.astype(np.int64) * (int(type_code.max(initial=0)) + 1) + type_code
+    drop: set[int] = set()
+    compared = 0
+    for group_id in np.unique(group):
+        rows = np.flatnonzero(group == group_id)
+        rows = rows[np.argsort(tile_code[rows], kind="stable")]
+        tiles, starts = np.unique(tile_code[rows], return_index=True)
+        if len(tiles) < 2:
+            continue
+        ends = np.append(starts[1:], len(rows))
+        env = [np.minimum.reduceat(x0[rows], starts), np.minimum.reduceat(y0[rows], starts)]
+        env += [np.maximum.reduceat(x1[rows], starts), np.maximum.reduceat(y1[rows], starts)]
+        meets = (env[0][:, None] < env[2][None, :]) & (env[2][:, None] > env[0][None, :])
+        meets &= (env[1][:, None] < env[3][None, :]) & (env[3][:, None] > env[1][None, :])
+        for a, b in zip(*np.nonzero(np.triu(meets, 1)), strict=True):
+            cells_a = rows[starts[a] : ends[a]]
+            cells_b = rows[starts[b] : ends[b]]
+            cells_a = cells_a[
+                (x0[cells_a] < env[2][b])
+                & (x1[cells_a] > env[0][b])
+                & (y0[cells_a] < env[3][b])
+                & (y1[cells_a] > env[1][b])
+            ]
+            cells_b = cells_b[
+                (x0[cells_b] < env[2][a])
+                & (x1[cells_b] > env[0][a])
+                & (y0[cells_b] < env[3][a])
+                & (y1[cells_b] > env[1][a])
+            ]
+            if not len(cells_a) or not len(cells_b):
+                continue
+            inter_w = np.minimum(x1[cells_a][:, None], x1[cells_b]) - np.maximum(
+                x0[cells_a][:, None], x0[cells_b]
+            )
+            inter_h = np.minimum(y1[cells_a][:, None], y1[cells_b]) - np.maximum(
+                y0[cells_a][:, None], y0[cells_b]
+            )
+            smaller = np.minimum(area[cells_a][:, None], area[cells_b])
+            # Mask overlap never exceeds the boxes' intersection; 0.8 leaves room for rounding.
+            possible = (inter_w > 0) & (inter_h > 0)
+            possible &= inter_w * inter_h >= 0.8 * min_overlap * smaller
+            for i, j in zip(*np.nonzero(possible), strict=True):
+                first, second = int(cells_a[i]), int(cells_b[j])
+                compared += 1
+                if _overlap_over_smaller(first, second, contours) >= min_overlap:
+                    first_wins = (score[first], uids[second]) > (score[second], uids[first])
+                    drop.add(second if first_wins else first)
+    return np.array(sorted(drop), dtype=np.int64), compared
+
+
+class _SlideWriters:
+    """One Parquet writer per slide, each behind an atomic temporary name, with buffering.
+
+    Buffering to ``ROW_GROUP_ROWS`` keeps row groups large however the inputs are split.
+    """
+
+    def __init__(self, stack: contextlib.ExitStack, paths: dict[str, Path], schema: pa.Schema):
+        self._schema = schema
+        self._writers = {
+            slide: stack.enter_context(
+                pq.ParquetWriter(stack.enter_context(atomic_path(path)), schema, compression="zstd")
+            )
+            for slide, path in paths.items()
+        }
+        self._pending: dict[str, list[pa.Table]] = {slide: [] for slide in paths}
+
+    def write(self, slide: str, table: pa.Table) -> None:
+        """Queue ``table`` for ``slide``; flush once a row group's worth is queued."""
+        self._pending[slide].append(table.cast(self._schema))
+        if sum(t.num_rows for t in self._pending[slide]) >= ROW_GROUP_ROWS:
+            self._flush(slide)
+
+    def _flush(self, slide: str) -> None:
+        if self._pending[slide]:
+            table = pa.concat_tables(self._pending[slide])
+            self._writers[slide].write_table(table, row_group_size=ROW_GROUP_ROWS)
+            self._pending[slide] = []
+
+    def flush_all(self) -> None:
+        """Write what is queued; the files are closed and renamed when the ExitStack closes."""
+        for slide in self._writers:
+            self._flush(slide)
+
+
+def _stream_rows(
+    sources: Sequence[Path],
+    slide_per_row: Sequence[np.ndarray],
+    slides: list[str],
+    out_paths: dict[str, Path],
+    what: str,
+) -> None:
+    """Copy rows of ``sources`` into per-slide files; ``slide_per_row`` holds codes, -1 = drop."""
+    from tqdm import tqdm
+
+    schema = pq.read_schema(sources[0])
+    total_rows = sum(len(codes) for codes in slide_per_row)
+    with (
+        contextlib.ExitStack() as stack,
+        tqdm(total=total_rows, unit="cells", desc=f"gather {what}", leave=False) as progress,
+    ):
+        writers = _SlideWriters(stack, out_paths, schema)
+        for source, codes in zip(sources, slide_per_row, strict=True):
+            parquet = pq.ParquetFile(source)
+            if parquet.schema_arrow.names != schema.names:
+                raise BmsegError(
+                    f"{source}: columns differ from {sources[0]}; re-run SEGMENT with one version"
+                )
+            start = 0
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group)
+                chunk = codes[start : start + table.num_rows]
+                start += table.num_rows
+                for code in np.unique(chunk[chunk >= 0]):
+                    writers.write(slides[code], table.filter(pa.array(chunk == code)))
+                progress.update(table.num_rows)
+        writers.flush_all()
+
+
+def summarise(cells: pd.DataFrame, tissue: pd.DataFrame) -> pd.DataFrame:
+    """One row per slide: tissue, counts, densities per mm² of segmented tissue, size quantiles.
+
+    ``cells`` needs ``slide_id``, ``cell_type``, ``area_um2`` and optionally classifier
+    ``{type}_label`` columns (then accepted counts and densities are added); ``tissue`` is
+    indexed by slide and holds ``segmented_tissue_mm2`` and any other per-slide columns to keep.
+    """
+    summary = tissue.copy()
+    for cell_type in CELL_TYPES:
+        of_type = cells[cells["cell_type"] == cell_type]
+        grouped = of_type.groupby("slide_id")
+        count = grouped.size().reindex(summary.index, fill_value=0)
+        summary[f"{cell_type}_count"] = count
+        summary[f"{cell_type}_per_mm2"] = count / summary["segmented_tissue_mm2"]
+        label_column = f"{cell_type.lower()}_label"
+        if label_column in of_type:
+            accepted = of_type[of_type[label_column].fillna(False).astype(bool)]
+            accepted_count = accepted.groupby("slide_id").size()
+            accepted_count = accepted_count.reindex(summary.index, fill_value=0)
+            summary[f"{cell_type}_accepted"] = accepted_count
+            summary[f"{cell_type}_accepted_per_mm2"] = (
+                accepted_count / summary["segmented_tissue_mm2"]
+            )
+        for q in AREA_QUANTILES:
+            summary[f"{cell_type}_area_um2_p{q}"] = grouped["area_um2"].quantile(q / 100)
+    return summary.reset_index()
+
+
+def density_plot_png(summary: pd.DataFrame) -> bytes:
+    """Bar chart of cells per mm² of segmented tissue, per slide and cell type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slides = summary["slide_id"].astype(str).tolist()
+    fig, axes = plt.subplots(
+        1, len(CELL_TYPES), figsize=(5 * len(CELL_TYPES), 0.35 * len(slides) + 1.8)
+    )
+    for axis, cell_type in zip(axes, CELL_TYPES, strict=True):
+        positions = np.arange(len(slides))
+        colour = np.array(TYPE_COLOURS[cell_type]) / 255
+        axis.barh(
+            positions, summary[f"{cell_type}_per_mm2"], color=colour, alpha=0.35, label="detected"
+        )
+        if f"{cell_type}_accepted_per_mm2" in summary:
+            axis.barh(
+                positions,
+                summary[f"{cell_type}_accepted_per_mm2"],
+                color=colour,
+                label="accepted by classifier",
+            )
+            axis.legend(loc="lower right", fontsize=8)
+        axis.set_yticks(positions, slides, fontsize=8)
+        axis.invert_yaxis()
+        axis.set_xlabel("cells per mm² of segmented tissue")
+        axis.set_title(cell_type)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def area_histogram_png(cells: pd.DataFrame) -> bytes:
+    """Histograms of cell area (µm², log scale) per cell type, all slides pooled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CELL_TYPES), figsize=(5 * len(CELL_TYPES), 3.2))
+    for axis, cell_type in zip(axes, CELL_TYPES, strict=True):
+        areas = cells.loc[cells["cell_type"] == cell_type, "area_um2"].to_numpy()
+        areas = areas[np.isfinite(areas) & (areas > 0)]
+        if len(areas):
+            bins = np.geomspace(areas.min(), areas.max() * 1.0001, 50)
+            axis.hist(areas, bins=bins, color=np.array(TYPE_COLOURS[cell_type]) / 255)
+            axis.set_xscale("log")
+        axis.set_title(f"{cell_type} (n = {len(areas):,})")
+        axis.set_xlabel("area µm²")
+        axis.set_ylabel("cells")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    """Render a matplotlib figure as PNG bytes and free it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _number_strings(values: np.ndarray, decimals: int) -> pa.Array:
+    """Numbers as JSON text, non-finite values as ``null``."""
+    array = pa.array(np.round(values.astype(np.float64), decimals))
+    text = pc.cast(array, pa.string())
+    return pc.if_else(pc.is_finite(array), text, pa.scalar("null"))
+
+
+def geojson_features(
+    meta: pa.Table, origin: tuple[float, float], measurements: Sequence[str]
+) -> pa.Array:
+    """One GeoJSON Feature (JSON text) per cell, built column-wise by Arrow.
+
+    Coordinates are full-resolution pixels relative to the slide's top-left corner (slide
+    coordinates minus the bounds origin), the frame QuPath shows when it opens the slide.
+    Cells whose contour has fewer than three vertices get their bounding box as polygon.
+    """
+    flat_x, flat_y, offsets = _flat_contours(meta)
+    lengths = np.diff(offsets)
+    degenerate = lengths < 3
+    if degenerate.any():
+        x0 = meta["bbox_x_px"].to_numpy().astype(np.float64)
+        y0 = meta["bbox_y_px"].to_numpy().astype(np.float64)
+        x1 = x0 + meta["bbox_w_px"].to_numpy()
+        y1 = y0 + meta["bbox_h_px"].to_numpy()
+        lengths = np.where(degenerate, 4, lengths)
+        new_offsets = np.concatenate([[0], np.cumsum(lengths)])
+        keep = np.repeat(~degenerate, np.diff(offsets))
+        new_x = np.empty(new_offsets[-1])
+        new_y = np.empty(new_offsets[-1])
+        target = np.repeat(~degenerate, lengths)
+        new_x[target], new_y[target] = flat_x[keep], flat_y[keep]
+        box_x = np.stack([x0, x1, x1, x0], 1)[degenerate].ravel()
+        box_y = np.stack([y0, y0, y1, y1], 1)[degenerate].ravel()
+        new_x[~target], new_y[~target] = box_x, box_y
+        flat_x, flat_y, offsets = new_x, new_y, new_offsets
+    points = pc.binary_join_element_wise(
+        "[",
+        _number_strings(flat_x - origin[0], 2),
+        ",",
+        _number_strings(flat_y - origin[1], 2),
+        "]",
+        "",
+    )
+    first_points = points.take(pa.array(offsets[:-1]))
+    rings = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), points), ",")
+    colours = {t: ",".join(map(str, c)) for t, c in TYPE_COLOURS.items()}
+    cell_types = meta["cell_type"].combine_chunks()
+    encoded = cell_types.dictionary_encode()
+    colour = pa.array(
+        [colours.get(t, "128,128,128") for t in encoded.dictionary.to_pylist()], pa.string()
+    ).take(encoded.indices)
+    measured = [
+        pc.binary_join_element_wise(
+            json.dumps(name) + ":", _number_strings(meta[name].to_numpy(), 4), ""
+        )
+        for name in measurements
+    ]
+    measurement_text = pc.binary_join_element_wise(*measured, ",") if measured else pa.scalar("")
+    return pc.binary_join_element_wise(
+        '{"type":"Feature","id":"',
+        meta["cell_uid"].combine_chunks(),
+        '","geometry":{"type":"Polygon","coordinates":[[',
+        rings,
+        ",",
+        first_points,
+        ']]},"properties":{"objectType":"detection","classification":{"name":"',
+        cell_types,
+        '","color":[',
+        colour,
+        ']},"measurements":{',
+        measurement_text,
+        "}}}",
+        "",
+    )
+
+
+def write_geojson(
+    meta: pa.Table, origin: tuple[float, float], measurements: Sequence[str], path: Path
+) -> None:
+    """Write a FeatureCollection of ``meta``'s cells to ``path`` (atomically, in chunks)."""
+    unsafe = pc.any(pc.match_substring_regex(meta["cell_uid"], r'["\\\x00-\x1f]')).as_py()
+    if unsafe:
+        raise BmsegError(f"{path}: cell_uid with quotes or control characters; re-run SEGMENT")
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        handle.write('{"type":"FeatureCollection","features":[\n')
+        for start in range(0, meta.num_rows, GEOJSON_CHUNK):
+            features = geojson_features(
+                meta.slice(start, GEOJSON_CHUNK), origin, measurements
+            ).to_pylist()
+            if start:
+                handle.write(",\n")
+            handle.write(",\n".join(features))
+        handle.write("\n]}\n")
+
+
+def run_gather(args: argparse.Namespace) -> int:
+    """``bmseg gather``: validate everything, then write per-slide tables and run summaries."""
+    if not 0.0 < args.min_overlap <= 1.0:
+        raise BmsegError(f"--min-overlap {args.min_overlap}: must lie in (0, 1]")
+    batches = read_batch_inputs([Path(d) for d in args.batch_dirs])
+    tiles_by_slide: dict[str, set[str]] = {}
+    for batch in batches:
+        for tile in batch.record["tiles"]:
+            tiles_by_slide.setdefault(tile["slide_id"], set()).add(tile["tile_id"])
+    meta = read_cell_metadata([b.cells for b in batches])
+    unknown = set(pc.unique(meta["slide_id"]).to_pylist()) - set(tiles_by_slide)
+    if unknown:
+        raise BmsegError(
+            f"{batches[0].directory}: cells of slides {sorted(unknown)} but no tiles in any "
+            "batch.json; pass complete SEGMENT outputs"
+        )
+    plans = read_plans(Path(args.plans), tiles_by_slide)
+    log.info("read %d cells from %d batches, %d slides", meta.num_rows, len(batches), len(plans))
+
+    dropped, compared = find_duplicates(meta, args.min_overlap)
+    keep = np.ones(meta.num_rows, bool)
+    keep[dropped] = False
+    log.info(
+        "compared %d cell pairs across tile seams; %d duplicates removed", compared, len(dropped)
+    )
+
+    out = Path(args.out)
+    slides = sorted(plans)
+    slide_index = {s: i for i, s in enumerate(slides)}
+    slide_code, slide_values = _codes(meta["slide_id"])
+    row_slide = np.array([slide_index[s] for s in slide_values], np.int64)[slide_code]
+    per_slide_dropped = np.bincount(row_slide[dropped], minlength=len(slides))
+    row_slide[~keep] = -1
+    batch_rows = np.cumsum([0] + [pq.ParquetFile(b.cells).metadata.num_rows for b in batches])
+    cells_codes = [row_slide[batch_rows[i] : batch_rows[i + 1]] for i in range(len(batches))]
+    _stream_rows(
+        [b.cells for b in batches],
+        cells_codes,
+        slides,
+        {s: out / f"{s}.cells.parquet" for s in slides},
+        "cells",
+    )
+    with_crops = [i for i, b in enumerate(batches) if b.crops is not None]
+    if with_crops:
+        kept_uids = meta["cell_uid"].filter(pa.array(keep))
+        kept_slides = row_slide[keep]
+        crop_codes = []
+        for i in with_crops:
+            uids = pq.read_table(batches[i].crops, columns=["cell_uid"])["cell_uid"]
+            found = pc.index_in(uids, value_set=kept_uids).to_numpy(zero_copy_only=False)
+            found = np.nan_to_num(found.astype(np.float64), nan=-1).astype(np.int64)
+            crop_codes.append(np.where(found >= 0, kept_slides[found.clip(0)], -1))
+        _stream_rows(
+            [batches[i].crops for i in with_crops],
+            crop_codes,
+            slides,
+            {s: out / f"{s}.crops.parquet" for s in slides},
+            "crops",
+        )
+
+    kept_meta = meta.filter(pa.array(keep))
+    measurements = feature_columns(kept_meta.schema)
+    for slide in slides:
+        plan = plans[slide]
+        slide_meta = kept_meta.filter(pc.equal(kept_meta["slide_id"], slide))
+        write_geojson(
+            slide_meta,
+            (plan.origin_x, plan.origin_y),
+            measurements,
+            out / f"{slide}.cells.geojson",
+        )
+        write_json(
+            json.loads(plan.slide_json.read_text(encoding="utf-8")), out / f"{slide}.slide.json"
+        )
+        if plan.tissue_png is not None:
+            write_bytes(plan.tissue_png.read_bytes(), out / f"{slide}.tissue.png")
+
+    import pandas as pd
+
+    tissue = pd.DataFrame(
+        {
+            "slide_id": slides,
+            "pixel_size_um": [plans[s].pixel_size_um for s in slides],
+            "tissue_area_mm2": [plans[s].tissue_area_mm2 for s in slides],
+            "tiles_segmented": [len(tiles_by_slide[s]) for s in slides],
+            "segmented_tissue_mm2": [
+                segmented_tissue_mm2(plans[s], tiles_by_slide[s]) for s in slides
+            ],
+            "duplicates_removed": per_slide_dropped,
+        }
+    ).set_index("slide_id")
+    cells_frame = kept_meta.select(["slide_id", "cell_type", "area_um2"]).to_pandas()
+    summary = summarise(cells_frame, tissue)
+    with atomic_path(out / SUMMARY_FILE) as tmp:
+        summary.to_csv(tmp, index=False, float_format="%.6g")
+    write_bytes(density_plot_png(summary), out / "density.png")
+    write_bytes(area_histogram_png(cells_frame), out / "area_histograms.png")
+    write_json(
+        {"batches": [dict(b.record, directory=b.directory.name) for b in batches]},
+        out / BATCHES_RECORD,
+    )
+    write_json(
+        {
+            "cells_read": meta.num_rows,
+            "cells_kept": kept_meta.num_rows,
+            "pairs_compared": compared,
+            "duplicates_removed": len(dropped),
+            "min_overlap": args.min_overlap,
+            "slides": slides,
+            "versions": package_versions(),
+        },
+        out / GATHER_RECORD,
+    )
+    log.info(
+        "wrote %d cells of %d slides, summary, GeoJSON and plots to %s",
+        kept_meta.num_rows,
+        len(slides),
+        out,
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bmseg gather``."""
+    parser = subparsers.add_parser(
+        "gather",
+        help="per-slide cell tables, summary.csv, QuPath GeoJSON and plots from batch outputs",
+        description="Gather SEGMENT batch outputs into per-slide results; cells that two tiles "
+        "both kept are resolved (overlap over the smaller area >= --min-overlap keeps the "
+        "higher score).",
+    )
+    parser.add_argument(
+        "batch_dirs",
+        nargs="+",
+        metavar="BATCH_DIR",
+        help="SEGMENT output directories (cells.parquet, batch.json, ...)",
+    )
+    parser.add_argument(
+        "--plans",
+        required=True,
+        metavar="DIR",
+        help="directory with PLAN's {slide}.slide.json and {slide}.tissue.png",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.add_argument(
+        "--min-overlap",
+        type=float,
+        default=0.5,
+        help="overlap over the smaller cell that makes two cells one (0.5)",
+    )
+    parser.set_defaults(handler=run_gather)
