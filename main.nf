@@ -1,0 +1,73 @@
+#!/usr/bin/env nextflow
+/*
+ * bmseg: every megakaryocyte (MK) and haematopoietic stem/progenitor cell (HSPC) in whole-slide
+ * bone-marrow images found, measured and classified.
+ *
+ * This entry workflow only turns params into channels (a samplesheet or a glob of slides, or
+ * synthetic slides and test checkpoints for -profile test) and hands them to BMSEG.
+ * Usage and profiles: docs/pipeline.md.
+ */
+include { validateParameters; paramsSummaryLog; samplesheetToList } from 'plugin/nf-schema'
+include { SYNTH      } from './modules/local/synth'
+include { TESTMODELS } from './modules/local/testmodels'
+include { BMSEG      } from './workflows/bmseg'
+
+workflow {
+    main:
+    validateParameters()
+    log.info(paramsSummaryLog(workflow))
+
+    def n_synth = params.synth_slides as Integer
+    if (!params.input && n_synth == 0) {
+        error("--input is missing: give a samplesheet (.csv) or a quoted glob of slides, e.g. --input 'slides/*.czi' (or use -profile test)")
+    }
+    if (params.labels && params.classifiers) {
+        error("--labels and --classifiers both given: pass --labels to train new classifiers, or --classifiers to apply existing ones")
+    }
+    if (n_synth == 0 && !params.models_dir) {
+        error("--models_dir is missing: fill a folder once with `bmseg models fetch --dest DIR` on a machine with internet and pass --models_dir DIR")
+    }
+
+    ch_versions = channel.empty()
+    ch_slides = channel.empty()
+    ch_models = channel.empty()
+    if (n_synth > 0) {
+        // -profile test: tiny synthetic slides and random-initialised checkpoints, no downloads.
+        SYNTH(channel.of(1..n_synth).map { i -> ["synth${i}", i] })
+        TESTMODELS()
+        ch_slides = SYNTH.out.slide.map { slide_id, czi -> [[id: slide_id, pixel_size_um: null, channels: null], czi] }
+        ch_models = TESTMODELS.out.models
+        ch_versions = ch_versions.mix(SYNTH.out.versions, TESTMODELS.out.versions)
+    } else if (params.input.toString().endsWith('.csv')) {
+        ch_slides = channel
+            .fromList(samplesheetToList(params.input, "${projectDir}/assets/schema_input.json"))
+            .map { meta, slide -> [meta + [pixel_size_um: meta.pixel_size_um ?: params.pixel_size_um], slide] }
+        ch_models = channel.value(file(params.models_dir, checkIfExists: true))
+    } else {
+        ch_slides = channel
+            .fromPath(params.input, checkIfExists: true)
+            .map { slide -> [[id: slide.baseName, pixel_size_um: params.pixel_size_um, channels: null], slide] }
+        ch_models = channel.value(file(params.models_dir, checkIfExists: true))
+    }
+
+    ch_classifiers = params.classifiers
+        ? channel.value(file(params.classifiers, checkIfExists: true))
+        : channel.empty()
+    ch_labels = params.labels
+        ? channel.fromPath(params.labels, checkIfExists: true)
+        : channel.empty()
+
+    BMSEG(ch_slides, ch_models, ch_classifiers, ch_labels)
+
+    // One versions file for the whole run: every process's block, each once.
+    BMSEG.out.versions
+        .mix(ch_versions)
+        .unique { versions -> versions.text }
+        .collectFile(storeDir: "${params.outdir}/pipeline_info", name: 'bmseg_versions.yml', sort: true, newLine: true)
+
+    workflow.onComplete = {
+        log.info(workflow.success
+            ? "bmseg finished: results in ${params.outdir}, run report in ${params.outdir}/report/report.html"
+            : "bmseg stopped: fix the cause above and add -resume to redo only the tasks that failed")
+    }
+}

@@ -1,0 +1,35 @@
+/*
+ * PAGES: the static annotation site (index + paged galleries per cell type) that people open
+ * in a browser to mark cells Yes / No / Unsure.
+ */
+process PAGES {
+    tag "annotation site"
+    label 'process_low'
+    container 'ghcr.io/bmseg/bmseg:0.1.0-cuda'
+
+    input:
+    path cells
+
+    output:
+    path 'site', emit: site
+    path 'versions.yml', emit: versions
+
+    script:
+    def args = task.ext.args ?: ''
+    """
+    bmseg pages ${cells} ${args} --out site
+
+    bmseg versions --process ${task.process} > versions.yml
+    """
+
+    stub:
+    """
+    mkdir -p site
+    touch site/index.html
+
+    cat <<-END_VERSIONS > versions.yml
+    "${task.process}":
+        bmseg: stub
+    END_VERSIONS
+    """
+}

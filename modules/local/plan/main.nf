@@ -1,0 +1,37 @@
+/*
+ * PLAN: one slide in, its tissue tiles out (tile table, slide facts, tissue QC picture).
+ * Runs once per slide on the CPU; reads only a low-resolution level of the slide.
+ */
+process PLAN {
+    tag "${meta.id}"
+    label 'process_medium'
+    container 'ghcr.io/bmseg/bmseg:0.1.0-cuda'
+
+    input:
+    tuple val(meta), path(slide)
+
+    output:
+    tuple val(meta), path("${meta.id}.tiles.parquet"), emit: tiles
+    tuple val(meta), path("${meta.id}.slide.json"), emit: plan
+    tuple val(meta), path("${meta.id}.tissue.png"), emit: tissue
+    path 'versions.yml', emit: versions
+
+    script:
+    def args = task.ext.args ?: ''
+    def pixel_size = meta.pixel_size_um ? "--pixel-size-um ${meta.pixel_size_um}" : ''
+    """
+    bmseg plan ${slide} --slide-id ${meta.id} ${pixel_size} ${args} --out .
+
+    bmseg versions --process ${task.process} > versions.yml
+    """
+
+    stub:
+    """
+    touch ${meta.id}.tiles.parquet ${meta.id}.slide.json ${meta.id}.tissue.png
+
+    cat <<-END_VERSIONS > versions.yml
+    "${task.process}":
+        bmseg: stub
+    END_VERSIONS
+    """
+}

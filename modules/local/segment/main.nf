@@ -1,0 +1,38 @@
+/*
+ * SEGMENT: one batch of tiles through SAM2 (MKs), Cellpose-SAM + SAM2 (HSPCs) and ResNet-50
+ * (embeddings) on one GPU. One task per batch, so a resumed run redoes only failed batches.
+ * Every slide is staged (as a link) and the command picks the ones the batch names.
+ */
+process SEGMENT {
+    tag "${batch_id}"
+    label 'process_gpu'
+    container 'ghcr.io/bmseg/bmseg:0.1.0-cuda'
+
+    input:
+    tuple val(batch_id), path(batch)
+    path slides, arity: '1..*', stageAs: 'slides/*'
+    path models, stageAs: 'models'
+
+    output:
+    tuple val(batch_id), path("${batch_id}"), emit: cells
+    path 'versions.yml', emit: versions
+
+    script:
+    def args = task.ext.args ?: ''
+    """
+    bmseg segment ${batch} --slides ${slides} --models ${models} ${args} --out ${batch_id}
+
+    bmseg versions --process ${task.process} > versions.yml
+    """
+
+    stub:
+    """
+    mkdir -p ${batch_id}
+    touch ${batch_id}/cells.parquet ${batch_id}/masks.h5 ${batch_id}/crops.parquet ${batch_id}/batch.json
+
+    cat <<-END_VERSIONS > versions.yml
+    "${task.process}":
+        bmseg: stub
+    END_VERSIONS
+    """
+}

@@ -1,0 +1,77 @@
+/*
+ * The bmseg DAG and nothing else: which step feeds which. Every step is one process that calls
+ * one `bmseg` command; resources, containers and flags live in conf/.
+ *
+ *   slides -> PLAN (per slide) -> BATCH -> SEGMENT (per batch) -> GATHER
+ *          -> TRAIN (given labels) -> CLASSIFY (given labels or classifiers) -> PAGES -> REPORT
+ */
+include { PLAN     } from '../modules/local/plan'
+include { BATCH    } from '../modules/local/batch'
+include { SEGMENT  } from '../modules/local/segment'
+include { GATHER   } from '../modules/local/gather'
+include { TRAIN    } from '../modules/local/train'
+include { CLASSIFY } from '../modules/local/classify'
+include { PAGES    } from '../modules/local/pages'
+include { REPORT   } from '../modules/local/report'
+
+workflow BMSEG {
+    take:
+    ch_slides      // channel: [ meta (id, pixel_size_um, channels), slide file ], one per slide
+    ch_models      // value channel: the models directory
+    ch_classifiers // channel: a classifiers directory, or empty
+    ch_labels      // channel: label JSON files, or empty
+
+    main:
+    PLAN(ch_slides)
+
+    BATCH(PLAN.out.tiles.map { meta, tiles -> tiles }.collect())
+
+    // One SEGMENT task per batch table, keyed by its name (batch_0000, ...): a failed batch is
+    // the only task a resumed run redoes. Every slide is staged as a link; the command reads
+    // only the slides its batch names.
+    ch_batches = BATCH.out.batches
+        .flatten()
+        .map { batch -> [batch.baseName, batch] }
+    SEGMENT(ch_batches, ch_slides.map { meta, slide -> slide }.collect(), ch_models)
+
+    GATHER(
+        SEGMENT.out.cells.map { batch_id, cells -> cells }.collect(),
+        PLAN.out.plan.map { meta, plan -> plan }.collect()
+    )
+
+    // Labels train new classifiers; given classifiers are applied as they are. Either way the
+    // classifiers only add columns to the gathered tables: nothing is segmented again.
+    TRAIN(GATHER.out.gathered, ch_labels.collect())
+    CLASSIFY(GATHER.out.gathered, ch_classifiers.mix(TRAIN.out.classifiers))
+
+    // The galleries show the classified tables when there are any, else the gathered ones.
+    PAGES(CLASSIFY.out.classified.concat(GATHER.out.gathered).first())
+
+    ch_results = GATHER.out.gathered
+        .mix(
+            PLAN.out.plan.map { meta, plan -> plan },
+            PLAN.out.tissue.map { meta, tissue -> tissue },
+            SEGMENT.out.cells.map { batch_id, cells -> cells },
+            TRAIN.out.classifiers,
+            CLASSIFY.out.classified
+        )
+        .collect()
+    REPORT(ch_results)
+
+    ch_versions = PLAN.out.versions.mix(
+        BATCH.out.versions,
+        SEGMENT.out.versions,
+        GATHER.out.versions,
+        TRAIN.out.versions,
+        CLASSIFY.out.versions,
+        PAGES.out.versions,
+        REPORT.out.versions
+    )
+
+    emit:
+    gathered   = GATHER.out.gathered
+    classified = CLASSIFY.out.classified
+    site       = PAGES.out.site
+    report     = REPORT.out.report
+    versions   = ch_versions
+}
