@@ -1,5 +1,294 @@
-"""Placeholder: the helper that owns this step replaces this file."""
+"""``bmseg annotate serve``: serve an annotation site and keep every label on disk as it is made.
+
+The pages work as a static site (labels in the browser's localStorage); served by this command
+they also POST each label to ``/api/labels``. The server merges it into one labels file in the
+schema TRAIN reads (docs/data.md), written atomically and fsynced before the browser is told
+"saved", so a crash or ``kill -9`` never loses an acknowledged label. Labels are keyed by
+(cell_uid, annotator): two people on one server keep each other's labels; for one key the
+newest ``time`` wins. Standard library only (``http.server``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import threading
+from datetime import datetime, timezone
+from functools import partial
+from http import HTTPStatus
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bmseg.errors import BmsegError
+from bmseg.storage import atomic_path
+
+log = logging.getLogger(__name__)
+
+LABEL_VALUES = ("yes", "no", "unsure")
+API_PATH = "/api/labels"
+MAX_POST_BYTES = 2 * 1024 * 1024
+MAX_TEXT = 200
 
 
-def register(subparsers):
-    """Adds nothing yet."""
+def parse_time(value: str) -> datetime:
+    """An ISO-8601 time as an aware datetime (naive times are taken as UTC)."""
+    parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def validate_labels(document: Any) -> list[dict[str, str]]:
+    """The records of a labels document; ValueError naming the first problem.
+
+    Accepts exactly the schema of docs/data.md: ``{"version": 1, "labels": [record...]}``
+    where each record has a non-empty ``cell_uid`` and ``annotator``, a ``label`` of
+    yes/no/unsure and an ISO-8601 ``time``.
+    """
+    if not isinstance(document, dict) or document.get("version") != 1:
+        raise ValueError('expected {"version": 1, "labels": [...]}')
+    labels = document.get("labels")
+    if not isinstance(labels, list):
+        raise ValueError('"labels" must be a list of label records')
+    records = []
+    for index, record in enumerate(labels):
+        where = f"labels[{index}]"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where} must be an object")
+        for key in ("cell_uid", "annotator", "label", "time"):
+            value = record.get(key)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{where}.{key} must be a non-empty string")
+            if len(value) > MAX_TEXT:
+                raise ValueError(f"{where}.{key} is longer than {MAX_TEXT} characters")
+        if record["label"] not in LABEL_VALUES:
+            raise ValueError(f"{where}.label must be one of {', '.join(LABEL_VALUES)}")
+        try:
+            parse_time(record["time"])
+        except ValueError:
+            raise ValueError(f"{where}.time must be an ISO-8601 time") from None
+        records.append(
+            {
+                "cell_uid": record["cell_uid"],
+                "label": record["label"],
+                "annotator": record["annotator"].strip(),
+                "time": record["time"],
+            }
+        )
+    return records
+
+
+def load_labels(path: Path) -> list[dict[str, str]]:
+    """Read and check a labels file (the document pages export and this server writes)."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        return validate_labels(document)
+    except (OSError, ValueError) as error:  # JSONDecodeError is a ValueError
+        raise BmsegError(
+            f"{path}: not a readable bmseg labels file ({error}); fix it or pass another --labels"
+        ) from error
+
+
+class LabelBook:
+    """The labels file and its in-memory copy; every change is on disk before it is reported."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.records: dict[tuple[str, str], dict[str, str]] = {}
+        if path.exists():
+            self.records = self._merged({}, load_labels(path))
+        log.info("labels file %s: %d labels", path, len(self.records))
+
+    @staticmethod
+    def _merged(
+        current: dict[tuple[str, str], dict[str, str]], records: list[dict[str, str]]
+    ) -> dict[tuple[str, str], dict[str, str]]:
+        merged = dict(current)
+        for record in records:
+            key = (record["cell_uid"], record["annotator"])
+            old = merged.get(key)
+            if old is None or parse_time(record["time"]) >= parse_time(old["time"]):
+                merged[key] = record
+        return merged
+
+    def document(self) -> dict[str, Any]:
+        """The labels as the schema's JSON document."""
+        with self.lock:
+            return {"version": 1, "labels": list(self.records.values())}
+
+    def add(self, records: list[dict[str, str]]) -> int:
+        """Merge ``records``, write the file durably, and return how many labels it holds."""
+        with self.lock:
+            merged = self._merged(self.records, records)
+            if merged != self.records or not self.path.exists():
+                self._write(merged)
+                self.records = merged
+            return len(self.records)
+
+    def _write(self, records: dict[tuple[str, str], dict[str, str]]) -> None:
+        text = json.dumps({"version": 1, "labels": list(records.values())}, indent=0)
+        with atomic_path(self.path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if os.name == "posix":  # make the rename itself durable
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+
+
+class SiteHandler(SimpleHTTPRequestHandler):
+    """Static files from the site folder (nothing outside it) plus the labels API."""
+
+    server_version = "bmseg-annotate"
+
+    def __init__(self, *args: Any, book: LabelBook, site: Path, **kwargs: Any) -> None:
+        self.book = book
+        self.site = site
+        super().__init__(*args, directory=str(site), **kwargs)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def end_headers(self) -> None:
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        super().end_headers()
+
+    def send_json(self, status: int, body: dict[str, Any]) -> None:
+        """Reply with a JSON body, never cached."""
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _route(self) -> str:
+        return urlsplit(self.path).path
+
+    def do_GET(self) -> None:
+        route = self._route()
+        if route == API_PATH:
+            self.send_json(HTTPStatus.OK, self.book.document())
+        elif route.startswith("/api/"):
+            self.send_json(HTTPStatus.NOT_FOUND, {"error": f"no API at {route}"})
+        else:
+            super().do_GET()
+
+    def do_HEAD(self) -> None:
+        if self._route().startswith("/api/"):
+            self.send_json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use GET or POST"})
+        else:
+            super().do_HEAD()
+
+    def do_POST(self) -> None:
+        if self._route() != API_PATH:
+            self.send_json(HTTPStatus.NOT_FOUND, {"error": f"POST labels to {API_PATH}"})
+            return
+        origin = self.headers.get("Origin")
+        if origin and urlsplit(origin).netloc != self.headers.get("Host"):
+            self.send_json(HTTPStatus.FORBIDDEN, {"error": "labels come from this site only"})
+            return
+        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            self.send_json(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "send Content-Type: application/json"}
+            )
+            return
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self.send_json(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length is required"})
+            return
+        if not 0 < length <= MAX_POST_BYTES:
+            self.close_connection = True
+            self.send_json(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                {"error": f"a post holds 1 byte to {MAX_POST_BYTES} bytes; send fewer labels"},
+            )
+            return
+        try:
+            records = validate_labels(json.loads(self.rfile.read(length)))
+        except ValueError as error:  # bad JSON, bad UTF-8 or a bad record
+            self.send_json(HTTPStatus.BAD_REQUEST, {"error": f"malformed labels: {error}"})
+            return
+        try:
+            total = self.book.add(records)
+        except OSError as error:
+            log.error("could not write %s: %s", self.book.path, error)
+            self.send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "labels not saved"})
+            return
+        log.info("saved %d label(s); %d in %s", len(records), total, self.book.path)
+        self.send_json(HTTPStatus.OK, {"ok": True, "saved": len(records), "total": total})
+
+    def send_head(self) -> Any:
+        """Serve only regular files inside the site, no dot-files and no directory listings."""
+        route = self._route()
+        target = Path(self.translate_path(self.path)).resolve()
+        hidden = any(part.startswith(".") for part in route.split("/") if part)
+        if hidden or not target.is_relative_to(self.site) or not target.exists():
+            self.send_error(HTTPStatus.NOT_FOUND, "not found")
+            return None
+        if target.is_dir() and not (target / "index.html").is_file():
+            self.send_error(HTTPStatus.NOT_FOUND, "not found")
+            return None
+        return super().send_head()
+
+
+def make_server(site: Path, labels: Path, host: str, port: int) -> ThreadingHTTPServer:
+    """A threaded HTTP server for ``site`` writing labels to ``labels`` (validated first)."""
+    site = site.resolve()
+    if not (site / "index.html").is_file():
+        raise BmsegError(f"{site}: no index.html here; make the site with bmseg pages --out SITE")
+    if labels.exists() and not labels.is_file():
+        raise BmsegError(f"{labels}: is not a file; pass --labels FILE")
+    book = LabelBook(labels.resolve())
+    handler = partial(SiteHandler, book=book, site=site)
+    try:
+        server = ThreadingHTTPServer((host, port), handler)
+    except OSError as error:
+        raise BmsegError(
+            f"--host {host} --port {port}: cannot listen ({error}); pick another --port"
+        ) from error
+    server.daemon_threads = True
+    return server
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    labels = args.labels if args.labels is not None else args.site / "labels.json"
+    server = make_server(args.site, labels, args.host, args.port)
+    host, port = server.server_address[:2]
+    log.info("serving %s at http://%s:%d/ ; labels are saved to %s", args.site, host, port, labels)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log.info("stopped; labels are in %s", labels)
+    finally:
+        server.server_close()
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bmseg annotate serve``."""
+    parser = subparsers.add_parser("annotate", help="label cells: serve the annotation site")
+    commands = parser.add_subparsers(dest="annotate_command", metavar="ACTION", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="serve SITE and save every label to a file as it is made",
+        description="Serve an annotation site (bmseg pages) and save every label to disk.",
+    )
+    serve.add_argument("site", type=Path, metavar="SITE", help="the folder bmseg pages wrote")
+    serve.add_argument(
+        "--labels", type=Path, help="labels file to keep up to date (default: SITE/labels.json)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port (8080; 0 picks a free one)")
+    serve.set_defaults(handler=_serve_command)

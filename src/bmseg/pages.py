@@ -1,5 +1,544 @@
-"""Placeholder: the helper that owns this step replaces this file."""
+"""PAGES: a static annotation site (index + paged galleries per cell type) from gathered cells.
+
+Why it looks like this: the old galleries inlined every crop as base64 and weighed 35 MB a
+page. Here each crop is shrunk once to the size it is shown at and written as its own small
+JPEG beside the page; the page carries only a small JSON block (uid, slide, area, contour as
+an SVG path in thumbnail pixels, scale bar), which ``assets/bmseg.js`` turns into cards. The
+site works from ``file://`` and from any static host; ``bmseg annotate serve`` adds saving to
+disk. Every piece of user text is escaped (``html.escape`` here, ``textContent`` in the JS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import html
+import io
+import json
+import logging
+import math
+import re
+import shutil
+import string
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from bmseg.errors import BmsegError
+from bmseg.storage import atomic_path, write_bytes
+
+log = logging.getLogger(__name__)
+
+CELL_COLUMNS = (
+    "cell_uid",
+    "slide_id",
+    "cell_type",
+    "area_px",
+    "area_um2",
+    "contour_x_px",
+    "contour_y_px",
+)
+CROP_COLUMNS = ("cell_uid", "x", "y", "scale", "width", "height", "image")
+ORDERS = ("random", "size", "uncertainty")
+JPEG_QUALITY = 80
+SCALE_BAR_UM = np.array([0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], dtype=np.float64)
+ASSET_FILES = ("bmseg.js", "bmseg.css")
 
 
-def register(subparsers):
-    """Adds nothing yet."""
+@dataclass(frozen=True)
+class CellSource:
+    """One cell table and the crop table found beside it by name."""
+
+    cells: Path
+    crops: Path
+
+
+def crops_path_for(cells_path: Path) -> Path:
+    """``X.cells.parquet`` → ``X.crops.parquet`` (and ``cells.parquet`` → ``crops.parquet``)."""
+    name = cells_path.name
+    if not name.endswith("cells.parquet"):
+        raise BmsegError(
+            f"{cells_path}: a cell table's name must end in 'cells.parquet' "
+            "(e.g. SLIDE.cells.parquet); pass the gathered directory or its cell tables"
+        )
+    return cells_path.with_name(name[: -len("cells.parquet")] + "crops.parquet")
+
+
+def find_sources(inputs: list[Path]) -> list[CellSource]:
+    """Expand CELLS arguments (gathered directories or cell tables) into cell/crop pairs."""
+    sources: list[CellSource] = []
+    for item in inputs:
+        if item.is_dir():
+            tables = sorted(item.glob("*cells.parquet"))
+            if not tables:
+                raise BmsegError(
+                    f"{item}: no *.cells.parquet in this directory; pass the output of bmseg gather"
+                )
+        elif item.is_file():
+            tables = [item]
+        else:
+            raise BmsegError(f"{item}: no such file or directory; pass a gathered directory")
+        for table in tables:
+            crops = crops_path_for(table)
+            if not crops.is_file():
+                raise BmsegError(
+                    f"{table}: its crops {crops.name} are missing beside it; "
+                    "pass the directory bmseg gather wrote (it holds both)"
+                )
+            sources.append(CellSource(table, crops))
+    return sources
+
+
+def _require_columns(path: Path, wanted: tuple[str, ...], what: str) -> None:
+    try:
+        names = set(pq.read_schema(path).names)
+    except (OSError, pa.ArrowException) as error:
+        raise BmsegError(
+            f"{path}: not a readable Parquet file ({error}); re-run the step"
+        ) from error
+    missing = [name for name in wanted if name not in names]
+    if missing:
+        raise BmsegError(
+            f"{path}: {what} lacks column(s) {', '.join(missing)}; see docs/data.md for the schema"
+        )
+
+
+def find_ranking(inputs: list[Path], ranking: Path | None) -> Path | None:
+    """The ranking table given by flag, else a ``ranking.parquet`` in or beside the inputs."""
+    if ranking is not None:
+        if not ranking.is_file():
+            raise BmsegError(f"{ranking}: no such ranking file; check --ranking")
+        return ranking
+    for item in inputs:
+        folder = item if item.is_dir() else item.parent
+        if (folder / "ranking.parquet").is_file():
+            return folder / "ranking.parquet"
+    return None
+
+
+def load_cells(sources: list[CellSource]) -> pa.Table:
+    """The cells of all sources (no embeddings), with a ``source`` index column."""
+    parts = []
+    for index, source in enumerate(sources):
+        table = pq.read_table(source.cells, columns=list(CELL_COLUMNS))
+        parts.append(table.append_column("source", pa.array(np.full(len(table), index, np.int32))))
+        log.info("read %d cells from %s", len(table), source.cells)
+    cells = pa.concat_tables(parts) if parts else pa.table({})
+    uids = cells["cell_uid"]
+    if pc.count_distinct(uids).as_py() != len(uids):
+        counts = pc.value_counts(uids)
+        duplicate = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"]
+        raise BmsegError(
+            f"cell_uid {duplicate.as_py()!r} occurs more than once across the inputs; "
+            "pass each gathered slide once"
+        )
+    return cells
+
+
+def keep_cells_with_crops(cells: pa.Table, sources: list[CellSource]) -> pa.Table:
+    """Drop (and report) cells that have no crop, which cannot be shown."""
+    crop_uids = pa.concat_arrays(
+        [pq.read_table(s.crops, columns=["cell_uid"])["cell_uid"].combine_chunks() for s in sources]
+    )
+    has_crop = pc.is_in(cells["cell_uid"], value_set=crop_uids)
+    missing = len(cells) - pc.sum(has_crop).as_py() if len(cells) else 0
+    if missing:
+        log.warning("%d cells have no crop and are left out of the galleries", missing)
+    return cells.filter(has_crop)
+
+
+def page_order(
+    cells: pa.Table, order: str, seed: int, uncertainty: np.ndarray | None
+) -> np.ndarray:
+    """Row indices of ``cells`` in gallery order (within each cell type, applied later)."""
+    rows = len(cells)
+    if order == "random":
+        return np.random.default_rng(seed).permutation(rows)
+    if order == "size":
+        area = cells["area_um2"].to_numpy(zero_copy_only=False)
+        return np.argsort(-area, kind="stable")
+    assert uncertainty is not None
+    # Most uncertain first; cells the ranking does not cover go last.
+    key = np.where(np.isnan(uncertainty), -np.inf, uncertainty)
+    return np.argsort(-key, kind="stable")
+
+
+def load_uncertainty(cells: pa.Table, ranking: Path) -> np.ndarray:
+    """Per-cell uncertainty from the ranking table, NaN where a cell is not ranked."""
+    _require_columns(ranking, ("cell_uid", "uncertainty"), "the ranking table")
+    table = pq.read_table(ranking, columns=["cell_uid", "uncertainty"])
+    position = pc.index_in(cells["cell_uid"], value_set=table["cell_uid"])
+    values = table["uncertainty"].to_numpy(zero_copy_only=False).astype(np.float64)
+    found = position.is_valid().to_numpy(zero_copy_only=False)
+    result = np.full(len(cells), np.nan)
+    result[found] = values[position.drop_null().to_numpy()]
+    log.info("ranked %d of %d cells from %s", int(found.sum()), len(cells), ranking)
+    return result
+
+
+def safe_dir_name(cell_type: str) -> str:
+    """A folder name for a cell type: itself when plain, else a readable slug plus a hash."""
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,40}", cell_type):
+        return cell_type
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", cell_type)[:20]
+    return f"{slug}_{hashlib.sha1(cell_type.encode()).hexdigest()[:8]}"
+
+
+def nice_scale_bars(um_per_px: np.ndarray, width_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale-bar length (µm, a round number) and its length in px: about a third of the width."""
+    target = width_px * um_per_px / 3.0
+    choice = np.searchsorted(SCALE_BAR_UM, target, side="right") - 1
+    length_um = SCALE_BAR_UM[np.clip(choice, 0, len(SCALE_BAR_UM) - 1)]
+    return length_um, length_um / um_per_px
+
+
+def format_um(value: float) -> str:
+    """``10`` → ``'10 µm'``, ``0.5`` → ``'0.5 µm'``."""
+    return f"{value:g} µm"
+
+
+def svg_path(points: np.ndarray) -> str:
+    """A closed SVG path from (n, 2) points in thumbnail px, simplified to 0.5 px."""
+    import cv2
+
+    if len(points) < 3:
+        return ""
+    simple = cv2.approxPolyDP(points.astype(np.float32).reshape(-1, 1, 2), 0.5, True)
+    coords = np.round(simple.reshape(-1, 2)).astype(np.int64)
+    pairs = [f"{x} {y}" for x, y in coords]
+    return "M" + "L".join(pairs) + "Z"
+
+
+def make_thumbnail(jpeg: bytes, size: int) -> tuple[bytes, int, int]:
+    """Shrink a crop to fit ``size`` px (never enlarged) and re-encode it as a small JPEG."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpeg)) as image:
+        image.draft("RGB", (size, size))
+        image = image.convert("RGB")
+        image.thumbnail((size, size), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=JPEG_QUALITY, optimize=True, progressive=True)
+        return out.getvalue(), image.width, image.height
+
+
+def json_for_script(data: object) -> str:
+    """JSON that is safe inside ``<script type="application/json">``: no ``</script>``, ``<!--``."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+        text = text.replace(char, escaped)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def _template(name: str) -> string.Template:
+    return string.Template(resources.files("bmseg").joinpath("templates", name).read_text("utf-8"))
+
+
+@dataclass
+class Layout:
+    """Where every kept cell goes: its cell type's folder, page and slot."""
+
+    type_dirs: dict[str, str]
+    page_of: np.ndarray  # 1-based page within the cell type
+    slot_of: np.ndarray  # 0-based position within the page
+    pages: dict[str, int]  # cell type -> number of pages
+
+    def image_name(self, row: int) -> str:
+        """The crop file of ``row``, relative to its gallery page."""
+        return f"p{self.page_of[row]:04d}/{self.slot_of[row]:03d}.jpg"
+
+
+def plan_layout(cells: pa.Table, order: np.ndarray, per_page: int) -> Layout:
+    """Split ordered cells into pages of ``per_page`` per cell type."""
+    types = cells["cell_type"].to_numpy(zero_copy_only=False)
+    page_of = np.zeros(len(cells), np.int64)
+    slot_of = np.zeros(len(cells), np.int64)
+    pages: dict[str, int] = {}
+    type_dirs: dict[str, str] = {}
+    for cell_type in sorted(set(types.tolist())):
+        rows = order[types[order] == cell_type]
+        rank = np.arange(len(rows))
+        page_of[rows] = rank // per_page + 1
+        slot_of[rows] = rank % per_page
+        pages[cell_type] = math.ceil(len(rows) / per_page)
+        type_dirs[cell_type] = safe_dir_name(cell_type)
+    if len(set(type_dirs.values())) != len(type_dirs):
+        raise BmsegError("two cell types map to one folder name; rename the cell types")
+    return Layout(type_dirs, page_of, slot_of, pages)
+
+
+def render_crops(
+    cells: pa.Table, sources: list[CellSource], layout: Layout, site: Path, size: int
+) -> dict[str, np.ndarray]:
+    """Write every kept cell's thumbnail; return per-row thumbnail size, contour and scale bar.
+
+    Reads one crop table at a time, so memory stays bounded by the largest slide's crops.
+    """
+    from tqdm import tqdm
+
+    rows = len(cells)
+    thumb_w = np.zeros(rows, np.int64)
+    thumb_h = np.zeros(rows, np.int64)
+    paths = np.full(rows, "", dtype=object)
+    bar_px = np.zeros(rows)
+    bar_um = np.zeros(rows)
+    area_px = cells["area_px"].to_numpy(zero_copy_only=False).astype(np.float64)
+    area_um2 = cells["area_um2"].to_numpy(zero_copy_only=False).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        um_per_slide_px = np.sqrt(area_um2 / area_px)
+    source_of = cells["source"].to_numpy()
+    types = cells["cell_type"].to_numpy(zero_copy_only=False)
+    with tqdm(total=rows, desc="crops", unit="cell", unit_scale=True) as progress:
+        for index, source in enumerate(sources):
+            in_source = np.flatnonzero(source_of == index)
+            if not len(in_source):
+                continue
+            crops = pq.read_table(source.crops, columns=list(CROP_COLUMNS))
+            where = pc.index_in(cells["cell_uid"].take(in_source), value_set=crops["cell_uid"])
+            crop_rows = where.to_numpy(zero_copy_only=False).astype(np.int64)
+            crop = {
+                name: crops[name].to_numpy(zero_copy_only=False)[crop_rows]
+                for name in ("x", "y", "scale", "width", "height")
+            }
+            images = crops["image"].take(pa.array(crop_rows))
+            for k, row in enumerate(in_source):
+                data, w, h = make_thumbnail(images[k].as_py(), size)
+                target = site / layout.type_dirs[types[row]] / layout.image_name(row)
+                write_bytes(data, target)
+                thumb_w[row], thumb_h[row] = w, h
+                progress.update()
+            factor = thumb_w[in_source] / crop["width"]
+            um_per_thumb_px = um_per_slide_px[in_source] * crop["scale"] * (1.0 / factor)
+            length_um, length_px = nice_scale_bars(um_per_thumb_px, thumb_w[in_source])
+            bar_um[in_source], bar_px[in_source] = length_um, length_px
+            paths[in_source] = contour_paths(
+                cells.take(pa.array(in_source)), crop["x"], crop["y"], crop["scale"], factor
+            )
+            log.info("wrote %d thumbnails from %s", len(in_source), source.crops)
+    return {"w": thumb_w, "h": thumb_h, "path": paths, "bar_px": bar_px, "bar_um": bar_um}
+
+
+def contour_paths(
+    cells: pa.Table, x0: np.ndarray, y0: np.ndarray, scale: np.ndarray, factor: np.ndarray
+) -> list[str]:
+    """Contours moved from slide px into thumbnail px (vectorised), as SVG paths."""
+    xs = cells["contour_x_px"].combine_chunks()
+    ys = cells["contour_y_px"].combine_chunks()
+    counts = pc.list_value_length(xs).fill_null(0).to_numpy(zero_copy_only=False)
+    flat_x = pc.list_flatten(xs).to_numpy(zero_copy_only=False).astype(np.float64)
+    flat_y = pc.list_flatten(ys).to_numpy(zero_copy_only=False).astype(np.float64)
+    mult = np.repeat(factor / scale, counts)
+    tx = (flat_x - np.repeat(x0, counts)) * mult
+    ty = (flat_y - np.repeat(y0, counts)) * mult
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    points = np.stack([tx, ty], axis=1)
+    return [svg_path(points[bounds[i] : bounds[i + 1]]) for i in range(len(counts))]
+
+
+def site_id(cells: pa.Table) -> str:
+    """A short id from the set of cell uids: labels in the browser are kept per site."""
+    uids = np.sort(cells["cell_uid"].to_numpy(zero_copy_only=False).astype(str))
+    return hashlib.sha1("\n".join(uids.tolist()).encode()).hexdigest()[:12]
+
+
+def pager_html(page: int, pages: int) -> str:
+    """Previous / next links and a page counter, rendered server-side."""
+    parts = []
+    if page > 1:
+        parts.append(f'<a rel="prev" href="page-{page - 1:04d}.html">← Previous</a>')
+    parts.append(f'<span class="page-no">page {page} of {pages}</span>')
+    if page < pages:
+        parts.append(f'<a rel="next" href="page-{page + 1:04d}.html">Next →</a>')
+    return " ".join(parts)
+
+
+def write_galleries(
+    cells: pa.Table, layout: Layout, thumbs: dict[str, np.ndarray], site: Path, site_key: str
+) -> None:
+    """One HTML page per cell type and page, each with its cells as a JSON block."""
+    template = _template("gallery.html")
+    uids = cells["cell_uid"].to_numpy(zero_copy_only=False)
+    slides = cells["slide_id"].to_numpy(zero_copy_only=False)
+    types = cells["cell_type"].to_numpy(zero_copy_only=False)
+    areas = cells["area_um2"].to_numpy(zero_copy_only=False)
+    for cell_type, pages in layout.pages.items():
+        of_type = np.flatnonzero(types == cell_type)
+        for page in range(1, pages + 1):
+            rows = of_type[layout.page_of[of_type] == page]
+            rows = rows[np.argsort(layout.slot_of[rows])]
+            data = {
+                "view": "gallery",
+                "site": site_key,
+                "root": "../",
+                "cellType": cell_type,
+                "page": page,
+                "pages": pages,
+                "cells": [
+                    {
+                        "u": uids[r],
+                        "s": slides[r],
+                        "a": round(float(areas[r]), 1),
+                        "i": layout.image_name(r),
+                        "w": int(thumbs["w"][r]),
+                        "h": int(thumbs["h"][r]),
+                        "c": thumbs["path"][r],
+                        "b": [round(float(thumbs["bar_px"][r]), 1), format_um(thumbs["bar_um"][r])],
+                    }
+                    for r in rows
+                ],
+            }
+            title = f"{cell_type} · page {page} of {pages}"
+            text = template.substitute(
+                title=html.escape(title),
+                heading=html.escape(cell_type),
+                pager=pager_html(page, pages),
+                root="../",
+                data=json_for_script(data),
+            )
+            write_bytes(text.encode(), site / layout.type_dirs[cell_type] / f"page-{page:04d}.html")
+        log.info("wrote %d %s gallery page(s)", pages, cell_type)
+
+
+def write_index(cells: pa.Table, layout: Layout, site: Path, site_key: str) -> None:
+    """``index.html``: a row per slide and cell type (cells, labelled) and every page's link."""
+    grouped = (
+        pa.table({"slide_id": cells["slide_id"], "cell_type": cells["cell_type"]})
+        .group_by(["slide_id", "cell_type"])
+        .aggregate([([], "count_all")])
+        .sort_by([("cell_type", "ascending"), ("slide_id", "ascending")])
+    )
+    rows_html = []
+    rows_data = []
+    for i, row in enumerate(grouped.to_pylist()):
+        cell_type, slide, count = row["cell_type"], row["slide_id"], row["count_all"]
+        link = f"{layout.type_dirs[cell_type]}/page-0001.html"
+        rows_html.append(
+            f'<tr data-row="{i}"><td class="slide">{html.escape(slide)}</td>'
+            f"<td>{html.escape(cell_type)}</td><td class=num>{count}</td>"
+            '<td class="num labelled">–</td><td class="num yes">–</td>'
+            '<td class="num no">–</td><td class="num unsure">–</td>'
+            f'<td><a href="{html.escape(link)}">open</a></td></tr>'
+        )
+        rows_data.append({"slide": slide, "type": cell_type, "cells": count})
+    sections = []
+    for cell_type, pages in layout.pages.items():
+        folder = layout.type_dirs[cell_type]
+        total = int(np.sum(cells["cell_type"].to_numpy(zero_copy_only=False) == cell_type))
+        links = " ".join(
+            f'<a href="{html.escape(folder)}/page-{p:04d}.html">{p}</a>'
+            for p in range(1, pages + 1)
+        )
+        sections.append(
+            f'<section class="type"><h2>{html.escape(cell_type)} '
+            f'<span class="muted">{total} cells · {pages} page(s)</span></h2>'
+            f'<p class="pages">{links}</p></section>'
+        )
+    data = {"view": "index", "site": site_key, "root": "", "rows": rows_data}
+    text = _template("index.html").substitute(
+        rows="\n".join(rows_html),
+        sections="\n".join(sections),
+        total=len(cells),
+        data=json_for_script(data),
+    )
+    write_bytes(text.encode(), site / "index.html")
+
+
+def copy_assets(site: Path) -> None:
+    """The shared script and stylesheet, once per site."""
+    for name in ASSET_FILES:
+        with (
+            resources.files("bmseg").joinpath("assets", name).open("rb") as source,
+            atomic_path(site / "assets" / name) as tmp,
+            tmp.open("wb") as target,
+        ):
+            shutil.copyfileobj(source, target)
+
+
+def build_site(
+    inputs: list[Path],
+    site: Path,
+    per_page: int = 300,
+    order: str = "random",
+    seed: int = 0,
+    image_size: int = 160,
+    ranking: Path | None = None,
+) -> dict[str, int]:
+    """Validate the inputs, then write the whole site; return pages per cell type."""
+    if per_page < 1:
+        raise BmsegError(f"--per-page {per_page}: must be at least 1")
+    if not 32 <= image_size <= 512:
+        raise BmsegError(f"--image-size {image_size}: choose between 32 and 512 px")
+    if order not in ORDERS:
+        raise BmsegError(f"--order {order}: choose one of {', '.join(ORDERS)}")
+    if site.exists() and not site.is_dir():
+        raise BmsegError(f"{site}: exists and is not a directory; choose another --out")
+    sources = find_sources(inputs)
+    for source in sources:
+        _require_columns(source.cells, CELL_COLUMNS, "the cell table")
+        _require_columns(source.crops, CROP_COLUMNS, "the crop table")
+    ranking_path = find_ranking(inputs, ranking)
+    if order == "uncertainty" and ranking_path is None:
+        raise BmsegError(
+            "--order uncertainty needs a ranking.parquet (bmseg classify) beside CELLS; "
+            "pass --ranking FILE or use --order random"
+        )
+    cells = keep_cells_with_crops(load_cells(sources), sources)
+    if not len(cells):
+        raise BmsegError(f"{inputs[0]}: no cells with crops to show; check the gather output")
+    uncertainty = load_uncertainty(cells, ranking_path) if order == "uncertainty" else None
+    layout = plan_layout(cells, page_order(cells, order, seed, uncertainty), per_page)
+    site_key = site_id(cells)
+    site.mkdir(parents=True, exist_ok=True)
+    copy_assets(site)
+    thumbs = render_crops(cells, sources, layout, site, image_size)
+    write_galleries(cells, layout, thumbs, site, site_key)
+    write_index(cells, layout, site, site_key)  # last: a site with an index is complete
+    log.info("wrote site %s: %d cells, pages %s", site, len(cells), layout.pages)
+    return layout.pages
+
+
+def _pages_command(args: argparse.Namespace) -> int:
+    build_site(
+        args.cells,
+        args.out,
+        per_page=args.per_page,
+        order=args.order,
+        seed=args.seed,
+        image_size=args.image_size,
+        ranking=args.ranking,
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bmseg pages``."""
+    parser = subparsers.add_parser(
+        "pages",
+        help="write the static annotation site (index + galleries per cell type)",
+        description="Write a static annotation site from gathered cells and their crops.",
+    )
+    parser.add_argument(
+        "cells",
+        nargs="+",
+        type=Path,
+        metavar="CELLS",
+        help="a gathered directory, or *cells.parquet files (crops are found beside them by name)",
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="SITE", help="site folder")
+    parser.add_argument("--per-page", type=int, default=300, help="cells per page (300)")
+    parser.add_argument("--order", choices=ORDERS, default="random", help="gallery order")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random order (0)")
+    parser.add_argument(
+        "--ranking",
+        type=Path,
+        help="uncertainty ranking (cell_uid, uncertainty); default: ranking.parquet beside CELLS",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=160, help="crop size shown, px (160; never enlarged)"
+    )
+    parser.set_defaults(handler=_pages_command)

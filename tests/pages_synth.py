@@ -1,0 +1,174 @@
+"""Gathered cell and crop tables in the docs/data.md schema, made for the pages tests.
+
+Cells are wobbly closed contours in slide coordinates; each crop is a real JPEG drawn like a
+brightfield bone-marrow crop (pink stroma, purple cell, darker lobed nucleus, noise), with the
+cell's contour drawn in pure green so tests can check that the page's overlay lands on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PIXEL_SIZE_UM = 0.1725
+CONTOUR_POINTS = 48
+
+
+def wobbly_contour(rng: np.random.Generator, cx: float, cy: float, radius: float) -> np.ndarray:
+    """A closed, irregular cell outline around (cx, cy), (n, 2) slide px."""
+    angles = np.linspace(0, 2 * np.pi, CONTOUR_POINTS, endpoint=False)
+    wobble = 1 + sum(
+        rng.uniform(-0.08, 0.08) * np.cos(k * angles + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5)
+    )
+    return np.stack(
+        [cx + radius * wobble * np.cos(angles), cy + radius * wobble * np.sin(angles)], 1
+    )
+
+
+def draw_crop(
+    rng: np.random.Generator, contour_crop: np.ndarray, size: int, cell_type: str, mark: bool
+) -> bytes:
+    """A brightfield-like crop with the cell filled; the contour in pure green when ``mark``."""
+    low = cv2.resize(rng.normal(0, 1, (8, 8)).astype(np.float32), (size, size))
+    base = np.array([228, 196, 214], np.float32)  # pink stroma (RGB)
+    image = base + low[..., None] * np.array([10, 12, 8], np.float32)
+    for _ in range(int(rng.integers(2, 6))):  # red blood cells around
+        centre = (int(rng.integers(0, size)), int(rng.integers(0, size)))
+        cv2.circle(image, centre, int(size * 0.06), (205, 120, 130), -1)
+    polygon = np.round(contour_crop).astype(np.int32)
+    cv2.fillPoly(image, [polygon], (176, 128, 190))
+    centre = contour_crop.mean(0)
+    lobes = 3 if cell_type == "MK" else 1
+    radius = float(np.linalg.norm(contour_crop - centre, axis=1).mean())
+    for k in range(lobes):
+        offset = 0.25 * radius * np.array([np.cos(2.1 * k), np.sin(2.1 * k)]) * (lobes > 1)
+        axes = (max(2, int(radius * 0.35)), max(2, int(radius * 0.28)))
+        cv2.ellipse(
+            image, tuple(int(v) for v in centre + offset), axes, 40 * k, 0, 360, (92, 52, 120), -1
+        )
+    image = cv2.GaussianBlur(image, (0, 0), 1.2)
+    image += rng.normal(0, 5, image.shape).astype(np.float32)
+    if mark:
+        cv2.polylines(image, [polygon], True, (0, 255, 0), 2)
+    rgb = np.clip(image, 0, 255).astype(np.uint8)
+    ok, jpeg = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return jpeg.tobytes()
+
+
+def make_slide(
+    folder: Path,
+    slide_id: str,
+    counts: dict[str, int],
+    seed: int = 0,
+    mark_contours: bool = False,
+    crop_size: int = 256,
+) -> tuple[Path, Path]:
+    """Write ``{slide}.cells.parquet`` and ``{slide}.crops.parquet`` (file names made safe)."""
+    rng = np.random.default_rng(seed)
+    cells: dict[str, list] = {
+        name: []
+        for name in (
+            "cell_uid",
+            "slide_id",
+            "tile_id",
+            "cell_type",
+            "centroid_x_px",
+            "centroid_y_px",
+            "centroid_x_um",
+            "centroid_y_um",
+            "bbox_x_px",
+            "bbox_y_px",
+            "bbox_w_px",
+            "bbox_h_px",
+            "area_px",
+            "area_um2",
+            "score",
+            "mask_label",
+            "contour_x_px",
+            "contour_y_px",
+        )
+    }
+    crops: dict[str, list] = {
+        n: [] for n in ("cell_uid", "x", "y", "scale", "width", "height", "image")
+    }
+    label = 0
+    for cell_type, count in counts.items():
+        for _ in range(count):
+            label += 1
+            radius_um = rng.uniform(12, 24) if cell_type == "MK" else rng.uniform(3, 5.5)
+            radius = radius_um / PIXEL_SIZE_UM
+            cx, cy = rng.uniform(1000, 60000, 2)
+            contour = wobbly_contour(rng, cx, cy, radius)
+            # MK crops cover ~3 radii and are stored downscaled (scale > 1); HSPC crops at scale 1.
+            side = 3.2 * radius
+            scale = max(1.0, side / crop_size)
+            width = height = round(min(side, crop_size * scale) / scale)
+            x0, y0 = int(cx - side / 2), int(cy - side / 2)
+            jpeg = draw_crop(rng, (contour - [x0, y0]) / scale, width, cell_type, mark_contours)
+            xs, ys = contour[:, 0], contour[:, 1]
+            area_px = 0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))
+            ccx, ccy = round(cx), round(cy)
+            uid = f"{slide_id}:{cell_type}:{ccx}:{ccy}"
+            row = {
+                "cell_uid": uid,
+                "slide_id": slide_id,
+                "tile_id": "r0000c0000",
+                "cell_type": cell_type,
+                "centroid_x_px": cx,
+                "centroid_y_px": cy,
+                "centroid_x_um": cx * PIXEL_SIZE_UM,
+                "centroid_y_um": cy * PIXEL_SIZE_UM,
+                "bbox_x_px": int(xs.min()),
+                "bbox_y_px": int(ys.min()),
+                "bbox_w_px": int(np.ptp(xs)) + 1,
+                "bbox_h_px": int(np.ptp(ys)) + 1,
+                "area_px": area_px,
+                "area_um2": area_px * PIXEL_SIZE_UM**2,
+                "score": float(rng.uniform(0.5, 1)),
+                "mask_label": label,
+                "contour_x_px": xs.astype(np.float32).tolist(),
+                "contour_y_px": ys.astype(np.float32).tolist(),
+            }
+            for name, value in row.items():
+                cells[name].append(value)
+            for name, value in zip(crops, (uid, x0, y0, scale, width, height, jpeg), strict=True):
+                crops[name].append(value)
+    float_list = pa.list_(pa.float32())
+    embedding = np.zeros((label, 2048), np.float16)
+    cell_table = pa.table(
+        {
+            **{k: v for k, v in cells.items() if not k.startswith("contour")},
+            "contour_x_px": pa.array(cells["contour_x_px"], float_list),
+            "contour_y_px": pa.array(cells["contour_y_px"], float_list),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embedding.ravel()), 2048),
+        }
+    )
+    crop_table = pa.table(
+        {
+            "cell_uid": pa.array(crops["cell_uid"], pa.string()),
+            "x": pa.array(crops["x"], pa.int64()),
+            "y": pa.array(crops["y"], pa.int64()),
+            "scale": pa.array(crops["scale"], pa.float32()),
+            "width": pa.array(crops["width"], pa.int32()),
+            "height": pa.array(crops["height"], pa.int32()),
+            "image": pa.array(crops["image"], pa.binary()),
+        }
+    )
+    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in slide_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    cells_path, crops_path = folder / f"{stem}.cells.parquet", folder / f"{stem}.crops.parquet"
+    pq.write_table(cell_table, cells_path)
+    pq.write_table(crop_table, crops_path)
+    return cells_path, crops_path
+
+
+def make_gathered(folder: Path, slides: dict[str, dict[str, int]], **kwargs) -> Path:
+    """A gathered directory with one cell and crop table per slide."""
+    for seed, (slide_id, counts) in enumerate(slides.items()):
+        make_slide(folder, slide_id, counts, seed=seed, **kwargs)
+    return folder
