@@ -30,8 +30,8 @@ GALLERY_JPEG_QUALITY = 85
 
 
 def channel_column_name(channel: str) -> str:
-    """A channel name made safe for a column name: lower case, runs of other chars as ``_``."""
-    safe = re.sub(r"[^0-9a-z]+", "_", channel.lower()).strip("_")
+    """A channel name safe for a column name: runs of chars outside ``[A-Za-z0-9]`` as ``_``."""
+    safe = re.sub(r"[^0-9A-Za-z]+", "_", channel).strip("_")
     return safe or "channel"
 
 

@@ -1,5 +1,781 @@
-"""Placeholder: the helper that owns this step replaces this file."""
+"""SEGMENT: turn one batch of tiles into cells, masks, gallery crops and a run record.
+
+``bmseg segment BATCH --slides SLIDE_FILES... --models DIR --out DIR`` reads every tile of the
+batch (core + margin, the ``read_*`` window) with a prefetching pool of reader threads while
+the device segments, keeps the cells whose centroid lies in the tile's core, measures them
+(:mod:`bmseg.features`), embeds their crops in batches and streams the rows to
+``cells.parquet``, ``crops.parquet`` and ``masks.h5``; ``batch.json`` is written last.
+
+The work itself is :func:`segment_batch`, which takes the segmenters and the embedder as
+arguments: the command passes the production models, tests pass their own implementations of
+:mod:`bmseg.models.base` through exactly the same path. See docs/cells.md and docs/data.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from bmseg.errors import BmsegError
+from bmseg.models.base import Detections, Embedder, Segmenter
+from bmseg.slide import SLIDE_ID_PATTERN, Channel, Rect, Slide, default_slide_id, open_slide
+
+log = logging.getLogger(__name__)
+
+CELL_TYPES = ("MK", "HSPC")
+HSPC_MAX_LOST_FRACTION = 0.5
+"""An HSPC that loses more than this share of its pixels to MKs is dropped (see docs/cells.md)."""
+RGB_PERCENTILES = (1.0, 99.5)
+"""Per-tile intensity range mapped to 0..255 for fluorescence channels shown to the models."""
+STAGES = ("read", "mk", "hspc", "features", "embed", "write")
+BATCH_COLUMNS = (
+    "slide_id",
+    "tile_id",
+    "core_x",
+    "core_y",
+    "core_w",
+    "core_h",
+    "read_x",
+    "read_y",
+    "read_w",
+    "read_h",
+    "pixel_size_um",
+)
+SHAPE_COLUMNS = (
+    "perimeter_um",
+    "equivalent_diameter_um",
+    "major_axis_um",
+    "minor_axis_um",
+    "eccentricity",
+    "solidity",
+    "circularity",
+)
 
 
-def register(subparsers):
-    """Adds nothing yet."""
+@dataclass(frozen=True)
+class Tile:
+    """One row of a batch table: the core it owns and the window it reads, slide px."""
+
+    slide_id: str
+    tile_id: str
+    core: Rect
+    read: Rect
+    pixel_size_um: float
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """Knobs of :func:`segment_batch` that are not models."""
+
+    mk_min_area_um2: float = 200.0
+    mk_max_area_um2: float = 2000.0
+    readers: int = 2
+    gpu_batch_tiles: int = 1
+    embed_batch: int = 128
+    crop_px: int = 128
+    device: str = "cpu"
+    progress: bool = True
+
+
+@dataclass
+class _Stats:
+    """Running totals for batch.json."""
+
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    cells: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CELL_TYPES, 0))
+    tiles: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------- inputs
+
+
+def read_batch_table(path: Path) -> tuple[int, list[Tile]]:
+    """The batch number and tiles of a ``batch_NNNN.parquet``, in ``order``; validated."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError as error:
+        raise BmsegError(f"{path}: no such batch table; pass a batch_NNNN.parquet") from error
+    except (OSError, pa.ArrowException) as error:
+        raise BmsegError(
+            f"{path}: not a readable Parquet batch table ({error}); re-run bmseg batch"
+        ) from error
+    missing = [c for c in (*BATCH_COLUMNS, "batch", "order") if c not in table.column_names]
+    if missing:
+        raise BmsegError(
+            f"{path}: batch table lacks columns {missing}; pass a table written by bmseg batch"
+        )
+    if table.num_rows:
+        table = table.sort_by("order")
+    rows = table.select([*BATCH_COLUMNS, "batch"]).to_pylist()
+    numbers = {row["batch"] for row in rows}
+    if len(numbers) > 1:
+        raise BmsegError(f"{path}: rows of several batches {sorted(numbers)}; pass one batch")
+    if numbers:
+        number = int(numbers.pop())
+    else:
+        digits = re.findall(r"\d+", path.stem)
+        number = int(digits[-1]) if digits else 0
+    tiles = [
+        Tile(
+            slide_id=str(row["slide_id"]),
+            tile_id=str(row["tile_id"]),
+            core=Rect(row["core_x"], row["core_y"], row["core_w"], row["core_h"]),
+            read=Rect(row["read_x"], row["read_y"], row["read_w"], row["read_h"]),
+            pixel_size_um=float(row["pixel_size_um"]),
+        )
+        for row in rows
+    ]
+    seen = collections.Counter((t.slide_id, t.tile_id) for t in tiles)
+    duplicates = [f"{s}/{t}" for (s, t), n in seen.items() if n > 1]
+    if duplicates:
+        raise BmsegError(f"{path}: tiles listed twice {duplicates[:5]}; re-run bmseg batch")
+    return number, tiles
+
+
+def match_slides(slide_ids: Iterable[str], slide_args: Sequence[str]) -> dict[str, Path]:
+    """Map each needed slide id to one of the given files.
+
+    A file matches the id its name gives (:func:`bmseg.slide.default_slide_id`, as PLAN
+    derives it); ``ID=PATH`` binds a file to an id explicitly (slides planned with --slide-id).
+    """
+    given: dict[str, Path] = {}
+    for arg in slide_args:
+        slide_id, sep, path_text = arg.partition("=")
+        if sep and SLIDE_ID_PATTERN.match(slide_id) and not Path(arg).exists():
+            path = Path(path_text)
+        else:
+            path = Path(arg)
+            slide_id = default_slide_id(path)
+        if slide_id in given:
+            raise BmsegError(
+                f"--slides: slide {slide_id!r} given twice ({given[slide_id]}, {path}); "
+                "pass each slide once"
+            )
+        given[slide_id] = path
+    needed = sorted(set(slide_ids))
+    missing = [s for s in needed if s not in given]
+    if missing:
+        names = ", ".join(f"{s} ({p.name})" for s, p in given.items()) or "none"
+        raise BmsegError(
+            f"--slides: the batch needs slide(s) {', '.join(missing)} but was given {names}; "
+            "pass their files (or ID=PATH)"
+        )
+    return {s: given[s] for s in needed}
+
+
+def _slide_pixel_sizes(batch_path: Path, tiles: Sequence[Tile]) -> dict[str, float]:
+    """The pixel size the batch table records for each slide (one per slide)."""
+    sizes: dict[str, set[float]] = collections.defaultdict(set)
+    for tile in tiles:
+        sizes[tile.slide_id].add(tile.pixel_size_um)
+    for slide_id, values in sizes.items():
+        if len(values) != 1 or not min(values) > 0:
+            raise BmsegError(
+                f"{batch_path}: slide {slide_id} has pixel sizes {sorted(values)}; "
+                "re-run bmseg plan and bmseg batch"
+            )
+    return {slide_id: values.pop() for slide_id, values in sizes.items()}
+
+
+def check_tiles(batch_path: Path, tiles: Sequence[Tile], slides: dict[str, Slide]) -> None:
+    """Every tile's read window is non-empty, inside its slide and contains its core."""
+    for tile in tiles:
+        bounds = slides[tile.slide_id].bounds
+        where = f"{batch_path}: tile {tile.slide_id}/{tile.tile_id}"
+        if tile.read.w <= 0 or tile.read.h <= 0 or tile.core.w <= 0 or tile.core.h <= 0:
+            raise BmsegError(f"{where} has an empty core or read window; re-run bmseg plan")
+        if tile.read.intersection(bounds) != tile.read:
+            raise BmsegError(
+                f"{where} reads {tile.read.as_dict()} outside the slide {bounds.as_dict()}; "
+                "re-run bmseg plan for this slide file"
+            )
+        if tile.core.intersection(tile.read) != tile.core:
+            raise BmsegError(f"{where}: core lies outside its read window; re-run bmseg plan")
+
+
+# ---------------------------------------------------------------------------------- pixels
+
+
+def to_rgb8(pixels: np.ndarray, modality: str) -> np.ndarray:
+    """The (H, W, 3) uint8 RGB image the models see.
+
+    Brightfield RGB is scaled from its dtype's full range (uint8 passes through untouched).
+    Fluorescence channels are stretched per tile from their 1st to 99.5th percentile to 0..255
+    and mapped to R, G, B in slide order: one channel is replicated to grey, two fill R and G,
+    more than three keep the first three.
+    """
+    if modality == "brightfield" and pixels.shape[-1] == 3:
+        if pixels.dtype == np.uint8:
+            return pixels
+        full = 1.0 if pixels.dtype.kind == "f" else float(np.iinfo(pixels.dtype).max)
+        return np.clip(pixels.astype(np.float32) * (255.0 / full), 0, 255).round().astype(np.uint8)
+    selected = pixels[..., :3].astype(np.float32)
+    sample = selected[::4, ::4].reshape(-1, selected.shape[-1])
+    low, high = np.percentile(sample, RGB_PERCENTILES, axis=0)
+    scale = 255.0 / np.maximum(high - low, 1e-6)
+    stretched = np.clip((selected - low) * scale, 0, 255).round().astype(np.uint8)
+    if stretched.shape[-1] == 1:
+        return np.repeat(stretched, 3, axis=-1)
+    if stretched.shape[-1] == 2:
+        return np.concatenate([stretched, np.zeros_like(stretched[..., :1])], axis=-1)
+    return stretched
+
+
+class TileReader:
+    """Reads tiles on a pool of threads, one open :class:`Slide` per thread and slide."""
+
+    def __init__(self, paths: dict[str, Path], pixel_sizes: dict[str, float], threads: int):
+        self._paths = paths
+        self._pixel_sizes = pixel_sizes
+        self._local = threading.local()
+        self._opened: list[Slide] = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="bmseg-reader")
+        self._depth = max(1, threads)
+
+    def _slide(self, slide_id: str) -> Slide:
+        slides = self._local.__dict__.setdefault("slides", {})
+        if slide_id not in slides:
+            slide = open_slide(
+                self._paths[slide_id], pixel_size_um=self._pixel_sizes[slide_id], slide_id=slide_id
+            )
+            slides[slide_id] = slide
+            with self._lock:
+                self._opened.append(slide)
+        return slides[slide_id]
+
+    def _read(self, tile: Tile) -> tuple[Tile, np.ndarray, np.ndarray, float]:
+        start = time.perf_counter()
+        slide = self._slide(tile.slide_id)
+        pixels = slide.read(tile.read.x, tile.read.y, tile.read.w, tile.read.h)
+        rgb = to_rgb8(pixels, slide.modality)
+        return tile, pixels, rgb, time.perf_counter() - start
+
+    def iter_read(
+        self, tiles: Sequence[Tile], lookahead: int
+    ) -> Iterator[tuple[Tile, np.ndarray, np.ndarray, float]]:
+        """Tiles' ``(tile, pixels, rgb, seconds)`` in order, ``lookahead`` reads kept in flight."""
+        pending: collections.deque[Future] = collections.deque()
+        remaining = iter(tiles)
+        for tile in itertools.islice(remaining, self._depth + lookahead):
+            pending.append(self._pool.submit(self._read, tile))
+        while pending:
+            result = pending.popleft().result()
+            following = next(remaining, None)
+            if following is not None:
+                pending.append(self._pool.submit(self._read, following))
+            yield result
+
+    def close(self) -> None:
+        """Stop the threads and close every slide they opened."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for slide in self._opened:
+            slide.close()
+
+
+# ------------------------------------------------------------------------ cells of a tile
+
+
+def _keep_labels(detections: Detections, keep: np.ndarray) -> Detections:
+    """Only the cells where ``keep`` (one bool per cell), renumbered ``1..kept``."""
+    lookup = np.zeros(detections.count + 1, dtype=np.int32)
+    lookup[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return Detections(labels=lookup[detections.labels], scores=detections.scores[keep])
+
+
+def _checked(detections: Detections, shape: tuple[int, int], who: str) -> Detections:
+    """Validate a segmenter's output against the interface (a bug if it fails)."""
+    labels = np.asarray(detections.labels)
+    if labels.shape != shape:
+        raise RuntimeError(f"{who} returned labels of shape {labels.shape} for a {shape} tile")
+    scores = np.asarray(detections.scores, dtype=np.float32).reshape(-1)
+    if labels.size and int(labels.max()) > scores.size:
+        raise RuntimeError(f"{who} returned label {labels.max()} but {scores.size} scores")
+    return Detections(labels=labels.astype(np.int32, copy=False), scores=scores)
+
+
+def filter_area(
+    detections: Detections, pixel_size_um: float, min_um2: float, max_um2: float
+) -> Detections:
+    """Cells whose area lies in [min_um2, max_um2]."""
+    area_um2 = np.bincount(detections.labels.ravel(), minlength=detections.count + 1)[1:]
+    area_um2 = area_um2 * pixel_size_um**2
+    return _keep_labels(detections, (area_um2 >= min_um2) & (area_um2 <= max_um2))
+
+
+def resolve_overlaps(mk: Detections, hspc: Detections) -> Detections:
+    """HSPCs made disjoint from the MKs: MK pixels win.
+
+    An HSPC whose pixels lie more than :data:`HSPC_MAX_LOST_FRACTION` under MKs is dropped
+    (it was most likely a piece of the MK); otherwise it keeps its remaining pixels.
+    """
+    under_mk = mk.labels > 0
+    total = np.bincount(hspc.labels.ravel(), minlength=hspc.count + 1)[1:]
+    lost = np.bincount(hspc.labels[under_mk], minlength=hspc.count + 1)[1:]
+    trimmed = Detections(labels=np.where(under_mk, 0, hspc.labels), scores=hspc.scores)
+    keep = (lost <= HSPC_MAX_LOST_FRACTION * total) & (total > lost)
+    return _keep_labels(trimmed, keep)
+
+
+def keep_owned(detections: Detections, tile: Tile) -> Detections:
+    """Cells whose centroid (slide px, mean pixel index) lies in the tile's half-open core."""
+    from bmseg.features import cell_centroids
+
+    cx, cy = cell_centroids(detections.labels, detections.count)
+    cx, cy = cx + tile.read.x, cy + tile.read.y
+    core = tile.core
+    owned = (cx >= core.x) & (cx < core.right) & (cy >= core.y) & (cy < core.bottom)
+    return _keep_labels(detections, owned)
+
+
+def cells_schema(channel_names: Sequence[str], embedding_dim: int) -> pa.Schema:
+    """The ``cells.parquet`` schema (docs/data.md, docs/cells.md); embedding last."""
+    from bmseg.features import intensity_columns
+
+    float64 = pa.float64()
+    fields = [
+        ("cell_uid", pa.string()),
+        ("slide_id", pa.string()),
+        ("tile_id", pa.string()),
+        ("cell_type", pa.string()),
+        *((name, float64) for name in ("centroid_x_px", "centroid_y_px")),
+        *((name, float64) for name in ("centroid_x_um", "centroid_y_um")),
+        *((name, pa.int64()) for name in ("bbox_x_px", "bbox_y_px", "bbox_w_px", "bbox_h_px")),
+        ("area_px", float64),
+        ("area_um2", float64),
+        *((name, float64) for name in SHAPE_COLUMNS),
+        *((name, pa.float32()) for name in intensity_columns(channel_names)),
+        ("score", pa.float32()),
+        ("mask_label", pa.int32()),
+        ("contour_x_px", pa.list_(pa.float32())),
+        ("contour_y_px", pa.list_(pa.float32())),
+        ("embedding", pa.list_(pa.float16(), embedding_dim)),
+    ]
+    return pa.schema(fields)
+
+
+@dataclass
+class _TileCells:
+    """One tile's kept cells, measured, waiting for their embeddings."""
+
+    tile: Tile
+    labels: np.ndarray
+    columns: dict[str, Any]
+    squares: np.ndarray
+    embed_crops: np.ndarray
+    gallery_crops: np.ndarray
+
+
+def _measure_tile(
+    tile: Tile,
+    pixels: np.ndarray,
+    rgb: np.ndarray,
+    channels: Sequence[Channel],
+    mk: Detections,
+    hspc: Detections,
+    options: SegmentOptions,
+    embed_size: int,
+) -> _TileCells:
+    """Area filter, exclusivity, ownership, then every per-cell column but the embedding."""
+    from bmseg import features
+
+    mk = filter_area(mk, tile.pixel_size_um, options.mk_min_area_um2, options.mk_max_area_um2)
+    # Exclusivity before ownership: every MK in the window cuts the HSPCs, owned or not, so
+    # two tiles that both see a cell cut it the same way.
+    hspc = keep_owned(resolve_overlaps(mk, hspc), tile)
+    mk = keep_owned(mk, tile)
+    labels = np.where(hspc.labels > 0, hspc.labels + mk.count, mk.labels).astype(np.uint32)
+    count = mk.count + hspc.count
+    columns: dict[str, Any] = features.shape_features(
+        labels, count, tile.pixel_size_um, tile.read.x, tile.read.y
+    )
+    columns.update(features.intensity_stats(labels, pixels, [c.name for c in channels], count))
+    local_boxes = np.stack(
+        [
+            columns["bbox_x_px"] - tile.read.x,
+            columns["bbox_y_px"] - tile.read.y,
+            columns["bbox_w_px"],
+            columns["bbox_h_px"],
+        ],
+        axis=1,
+    ).reshape(-1, 4)
+    contour_x, contour_y = features.simplified_contours(
+        labels, local_boxes, tile.read.x, tile.read.y
+    )
+    cell_type = np.array(["MK"] * mk.count + ["HSPC"] * hspc.count, dtype=object)
+    uid_x = np.rint(columns["centroid_x_px"]).astype(np.int64)
+    uid_y = np.rint(columns["centroid_y_px"]).astype(np.int64)
+    columns = {
+        "cell_uid": [
+            f"{tile.slide_id}:{t}:{x}:{y}" for t, x, y in zip(cell_type, uid_x, uid_y, strict=True)
+        ],
+        "slide_id": [tile.slide_id] * count,
+        "tile_id": [tile.tile_id] * count,
+        "cell_type": cell_type.tolist(),
+        **columns,
+        "score": np.concatenate([mk.scores, hspc.scores]).astype(np.float32),
+        "mask_label": np.arange(1, count + 1, dtype=np.int32),
+        "contour_x_px": contour_x,
+        "contour_y_px": contour_y,
+    }
+    squares = features.crop_squares(local_boxes)
+    sampler = features.CropSampler(rgb, device=options.device)
+    return _TileCells(
+        tile=tile,
+        labels=labels,
+        columns=columns,
+        squares=squares,
+        embed_crops=sampler.sample(squares, embed_size),
+        gallery_crops=sampler.sample(squares, options.crop_px),
+    )
+
+
+def _embed(embedder: Embedder, crops: np.ndarray, batch: int) -> np.ndarray:
+    """(N, dim) float16 embeddings, ``batch`` crops per forward pass."""
+    parts = [
+        np.asarray(embedder.embed(crops[start : start + batch]), dtype=np.float32)
+        for start in range(0, len(crops), batch)
+    ]
+    if not parts:
+        return np.zeros((0, embedder.dim), dtype=np.float16)
+    return np.concatenate(parts).astype(np.float16)
+
+
+# ---------------------------------------------------------------------------------- batch
+
+
+def _groups(
+    items: Iterator[tuple[Tile, np.ndarray, np.ndarray, float]], size: int
+) -> Iterator[list[tuple[Tile, np.ndarray, np.ndarray, float]]]:
+    """Consecutive read tiles in groups of up to ``size`` sharing one pixel size."""
+    group: list[tuple[Tile, np.ndarray, np.ndarray, float]] = []
+    for item in items:
+        if group and (len(group) == size or item[0].pixel_size_um != group[0][0].pixel_size_um):
+            yield group
+            group = []
+        group.append(item)
+    if group:
+        yield group
+
+
+def segment_batch(
+    tiles: Sequence[Tile],
+    slide_paths: dict[str, Path],
+    mk_segmenter: Segmenter,
+    hspc_segmenter: Segmenter,
+    embedder: Embedder,
+    out_dir: Path,
+    options: SegmentOptions,
+    record: dict[str, Any],
+) -> dict[str, Any]:
+    """Segment ``tiles`` and write the four outputs to ``out_dir``; return batch.json's content.
+
+    Segmenters are called on the tiles in the given order, each tile exactly once per
+    segmenter, in lists of up to ``options.gpu_batch_tiles`` tiles; the tile list and the RGB
+    list passed correspond one to one. ``record`` (batch number, device, models) is copied into
+    batch.json. Tiles must have been checked (:func:`check_tiles`).
+    """
+    from tqdm import tqdm
+
+    from bmseg import features
+    from bmseg.storage import CROPS_SCHEMA, masks_writer, parquet_writer, write_json
+    from bmseg.versions import package_versions
+
+    pixel_sizes = {t.slide_id: t.pixel_size_um for t in tiles}
+    channel_sets: dict[str, list[Channel]] = {}
+    for slide_id in pixel_sizes:
+        with open_slide(
+            slide_paths[slide_id], pixel_size_um=pixel_sizes[slide_id], slide_id=slide_id
+        ) as slide:
+            channel_sets[slide_id] = slide.channels
+    channel_names = list(dict.fromkeys(c.name for cs in channel_sets.values() for c in cs))
+    schema = cells_schema(channel_names, embedder.dim)
+    stats = _Stats()
+    reader = TileReader(slide_paths, pixel_sizes, options.readers)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        with (
+            parquet_writer(out_dir / "cells.parquet", schema) as cells_out,
+            parquet_writer(out_dir / "crops.parquet", CROPS_SCHEMA) as crops_out,
+            masks_writer(out_dir / "masks.h5") as masks_out,
+            tqdm(
+                total=len(tiles), unit="tile", desc="segment", disable=not options.progress
+            ) as bar,
+        ):
+            reads = reader.iter_read(tiles, lookahead=options.gpu_batch_tiles)
+            for group in _groups(reads, max(1, options.gpu_batch_tiles)):
+                group_start = time.perf_counter()
+                group_tiles = [item[0] for item in group]
+                rgbs = [item[2] for item in group]
+                stats.timings["read"] += sum(item[3] for item in group)
+                pixel_size = group_tiles[0].pixel_size_um
+                detected = {}
+                for stage, segmenter in (("mk", mk_segmenter), ("hspc", hspc_segmenter)):
+                    start = time.perf_counter()
+                    found = segmenter.segment(rgbs, pixel_size)
+                    if len(found) != len(rgbs):
+                        raise RuntimeError(f"{stage} segmenter returned {len(found)} results")
+                    detected[stage] = [
+                        _checked(d, rgb.shape[:2], f"{stage} segmenter")
+                        for d, rgb in zip(found, rgbs, strict=True)
+                    ]
+                    stats.timings[stage] += time.perf_counter() - start
+                start = time.perf_counter()
+                measured = [
+                    _measure_tile(
+                        tile,
+                        pixels,
+                        rgb,
+                        channel_sets[tile.slide_id],
+                        mk,
+                        hspc,
+                        options,
+                        embedder.crop_size,
+                    )
+                    for (tile, pixels, rgb, _), mk, hspc in zip(
+                        group, detected["mk"], detected["hspc"], strict=True
+                    )
+                ]
+                stats.timings["features"] += time.perf_counter() - start
+                start = time.perf_counter()
+                embeddings = _embed(
+                    embedder, np.concatenate([m.embed_crops for m in measured]), options.embed_batch
+                )
+                stats.timings["embed"] += time.perf_counter() - start
+                start = time.perf_counter()
+                offset = 0
+                for cells in measured:
+                    count = len(cells.squares)
+                    _write_tile(
+                        cells,
+                        embeddings[offset : offset + count],
+                        schema,
+                        cells_out,
+                        crops_out,
+                        masks_out,
+                        features.encode_jpeg(cells.gallery_crops),
+                        options.crop_px,
+                    )
+                    offset += count
+                    types = collections.Counter(cells.columns["cell_type"])
+                    for cell_type in CELL_TYPES:
+                        stats.cells[cell_type] += types[cell_type]
+                    stats.tiles.append(
+                        {
+                            "slide_id": cells.tile.slide_id,
+                            "tile_id": cells.tile.tile_id,
+                            "n_mk": types["MK"],
+                            "n_hspc": types["HSPC"],
+                        }
+                    )
+                stats.timings["write"] += time.perf_counter() - start
+                share = (time.perf_counter() - group_start) / len(group)
+                for entry, item in zip(stats.tiles[-len(group) :], group, strict=True):
+                    entry["seconds"] = round(share + item[3], 4)
+                bar.update(len(group))
+    finally:
+        reader.close()
+    elapsed = time.perf_counter() - started
+    summary = {
+        **record,
+        "tiles": stats.tiles,
+        "timings_s": {stage: round(value, 4) for stage, value in stats.timings.items()},
+        "wall_s": round(elapsed, 4),
+        "tiles_per_s": round(len(tiles) / elapsed, 4) if elapsed > 0 else None,
+        "cells": stats.cells,
+        "settings": {
+            "mk_min_area_um2": options.mk_min_area_um2,
+            "mk_max_area_um2": options.mk_max_area_um2,
+            "hspc_max_lost_fraction": HSPC_MAX_LOST_FRACTION,
+            "readers": options.readers,
+            "gpu_batch_tiles": options.gpu_batch_tiles,
+            "embed_batch": options.embed_batch,
+            "crop_px": options.crop_px,
+        },
+        "versions": package_versions(),
+    }
+    write_json(summary, out_dir / "batch.json")
+    log.info(
+        "wrote %s: %d tiles, %d MK, %d HSPC in %.1f s (%.2f tiles/s)",
+        out_dir,
+        len(tiles),
+        stats.cells["MK"],
+        stats.cells["HSPC"],
+        elapsed,
+        len(tiles) / elapsed if elapsed > 0 else 0.0,
+    )
+    return summary
+
+
+def _write_tile(
+    cells: _TileCells,
+    embeddings: np.ndarray,
+    schema: pa.Schema,
+    cells_out: Any,
+    crops_out: Any,
+    masks_out: Any,
+    jpegs: list[bytes],
+    crop_px: int,
+) -> None:
+    """Append one tile's rows to cells.parquet and crops.parquet and its labels to masks.h5."""
+    from bmseg.storage import CROPS_SCHEMA
+
+    tile, columns = cells.tile, cells.columns
+    count = len(cells.squares)
+    dim = schema.field("embedding").type.list_size
+    arrays = []
+    for schema_field in schema:
+        if schema_field.name == "embedding":
+            values = pa.array(embeddings.reshape(-1), type=pa.float16())
+            arrays.append(pa.FixedSizeListArray.from_arrays(values, dim))
+        elif schema_field.name in columns:
+            arrays.append(pa.array(columns[schema_field.name], type=schema_field.type))
+        else:
+            arrays.append(pa.nulls(count, type=schema_field.type))
+    cells_out.write_table(pa.Table.from_arrays(arrays, schema=schema))
+    squares = cells.squares
+    crops_out.write_table(
+        pa.table(
+            {
+                "cell_uid": columns["cell_uid"],
+                "x": squares[:, 0] + tile.read.x,
+                "y": squares[:, 1] + tile.read.y,
+                "scale": (squares[:, 2] / crop_px).astype(np.float32),
+                "width": np.full(count, crop_px, dtype=np.int32),
+                "height": np.full(count, crop_px, dtype=np.int32),
+                "image": pa.array(jpegs, type=pa.binary()),
+            },
+            schema=CROPS_SCHEMA,
+        )
+    )
+    masks_out.add(tile.slide_id, tile.tile_id, cells.labels, tile.read.x, tile.read.y)
+
+
+# ---------------------------------------------------------------------------------- command
+
+
+def _segment_command(args: argparse.Namespace) -> int:
+    """``bmseg segment``: validate everything, load the models once, run the batch."""
+    batch_path = Path(args.batch)
+    number, tiles = read_batch_table(batch_path)
+    slide_paths = match_slides((t.slide_id for t in tiles), args.slides)
+    pixel_sizes = _slide_pixel_sizes(batch_path, tiles)
+    for option in ("readers", "gpu_batch_tiles", "embed_batch", "crop_px"):
+        if getattr(args, option) < 1:
+            flag = "--" + option.replace("_", "-")
+            raise BmsegError(f"{flag} {getattr(args, option)}: must be at least 1")
+    slides = {}
+    try:
+        for slide_id, path in slide_paths.items():
+            slides[slide_id] = open_slide(
+                path, pixel_size_um=pixel_sizes[slide_id], slide_id=slide_id
+            )
+        check_tiles(batch_path, tiles, slides)
+    finally:
+        for slide in slides.values():
+            slide.close()
+    log.info(
+        "%s: batch %d, %d tiles of %d slide(s)", batch_path, number, len(tiles), len(slide_paths)
+    )
+    models, record = _load_models(args)
+    options = SegmentOptions(
+        mk_min_area_um2=args.mk_min_area_um2,
+        mk_max_area_um2=args.mk_max_area_um2,
+        readers=args.readers,
+        gpu_batch_tiles=args.gpu_batch_tiles,
+        embed_batch=args.embed_batch,
+        crop_px=args.crop_px,
+        device=str(models.device),
+        progress=not args.no_progress,
+    )
+    segment_batch(
+        tiles,
+        slide_paths,
+        models.mk,
+        models.hspc,
+        models.embedder,
+        Path(args.out),
+        options,
+        {"batch": number, "device": str(models.device), "models": record},
+    )
+    return 0
+
+
+def _load_models(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The production models for ``args`` and a description of them for batch.json."""
+    from bmseg.models import load_models
+
+    models = load_models(
+        Path(args.models),
+        args.device,
+        mk_min_area_um2=args.mk_min_area_um2,
+        mk_max_area_um2=args.mk_max_area_um2,
+        hspc_flows=args.hspc_flows,
+    )
+    return models, {"dir": str(args.models)}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bmseg segment``."""
+    parser = subparsers.add_parser(
+        "segment",
+        help="segment one batch of tiles: cells.parquet, masks.h5, crops.parquet, batch.json",
+        description=(
+            "Find MKs (SAM2) and HSPCs (Cellpose-SAM + SAM2) in every tile of a batch, keep the "
+            "cells whose centroid lies in the tile's core, measure and embed them."
+        ),
+    )
+    parser.add_argument("batch", metavar="BATCH", help="batch table (batch_NNNN.parquet)")
+    parser.add_argument(
+        "--slides",
+        nargs="+",
+        required=True,
+        metavar="SLIDE",
+        help="slide files the batch touches, matched to slide ids by file name; ID=PATH binds "
+        "a file to an id explicitly",
+    )
+    parser.add_argument("--models", required=True, metavar="DIR", help="models directory")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="compute device"
+    )
+    parser.add_argument(
+        "--mk-min-area-um2", type=float, default=200.0, help="smallest MK kept, µm² (200)"
+    )
+    parser.add_argument(
+        "--mk-max-area-um2", type=float, default=2000.0, help="largest MK kept, µm² (2000)"
+    )
+    parser.add_argument(
+        "--hspc-flows",
+        default="bmseg",
+        choices=("bmseg", "cellpose"),
+        help="how Cellpose flows become HSPC masks (bmseg: the fast vectorised path)",
+    )
+    parser.add_argument("--readers", type=int, default=2, help="tile reader threads (2)")
+    parser.add_argument(
+        "--gpu-batch-tiles", type=int, default=1, help="tiles per segmentation call (1)"
+    )
+    parser.add_argument(
+        "--embed-batch", type=int, default=128, help="cell crops per embedding forward pass (128)"
+    )
+    parser.add_argument(
+        "--crop-px", type=int, default=128, help="side of the gallery JPEG crops, px (128)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(handler=_segment_command)
