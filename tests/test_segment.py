@@ -376,7 +376,16 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(slide, tmp_path, capsy
         assert len(message) == 1 and expect in message[0], message
         assert not out.exists()
 
-    fails(batch, "--slides", other, "--models", models, "--out", out, expect="needs slide(s) synthetic")
+    fails(
+        batch,
+        "--slides",
+        other,
+        "--models",
+        models,
+        "--out",
+        out,
+        expect="needs slide(s) synthetic",
+    )
     fails(
         batch, "--slides", slide_path, slide_path, "--models", models, "--out", out, expect="twice"
     )
