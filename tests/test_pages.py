@@ -244,3 +244,24 @@ def test_page_of_300_realistic_crops_stays_within_2_mb(tmp_path):
     assert weight < source_bytes  # the crops were shrunk, not copied
     with Image.open(io.BytesIO((site / "MK" / cells[0]["i"]).read_bytes())) as thumb:
         assert thumb.format == "JPEG"
+
+
+def test_unreadable_crop_and_unknown_pixel_size_still_show_the_cell(tmp_path):
+    cells, crops = make_slide(tmp_path / "g", "S1", {"HSPC": 2})
+    table = pq.read_table(crops)
+    broken = pa.array([b"\xff\xd8not a jpeg", *table["image"].to_pylist()[1:]], pa.binary())
+    pq.write_table(table.set_column(6, "image", broken), crops)
+    cell_table = pq.read_table(cells)
+    zero = pa.array(np.zeros(len(cell_table)), pa.float64())
+    pq.write_table(
+        cell_table.set_column(cell_table.schema.get_field_index("area_px"), "area_px", zero), cells
+    )
+    build_site([tmp_path / "g"], tmp_path / "site")
+    shown = page_data(tmp_path / "site" / "HSPC" / "page-0001.html")["cells"]
+    assert len(shown) == 2
+    assert all(cell["b"] is None and cell["c"] for cell in shown)
+    width = table["width"][0].as_py()
+    placeholder = next(c for c in shown if c["u"] == table["cell_uid"][0].as_py())
+    with Image.open(tmp_path / "site" / "HSPC" / placeholder["i"]) as thumb:
+        assert thumb.size == (width, width)
+        assert np.asarray(thumb).std() < 3  # flat grey

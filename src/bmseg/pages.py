@@ -202,6 +202,18 @@ def format_um(value: float) -> str:
     return f"{value:g} µm"
 
 
+def finite(value: float, digits: int) -> float | None:
+    """``value`` rounded, or None (JSON null) when it is NaN or infinite."""
+    return round(float(value), digits) if np.isfinite(value) else None
+
+
+def scale_bar(length_px: float, length_um: float) -> list | None:
+    """``[length in thumbnail px, label]``, or None when the pixel size is unknown."""
+    if not (np.isfinite(length_px) and length_px > 0):
+        return None
+    return [round(float(length_px), 1), format_um(length_um)]
+
+
 def svg_path(points: np.ndarray) -> str:
     """A closed SVG path from (n, 2) points in thumbnail px, simplified to 0.5 px."""
     import cv2
@@ -214,17 +226,24 @@ def svg_path(points: np.ndarray) -> str:
     return "M" + "L".join(pairs) + "Z"
 
 
-def make_thumbnail(jpeg: bytes, size: int) -> tuple[bytes, int, int]:
-    """Shrink a crop to fit ``size`` px (never enlarged) and re-encode it as a small JPEG."""
-    from PIL import Image
+def make_thumbnail(jpeg: bytes, width: int, height: int, size: int) -> tuple[bytes, int, int]:
+    """Shrink a crop to fit ``size`` px (never enlarged) and re-encode it as a small JPEG.
 
-    with Image.open(io.BytesIO(jpeg)) as image:
-        image.draft("RGB", (size, size))
-        image = image.convert("RGB")
-        image.thumbnail((size, size), Image.Resampling.LANCZOS)
-        out = io.BytesIO()
-        image.save(out, "JPEG", quality=JPEG_QUALITY, optimize=True, progressive=True)
-        return out.getvalue(), image.width, image.height
+    A crop that cannot be decoded becomes a grey placeholder of the crop's shape, so the cell
+    still shows (with its contour) instead of the whole site failing.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(jpeg)) as source:
+            source.draft("RGB", (size, size))
+            image = source.convert("RGB")
+    except (UnidentifiedImageError, OSError):
+        image = Image.new("RGB", (max(1, int(width)), max(1, int(height))), (128, 128, 128))
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=JPEG_QUALITY, optimize=True, progressive=True)
+    return out.getvalue(), image.width, image.height
 
 
 def json_for_script(data: object) -> str:
@@ -307,7 +326,9 @@ def render_crops(
             }
             images = crops["image"].take(pa.array(crop_rows))
             for k, row in enumerate(in_source):
-                data, w, h = make_thumbnail(images[k].as_py(), size)
+                data, w, h = make_thumbnail(
+                    images[k].as_py(), crop["width"][k], crop["height"][k], size
+                )
                 target = site / layout.type_dirs[types[row]] / layout.image_name(row)
                 write_bytes(data, target)
                 thumb_w[row], thumb_h[row] = w, h
@@ -382,12 +403,12 @@ def write_galleries(
                     {
                         "u": uids[r],
                         "s": slides[r],
-                        "a": round(float(areas[r]), 1),
+                        "a": finite(areas[r], 1),
                         "i": layout.image_name(r),
                         "w": int(thumbs["w"][r]),
                         "h": int(thumbs["h"][r]),
                         "c": thumbs["path"][r],
-                        "b": [round(float(thumbs["bar_px"][r]), 1), format_um(thumbs["bar_um"][r])],
+                        "b": scale_bar(thumbs["bar_px"][r], thumbs["bar_um"][r]),
                     }
                     for r in rows
                 ],

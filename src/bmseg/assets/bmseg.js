@@ -290,15 +290,17 @@
       class: "overlay", "aria-hidden": "true",
     });
     if (cell.c) overlay.appendChild(svgNode("path", { d: cell.c, class: "contour" }));
-    const unit = Math.max(cell.w, cell.h) / 160;
-    const x0 = 6 * unit;
-    const y0 = cell.h - 7 * unit;
-    overlay.appendChild(svgNode("line", {
-      x1: x0, y1: y0, x2: x0 + cell.b[0], y2: y0, class: "bar",
-    }));
-    const label = svgNode("text", { x: x0, y: y0 - 4 * unit, class: "bar-label", "font-size": 11 * unit });
-    label.textContent = cell.b[1];
-    overlay.appendChild(label);
+    if (cell.b) {
+      const unit = Math.max(cell.w, cell.h) / 160;
+      const x0 = 6 * unit;
+      const y0 = cell.h - 7 * unit;
+      overlay.appendChild(svgNode("line", { x1: x0, y1: y0, x2: x0 + cell.b[0], y2: y0, class: "bar" }));
+      const label = svgNode("text", {
+        x: x0, y: y0 - 4 * unit, class: "bar-label", "font-size": 11 * unit,
+      });
+      label.textContent = cell.b[1];
+      overlay.appendChild(label);
+    }
     crop.appendChild(overlay);
     const badge = element("span", "badge");
     crop.appendChild(badge);
@@ -308,7 +310,7 @@
     uid.title = cell.u;
     const slide = element("div", "slide", cell.s);
     slide.title = cell.s;
-    meta.append(uid, slide, element("div", "area", cell.a.toLocaleString() + " µm²"));
+    meta.append(uid, slide, element("div", "area", cell.a === null ? "area unknown" : cell.a.toLocaleString() + " µm²"));
     card.appendChild(meta);
     const buttons = element("div", "buttons");
     for (const [value, text] of [["yes", "Yes"], ["no", "No"], ["unsure", "?"]]) {
