@@ -148,7 +148,6 @@ def test_wrong_type_size_origin_or_path_are_refused(server):
     connection.endheaders()
     assert connection.getresponse().status == 413
     connection.close()
-    )
     evil = {"Content-Type": "application/json", "Origin": "http://evil.example"}
     assert request(address, "POST", "/api/labels", body, evil)[0] == 403
     assert (
