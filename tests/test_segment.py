@@ -29,7 +29,6 @@ from bmseg.segment import (
     keep_owned,
     match_slides,
     read_batch_table,
-    resolve_overlaps,
     segment_batch,
     to_rgb8,
 )
@@ -317,19 +316,38 @@ def test_empty_tile_writes_valid_empty_outputs(slide, tmp_path):
     assert summary["tiles"][0]["n_mk"] == 0
 
 
-def test_mk_pixels_win_and_swallowed_hspcs_go():
-    mk = np.zeros((20, 20), np.int32)
-    mk[0:10, 0:10] = 1
-    hspc = np.zeros((20, 20), np.int32)
-    hspc[8:12, 8:12] = 1  # 4 of 16 px under the MK: keeps the other 12
-    hspc[2:6, 6:12] = 2  # 16 of 24 px under the MK: dropped
-    hspc[15:18, 15:18] = 3  # untouched
-    mk_found = Detections(labels=mk, scores=np.array([0.9], np.float32))
-    resolved = resolve_overlaps(mk_found, Detections(hspc, np.array([0.8, 0.7, 0.6], np.float32)))
-    assert resolved.count == 2
-    assert not (resolved.labels[mk > 0]).any()
-    assert (resolved.labels == 1).sum() == 12 and (resolved.labels == 2).sum() == 9
-    assert resolved.scores.tolist() == pytest.approx([0.8, 0.6])
+def square_cells(*cells: tuple[str, int, int, int]) -> pa.Table:
+    """An oracle truth table of squares ``(cell_type, x, y, side)``, slide px."""
+    rows = [
+        {
+            "cell_type": cell_type,
+            "contour_x_px": [x, x + side - 1, x + side - 1, x],
+            "contour_y_px": [y, y, y + side - 1, y + side - 1],
+        }
+        for cell_type, x, y, side in cells
+    ]
+    return pa.Table.from_pylist(rows)
+
+
+def test_mk_pixels_win_and_swallowed_hspcs_go(slide, tmp_path):
+    slide_path, _ = slide
+    table = grid_batch(slide_path, tile=1200).slice(0, 1)
+    truth = square_cells(
+        ("MK", 300, 300, 100),
+        ("HSPC", 390, 320, 30),  # 10 of 30 columns under the MK: keeps 20 x 30 px
+        ("HSPC", 300, 380, 30),  # 20 of 30 rows under the MK: dropped
+        ("HSPC", 600, 600, 30),  # untouched
+    )
+    out = tmp_path / "exclusive"
+    summary, tiles, _ = run_oracle(slide_path, truth, out, table)
+    cells = pq.read_table(out / "cells.parquet", columns=["cell_type", "area_px", "mask_label"])
+    found = sorted((c["cell_type"], c["area_px"]) for c in cells.to_pylist())
+    assert found == [("HSPC", 600.0), ("HSPC", 900.0), ("MK", 10000.0)]
+    with h5py.File(out / "masks.h5", "r") as masks:
+        labels = masks[f"{tiles[0].slide_id}/{tiles[0].tile_id}/labels"][...]
+    mk_label = next(c["mask_label"] for c in cells.to_pylist() if c["cell_type"] == "MK")
+    assert (labels[300:400, 300:400] == mk_label).all()
+    assert summary["cells"] == {"MK": 1, "HSPC": 2}
 
 
 def test_ownership_is_half_open_in_slide_coordinates():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -190,17 +189,18 @@ def crop_squares(bboxes: np.ndarray) -> np.ndarray:
     return np.stack([x, y, side], axis=1).astype(np.int64)
 
 
-@dataclass(frozen=True)
 class CropSampler:
-    """Cuts square windows out of one RGB tile and resamples them, all windows in one call.
+    """Cuts square windows out of one RGB tile and resamples them, many windows per call.
 
-    The tile goes to ``device`` once; ``torchvision.ops.roi_align`` with adaptive sampling
-    averages every source pixel under an output pixel (no aliasing when shrinking) and fills
-    with black outside the tile.
+    The tile goes to ``device`` once, on first use; ``torchvision.ops.roi_align`` with adaptive
+    sampling averages every source pixel under an output pixel (no aliasing when shrinking)
+    and fills with black outside the tile.
     """
 
-    rgb: np.ndarray
-    device: str = "cpu"
+    def __init__(self, rgb: np.ndarray, device: str = "cpu") -> None:
+        self.rgb = rgb
+        self.device = device
+        self._image = None
 
     def sample(self, squares: np.ndarray, size: int) -> np.ndarray:
         """(N, size, size, 3) uint8 crops of the (N, 3) ``x, y, side`` tile-local squares."""
@@ -210,8 +210,9 @@ class CropSampler:
         if len(squares) == 0:
             return np.zeros((0, size, size, 3), np.uint8)
         with torch.inference_mode():
-            image = torch.from_numpy(np.ascontiguousarray(self.rgb)).to(self.device)
-            image = image.permute(2, 0, 1).unsqueeze(0).float()
+            if self._image is None:
+                image = torch.from_numpy(np.ascontiguousarray(self.rgb)).to(self.device)
+                self._image = image.permute(2, 0, 1).unsqueeze(0).float()
             boxes = torch.as_tensor(squares, dtype=torch.float32, device=self.device)
             rois = torch.cat(
                 [
@@ -221,7 +222,7 @@ class CropSampler:
                 ],
                 dim=1,
             )
-            crops = roi_align(image, rois, output_size=size, sampling_ratio=-1, aligned=True)
+            crops = roi_align(self._image, rois, output_size=size, sampling_ratio=-1, aligned=True)
             crops = crops.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
             return crops.cpu().numpy()
 

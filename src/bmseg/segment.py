@@ -30,14 +30,15 @@ import numpy as np
 import pyarrow as pa
 
 from bmseg.errors import BmsegError
-from bmseg.models.base import Detections, Embedder, Segmenter
+from bmseg.models.base import Detections, Embedder, Segmenter, exclude_claimed
+from bmseg.models.settings import EmbedderSettings, HSPCSettings, MKSettings
 from bmseg.slide import SLIDE_ID_PATTERN, Channel, Rect, Slide, default_slide_id, open_slide
 
 log = logging.getLogger(__name__)
 
 CELL_TYPES = ("MK", "HSPC")
 HSPC_MAX_LOST_FRACTION = 0.5
-"""An HSPC that loses more than this share of its pixels to MKs is dropped (see docs/cells.md)."""
+"""An HSPC that loses more than this share of its pixels to MKs is dropped (docs/cells.md)."""
 RGB_PERCENTILES = (1.0, 99.5)
 """Per-tile intensity range mapped to 0..255 for fluorescence channels shown to the models."""
 STAGES = ("read", "mk", "hspc", "features", "embed", "write")
@@ -80,11 +81,13 @@ class Tile:
 class SegmentOptions:
     """Knobs of :func:`segment_batch` that are not models."""
 
-    mk_min_area_um2: float = 200.0
-    mk_max_area_um2: float = 2000.0
+    mk_min_area_um2: float = MKSettings.min_area_um2
+    mk_max_area_um2: float = MKSettings.max_area_um2
+    hspc_min_area_um2: float = HSPCSettings.min_area_um2
+    hspc_max_area_um2: float = HSPCSettings.max_area_um2
     readers: int = 2
     gpu_batch_tiles: int = 1
-    embed_batch: int = 128
+    embed_batch: int = EmbedderSettings.batch_size
     crop_px: int = 128
     device: str = "cpu"
     progress: bool = True
@@ -318,20 +321,6 @@ def filter_area(
     return _keep_labels(detections, (area_um2 >= min_um2) & (area_um2 <= max_um2))
 
 
-def resolve_overlaps(mk: Detections, hspc: Detections) -> Detections:
-    """HSPCs made disjoint from the MKs: MK pixels win.
-
-    An HSPC whose pixels lie more than :data:`HSPC_MAX_LOST_FRACTION` under MKs is dropped
-    (it was most likely a piece of the MK); otherwise it keeps its remaining pixels.
-    """
-    under_mk = mk.labels > 0
-    total = np.bincount(hspc.labels.ravel(), minlength=hspc.count + 1)[1:]
-    lost = np.bincount(hspc.labels[under_mk], minlength=hspc.count + 1)[1:]
-    trimmed = Detections(labels=np.where(under_mk, 0, hspc.labels), scores=hspc.scores)
-    keep = (lost <= HSPC_MAX_LOST_FRACTION * total) & (total > lost)
-    return _keep_labels(trimmed, keep)
-
-
 def keep_owned(detections: Detections, tile: Tile) -> Detections:
     """Cells whose centroid (slide px, mean pixel index) lies in the tile's half-open core."""
     from bmseg.features import cell_centroids
@@ -377,8 +366,8 @@ class _TileCells:
     labels: np.ndarray
     columns: dict[str, Any]
     squares: np.ndarray
-    embed_crops: np.ndarray
-    gallery_crops: np.ndarray
+    sampler: Any
+    jpegs: list[bytes]
 
 
 def _measure_tile(
@@ -389,15 +378,18 @@ def _measure_tile(
     mk: Detections,
     hspc: Detections,
     options: SegmentOptions,
-    embed_size: int,
 ) -> _TileCells:
     """Area filter, exclusivity, ownership, then every per-cell column but the embedding."""
     from bmseg import features
 
     mk = filter_area(mk, tile.pixel_size_um, options.mk_min_area_um2, options.mk_max_area_um2)
     # Exclusivity before ownership: every MK in the window cuts the HSPCs, owned or not, so
-    # two tiles that both see a cell cut it the same way.
-    hspc = keep_owned(resolve_overlaps(mk, hspc), tile)
+    # two tiles that both see a cell cut it the same way. The HSPC range applies to what is left.
+    hspc = exclude_claimed(mk, hspc, HSPC_MAX_LOST_FRACTION)
+    hspc = filter_area(
+        hspc, tile.pixel_size_um, options.hspc_min_area_um2, options.hspc_max_area_um2
+    )
+    hspc = keep_owned(hspc, tile)
     mk = keep_owned(mk, tile)
     labels = np.where(hspc.labels > 0, hspc.labels + mk.count, mk.labels).astype(np.uint32)
     count = mk.count + hspc.count
@@ -440,20 +432,30 @@ def _measure_tile(
         labels=labels,
         columns=columns,
         squares=squares,
-        embed_crops=sampler.sample(squares, embed_size),
-        gallery_crops=sampler.sample(squares, options.crop_px),
+        sampler=sampler,
+        jpegs=features.encode_jpeg(sampler.sample(squares, options.crop_px)),
     )
 
 
-def _embed(embedder: Embedder, crops: np.ndarray, batch: int) -> np.ndarray:
-    """(N, dim) float16 embeddings, ``batch`` crops per forward pass."""
-    parts = [
-        np.asarray(embedder.embed(crops[start : start + batch]), dtype=np.float32)
-        for start in range(0, len(crops), batch)
-    ]
-    if not parts:
-        return np.zeros((0, embedder.dim), dtype=np.float16)
-    return np.concatenate(parts).astype(np.float16)
+def _embed(embedder: Embedder, tiles: Sequence[_TileCells], batch: int) -> list[np.ndarray]:
+    """Each tile's (N, dim) float16 embeddings; crops of all tiles pooled, ``batch`` per call.
+
+    Crops are cut just before their forward pass, so at most ``batch`` of them exist at once.
+    """
+    counts = np.array([len(t.squares) for t in tiles], dtype=np.int64)
+    starts = np.concatenate(([0], np.cumsum(counts)))
+    out = np.zeros((int(starts[-1]), embedder.dim), dtype=np.float16)
+    for first in range(0, int(starts[-1]), batch):
+        last = min(first + batch, int(starts[-1]))
+        crops = [
+            cells.sampler.sample(
+                cells.squares[max(first - start, 0) : last - start], embedder.crop_size
+            )
+            for cells, (start, stop) in zip(tiles, itertools.pairwise(starts), strict=True)
+            if start < last and stop > first
+        ]
+        out[first:last] = np.asarray(embedder.embed(np.concatenate(crops)), dtype=np.float32)
+    return [out[start:stop] for start, stop in itertools.pairwise(starts)]
 
 
 # ---------------------------------------------------------------------------------- batch
@@ -492,7 +494,6 @@ def segment_batch(
     """
     from tqdm import tqdm
 
-    from bmseg import features
     from bmseg.storage import CROPS_SCHEMA, masks_writer, parquet_writer, write_json
     from bmseg.versions import package_versions
 
@@ -546,7 +547,6 @@ def segment_batch(
                         mk,
                         hspc,
                         options,
-                        embedder.crop_size,
                     )
                     for (tile, pixels, rgb, _), mk, hspc in zip(
                         group, detected["mk"], detected["hspc"], strict=True
@@ -554,25 +554,13 @@ def segment_batch(
                 ]
                 stats.timings["features"] += time.perf_counter() - start
                 start = time.perf_counter()
-                embeddings = _embed(
-                    embedder, np.concatenate([m.embed_crops for m in measured]), options.embed_batch
-                )
+                embeddings = _embed(embedder, measured, options.embed_batch)
                 stats.timings["embed"] += time.perf_counter() - start
                 start = time.perf_counter()
-                offset = 0
-                for cells in measured:
-                    count = len(cells.squares)
+                for cells, cell_embeddings in zip(measured, embeddings, strict=True):
                     _write_tile(
-                        cells,
-                        embeddings[offset : offset + count],
-                        schema,
-                        cells_out,
-                        crops_out,
-                        masks_out,
-                        features.encode_jpeg(cells.gallery_crops),
-                        options.crop_px,
+                        cells, cell_embeddings, schema, cells_out, crops_out, masks_out, options
                     )
-                    offset += count
                     types = collections.Counter(cells.columns["cell_type"])
                     for cell_type in CELL_TYPES:
                         stats.cells[cell_type] += types[cell_type]
@@ -602,6 +590,8 @@ def segment_batch(
         "settings": {
             "mk_min_area_um2": options.mk_min_area_um2,
             "mk_max_area_um2": options.mk_max_area_um2,
+            "hspc_min_area_um2": options.hspc_min_area_um2,
+            "hspc_max_area_um2": options.hspc_max_area_um2,
             "hspc_max_lost_fraction": HSPC_MAX_LOST_FRACTION,
             "readers": options.readers,
             "gpu_batch_tiles": options.gpu_batch_tiles,
@@ -630,8 +620,7 @@ def _write_tile(
     cells_out: Any,
     crops_out: Any,
     masks_out: Any,
-    jpegs: list[bytes],
-    crop_px: int,
+    options: SegmentOptions,
 ) -> None:
     """Append one tile's rows to cells.parquet and crops.parquet and its labels to masks.h5."""
     from bmseg.storage import CROPS_SCHEMA
@@ -656,10 +645,10 @@ def _write_tile(
                 "cell_uid": columns["cell_uid"],
                 "x": squares[:, 0] + tile.read.x,
                 "y": squares[:, 1] + tile.read.y,
-                "scale": (squares[:, 2] / crop_px).astype(np.float32),
-                "width": np.full(count, crop_px, dtype=np.int32),
-                "height": np.full(count, crop_px, dtype=np.int32),
-                "image": pa.array(jpegs, type=pa.binary()),
+                "scale": (squares[:, 2] / options.crop_px).astype(np.float32),
+                "width": np.full(count, options.crop_px, dtype=np.int32),
+                "height": np.full(count, options.crop_px, dtype=np.int32),
+                "image": pa.array(cells.jpegs, type=pa.binary()),
             },
             schema=CROPS_SCHEMA,
         )
