@@ -1,5 +1,60 @@
-"""Placeholder: the helper that owns this step replaces this file."""
+"""``bmseg models fetch`` and ``bmseg models make-test``: filling a models directory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TEST_WEIGHTS_NOTICE = (
+    "{dest}: wrote random-initialised test checkpoints ({config}). They exercise the real "
+    "loading and segmentation code but CANNOT segment real images; use "
+    "`bmseg models fetch --dest DIR` for the real weights.\n"
+)
 
 
-def register(subparsers):
-    """Adds nothing yet."""
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bmseg models`` with its ``fetch`` and ``make-test`` sub-commands."""
+    models = subparsers.add_parser("models", help="download or make the model weight files")
+    actions = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+
+    fetch = actions.add_parser(
+        "fetch",
+        help="download the official SAM2.1, Cellpose-SAM and ResNet-50 weights (needs network)",
+    )
+    fetch.add_argument("--dest", type=Path, required=True, help="models directory to fill")
+    fetch.add_argument(
+        "--list", action="store_true", help="print what would be downloaded, and download nothing"
+    )
+    fetch.set_defaults(handler=_fetch)
+
+    make_test = actions.add_parser(
+        "make-test",
+        help="write tiny random-initialised checkpoints for tests (cannot segment real images)",
+    )
+    make_test.add_argument("--dest", type=Path, required=True, help="models directory to write")
+    make_test.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    make_test.set_defaults(handler=_make_test)
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from bmseg.models.making import fetch_models, fetch_plan
+
+    if args.list:
+        for file_name, url in fetch_plan().items():
+            sys.stdout.write(f"{args.dest / file_name}\t{url}\n")
+        return 0
+    fetch_models(args.dest)
+    log.info("models directory %s is complete", args.dest)
+    return 0
+
+
+def _make_test(args: argparse.Namespace) -> int:
+    from bmseg.models.making import make_test_models
+
+    manifest = make_test_models(args.dest, seed=args.seed)
+    sys.stdout.write(TEST_WEIGHTS_NOTICE.format(dest=args.dest, config=manifest.sam2_config))
+    return 0

@@ -1,0 +1,216 @@
+"""Mask arithmetic on the device: low-resolution filtering, upsampling inside boxes, painting.
+
+SAM2's mask decoder predicts 256 × 256 logits for the whole (resized) tile. Upsampling every
+candidate to the 3000 × 3000 tile is what made the old script slow (and overflowed INT_MAX on
+ROCm), so candidates are filtered here at low resolution and only survivors are upsampled, each
+inside its own box. A set of masks is carried as ``boxes`` (K, 4) int64 ``x0, y0, x1, y1``
+(half-open, tile px) plus ``windows`` (K, Hm, Wm) bool, where mask ``k`` occupies the top-left
+``(y1 - y0, x1 - x0)`` of its window and the rest is False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sam2.utils.amg import batched_mask_to_box, calculate_stability_score
+
+from bmseg.models.base import Detections
+
+WINDOW_BUDGET = 1 << 26
+"""Most window pixels (K × Hm × Wm) handled at once; bounds device memory for odd boxes."""
+
+
+@dataclass
+class LowResFilter:
+    """Candidate filters applied to low-resolution logits, before anything is upsampled."""
+
+    mask_threshold: float
+    pred_iou_thresh: float
+    stability_score_thresh: float
+    stability_score_offset: float
+    min_area_px: float
+    max_area_px: float
+
+
+def filter_lowres(
+    logits: torch.Tensor, iou_preds: torch.Tensor, px_per_lowres_px: float, rules: LowResFilter
+) -> torch.Tensor:
+    """Boolean keep-vector for (N, h, w) low-res ``logits`` with predicted IoUs ``iou_preds``.
+
+    The full-resolution area of a candidate is estimated as its low-res pixel count times
+    ``px_per_lowres_px`` (the upsampling factor squared); a 10 % margin either side keeps
+    candidates whose exact area is decided after upsampling, where it is checked again.
+    """
+    keep = iou_preds > rules.pred_iou_thresh
+    if rules.stability_score_thresh > 0:
+        stability = calculate_stability_score(
+            logits, rules.mask_threshold, rules.stability_score_offset
+        )
+        keep &= stability >= rules.stability_score_thresh
+    area = (logits > rules.mask_threshold).sum(dim=(-2, -1)).float() * px_per_lowres_px
+    keep &= (area >= 0.9 * rules.min_area_px) & (area <= 1.1 * rules.max_area_px)
+    return keep
+
+
+def lowres_boxes(
+    logits: torch.Tensor, threshold: float, tile_hw: tuple[int, int], pad: float = 1.0
+) -> torch.Tensor:
+    """Tile-pixel boxes (K, 4) int64 enclosing every pixel the upsampled masks can cover.
+
+    Bilinear upsampling makes a tile pixel positive only next to a positive low-res pixel, so
+    the low-res box grown by ``pad`` low-res pixels and scaled up contains the full mask.
+    """
+    height, width = tile_hw
+    low_h, low_w = logits.shape[-2:]
+    box = batched_mask_to_box(logits > threshold).float()  # x0, y0, x1, y1 inclusive
+    scale = box.new_tensor([width / low_w, height / low_h, width / low_w, height / low_h])
+    grown = (box + box.new_tensor([-pad, -pad, 1 + pad, 1 + pad])) * scale
+    limit = box.new_tensor([width, height, width, height])
+    return torch.minimum(torch.maximum(grown, torch.zeros_like(grown)), limit).round().long()
+
+
+def grow_boxes(boxes: torch.Tensor, fraction: float, tile_hw: tuple[int, int]) -> torch.Tensor:
+    """``boxes`` enlarged by ``fraction`` of their size on every side, clipped to the tile."""
+    size = (boxes[:, 2:] - boxes[:, :2]).float()
+    margin = (size * fraction).ceil().long().repeat(1, 2)
+    grown = boxes + margin * boxes.new_tensor([-1, -1, 1, 1])
+    limit = boxes.new_tensor([tile_hw[1], tile_hw[0], tile_hw[1], tile_hw[0]])
+    return torch.minimum(torch.maximum(grown, torch.zeros_like(grown)), limit)
+
+
+def window_chunks(boxes: torch.Tensor, budget: int = WINDOW_BUDGET) -> Iterator[torch.Tensor]:
+    """Index chunks of ``boxes``, similar sizes together, each within ``budget`` window pixels."""
+    if len(boxes) == 0:
+        return
+    sizes = boxes[:, 2:] - boxes[:, :2]
+    order = torch.argsort(sizes[:, 0] * sizes[:, 1])
+    max_h, max_w = sizes[order, 1].cummax(0).values, sizes[order, 0].cummax(0).values
+    start = 0
+    while start < len(order):
+        # Largest chunk [start, end) whose padded window stays within budget (at least one box).
+        counts = torch.arange(1, len(order) - start + 1, device=boxes.device)
+        cost = counts * max_h[start:].clamp(min=1) * max_w[start:].clamp(min=1)
+        end = start + max(1, int((cost <= budget).sum()))
+        yield order[start:end]
+        start = end
+
+
+def _window_grid(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tile pixel rows (K, Hm), columns (K, Wm) of each window, and their (K, Hm, Wm) validity."""
+    sizes = boxes[:, 2:] - boxes[:, :2]
+    height, width = int(sizes[:, 1].max()), int(sizes[:, 0].max())
+    dy = torch.arange(height, device=boxes.device)
+    dx = torch.arange(width, device=boxes.device)
+    rows = boxes[:, 1:2] + dy
+    cols = boxes[:, 0:1] + dx
+    valid = (dy[None, :, None] < sizes[:, 1, None, None]) & (
+        dx[None, None, :] < sizes[:, 0, None, None]
+    )
+    return rows, cols, valid
+
+
+def upsample_in_boxes(
+    logits: torch.Tensor, boxes: torch.Tensor, tile_hw: tuple[int, int], threshold: float
+) -> torch.Tensor:
+    """Binary masks (K, Hm, Wm) of (K, h, w) low-res ``logits`` upsampled inside ``boxes``.
+
+    Identical to bilinear ``F.interpolate(..., size=tile_hw, align_corners=False)`` of the whole
+    logit map (SAM2's own postprocessing) followed by cropping, but only the box is computed.
+    """
+    height, width = tile_hw
+    rows, cols, valid = _window_grid(boxes)
+    grid_y = (rows.float() + 0.5) / height * 2 - 1
+    grid_x = (cols.float() + 0.5) / width * 2 - 1
+    grid = torch.stack(torch.broadcast_tensors(grid_x[:, None, :], grid_y[:, :, None]), dim=-1).to(
+        logits.dtype
+    )
+    sampled = F.grid_sample(
+        logits[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False
+    )[:, 0]
+    return (sampled > threshold) & valid
+
+
+def crop_labels(labels: torch.Tensor, boxes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Binary windows (K, Hm, Wm) of the cells ``ids`` of label image ``labels``, in ``boxes``."""
+    rows, cols, valid = _window_grid(boxes)
+    height, width = labels.shape
+    window = labels[rows.clamp(max=height - 1)[:, :, None], cols.clamp(max=width - 1)[:, None, :]]
+    return (window == ids[:, None, None]) & valid
+
+
+class Painter:
+    """Paints box-window masks into one label image; where masks overlap, higher score wins.
+
+    Masks are added chunk by chunk (:meth:`add`), each with a priority (its score's rank), and
+    every pixel keeps the mask of highest priority: a pixel belongs to at most one cell.
+    """
+
+    def __init__(self, tile_hw: tuple[int, int], device: torch.device) -> None:
+        self.tile_hw = tile_hw
+        self.winner = torch.full((tile_hw[0] * tile_hw[1],), -1, dtype=torch.long, device=device)
+
+    def add(self, boxes: torch.Tensor, windows: torch.Tensor, priority: torch.Tensor) -> None:
+        """Add masks ``windows`` at ``boxes`` with int64 ``priority`` (unique, ≥ 0)."""
+        k, dy, dx = torch.nonzero(windows, as_tuple=True)
+        flat = (boxes[k, 1] + dy) * self.tile_hw[1] + boxes[k, 0] + dx
+        self.winner.scatter_reduce_(0, flat, priority[k], reduce="amax")
+
+    def labels(self, min_area_px: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H, W) int32 labels 1..n in priority order (highest first) and the n priorities kept.
+
+        Masks left with fewer than ``min_area_px`` pixels after losing overlaps are dropped.
+        """
+        painted = self.winner[self.winner >= 0]
+        if painted.numel() == 0:
+            empty = torch.zeros(self.tile_hw, dtype=torch.int32, device=self.winner.device)
+            return empty, painted
+        priorities, areas = torch.unique(painted, return_counts=True)
+        kept = priorities[areas >= min_area_px].flip(0)
+        lookup = torch.zeros(int(priorities.max()) + 2, dtype=torch.int32, device=painted.device)
+        lookup[kept + 1] = torch.arange(1, len(kept) + 1, dtype=torch.int32, device=kept.device)
+        return lookup[self.winner + 1].reshape(self.tile_hw), kept
+
+    def detections(
+        self, scores: torch.Tensor, priority: torch.Tensor, min_area_px: float
+    ) -> Detections:
+        """The painted cells as :class:`Detections`, ``scores[i]`` added with ``priority[i]``."""
+        labels, kept = self.labels(min_area_px)
+        index_of = torch.empty_like(priority)
+        index_of[priority] = torch.arange(len(priority), device=priority.device)
+        return Detections(
+            labels.cpu().numpy().astype(np.int32, copy=False),
+            scores[index_of[kept]].clamp(0, 1).float().cpu().numpy(),
+        )
+
+
+def score_priority(scores: torch.Tensor) -> torch.Tensor:
+    """Unique int64 priorities ordering ``scores`` ascending (ties: the earlier index wins)."""
+    order = torch.argsort(scores, stable=True, descending=True)
+    priority = torch.empty_like(order)
+    priority[order] = torch.arange(len(order) - 1, -1, -1, device=order.device)
+    return priority
+
+
+def label_boxes(labels: torch.Tensor, count: int) -> torch.Tensor:
+    """Half-open boxes (count, 4) int64 of labels 1..count in a label image, vectorised."""
+    ys, xs = torch.nonzero(labels > 0, as_tuple=True)
+    index = labels[ys, xs].long() - 1
+    big = torch.iinfo(torch.long).max
+    boxes = torch.stack(
+        [
+            torch.full((count,), big, device=labels.device).scatter_reduce(0, index, xs, "amin"),
+            torch.full((count,), big, device=labels.device).scatter_reduce(0, index, ys, "amin"),
+            torch.zeros(count, dtype=torch.long, device=labels.device).scatter_reduce(
+                0, index, xs + 1, "amax"
+            ),
+            torch.zeros(count, dtype=torch.long, device=labels.device).scatter_reduce(
+                0, index, ys + 1, "amax"
+            ),
+        ],
+        dim=1,
+    )
+    return boxes
