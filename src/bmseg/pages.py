@@ -47,7 +47,7 @@ CROP_COLUMNS = ("cell_uid", "x", "y", "scale", "width", "height", "image")
 ORDERS = ("random", "size", "uncertainty")
 JPEG_QUALITY = 80
 SCALE_BAR_UM = np.array([0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], dtype=np.float64)
-ASSET_FILES = ("bmseg.js", "bmseg.css")
+ASSET_FILES = ("bmseg.js", "bmseg.css", "favicon.svg")
 
 
 @dataclass(frozen=True)
