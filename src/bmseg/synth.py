@@ -314,7 +314,7 @@ def _brightfield_base(tissue: np.ndarray, shade: np.ndarray) -> np.ndarray:
     """White background and pink tissue whose tone drifts slowly; float32 RGB."""
     image = np.where(tissue[..., None], _BRIGHTFIELD["tissue"], _BRIGHTFIELD["background"])
     image = image.astype(np.float32)
-    image -= (np.float32(10) * shade * tissue)[..., None]
+    image -= (np.float32(6) * shade * tissue)[..., None]
     return image
 
 

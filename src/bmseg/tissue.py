@@ -1,0 +1,258 @@
+"""Tissue detection on a low-resolution read: one method for brightfield and fluorescence.
+
+The thumbnail becomes one *contrast* image, the log ratio of each pixel to the slide's empty
+background, so that both modalities read "more tissue = larger value":
+
+* brightfield: optical density, mean over R, G, B of ``ln(I0 / I)``, where ``I0`` is the
+  background white (99th percentile of acquired pixels per channel);
+* fluorescence: the largest over channels of ``ln((I + 1) / (B + 1))``, where ``B`` is the dark
+  background (1st percentile of acquired pixels per channel).
+
+Pixels equal to the reader's fill value in every channel were never acquired and take no part.
+The contrast is smoothed (Gaussian, 1.5 thumbnail px) and Otsu's threshold is taken on the
+histogram of its logarithm: on a log scale the faint tissue mode stays apart from the
+background mode even when a few very dark (or bright) cells stretch the linear range, which
+pulls a linear Otsu cut into the tissue. A slide without tissue has one mode, which Otsu still
+cuts in two; such a cut is rejected when the two classes lie fewer than ``MIN_SEPARATION``
+pooled standard deviations apart (log scale) or their mean contrasts differ by less than
+``MIN_CONTRAST``. Specks smaller than ``MIN_COMPONENT_UM2`` are dropped from the mask (dust),
+and pale holes inside tissue smaller than ``MAX_HOLE_UM2`` are filled in.
+
+A *calibration* (JSON, made by ``bmseg calibrate-tissue``) fixes the threshold for a cohort:
+Otsu on the pooled contrast histograms of several slides of one modality, then used for each
+slide instead of its own threshold, so that all slides are cut at the same contrast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bmseg.errors import BmsegError
+
+log = logging.getLogger(__name__)
+
+SMOOTH_SIGMA_PX = 1.5  # thumbnail pixels
+MIN_SEPARATION = 3.0  # Otsu classes' log-mean difference over their pooled standard deviation
+MIN_CONTRAST = 0.05  # tissue must differ from background by 5 % on average (log ratio)
+LOG_RANGE = (float(np.log(0.005)), float(np.log(16.0)))  # contrast range of the histogram
+MIN_COMPONENT_UM2 = 200.0  # smaller tissue specks are dust
+MAX_HOLE_UM2 = 2000.0  # smaller pale holes inside tissue count as tissue
+HISTOGRAM_BINS = 512  # log-spaced bins, 1.6 % wide
+CALIBRATION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """A tissue mask on the thumbnail grid and how it was made."""
+
+    mask: np.ndarray  # bool, thumbnail shape
+    threshold: float  # contrast threshold used (nan when no tissue was found)
+    method: str  # "otsu", "calibration" or "none"
+
+
+def contrast_image(thumbnail: np.ndarray, modality: str, background: np.ndarray) -> np.ndarray:
+    """The log-ratio-to-background contrast of a (h, w, C) thumbnail; NaN where not acquired."""
+    acquired = ~np.all(thumbnail == np.asarray(background).astype(thumbnail.dtype), axis=2)
+    if not acquired.any():
+        return np.full(thumbnail.shape[:2], np.nan, np.float32)
+    brightfield = modality == "brightfield"
+    planes = []
+    for index in range(thumbnail.shape[2]):
+        channel = thumbnail[:, :, index]
+        level = _percentile(channel[acquired], 99 if brightfield else 1)
+        if brightfield:
+            ratio = lambda v, level=level: np.log(max(level, 1) / np.maximum(v, 1))  # noqa: E731
+        else:
+            ratio = lambda v, level=level: np.log((v + 1) / (level + 1))  # noqa: E731
+        planes.append(_per_value(channel, ratio))
+    stack = np.stack(planes, axis=2)
+    contrast = stack.mean(axis=2) if brightfield else stack.max(axis=2)
+    contrast = np.maximum(contrast, 0).astype(np.float32)
+    contrast[~acquired] = np.nan
+    return contrast
+
+
+def _percentile(values: np.ndarray, q: float) -> float:
+    """Percentile of a 1-D array: exact by counting for integer pixels, else on a subsample."""
+    if np.issubdtype(values.dtype, np.integer):
+        counts = np.bincount(values.ravel())
+        rank = np.searchsorted(np.cumsum(counts), q / 100 * values.size)
+        return float(min(rank, counts.size - 1))
+    return float(np.percentile(values[:: max(1, values.size // 1_000_000)], q))
+
+
+def _per_value(channel: np.ndarray, function) -> np.ndarray:
+    """``function`` of every pixel, through a lookup table for 8- and 16-bit pixels."""
+    if channel.dtype in (np.uint8, np.uint16):
+        table = function(np.arange(np.iinfo(channel.dtype).max + 1, dtype=np.float32))
+        return table.astype(np.float32)[channel]
+    return function(channel.astype(np.float32)).astype(np.float32)
+
+
+def tissue_contrast(thumbnail: np.ndarray, modality: str, background: np.ndarray) -> np.ndarray:
+    """The smoothed contrast image that thresholds are computed on and applied to."""
+    return _smooth(contrast_image(thumbnail, modality, background))
+
+
+def _smooth(contrast: np.ndarray) -> np.ndarray:
+    """Gaussian smoothing that leaves un-acquired pixels (NaN) out of their neighbours' means."""
+    import cv2
+
+    valid = np.isfinite(contrast).astype(np.float32)
+    filled = np.where(valid > 0, contrast, 0).astype(np.float32)
+    blurred = cv2.GaussianBlur(filled, (0, 0), SMOOTH_SIGMA_PX)
+    weight = cv2.GaussianBlur(valid, (0, 0), SMOOTH_SIGMA_PX)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        smooth = blurred / weight
+    smooth[valid == 0] = np.nan
+    return smooth
+
+
+def contrast_histogram(contrast: np.ndarray) -> np.ndarray:
+    """Counts of the finite contrast values over :data:`LOG_RANGE` (log scale, clipped)."""
+    values = contrast[np.isfinite(contrast)]
+    logs = np.log(np.clip(values, *np.exp(LOG_RANGE)))
+    counts, _ = np.histogram(logs, bins=HISTOGRAM_BINS, range=LOG_RANGE)
+    return counts
+
+
+@dataclass(frozen=True)
+class Split:
+    """Otsu's split of a contrast histogram into background and tissue."""
+
+    threshold: float  # contrast, linear
+    separation: float  # class means' difference over pooled standard deviation, log scale
+    difference: float  # tissue class mean minus background class mean, linear contrast
+
+    @property
+    def has_tissue(self) -> bool:
+        """Whether the split separates two real classes rather than cutting noise in two."""
+        return self.separation >= MIN_SEPARATION and self.difference >= MIN_CONTRAST
+
+
+def otsu_split(counts: np.ndarray) -> Split:
+    """Otsu's threshold of a :func:`contrast_histogram` (or a pooled one), with its quality."""
+    counts = counts.astype(np.float64)
+    edges = np.linspace(*LOG_RANGE, counts.size + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    total = counts.sum()
+    if total == 0:
+        return Split(float("nan"), 0.0, 0.0)
+    weight0 = np.cumsum(counts)
+    weight1 = total - weight0
+    sum0 = np.cumsum(counts * centres)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean0 = sum0 / weight0
+        mean1 = (sum0[-1] - sum0) / weight1
+        between = weight0 * weight1 * (mean0 - mean1) ** 2
+    between[~np.isfinite(between)] = -1
+    cut = int(np.argmax(between))
+    if between[cut] <= 0:
+        return Split(float("nan"), 0.0, 0.0)
+    low, high = slice(0, cut + 1), slice(cut + 1, None)
+    var0 = np.sum(counts[low] * (centres[low] - mean0[cut]) ** 2) / weight0[cut]
+    var1 = np.sum(counts[high] * (centres[high] - mean1[cut]) ** 2) / weight1[cut]
+    pooled = np.sqrt((var0 + var1) / 2)
+    separation = float((mean1[cut] - mean0[cut]) / pooled) if pooled > 0 else float("inf")
+    linear = np.exp(centres)
+    difference = float(
+        np.sum(counts[high] * linear[high]) / weight1[cut]
+        - np.sum(counts[low] * linear[low]) / weight0[cut]
+    )
+    return Split(float(np.exp(edges[cut + 1])), separation, difference)
+
+
+def detect_tissue(
+    contrast: np.ndarray, um_per_thumbnail_px: float, calibration: dict | None = None
+) -> TissueMask:
+    """Tissue mask from :func:`tissue_contrast`; a ``calibration`` fixes the threshold."""
+    if calibration is not None:
+        threshold, method = float(calibration["threshold"]), "calibration"
+    else:
+        split = otsu_split(contrast_histogram(contrast))
+        threshold, method = split.threshold, "otsu"
+        if not split.has_tissue:
+            log.debug("no tissue: %s", split)
+            return TissueMask(np.zeros(contrast.shape, bool), float("nan"), "none")
+    with np.errstate(invalid="ignore"):
+        mask = (contrast > threshold).astype(np.uint8)
+    pixel_um2 = um_per_thumbnail_px**2
+    mask = _fill_small_holes(_drop_small_components(mask, MIN_COMPONENT_UM2 / pixel_um2), pixel_um2)
+    return TissueMask(mask, threshold, method)
+
+
+def _drop_small_components(mask: np.ndarray, min_pixels: float) -> np.ndarray:
+    """``mask`` without its 8-connected components smaller than ``min_pixels``."""
+    import cv2
+
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_pixels
+    keep[0] = False
+    return keep[labels]
+
+
+def _fill_small_holes(mask: np.ndarray, pixel_um2: float) -> np.ndarray:
+    """``mask`` with enclosed background holes under ``MAX_HOLE_UM2`` filled in."""
+    import cv2
+
+    holes = (~mask).astype(np.uint8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(holes, connectivity=4)
+    left, top = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+    right = left + stats[:, cv2.CC_STAT_WIDTH]
+    bottom = top + stats[:, cv2.CC_STAT_HEIGHT]
+    enclosed = (left > 0) & (top > 0) & (right < mask.shape[1]) & (bottom < mask.shape[0])
+    fill = enclosed & (stats[:, cv2.CC_STAT_AREA] * pixel_um2 < MAX_HOLE_UM2)
+    fill[0] = False
+    return mask | fill[labels]
+
+
+def load_calibration(path: str | Path, modality: str) -> dict:
+    """Read a calibration file and check it is meant for ``modality``."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        threshold = float(data["threshold"])
+        calibrated_modality = data["modality"]
+    except FileNotFoundError:
+        raise BmsegError(
+            f"--calibration {path}: no such file; make it with bmseg calibrate-tissue"
+        ) from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise BmsegError(
+            f"--calibration {path}: not a tissue calibration ({error}); "
+            "make it with bmseg calibrate-tissue"
+        ) from None
+    if calibrated_modality != modality:
+        raise BmsegError(
+            f"--calibration {path}: made for {calibrated_modality} slides, this one is "
+            f"{modality}; calibrate each modality separately"
+        )
+    if not threshold > 0:
+        raise BmsegError(f"--calibration {path}: threshold {threshold} must be positive")
+    return data
+
+
+def calibrate(contrasts: list[np.ndarray], modality: str, sources: list[str]) -> dict:
+    """One Otsu threshold for several slides' contrast images, pooled (each slide weighs alike)."""
+    pooled = np.zeros(HISTOGRAM_BINS)
+    for contrast in contrasts:
+        counts = contrast_histogram(contrast).astype(np.float64)
+        pooled += counts / max(counts.sum(), 1)
+    split = otsu_split(pooled)
+    if not split.has_tissue:
+        raise BmsegError(
+            "calibrate-tissue: the slides show no clear tissue/background split "
+            f"(separation {split.separation:.2f}); calibrate on slides that hold tissue"
+        )
+    return {
+        "version": CALIBRATION_VERSION,
+        "modality": modality,
+        "threshold": split.threshold,
+        "separation": split.separation,
+        "slides": sources,
+    }
