@@ -1,5 +1,177 @@
-"""Placeholder: the helper that owns this step replaces this file."""
+"""BATCH: pool the tissue tiles of all slides, sample a fraction, cut GPU-sized batches.
+
+``bmseg batch TILE_TABLES... --out DIR`` reads the ``{slide}.tiles.parquet`` tables of PLAN and
+writes ``batch_NNNN.parquet``: the tile columns plus ``batch`` and ``order``.
+
+Sampling gives every tile a key from a hash of ``(seed, slide_id, tile_id)`` and keeps the
+``round(fraction x tiles)`` tiles with the smallest keys. The sample therefore depends on the
+seed and the tiles alone (not on the order of the tables given), and with one seed a smaller
+fraction's tiles are a subset of a larger fraction's: the 10 % labelled first are also
+segmented again in the 100 % run. The kept tiles are ordered by slide id, then row, then
+column, and cut into consecutive batches, so a batch reads few slides and neighbouring tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from bmseg.errors import BmsegError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 32
 
 
-def register(subparsers):
-    """Adds nothing yet."""
+def batch_schema() -> pa.Schema:
+    """The tile table's schema plus ``batch`` and ``order``."""
+    from bmseg.plan import TILE_SCHEMA
+
+    return TILE_SCHEMA.append(pa.field("batch", pa.int32())).append(pa.field("order", pa.int32()))
+
+
+def read_tile_tables(paths: list[Path]) -> pa.Table:
+    """All tile tables concatenated; a slide id found in two tables is an error."""
+    import pyarrow.parquet as pq
+
+    from bmseg.plan import TILE_SCHEMA
+
+    tables = []
+    owner: dict[str, Path] = {}
+    for path in paths:
+        if not path.is_file():
+            raise BmsegError(f"{path}: no such tile table; pass the .tiles.parquet files of plan")
+        try:
+            table = pq.read_table(path)
+        except Exception as error:
+            raise BmsegError(
+                f"{path}: not a readable Parquet tile table ({' '.join(str(error).split())}); "
+                "pass the .tiles.parquet files of bmseg plan"
+            ) from None
+        missing = [name for name in TILE_SCHEMA.names if name not in table.column_names]
+        if missing:
+            raise BmsegError(
+                f"{path}: not a tile table (no column {', '.join(missing)}); "
+                "pass the .tiles.parquet files of bmseg plan"
+            )
+        table = table.select(TILE_SCHEMA.names).cast(TILE_SCHEMA)
+        for slide_id in sorted(set(table.column("slide_id").to_pylist())):
+            if slide_id in owner:
+                raise BmsegError(
+                    f"{path}: slide id {slide_id!r} is also in {owner[slide_id]}; give each "
+                    "slide once (re-plan one of them with another --slide-id)"
+                )
+            owner[slide_id] = path
+        tables.append(table)
+    return pa.concat_tables(tables) if tables else TILE_SCHEMA.empty_table()
+
+
+def sample_keys(slide_ids: list[str], tile_ids: list[str], seed: int) -> np.ndarray:
+    """A uniform pseudo-random key in [0, 1) per tile, fixed by seed, slide id and tile id."""
+    keys = np.empty(len(tile_ids), np.float64)
+    for index, (slide_id, tile_id) in enumerate(zip(slide_ids, tile_ids, strict=True)):
+        digest = hashlib.blake2b(f"{seed}\0{slide_id}\0{tile_id}".encode(), digest_size=8)
+        keys[index] = int.from_bytes(digest.digest(), "big") / 2**64
+    return keys
+
+
+def make_batches(tiles: pa.Table, fraction: float, seed: int, batch_size: int) -> list[pa.Table]:
+    """Sample ``fraction`` of ``tiles`` with ``seed`` and cut them into ordered batches."""
+    slide_ids = tiles.column("slide_id").to_pylist()
+    keys = sample_keys(slide_ids, tiles.column("tile_id").to_pylist(), seed)
+    count = min(len(keys), max(1, round(fraction * len(keys)))) if len(keys) else 0
+    chosen = np.sort(np.argsort(keys, kind="stable")[:count])
+    sample = tiles.take(pa.array(chosen, pa.int64()))
+    sample = sample.sort_by([("slide_id", "ascending"), ("row", "ascending"), ("col", "ascending")])
+    batches = []
+    for number, start in enumerate(range(0, sample.num_rows, batch_size)):
+        batch = sample.slice(start, batch_size)
+        batch = batch.append_column(
+            pa.field("batch", pa.int32()), pa.array(np.full(batch.num_rows, number), pa.int32())
+        )
+        batch = batch.append_column(
+            pa.field("order", pa.int32()), pa.array(np.arange(batch.num_rows), pa.int32())
+        )
+        batches.append(batch)
+    return batches
+
+
+def batch_tiles(
+    tile_tables: list[Path],
+    out_dir: Path,
+    *,
+    fraction: float = 1.0,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[Path]:
+    """Write ``batch_NNNN.parquet`` files for the pooled tiles; return their paths."""
+    from bmseg.storage import write_parquet
+
+    if not 0 < fraction <= 1:
+        raise BmsegError(f"--fraction {fraction}: must lie in (0, 1], e.g. 0.1 for 10 % of tiles")
+    if batch_size < 1:
+        raise BmsegError(f"--batch-size {batch_size}: must be at least 1 tile")
+    tiles = read_tile_tables(tile_tables)
+    batches = make_batches(tiles, fraction, seed, batch_size)
+    if not batches:
+        log.warning("batch: the %d tile tables hold no tiles; no batch written", len(tile_tables))
+    written = []
+    for batch in batches:
+        number = batch.column("batch")[0].as_py()
+        written.append(write_parquet(batch, Path(out_dir) / f"batch_{number:04d}.parquet"))
+    sampled = sum(b.num_rows for b in batches)
+    log.info(
+        "batch: %d tiles from %d tables (%d slides); sampled %d (fraction %g, seed %d); "
+        "wrote %d batches of up to %d tiles to %s",
+        tiles.num_rows,
+        len(tile_tables),
+        len(set(tiles.column("slide_id").to_pylist())),
+        sampled,
+        fraction,
+        seed,
+        len(written),
+        batch_size,
+        out_dir,
+    )
+    return written
+
+
+def _batch_command(args: argparse.Namespace) -> int:
+    batch_tiles(
+        args.tile_tables,
+        args.out,
+        fraction=args.fraction,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bmseg batch``."""
+    parser = subparsers.add_parser(
+        "batch",
+        help="sample tiles from all slides and group them into batches",
+        description="Pool the tile tables of bmseg plan, sample a fraction of the tiles "
+        "(same seed, same tiles) and write batch_NNNN.parquet tables for SEGMENT.",
+    )
+    parser.add_argument(
+        "tile_tables", type=Path, nargs="+", metavar="TILE_TABLE", help="{slide}.tiles.parquet"
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    parser.add_argument(
+        "--fraction", type=float, default=1.0, help="share of tiles to sample, in (0, 1] (1.0)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"tiles per batch ({DEFAULT_BATCH_SIZE})",
+    )
+    parser.set_defaults(handler=_batch_command)
