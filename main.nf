@@ -24,6 +24,9 @@ workflow {
     if (params.labels && params.classifiers) {
         error("--labels and --classifiers both given: pass --labels to train new classifiers, or --classifiers to apply existing ones")
     }
+    if (params.page_order == 'uncertainty' && !params.labels && !params.classifiers) {
+        error("--page_order uncertainty needs classifiers: pass --labels or --classifiers, or use --page_order random")
+    }
     if (n_synth == 0 && !params.models_dir) {
         error("--models_dir is missing: fill a folder once with `bmseg models fetch --dest DIR` on a machine with internet and pass --models_dir DIR")
     }
@@ -35,7 +38,7 @@ workflow {
         // -profile test: tiny synthetic slides and random-initialised checkpoints, no downloads.
         SYNTH(channel.of(1..n_synth).map { i -> ["synth${i}", i] })
         TESTMODELS()
-        ch_slides = SYNTH.out.slide.map { slide_id, czi -> [[id: slide_id, pixel_size_um: null, channels: null], czi] }
+        ch_slides = SYNTH.out.slide.map { slide_id, czi -> [[id: slide_id, pixel_size_um: null], czi] }
         ch_models = TESTMODELS.out.models
         ch_versions = ch_versions.mix(SYNTH.out.versions, TESTMODELS.out.versions)
     } else if (params.input.toString().endsWith('.csv')) {
@@ -46,7 +49,7 @@ workflow {
     } else {
         ch_slides = channel
             .fromPath(params.input, checkIfExists: true)
-            .map { slide -> [[id: slide.baseName, pixel_size_um: params.pixel_size_um, channels: null], slide] }
+            .map { slide -> [[id: slide.baseName, pixel_size_um: params.pixel_size_um], slide] }
         ch_models = channel.value(file(params.models_dir, checkIfExists: true))
     }
 

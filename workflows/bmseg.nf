@@ -16,7 +16,7 @@ include { REPORT   } from '../modules/local/report'
 
 workflow BMSEG {
     take:
-    ch_slides      // channel: [ meta (id, pixel_size_um, channels), slide file ], one per slide
+    ch_slides      // channel: [ meta (id, pixel_size_um), slide file ], one per slide
     ch_models      // value channel: the models directory
     ch_classifiers // channel: a classifiers directory, or empty
     ch_labels      // channel: label JSON files, or empty
@@ -34,23 +34,26 @@ workflow BMSEG {
         .map { batch -> [batch.baseName, batch] }
     SEGMENT(ch_batches, ch_slides.map { meta, slide -> slide }.collect(), ch_models)
 
-    GATHER(
-        SEGMENT.out.cells.map { batch_id, cells -> cells }.collect(),
-        PLAN.out.plan.map { meta, plan -> plan }.collect()
-    )
+    // GATHER reads each slide's plan (slide.json, tiles, tissue picture) from one folder.
+    ch_plans = PLAN.out.plan
+        .mix(PLAN.out.tiles, PLAN.out.tissue)
+        .map { meta, plan_file -> plan_file }
+        .collect()
+    GATHER(SEGMENT.out.cells.map { batch_id, cells -> cells }.collect(), ch_plans)
 
     // Labels train new classifiers; given classifiers are applied as they are. Either way the
     // classifiers only add columns to the gathered tables: nothing is segmented again.
+    // CLASSIFY also ranks the unlabelled cells by uncertainty, leaving out the labelled ones.
+    ch_label_files = ch_labels.collect().ifEmpty([])
     TRAIN(GATHER.out.gathered, ch_labels.collect())
-    CLASSIFY(GATHER.out.gathered, ch_classifiers.mix(TRAIN.out.classifiers))
+    CLASSIFY(GATHER.out.gathered, ch_classifiers.mix(TRAIN.out.classifiers), ch_label_files)
 
-    // The galleries show the classified tables when there are any, else the gathered ones.
-    PAGES(CLASSIFY.out.classified.concat(GATHER.out.gathered).first())
+    // The galleries show every gathered cell; with classifiers, a next round of labels can take
+    // the most uncertain cells first (--page_order uncertainty).
+    PAGES(GATHER.out.gathered, CLASSIFY.out.ranking.ifEmpty([]))
 
     ch_results = GATHER.out.gathered
         .mix(
-            PLAN.out.plan.map { meta, plan -> plan },
-            PLAN.out.tissue.map { meta, tissue -> tissue },
             SEGMENT.out.cells.map { batch_id, cells -> cells },
             TRAIN.out.classifiers,
             CLASSIFY.out.classified

@@ -1,6 +1,7 @@
 /*
  * CLASSIFY: classifier probabilities and labels added as columns to the gathered tables and
- * the summary rewritten with accepted-cell counts; no slide is read, no GPU used.
+ * the summary rewritten with accepted-cell counts; no slide is read, no GPU used. Labels
+ * (optional: an empty list) are left out of the uncertainty ranking.
  */
 process CLASSIFY {
     tag "apply classifiers"
@@ -10,15 +11,18 @@ process CLASSIFY {
     input:
     path cells
     path classifiers, stageAs: 'classifiers'
+    path labels, stageAs: 'labels/*'
 
     output:
     path 'classified', emit: classified
+    path 'classified/ranking.parquet', emit: ranking, optional: true
     path 'versions.yml', emit: versions
 
     script:
     def args = task.ext.args ?: ''
+    def labelled = labels ? "--labels ${labels}" : ''
     """
-    bmseg classify ${cells} --classifiers ${classifiers} ${args} --out classified
+    bmseg classify ${cells} --classifiers ${classifiers} ${labelled} ${args} --out classified
 
     bmseg versions --process ${task.process} > versions.yml
     """
@@ -26,7 +30,7 @@ process CLASSIFY {
     stub:
     """
     mkdir -p classified
-    touch classified/summary.csv
+    touch classified/summary.csv classified/ranking.parquet
 
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":

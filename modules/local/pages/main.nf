@@ -1,6 +1,7 @@
 /*
  * PAGES: the static annotation site (index + paged galleries per cell type) that people open
- * in a browser to mark cells Yes / No / Unsure.
+ * in a browser to mark cells Yes / No / Unsure. The ranking (optional: an empty list) is
+ * CLASSIFY's uncertainty order for --order uncertainty.
  */
 process PAGES {
     tag "annotation site"
@@ -9,6 +10,7 @@ process PAGES {
 
     input:
     path cells
+    path ranking
 
     output:
     path 'site', emit: site
@@ -16,8 +18,9 @@ process PAGES {
 
     script:
     def args = task.ext.args ?: ''
+    def ranked = ranking ? "--ranking ${ranking}" : ''
     """
-    bmseg pages ${cells} ${args} --out site
+    bmseg pages ${cells} ${ranked} ${args} --out site
 
     bmseg versions --process ${task.process} > versions.yml
     """
