@@ -460,7 +460,7 @@ def density_plot_png(summary: pd.DataFrame) -> bytes:
         axis.set_xlabel("cells per mm² of segmented tissue")
         axis.set_title(cell_type)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def area_histogram_png(cells: pd.DataFrame) -> bytes:
@@ -482,10 +482,10 @@ def area_histogram_png(cells: pd.DataFrame) -> bytes:
         axis.set_xlabel("area µm²")
         axis.set_ylabel("cells")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     """Render a matplotlib figure as PNG bytes and free it."""
     import io
 
