@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,3 +27,35 @@ def synthetic_slide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     czi_path = tmp_path_factory.mktemp("synthetic") / "synthetic.czi"
     truth_path = write_synthetic_slide(czi_path, 4000, 4000, seed=0, modality="brightfield")
     return czi_path, truth_path
+
+
+@pytest.fixture(scope="session")
+def test_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models directory of random-initialised checkpoints, by `bmseg models make-test`."""
+    from bmseg.cli import main
+
+    dest = tmp_path_factory.mktemp("models")
+    assert main(["-q", "models", "make-test", "--dest", str(dest)]) == 0
+    return dest
+
+
+@pytest.fixture
+def make_czi(tmp_path: Path):
+    """Write a small CZI: ``make_czi(name, [(x, y, array), ...], pixel_size_um)`` -> path.
+
+    Arrays are (h, w, 3) uint8 RGB (written as Bgr24) or (h, w) gray, placed at slide (x, y);
+    ``pixel_size_um=None`` leaves the scaling out of the metadata.
+    """
+    from pylibCZIrw import czi
+
+    def make(name: str, tiles: list, pixel_size_um: float | None = 0.5) -> Path:
+        path = tmp_path / name
+        with czi.create_czi(str(path), exist_ok=True) as writer:
+            for x, y, array in tiles:
+                data = array[:, :, ::-1] if array.ndim == 3 else array[:, :, None]
+                writer.write(np.ascontiguousarray(data), location=(x, y))
+            scale = pixel_size_um * 1e-6 if pixel_size_um else 0.0
+            writer.write_metadata(document_name=name, scale_x=scale, scale_y=scale)
+        return path
+
+    return make

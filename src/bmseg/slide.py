@@ -297,8 +297,8 @@ def _czi_pixel_size_um(metadata: dict) -> float | None:
 class _TiffSlide(Slide):
     """An OME-TIFF or plain TIFF; its first series, with the series' pyramid levels if any.
 
-    A level is read whole (memory-mapped where the file allows) the first time a read needs
-    it, so region reads of very large non-pyramidal, compressed TIFFs cost one full load.
+    A level is read whole the first time a read needs it and kept, so region reads of a very
+    large TIFF without a pyramid cost one full load of it into memory; CZI has no such cost.
     """
 
     def __init__(self, path: Path) -> None:
@@ -343,7 +343,7 @@ class _TiffSlide(Slide):
         if index not in self._cache:
             level = self._levels[index]
             try:
-                data = level.asarray(out="memmap") if level.is_memmappable else level.asarray()
+                data = level.asarray()
             except Exception as error:
                 raise BmsegError(
                     f"{self.path}: cannot read pixels ({_one_line(error)}); "

@@ -1,0 +1,228 @@
+"""Slide reading: real Zeiss files, slide coordinates, background fill, TIFF, bad files."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import tifffile
+
+from bmseg.errors import BmsegError
+from bmseg.slide import Channel, Rect, open_slide
+
+# Bounds, pixel sizes, channels and pixel types as ../shared/czi/README.md lists them.
+REAL_FILES = {
+    "RGB-multichannel.czi": (Rect(0, 0, 147, 81), 2.9584899946757142, 7, "Bgr24"),
+    "1_tileregion.czi": (Rect(118583, 88865, 1480, 570), 0.4, 1, "Gray16"),
+    "S3_1Pos_2Mosaic_T1_Z1_CH1.czi": (Rect(0, 0, 645, 514), 1.6, 1, "Gray16"),
+    "tiles.czi": (Rect(-127, -128, 510, 512), 0.83026582096383912, 2, "Gray8"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_FILES))
+def test_real_zeiss_files_open_with_their_bounds_and_pixel_size(shared_czi, name):
+    bounds, pixel_size, czi_channels, pixel_type = REAL_FILES[name]
+    with open_slide(shared_czi / name) as slide:
+        assert slide.bounds == bounds
+        assert slide.pixel_size_um == pytest.approx(pixel_size, rel=1e-9)
+        rgb = pixel_type == "Bgr24"
+        assert len(slide.channels) == czi_channels * (3 if rgb else 1)
+        assert slide.modality == ("brightfield" if rgb else "fluorescence")
+        dtype = {"Bgr24": "uint8", "Gray8": "uint8", "Gray16": "uint16"}[pixel_type]
+        assert {c.dtype for c in slide.channels} == {dtype}
+        image = slide.read(bounds.x, bounds.y, bounds.w, bounds.h)
+        assert image.shape == (bounds.h, bounds.w, len(slide.channels))
+        assert image.any()
+        half = slide.read(bounds.x, bounds.y, bounds.w, bounds.h, zoom=0.5)
+        assert half.shape == (round(bounds.h * 0.5), round(bounds.w * 0.5), len(slide.channels))
+        thumbnail, zoom = slide.thumbnail(64)
+        assert max(thumbnail.shape[:2]) == 64
+        assert zoom == pytest.approx(64 / max(bounds.w, bounds.h))
+
+
+def test_channel_names_come_from_the_metadata(shared_czi):
+    with open_slide(shared_czi / "tiles.czi") as slide:
+        assert slide.channels == [Channel("Ch1", "uint8"), Channel("T PMT", "uint8")]
+    with open_slide(shared_czi / "RGB-multichannel.czi") as slide:
+        assert [c.name for c in slide.channels[:4]] == [
+            "Bright_R",
+            "Bright_G",
+            "Bright_B",
+            "Pol_0_R",
+        ]
+
+
+def test_area_between_scenes_reads_as_fluorescence_background(shared_czi):
+    # Scene 1 spans x 0-64, y 213-277 and scene 0 starts at x 145: nothing was acquired in
+    # x 0-140, y 0-200.
+    with open_slide(shared_czi / "S3_1Pos_2Mosaic_T1_Z1_CH1.czi") as slide:
+        assert not slide.read(0, 0, 140, 200).any()
+        assert slide.read(0, 213, 64, 64).any()
+
+
+def test_scenes_far_apart_in_stage_coordinates_keep_their_positions(make_czi):
+    red = np.zeros((64, 96, 3), np.uint8)
+    red[...] = (200, 30, 10)
+    blue = np.zeros((32, 32, 3), np.uint8)
+    blue[...] = (5, 40, 220)
+    path = make_czi("stage.czi", [(100_000, 50_000, red), (103_000, 49_000, blue)], 0.25)
+    with open_slide(path) as slide:
+        assert slide.bounds == Rect(100_000, 49_000, 3032, 1064)
+        assert slide.modality == "brightfield"
+        assert slide.pixel_size_um == pytest.approx(0.25)
+        assert slide.channels == [Channel(c, "uint8") for c in "RGB"]
+        tile = slide.read(100_000, 50_000, 96, 64)
+        assert (tile == (200, 30, 10)).all()  # RGB order, not the file's BGR
+        gap = slide.read(101_000, 49_500, 500, 300)
+        assert (gap == 255).all()  # never acquired: white
+        straddle = slide.read(102_990, 48_990, 30, 20)
+        assert (straddle[:10] == 255).all() and (straddle[10:, 10:] == (5, 40, 220)).all()
+
+
+def test_negative_origin_and_zoomed_reads(make_czi):
+    gradient = np.tile(np.arange(200, dtype=np.uint8), (100, 1))
+    path = make_czi("negative.czi", [(-150, -40, gradient)], 1.0)
+    with open_slide(path) as slide:
+        assert slide.bounds == Rect(-150, -40, 200, 100)
+        assert slide.modality == "fluorescence"
+        row = slide.read(-150, -40, 200, 1)[0, :, 0]
+        np.testing.assert_array_equal(row, np.arange(200))
+        small = slide.read(-150, -40, 200, 100, zoom=0.25)
+        assert small.shape == (25, 50, 1)
+        # output pixel j shows slide pixel x + j / zoom
+        assert abs(int(small[10, 20, 0]) - 80) <= 4
+        outside = slide.read(-400, -40, 100, 10)
+        assert not outside.any()
+
+
+def test_one_slide_per_thread_reads_the_same_pixels(synthetic_slide):
+    czi_path, _ = synthetic_slide
+    with open_slide(czi_path) as slide:
+        expected = [slide.read(x, 1000, 512, 512) for x in range(0, 4000, 1000)]
+    results: dict[int, list[np.ndarray]] = {}
+
+    def work(index: int) -> None:
+        with open_slide(czi_path) as own:
+            results[index] = [own.read(x, 1000, 512, 512) for x in range(0, 4000, 1000)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for images in results.values():
+        for image, reference in zip(images, expected, strict=True):
+            np.testing.assert_array_equal(image, reference)
+
+
+def test_ome_tiff_rgb_with_pixel_size(tmp_path):
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    path = tmp_path / "section 1.ome.tif"
+    tifffile.imwrite(
+        path, data, photometric="rgb", metadata={"axes": "YXS", "PhysicalSizeX": 0.345}
+    )
+    with open_slide(path) as slide:
+        assert slide.slide_id == "section_1"
+        assert slide.pixel_size_um == pytest.approx(0.345)
+        assert slide.modality == "brightfield"
+        assert slide.bounds == Rect(0, 0, 400, 300)
+        np.testing.assert_array_equal(slide.read(50, 20, 100, 60), data[20:80, 50:150])
+        corner = slide.read(350, 250, 100, 100)
+        assert (corner[50:, :] == 255).all() and (corner[:, 50:] == 255).all()
+        np.testing.assert_array_equal(corner[:50, :50], data[250:, 350:])
+
+
+def test_ome_tiff_fluorescence_channels_and_pyramid(tmp_path):
+    data = np.zeros((2, 512, 512), np.uint16)
+    data[0, 100:200, 100:300] = 1000
+    data[1, 300:400, :] = 3000
+    path = tmp_path / "fluo.ome.tif"
+    with tifffile.TiffWriter(path) as tif:
+        options = {
+            "tile": (128, 128),
+            "metadata": {"axes": "CYX", "Channel": {"Name": ["DAPI", "CD34"]}},
+        }
+        tif.write(data, subifds=1, resolution=(1 / 0.5e-4, 1 / 0.5e-4), **options)
+        # The level differs from a downsampled base by one, to show which one a read used.
+        tif.write(data[:, ::4, ::4] + 1, subfiletype=1, tile=(128, 128))
+    with open_slide(path, pixel_size_um=0.5) as slide:
+        assert slide.channels == [Channel("DAPI", "uint16"), Channel("CD34", "uint16")]
+        assert slide.modality == "fluorescence"
+        np.testing.assert_array_equal(slide.read(0, 0, 512, 512), data.transpose(1, 2, 0))
+        thumbnail, zoom = slide.thumbnail(128)
+        assert zoom == 0.25
+        np.testing.assert_array_equal(thumbnail, data[:, ::4, ::4].transpose(1, 2, 0) + 1)
+
+
+def test_tiff_resolution_tags_give_the_pixel_size(tmp_path):
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(
+        path,
+        np.ones((64, 64), np.uint8),
+        resolution=(1e4 / 0.25, 1e4 / 0.25),
+        resolutionunit="CENTIMETER",
+    )
+    with open_slide(path) as slide:
+        assert slide.pixel_size_um == pytest.approx(0.25)
+
+
+def test_missing_pixel_size_asks_for_the_flag_and_the_flag_fixes_it(tmp_path, make_czi):
+    path = tmp_path / "bare.tif"
+    tifffile.imwrite(path, np.ones((64, 64), np.uint8))
+    with pytest.raises(BmsegError, match="pass --pixel-size-um") as error:
+        open_slide(path)
+    assert str(path) in str(error.value)
+    with open_slide(path, pixel_size_um=0.2) as slide:
+        assert slide.pixel_size_um == 0.2
+    czi_path = make_czi("noscale.czi", [(0, 0, np.ones((32, 32), np.uint8))], None)
+    with pytest.raises(BmsegError, match="pass --pixel-size-um"):
+        open_slide(czi_path)
+    with open_slide(czi_path, pixel_size_um=0.1725) as slide:
+        assert slide.pixel_size_um == 0.1725
+
+
+def test_override_replaces_the_metadata_pixel_size(synthetic_slide):
+    with open_slide(synthetic_slide[0], pixel_size_um=0.3) as slide:
+        assert slide.pixel_size_um == 0.3
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("fake.czi", b"PK\x03\x04 this is a zip, not a CZI", "not a CZI file"),
+        ("notes.txt", b"hello", "not a CZI or TIFF file"),
+    ],
+)
+def test_files_that_are_not_slides_get_one_line_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(BmsegError, match=message) as error:
+        open_slide(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_truncated_czi_is_a_one_line_error(tmp_path, synthetic_slide):
+    data = synthetic_slide[0].read_bytes()
+    path = tmp_path / "cut.czi"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BmsegError, match="truncated") as error, open_slide(path) as slide:
+        slide.read(0, 0, 4000, 4000)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(BmsegError, match="no such slide file") as error:
+        open_slide(tmp_path / "absent.czi")
+    assert "absent.czi" in str(error.value)
+
+
+def test_slide_ids(make_czi):
+    path = make_czi("patient 7#B.czi", [(0, 0, np.ones((8, 8), np.uint8))])
+    with open_slide(path) as slide:
+        assert slide.slide_id == "patient_7_B"
+    with open_slide(path, slide_id="P7-B.2") as slide:
+        assert slide.slide_id == "P7-B.2"
+    with pytest.raises(BmsegError, match="--slide-id"):
+        open_slide(path, slide_id="P7/B")
