@@ -1,5 +1,342 @@
-"""Placeholder: the helper that owns this step replaces this file."""
+"""REPORT: one self-contained HTML page a lab lead reads after a run.
+
+It looks through the result directories it is given (gathered, classified, classifiers; any
+depth) and shows: the per-slide summary, density and size plots, the tissue QC pictures,
+classifier metrics when present, per-stage timings and devices from the batch records, and
+package versions. Images are inlined as base64 PNG, so the page is one file; every piece of
+user text (slide names, paths, metadata) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import io
+import json
+import logging
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bmseg import __version__
+from bmseg.errors import BmsegError
+from bmseg.storage import write_bytes
+from bmseg.versions import package_versions
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL_PX = 360
+STYLE = """
+body{font-family:system-ui,-apple-system,sans-serif;max-width:1180px;margin:1.5em auto;
+color:#1f2328;padding:0 1.2em;line-height:1.45}
+h1{margin-bottom:.1em}h2{border-bottom:2px solid #e5e7eb;padding-bottom:.25em;margin-top:1.8em}
+.muted{color:#667085;font-size:.92em}
+.cards{display:flex;flex-wrap:wrap;gap:.8em;margin:1em 0}
+.card{border:1px solid #e5e7eb;border-radius:8px;padding:.6em 1em;min-width:9em;background:#fafafa}
+.card b{display:block;font-size:1.5em}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}
+td,th{border:1px solid #d0d7de;padding:4px 9px;text-align:right;white-space:nowrap}
+th{background:#f3f4f6;white-space:normal;text-align:center}td:first-child,th:first-child{text-align:left}
+tr:nth-child(even) td{background:#fbfbfc}
+.scroll{overflow-x:auto}
+.PASS{color:#fff;background:#2e7d32;padding:1px 8px;border-radius:4px;font-size:.85em}
+.FAIL{color:#fff;background:#c62828;padding:1px 8px;border-radius:4px;font-size:.85em}
+img{max-width:100%}
+.gallery{display:flex;flex-wrap:wrap;gap:1em}
+.gallery figure{margin:0;border:1px solid #e5e7eb;border-radius:6px;padding:.4em;
+background:#fff}
+.gallery figcaption{font-size:.85em;color:#444;margin-top:.3em}
+code{background:#f3f4f6;padding:0 .25em;border-radius:3px}
+"""
 
 
-def register(subparsers):
-    """Adds nothing yet."""
+def _esc(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _img(png: bytes, alt: str, width: int | None = None) -> str:
+    import base64
+
+    size = f' width="{width}"' if width else ""
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{_esc(alt)}"{size} src="data:image/png;base64,{data}">'
+
+
+def _thumbnail(path: Path) -> bytes:
+    """The QC picture scaled down to at most THUMBNAIL_PX wide, as PNG bytes."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX * 4))
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def _find(roots: Sequence[Path], pattern: str) -> list[Path]:
+    """Files matching ``pattern`` anywhere under ``roots``, in a stable order."""
+    found: dict[Path, None] = {}
+    for root in roots:
+        for path in sorted(root.rglob(pattern)):
+            if path.is_file() and not path.name.startswith("."):
+                found[path] = None
+    return list(found)
+
+
+def _load_summary(roots: Sequence[Path]) -> tuple[pd.DataFrame, Path]:
+    """The run's summary: a classified one (with accepted counts) wins over the gathered one."""
+    import pandas as pd
+
+    paths = _find(roots, "summary.csv")
+    if not paths:
+        raise BmsegError(
+            f"{roots[0]}: no summary.csv found; pass the directories gather (and classify) wrote"
+        )
+    frames = [(pd.read_csv(p, dtype={"slide_id": str}), p) for p in paths]
+    frames.sort(key=lambda item: any(c.endswith("_accepted") for c in item[0].columns))
+    return frames[-1]
+
+
+def _cell_areas(roots: Sequence[Path]) -> pd.DataFrame | None:
+    """Cell type and area of every gathered cell (two columns only), or None without tables."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    tables = _find(roots, "*.cells.parquet")
+    by_name = {p.name: p for p in tables}
+    if not by_name:
+        return None
+    frames = [
+        pq.read_table(path, columns=["cell_type", "area_um2"]).to_pandas()
+        for path in by_name.values()
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _summary_section(summary: pd.DataFrame) -> str:
+    """Headline cards and the per-slide table."""
+    from bmseg.gather import CELL_TYPES
+
+    cards = [("slides", f"{len(summary)}")]
+    if "segmented_tissue_mm2" in summary:
+        cards.append(("mm² tissue segmented", f"{summary['segmented_tissue_mm2'].sum():,.2f}"))
+    for cell_type in CELL_TYPES:
+        if f"{cell_type}_count" in summary:
+            cards.append((f"{cell_type} detected", f"{int(summary[f'{cell_type}_count'].sum()):,}"))
+        if f"{cell_type}_accepted" in summary:
+            cards.append(
+                (f"{cell_type} accepted", f"{int(summary[f'{cell_type}_accepted'].sum()):,}")
+            )
+    if "duplicates_removed" in summary:
+        cards.append(("seam duplicates removed", f"{int(summary['duplicates_removed'].sum()):,}"))
+    card_html = "".join(f"<div class='card'><b>{_esc(v)}</b>{_esc(k)}</div>" for k, v in cards)
+
+    groups: list[tuple[str, list[tuple[str, str, str]]]] = [
+        (
+            "",
+            [
+                ("slide_id", "slide", "{}"),
+                ("tissue_area_mm2", "tissue mm²", "{:.2f}"),
+                ("tiles_segmented", "tiles", "{:.0f}"),
+                ("segmented_tissue_mm2", "segmented mm²", "{:.2f}"),
+            ],
+        )
+    ]
+    for cell_type in CELL_TYPES:
+        groups.append(
+            (
+                cell_type,
+                [
+                    (f"{cell_type}_count", "cells", "{:,.0f}"),
+                    (f"{cell_type}_per_mm2", "/mm²", "{:.1f}"),
+                    (f"{cell_type}_accepted", "accepted", "{:,.0f}"),
+                    (f"{cell_type}_accepted_per_mm2", "accepted /mm²", "{:.1f}"),
+                    (f"{cell_type}_area_um2_p50", "median µm²", "{:.0f}"),
+                ],
+            )
+        )
+    groups = [(g, [c for c in cols if c[0] in summary]) for g, cols in groups]
+    columns = [c for _, cols in groups for c in cols]
+    group_head = "".join(f"<th colspan='{len(cols)}'>{_esc(g)}</th>" for g, cols in groups if cols)
+    head = "".join(f"<th>{_esc(title)}</th>" for _, title, _ in columns)
+    rows = []
+    for _, record in summary.iterrows():
+        cells = []
+        for name, _, fmt in columns:
+            value = record[name]
+            text = "–" if _is_missing(value) else fmt.format(value)
+            cells.append(f"<td>{_esc(text)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (
+        f"<div class='cards'>{card_html}</div>"
+        f"<div class='scroll'><table><tr>{group_head}</tr><tr>{head}</tr>{''.join(rows)}"
+        "</table></div>"
+        "<p class='muted'>Densities are per mm² of the tissue in the tiles that were segmented; "
+        "all columns, size quantiles included, are in summary.csv.</p>"
+    )
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _plots_section(summary: pd.DataFrame, areas: pd.DataFrame | None) -> str:
+    from bmseg.gather import area_histogram_png, density_plot_png
+
+    parts = [_img(density_plot_png(summary), "density per slide")]
+    if areas is not None:
+        parts.append(_img(area_histogram_png(areas), "area histograms"))
+    return "".join(f"<p>{p}</p>" for p in parts)
+
+
+def _tissue_section(roots: Sequence[Path], slides: Sequence[str]) -> str:
+    figures = []
+    for slide in slides:
+        pictures = _find(roots, f"{slide}.tissue.png")
+        records = _find(roots, f"{slide}.slide.json")
+        caption = _esc(slide)
+        if records:
+            record = json.loads(records[0].read_text(encoding="utf-8"))
+            area = float(record.get("tissue_area_mm2", 0))
+            caption += (
+                f"<br>{_esc(record.get('source', ''))} · {area:.2f} mm² tissue · "
+                f"{_esc(record.get('pixel_size_um', ''))} µm/px · "
+                f"{_esc(record.get('tiles_kept', '?'))}/{_esc(record.get('tiles_total', '?'))} "
+                "tiles kept"
+            )
+        image = _img(_thumbnail(pictures[0]), f"tissue of {slide}") if pictures else "(none)"
+        figures.append(f"<figure>{image}<figcaption>{caption}</figcaption></figure>")
+    return f"<div class='gallery'>{''.join(figures)}</div>"
+
+
+def _classifier_section(roots: Sequence[Path]) -> str:
+    from bmseg.classifiers import label_summary_html, metrics_tables
+
+    paths = _find(roots, "metrics.json")
+    if not paths:
+        return "<p class='muted'>No classifiers were trained in this run.</p>"
+    parts = []
+    for path in paths:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        criteria = ", ".join(f"{k} ≥ {v:.2f}" for k, v in metrics["acceptance"].items())
+        parts.append(
+            f"<p class='muted'>{_esc(path.parent.name)}: {metrics['folds']}-fold stratified "
+            f"cross-validation; acceptance {_esc(criteria)}.</p>"
+        )
+        parts += [metrics_tables(t, entry) for t, entry in metrics["cell_types"].items()]
+        parts.append("<h3>Labels</h3>" + label_summary_html(metrics["labels"]))
+    return "".join(parts)
+
+
+def _timing_section(roots: Sequence[Path]) -> tuple[str, list[dict]]:
+    """Per-stage seconds summed over batches, devices, and a per-batch table."""
+    records = []
+    for path in _find(roots, "batches.json"):
+        records += json.loads(path.read_text(encoding="utf-8"))["batches"]
+    if not records:
+        return "<p class='muted'>No batch records found.</p>", []
+    stages: dict[str, float] = {}
+    for record in records:
+        for stage, seconds in record.get("timings_s", {}).items():
+            stages[stage] = stages.get(stage, 0.0) + float(seconds)
+    tiles = sum(len(r.get("tiles", [])) for r in records)
+    total = sum(stages.values())
+    stage_rows = "".join(
+        f"<tr><td>{_esc(stage)}</td><td>{seconds:,.1f}</td>"
+        f"<td>{100 * seconds / total if total else 0:.0f} %</td>"
+        f"<td>{seconds / tiles if tiles else 0:.2f}</td></tr>"
+        for stage, seconds in sorted(stages.items(), key=lambda item: -item[1])
+    )
+    batch_rows = "".join(
+        f"<tr><td>{_esc(r.get('batch', '?'))}</td><td>{_esc(r.get('device', '?'))}</td>"
+        f"<td>{len(r.get('tiles', []))}</td>"
+        f"<td>{sum(r.get('cells', {}).values()):,}</td>"
+        f"<td>{sum(r.get('timings_s', {}).values()):,.1f}</td>"
+        f"<td>{_esc(', '.join(f'{k}: {v}' for k, v in r.get('models', {}).items()))}</td></tr>"
+        for r in records
+    )
+    devices = sorted({str(r.get("device", "?")) for r in records})
+    return (
+        f"<p>{len(records)} batches, {tiles:,} tiles, devices: {_esc(', '.join(devices))}.</p>"
+        "<table><tr><th>stage</th><th>seconds (all batches)</th><th>share</th>"
+        f"<th>s per tile</th></tr>{stage_rows}</table>"
+        "<div class='scroll'><table><tr><th>batch</th><th>device</th><th>tiles</th><th>cells</th>"
+        f"<th>seconds</th><th>models</th></tr>{batch_rows}</table></div>",
+        records,
+    )
+
+
+def _versions_section(roots: Sequence[Path], batches: list[dict]) -> str:
+    """Package versions of this report, the gather step and the SEGMENT batches."""
+    columns: dict[str, dict[str, str]] = {"report": package_versions()}
+    for path in _find(roots, "gather.json"):
+        columns["gather"] = json.loads(path.read_text(encoding="utf-8")).get("versions", {})
+    segment: dict[str, set[str]] = {}
+    for record in batches:
+        for name, version in record.get("versions", {}).items():
+            segment.setdefault(name, set()).add(str(version))
+    if segment:
+        columns["segment"] = {k: " / ".join(sorted(v)) for k, v in segment.items()}
+    names = list(dict.fromkeys(n for versions in columns.values() for n in versions))
+    head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
+    rows = "".join(
+        f"<tr><td>{_esc(n)}</td>"
+        + "".join(f"<td>{_esc(v.get(n, '–'))}</td>" for v in columns.values())
+        + "</tr>"
+        for n in names
+    )
+    return f"<table><tr><th>package</th>{head}</tr>{rows}</table>"
+
+
+def build_report(roots: Sequence[Path]) -> str:
+    """The whole page as HTML text."""
+    summary, summary_path = _load_summary(roots)
+    areas = _cell_areas(roots)
+    timing_html, batches = _timing_section(roots)
+    slides = summary["slide_id"].astype(str).tolist()
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sources = ", ".join(f"<code>{_esc(r)}</code>" for r in roots)
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>bmseg run report</title><style>{STYLE}</style></head><body>"
+        "<h1>bmseg run report</h1>"
+        f"<p class='muted'>bmseg {_esc(__version__)} · generated {generated} · from {sources} "
+        f"(summary: <code>{_esc(summary_path.parent.name)}/{_esc(summary_path.name)}</code>)</p>"
+        f"<h2>Slides</h2>{_summary_section(summary)}"
+        f"<h2>Density and size</h2>{_plots_section(summary, areas)}"
+        f"<h2>Tissue QC</h2>{_tissue_section(roots, slides)}"
+        f"<h2>Classifiers</h2>{_classifier_section(roots)}"
+        f"<h2>Timings and devices</h2>{timing_html}"
+        f"<h2>Package versions</h2>{_versions_section(roots, batches)}"
+        "</body></html>"
+    )
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """``bmseg report``: check the inputs exist, then write the page atomically."""
+    roots = [Path(p) for p in args.results]
+    for root in roots:
+        if not root.is_dir():
+            raise BmsegError(f"{root}: no such directory; pass the run's result directories")
+    page = build_report(roots)
+    write_bytes(page.encode("utf-8"), args.out)
+    log.info("wrote the run report (%d kB) to %s", len(page) // 1024, args.out)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bmseg report``."""
+    parser = subparsers.add_parser("report", help="one self-contained HTML page summarising a run")
+    parser.add_argument(
+        "results",
+        nargs="+",
+        metavar="RESULTS",
+        help="result directories (gathered, classified, classifiers), searched at any depth",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="the HTML file to write")
+    parser.set_defaults(handler=run_report)
