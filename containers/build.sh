@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Build (and optionally push) the bmseg images the pipeline's config names:
+#   ghcr.io/bmseg/bmseg:<version>-cuda and ghcr.io/bmseg/bmseg:<version>-rocm
+#
+#   containers/build.sh [cuda|rocm|all] [--bake-models] [--push] [--sif]
+#
+# --bake-models  download the official weights into the image (needs network at build time)
+# --push         push the Docker images to the registry (after `docker login ghcr.io`)
+# --sif          build Apptainer images (bmseg-<version>-<flavour>.sif) from the .def files
+#                instead of Docker images, for sites without Docker
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+registry="${BMSEG_REGISTRY:-ghcr.io/bmseg/bmseg}"
+version="$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')"
+flavours=(cuda rocm)
+bake=false
+push=false
+sif=false
+
+for arg in "$@"; do
+    case "${arg}" in
+        cuda | rocm) flavours=("${arg}") ;;
+        all) flavours=(cuda rocm) ;;
+        --bake-models) bake=true ;;
+        --push) push=true ;;
+        --sif) sif=true ;;
+        *)
+            echo "build.sh: unknown argument '${arg}'; use cuda, rocm, all, --bake-models, --push or --sif" >&2
+            exit 2
+            ;;
+    esac
+done
+
+for flavour in "${flavours[@]}"; do
+    tag="${registry}:${version}-${flavour}"
+    if [[ "${sif}" == true ]]; then
+        apptainer build --force --build-arg "BAKE_MODELS=${bake}" \
+            "bmseg-${version}-${flavour}.sif" "containers/bmseg-${flavour}.def"
+        continue
+    fi
+    docker build --file "containers/Dockerfile.${flavour}" --build-arg "BAKE_MODELS=${bake}" \
+        --tag "${tag}" .
+    if [[ "${push}" == true ]]; then
+        docker push "${tag}"
+    fi
+    echo "built ${tag}"
+done
