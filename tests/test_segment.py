@@ -25,44 +25,28 @@ from bmseg.models.base import Detections
 from bmseg.segment import (
     SegmentOptions,
     Tile,
-    check_tiles,
     keep_owned,
     match_slides,
     read_batch_table,
     segment_batch,
     to_rgb8,
 )
-from bmseg.slide import Rect, open_slide
+from bmseg.slide import Rect
 
 TILE = 700
 MARGIN = 320  # > the largest planted MK's diameter (~50 µm = 290 px)
 
 
-def grid_batch(slide_path: Path, batch: int = 1, tile: int = TILE, margin: int = MARGIN):
-    """A batch table covering the whole slide with a grid of cores, as docs/data.md lays out."""
-    with open_slide(slide_path) as slide:
-        bounds, slide_id, pixel_size = slide.bounds, slide.slide_id, slide.pixel_size_um
-    rows = []
-    for row, y in enumerate(range(bounds.y, bounds.bottom, tile)):
-        for col, x in enumerate(range(bounds.x, bounds.right, tile)):
-            core = Rect(x, y, min(tile, bounds.right - x), min(tile, bounds.bottom - y))
-            grown = Rect(x - margin, y - margin, core.w + 2 * margin, core.h + 2 * margin)
-            read = grown.intersection(bounds)
-            rows.append(
-                {
-                    "slide_id": slide_id,
-                    "tile_id": f"r{row:04d}c{col:04d}",
-                    "row": row,
-                    "col": col,
-                    **{f"core_{k}": v for k, v in core.as_dict().items()},
-                    **{f"read_{k}": v for k, v in read.as_dict().items()},
-                    "tissue_fraction": 1.0,
-                    "pixel_size_um": pixel_size,
-                    "batch": batch,
-                    "order": len(rows),
-                }
-            )
-    return pa.Table.from_pylist(rows)
+def plan_batches(slide_path: Path, out: Path, tile: int = TILE, batch_size: int = 12) -> list[Path]:
+    """Plan the slide with ``bmseg plan`` (every tile with any tissue) and batch all its tiles."""
+    plans, batches = out / "plans", out / "batches"
+    plan_args = ["-q", "plan", str(slide_path), "--out", str(plans), "--tile-size", str(tile)]
+    plan_args += ["--margin", str(MARGIN), "--min-tissue-fraction", "0"]
+    assert cli.main(plan_args) == 0
+    tables = [str(p) for p in plans.glob("*.tiles.parquet")]
+    batch_args = ["-q", "batch", *tables, "--out", str(batches), "--batch-size", str(batch_size)]
+    assert cli.main(batch_args) == 0
+    return sorted(batches.glob("batch_*.parquet"))
 
 
 def write_table(table: pa.Table, path: Path) -> Path:
@@ -130,9 +114,8 @@ def slide(synthetic_slide) -> tuple[Path, pa.Table]:
     return czi_path, pq.read_table(truth_path)
 
 
-def run_oracle(slide_path, truth, out_dir, batch_table, **option_args):
-    """segment_batch with oracle segmenters over the tiles of ``batch_table``."""
-    batch_path = write_table(batch_table, out_dir.parent / f"{out_dir.name}.batch.parquet")
+def run_oracle(slide_path, truth, out_dir, batch_path, **option_args):
+    """segment_batch with oracle segmenters over the tiles of the batch table at ``batch_path``."""
     number, tiles = read_batch_table(batch_path)
     paths = match_slides([t.slide_id for t in tiles], [str(slide_path)])
     windows = [t.read for t in tiles]
@@ -145,6 +128,11 @@ def run_oracle(slide_path, truth, out_dir, batch_table, **option_args):
     return summary, tiles, embedder
 
 
+def one_tile_batch(batch_path: Path, out: Path) -> Path:
+    """The first tile of a batch table as a batch of its own."""
+    return write_table(pq.read_table(batch_path).slice(0, 1), out)
+
+
 def in_core(tile: Tile, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     core = tile.core
     return (x >= core.x) & (x < core.right) & (y >= core.y) & (y < core.bottom)
@@ -152,24 +140,42 @@ def in_core(tile: Tile, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def oracle_run(slide, tmp_path_factory):
+    """Every batch of a fine tiling of the slide through the oracle; outputs of all batches."""
     slide_path, truth = slide
-    out = tmp_path_factory.mktemp("oracle") / "batch_0001"
-    summary, tiles, embedder = run_oracle(
-        slide_path, truth, out, grid_batch(slide_path), readers=2, gpu_batch_tiles=3
+    work = tmp_path_factory.mktemp("oracle")
+    runs = []
+    for batch_path in plan_batches(slide_path, work):
+        out = work / batch_path.stem
+        summary, tiles, embedder = run_oracle(
+            slide_path, truth, out, batch_path, readers=2, gpu_batch_tiles=3
+        )
+        runs.append((out, summary, tiles, embedder))
+    assert len(runs) >= 2
+    return runs, truth
+
+
+@pytest.fixture(scope="module")
+def coarse_batch(slide, tmp_path_factory) -> Path:
+    """One batch holding every 1200 px tile of the slide."""
+    (batch_path,) = plan_batches(
+        slide[0], tmp_path_factory.mktemp("coarse"), tile=1200, batch_size=100
     )
-    return out, summary, tiles, embedder, truth
+    return batch_path
+
+
+def all_cells(runs) -> list[dict]:
+    """Rows of every batch's cells.parquet."""
+    return [row for out, *_ in runs for row in pq.read_table(out / "cells.parquet").to_pylist()]
 
 
 def test_every_planted_cell_found_once_in_its_owner_tile(oracle_run):
-    out, _, tiles, _, truth = oracle_run
-    cells = pq.read_table(out / "cells.parquet", columns=None).to_pylist()
+    runs, truth = oracle_run
+    cells = all_cells(runs)
     assert len(truth) >= 50  # the slide really has cells to find, MKs among them
     assert sum(t == "MK" for t in truth["cell_type"].to_pylist()) >= 4
-    # Many cells straddle a seam: the tiling really exercises ownership.
-    tile_of = {t.tile_id: t for t in tiles}
+    tile_of = {t.tile_id: t for _, _, tiles, _ in runs for t in tiles}
+    assert len({c["cell_uid"] for c in cells}) == len(cells)
     straddling = 0
-    by_uid = {c["cell_uid"]: c for c in cells}
-    assert len(by_uid) == len(cells)
     for planted in truth.to_pylist():
         matches = [
             c
@@ -183,11 +189,18 @@ def test_every_planted_cell_found_once_in_its_owner_tile(oracle_run):
         assert found["cell_uid"] == planted["cell_uid"]
         assert found["area_px"] == pytest.approx(planted["area_px"], rel=0.02)
         assert found["area_um2"] == pytest.approx(planted["area_um2"], rel=0.02)
-        assert found["bbox_x_px"] == planted["bbox_x_px"]
-        assert found["bbox_w_px"] == planted["bbox_w_px"]
+        assert (found["bbox_x_px"], found["bbox_y_px"]) == (
+            planted["bbox_x_px"],
+            planted["bbox_y_px"],
+        )
+        assert (found["bbox_w_px"], found["bbox_h_px"]) == (
+            planted["bbox_w_px"],
+            planted["bbox_h_px"],
+        )
         owner = tile_of[found["tile_id"]]
         x, y = np.array([found["centroid_x_px"]]), np.array([found["centroid_y_px"]])
         assert in_core(owner, x, y)[0]
+        # Many cells cross a core's edge: the tiling really exercises ownership.
         straddling += not (
             owner.core.x <= planted["bbox_x_px"]
             and planted["bbox_x_px"] + planted["bbox_w_px"] <= owner.core.right
@@ -199,86 +212,88 @@ def test_every_planted_cell_found_once_in_its_owner_tile(oracle_run):
 
 
 def test_cell_table_columns_and_units(oracle_run):
-    out, summary, tiles, embedder, _ = oracle_run
-    table = pq.read_table(out / "cells.parquet")
-    schema = table.schema
+    runs, _ = oracle_run
+    out, _, tiles, _ = runs[0]
+    schema = pq.read_schema(out / "cells.parquet")
     assert schema.field("embedding").type == pa.list_(pa.float16(), 2048)
     assert schema.field("contour_x_px").type == pa.list_(pa.float32())
     for column in ("intensity_mean_R", "intensity_p90_B", "intensity_std_G"):
         assert schema.field(column).type == pa.float32()
     # Shape columns are read without the embedding column chunk.
     shapes = pq.read_table(out / "cells.parquet", columns=["area_um2", "circularity"])
-    assert shapes.num_rows == table.num_rows
-    rows = table.to_pylist()
+    assert shapes.column_names == ["area_um2", "circularity"]
+    rows = all_cells(runs)
     pixel_size = tiles[0].pixel_size_um
     for row in rows:
         assert row["centroid_x_um"] == pytest.approx(row["centroid_x_px"] * pixel_size)
         assert row["area_um2"] == pytest.approx(row["area_px"] * pixel_size**2)
-        # An ellipse's axes bound its area: pi/4 * major * minor ~ area.
+        # The planted shapes are near-elliptic: pi/4 * major * minor ~ area.
         ellipse = np.pi / 4 * row["major_axis_um"] * row["minor_axis_um"]
         assert ellipse == pytest.approx(row["area_um2"], rel=0.15)
         assert 0.5 < row["solidity"] <= 1.0
-        # The simplified contour lies on the cell's bbox edges, slide px.
+        # The simplified contour reaches the cell's bbox edges, slide px.
         xs, ys = np.array(row["contour_x_px"]), np.array(row["contour_y_px"])
         assert len(xs) >= 4
-        right, bottom = (
-            row["bbox_x_px"] + row["bbox_w_px"] - 1,
-            row["bbox_y_px"] + row["bbox_h_px"] - 1,
-        )
+        right = row["bbox_x_px"] + row["bbox_w_px"] - 1
+        bottom = row["bbox_y_px"] + row["bbox_h_px"] - 1
         assert abs(xs.min() - row["bbox_x_px"]) <= 1 and abs(xs.max() - right) <= 1
         assert abs(ys.min() - row["bbox_y_px"]) <= 1 and abs(ys.max() - bottom) <= 1
         assert 0 <= row["intensity_p10_R"] <= row["intensity_p50_R"] <= row["intensity_p90_R"]
-    # Planted HSPCs are darker (blue-violet) than the MKs' pale cytoplasm in red.
+    # Planted HSPCs are dark blue-violet, the MKs' cytoplasm pale: less red in HSPCs.
     mk_red = np.mean([r["intensity_mean_R"] for r in rows if r["cell_type"] == "MK"])
     hspc_red = np.mean([r["intensity_mean_R"] for r in rows if r["cell_type"] == "HSPC"])
     assert hspc_red < mk_red
-    # Embeddings came in batches, never one forward per cell.
-    assert sum(embedder.batches) == len(rows)
-    assert len(embedder.batches) <= len(tiles)
-    assert summary["cells"] == {
-        "MK": sum(r["cell_type"] == "MK" for r in rows),
-        "HSPC": sum(r["cell_type"] == "HSPC" for r in rows),
-    }
+    for out, summary, tiles, embedder in runs:
+        # Embeddings came in batches, never one forward per cell.
+        count = pq.read_metadata(out / "cells.parquet").num_rows
+        assert sum(embedder.batches) == count
+        assert len(embedder.batches) <= len(tiles)
+        assert sum(summary["cells"].values()) == count
 
 
 def test_masks_crops_and_batch_record(oracle_run):
-    out, _, tiles, _, _ = oracle_run
-    cells = pq.read_table(out / "cells.parquet").to_pylist()
-    record = json.loads((out / "batch.json").read_text())
-    assert record["batch"] == 1
-    assert [(t["slide_id"], t["tile_id"]) for t in record["tiles"]] == [
-        (t.slide_id, t.tile_id) for t in tiles
-    ]
-    assert set(record["timings_s"]) >= {"read", "mk", "hspc", "features", "embed", "write"}
-    assert "pyarrow" in record["versions"]
-    with h5py.File(out / "masks.h5", "r") as masks:
-        for tile in tiles:
-            group = masks[f"{tile.slide_id}/{tile.tile_id}"]
-            labels = group["labels"][...]
-            assert labels.dtype == np.uint32 and labels.shape == (tile.read.h, tile.read.w)
-            assert (group.attrs["read_x"], group.attrs["read_y"]) == (tile.read.x, tile.read.y)
-            mine = [c for c in cells if c["tile_id"] == tile.tile_id]
-            counts = np.bincount(labels.ravel(), minlength=len(mine) + 1)
-            assert len(counts) == len(mine) + 1
-            for cell in mine:
-                assert counts[cell["mask_label"]] == cell["area_px"]
-    crops = {r["cell_uid"]: r for r in pq.read_table(out / "crops.parquet").to_pylist()}
-    assert set(crops) == {c["cell_uid"] for c in cells}
-    for cell in cells:
-        crop = crops[cell["cell_uid"]]
-        image = cv2.imdecode(np.frombuffer(crop["image"], np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
-        assert image.shape == (crop["height"], crop["width"], 3)
-        side = crop["scale"] * crop["width"]
-        # The crop square holds the whole cell, with context on every side.
-        assert crop["x"] < cell["bbox_x_px"] and crop["y"] < cell["bbox_y_px"]
-        assert crop["x"] + side > cell["bbox_x_px"] + cell["bbox_w_px"]
-        assert crop["y"] + side > cell["bbox_y_px"] + cell["bbox_h_px"]
-        # The embedding is of this cell's crop: same mean colour as the gallery image.
-        embedded = np.array(cell["embedding"][:3], dtype=np.float32)
-        assert embedded == pytest.approx(image.reshape(-1, 3).mean(axis=0), abs=6)
+    runs, _ = oracle_run
+    for out, _, tiles, _ in runs:
+        cells = pq.read_table(out / "cells.parquet").to_pylist()
+        record = json.loads((out / "batch.json").read_text())
+        assert f"batch_{record['batch']:04d}" == out.name
+        assert [(t["slide_id"], t["tile_id"]) for t in record["tiles"]] == [
+            (t.slide_id, t.tile_id) for t in tiles
+        ]
+        for entry in record["tiles"]:
+            mine = [c["cell_type"] for c in cells if c["tile_id"] == entry["tile_id"]]
+            assert (entry["n_mk"], entry["n_hspc"]) == (mine.count("MK"), mine.count("HSPC"))
+        assert set(record["timings_s"]) == {"read", "mk", "hspc", "features", "embed", "write"}
+        assert "pyarrow" in record["versions"]
+        with h5py.File(out / "masks.h5", "r") as masks:
+            for tile in tiles:
+                group = masks[f"{tile.slide_id}/{tile.tile_id}"]
+                labels = group["labels"][...]
+                assert labels.dtype == np.uint32 and labels.shape == (tile.read.h, tile.read.w)
+                assert (group.attrs["read_x"], group.attrs["read_y"]) == (tile.read.x, tile.read.y)
+                mine = [c for c in cells if c["tile_id"] == tile.tile_id]
+                counts = np.bincount(labels.ravel(), minlength=len(mine) + 1)
+                assert len(counts) == len(mine) + 1
+                for cell in mine:
+                    assert counts[cell["mask_label"]] == cell["area_px"]
+        crops = {r["cell_uid"]: r for r in pq.read_table(out / "crops.parquet").to_pylist()}
+        assert set(crops) == {c["cell_uid"] for c in cells}
+        for cell in cells:
+            crop = crops[cell["cell_uid"]]
+            image = cv2.imdecode(np.frombuffer(crop["image"], np.uint8), cv2.IMREAD_COLOR)
+            assert image.shape == (crop["height"], crop["width"], 3)
+            side = crop["scale"] * crop["width"]
+            # The crop square holds the whole cell, with context on every side.
+            assert crop["x"] < cell["bbox_x_px"] and crop["y"] < cell["bbox_y_px"]
+            assert crop["x"] + side > cell["bbox_x_px"] + cell["bbox_w_px"]
+            assert crop["y"] + side > cell["bbox_y_px"] + cell["bbox_h_px"]
+            # The embedding is of this cell's crop: same mean colour as the gallery image.
+            embedded = np.array(cell["embedding"][:3], dtype=np.float32)
+            mean_rgb = image[..., ::-1].reshape(-1, 3).mean(axis=0)
+            assert embedded == pytest.approx(mean_rgb, abs=6)
 
 
-def test_area_filter_drops_out_of_range_mks(slide, tmp_path):
+def test_area_filter_drops_out_of_range_mks(slide, coarse_batch, tmp_path):
     slide_path, truth = slide
     planted = sorted(r["area_um2"] for r in truth.to_pylist() if r["cell_type"] == "MK")
     # Limits between planted areas: the smallest and the largest MK fall outside.
@@ -288,7 +303,7 @@ def test_area_filter_drops_out_of_range_mks(slide, tmp_path):
         slide_path,
         truth,
         out,
-        grid_batch(slide_path, tile=1200),
+        coarse_batch,
         mk_min_area_um2=low,
         mk_max_area_um2=high,
         gpu_batch_tiles=2,
@@ -300,11 +315,11 @@ def test_area_filter_drops_out_of_range_mks(slide, tmp_path):
     assert summary["cells"] == {"MK": len(planted) - 2, "HSPC": hspcs}
 
 
-def test_empty_tile_writes_valid_empty_outputs(slide, tmp_path):
+def test_empty_tile_writes_valid_empty_outputs(slide, coarse_batch, tmp_path):
     slide_path, _ = slide
     no_cells = pa.table({"cell_type": pa.array([], pa.string())})
-    table = grid_batch(slide_path).slice(0, 1)
     out = tmp_path / "empty"
+    table = one_tile_batch(coarse_batch, tmp_path / "one.parquet")
     summary, tiles, _ = run_oracle(slide_path, no_cells, out, table)
     cells = pq.read_table(out / "cells.parquet")
     assert cells.num_rows == 0 and "embedding" in cells.column_names
@@ -329,24 +344,27 @@ def square_cells(*cells: tuple[str, int, int, int]) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
-def test_mk_pixels_win_and_swallowed_hspcs_go(slide, tmp_path):
+def test_mk_pixels_win_and_swallowed_hspcs_go(slide, coarse_batch, tmp_path):
     slide_path, _ = slide
-    table = grid_batch(slide_path, tile=1200).slice(0, 1)
+    table = one_tile_batch(coarse_batch, tmp_path / "one.parquet")
+    _, (tile,) = read_batch_table(table)
+    x, y = tile.core.x + 300, tile.core.y + 300
     truth = square_cells(
-        ("MK", 300, 300, 100),
-        ("HSPC", 390, 320, 30),  # 10 of 30 columns under the MK: keeps 20 x 30 px
-        ("HSPC", 300, 380, 30),  # 20 of 30 rows under the MK: dropped
-        ("HSPC", 600, 600, 30),  # untouched
+        ("MK", x, y, 100),
+        ("HSPC", x + 90, y + 20, 30),  # 10 of 30 columns under the MK: keeps 20 x 30 px
+        ("HSPC", x, y + 80, 30),  # 20 of 30 rows under the MK: dropped
+        ("HSPC", x + 300, y + 300, 30),  # untouched
     )
     out = tmp_path / "exclusive"
-    summary, tiles, _ = run_oracle(slide_path, truth, out, table)
+    summary, _, _ = run_oracle(slide_path, truth, out, table)
     cells = pq.read_table(out / "cells.parquet", columns=["cell_type", "area_px", "mask_label"])
     found = sorted((c["cell_type"], c["area_px"]) for c in cells.to_pylist())
     assert found == [("HSPC", 600.0), ("HSPC", 900.0), ("MK", 10000.0)]
     with h5py.File(out / "masks.h5", "r") as masks:
-        labels = masks[f"{tiles[0].slide_id}/{tiles[0].tile_id}/labels"][...]
+        labels = masks[f"{tile.slide_id}/{tile.tile_id}/labels"][...]
     mk_label = next(c["mask_label"] for c in cells.to_pylist() if c["cell_type"] == "MK")
-    assert (labels[300:400, 300:400] == mk_label).all()
+    local_x, local_y = x - tile.read.x, y - tile.read.y
+    assert (labels[local_y : local_y + 100, local_x : local_x + 100] == mk_label).all()
     assert summary["cells"] == {"MK": 1, "HSPC": 2}
 
 
@@ -379,11 +397,11 @@ def run_cli(*args: str) -> int:
     return cli.main(["segment", *map(str, args)])
 
 
-def test_bad_inputs_are_one_line_errors_and_write_nothing(slide, tmp_path, capsys):
+def test_bad_inputs_are_one_line_errors_and_write_nothing(slide, coarse_batch, tmp_path, capsys):
     slide_path, _ = slide
     other = tmp_path / "other.czi"
     other.write_bytes(slide_path.read_bytes())
-    table = grid_batch(slide_path).slice(0, 2)
+    table = pq.read_table(coarse_batch).slice(0, 2)
     batch = write_table(table, tmp_path / "batch_0001.parquet")
     out = tmp_path / "out"
     models = tmp_path / "models"
@@ -433,10 +451,3 @@ def test_slide_files_match_batch_ids(tmp_path):
     a, b = tmp_path / "A.czi", tmp_path / "B.ome.tiff"
     assert match_slides(["A", "B"], [str(a), str(b)]) == {"A": a, "B": b}
     assert match_slides(["custom"], [f"custom={a}"]) == {"custom": a}
-
-
-def test_check_tiles_accepts_the_plan_grid(slide, tmp_path):
-    slide_path, _ = slide
-    _, tiles = read_batch_table(write_table(grid_batch(slide_path), tmp_path / "b.parquet"))
-    with open_slide(slide_path) as opened:
-        check_tiles(tmp_path / "b.parquet", tiles, {opened.slide_id: opened})

@@ -686,6 +686,8 @@ def _segment_command(args: argparse.Namespace) -> int:
     options = SegmentOptions(
         mk_min_area_um2=args.mk_min_area_um2,
         mk_max_area_um2=args.mk_max_area_um2,
+        hspc_min_area_um2=args.hspc_min_area_um2,
+        hspc_max_area_um2=args.hspc_max_area_um2,
         readers=args.readers,
         gpu_batch_tiles=args.gpu_batch_tiles,
         embed_batch=args.embed_batch,
@@ -708,16 +710,38 @@ def _segment_command(args: argparse.Namespace) -> int:
 
 def _load_models(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The production models for ``args`` and a description of them for batch.json."""
+    from dataclasses import asdict
+
     from bmseg.models import load_models
 
+    mk_settings = MKSettings(
+        min_area_um2=args.mk_min_area_um2,
+        max_area_um2=args.mk_max_area_um2,
+        points_per_side=args.mk_points_per_side,
+        pred_iou_thresh=args.mk_pred_iou_thresh,
+    )
+    hspc_settings = HSPCSettings(
+        min_area_um2=args.hspc_min_area_um2,
+        max_area_um2=args.hspc_max_area_um2,
+        flows_method=args.hspc_flows_method,
+        refine_iou_thresh=args.hspc_refine_iou,
+    )
+    embedder_settings = EmbedderSettings(batch_size=args.embed_batch)
     models = load_models(
         Path(args.models),
         args.device,
-        mk_min_area_um2=args.mk_min_area_um2,
-        mk_max_area_um2=args.mk_max_area_um2,
-        hspc_flows=args.hspc_flows,
+        mk_settings=mk_settings,
+        hspc_settings=hspc_settings,
+        embedder_settings=embedder_settings,
     )
-    return models, {"dir": str(args.models)}
+    record = {
+        "dir": str(args.models),
+        "manifest": asdict(models.manifest),
+        "mk": asdict(mk_settings),
+        "hspc": asdict(hspc_settings),
+        "embedder": asdict(embedder_settings),
+    }
+    return models, record
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -745,23 +769,62 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="compute device"
     )
     parser.add_argument(
-        "--mk-min-area-um2", type=float, default=200.0, help="smallest MK kept, µm² (200)"
+        "--mk-min-area-um2",
+        type=float,
+        default=MKSettings.min_area_um2,
+        help="smallest MK kept, µm² (%(default)s)",
     )
     parser.add_argument(
-        "--mk-max-area-um2", type=float, default=2000.0, help="largest MK kept, µm² (2000)"
+        "--mk-max-area-um2",
+        type=float,
+        default=MKSettings.max_area_um2,
+        help="largest MK kept, µm² (%(default)s)",
     )
     parser.add_argument(
-        "--hspc-flows",
-        default="bmseg",
+        "--mk-points-per-side",
+        type=int,
+        default=MKSettings.points_per_side,
+        help="SAM2 point grid per side for MKs (%(default)s)",
+    )
+    parser.add_argument(
+        "--mk-pred-iou-thresh",
+        type=float,
+        default=MKSettings.pred_iou_thresh,
+        help="SAM2 predicted-IoU threshold for MKs (%(default)s)",
+    )
+    parser.add_argument(
+        "--hspc-min-area-um2",
+        type=float,
+        default=HSPCSettings.min_area_um2,
+        help="smallest HSPC kept, µm² (%(default)s)",
+    )
+    parser.add_argument(
+        "--hspc-max-area-um2",
+        type=float,
+        default=HSPCSettings.max_area_um2,
+        help="largest HSPC kept, µm² (%(default)s)",
+    )
+    parser.add_argument(
+        "--hspc-flows-method",
+        default=HSPCSettings.flows_method,
         choices=("bmseg", "cellpose"),
-        help="how Cellpose flows become HSPC masks (bmseg: the fast vectorised path)",
+        help="how Cellpose flows become HSPC masks (%(default)s: the fast vectorised path)",
+    )
+    parser.add_argument(
+        "--hspc-refine-iou",
+        type=float,
+        default=HSPCSettings.refine_iou_thresh,
+        help="IoU with Cellpose's mask above which SAM2's refinement is kept (%(default)s)",
     )
     parser.add_argument("--readers", type=int, default=2, help="tile reader threads (2)")
     parser.add_argument(
         "--gpu-batch-tiles", type=int, default=1, help="tiles per segmentation call (1)"
     )
     parser.add_argument(
-        "--embed-batch", type=int, default=128, help="cell crops per embedding forward pass (128)"
+        "--embed-batch",
+        type=int,
+        default=EmbedderSettings.batch_size,
+        help="cell crops per embedding forward pass (%(default)s)",
     )
     parser.add_argument(
         "--crop-px", type=int, default=128, help="side of the gallery JPEG crops, px (128)"
