@@ -9,9 +9,9 @@ Everything derives from ``--seed``:
 * cells: placed once for the whole slide (MKs first, then HSPCs), each a polygon in slide
   pixels, kept only where it lies wholly in tissue and clear of every other cell;
 * pixels: each mosaic tile is rendered on its own (tissue, then the cells whose box meets the
-  tile, then noise), so the slide is never held in memory. Polygons are rasterised in
-  fixed point with integer offsets, so a cell spanning tiles is drawn exactly as its truth
-  mask was measured.
+  tile, then noise), so the slide is never held in memory. A cell is rasterised in its own
+  box and that mask is pasted into every tile it meets, so a cell spanning tiles is drawn
+  exactly as its truth mask was measured.
 
 Mosaic tiles far from any tissue are not acquired, as a scanner's tile regions would leave them.
 The truth's areas and centroids are measured on the rasterised masks, not the parametric shapes.
@@ -132,7 +132,7 @@ class SyntheticLayout:
             image = _fluorescence_base(tissue, shade)
         for cell in self._cells_meeting(rect):
             _draw_cell(image, cell, x, y, self.modality)
-        noise_sigma = 4.0 if self.modality == "brightfield" else 40.0
+        noise_sigma = 3.0 if self.modality == "brightfield" else 40.0
         noise = rng.standard_normal(image.shape, dtype=np.float32) * noise_sigma
         dtype = np.uint8 if self.modality == "brightfield" else np.uint16
         return np.clip(image + noise, 0, np.iinfo(dtype).max).astype(dtype)
@@ -286,18 +286,21 @@ def _inside_tissue(layout: SyntheticLayout, cell: PlantedCell) -> bool:
     return not bool((mask & ~tissue).any())
 
 
-def _cell_mask(cell: PlantedCell) -> np.ndarray:
-    """The cell's rasterised mask over its box, exactly as the tiles draw it."""
+def _cell_mask(cell: PlantedCell, part: str = "outline") -> np.ndarray:
+    """The cell's (or its nucleus') rasterised mask over the cell's box.
+
+    Tiles paste this very mask, so a cell is drawn identically whichever tiles it spans.
+    """
     x0, y0, x1, y1 = cell.box
     mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
-    _fill(mask, cell.outline, x0, y0, 1)
+    _fill(mask, getattr(cell, part), x0, y0, 1)
     return mask.astype(bool)
 
 
 _BRIGHTFIELD = {
     "background": np.array([243, 242, 240], np.float32),
-    "tissue": np.array([232, 188, 212], np.float32),
-    "mk_cytoplasm": np.array([196, 140, 198], np.float32),
+    "tissue": np.array([232, 195, 214], np.float32),
+    "mk_cytoplasm": np.array([190, 120, 190], np.float32),
     "mk_nucleus": np.array([92, 44, 124], np.float32),
     "hspc": np.array([104, 66, 156], np.float32),
 }
@@ -329,11 +332,18 @@ def _fluorescence_base(tissue: np.ndarray, shade: np.ndarray) -> np.ndarray:
 def _draw_cell(image: np.ndarray, cell: PlantedCell, x: int, y: int, modality: str) -> None:
     """Paint one cell into a float32 tile whose pixel (0, 0) is slide (x, y)."""
     colours = _BRIGHTFIELD if modality == "brightfield" else _FLUORESCENCE
-    if cell.cell_type == "MK":
-        _fill(image, cell.outline, x, y, (colours["mk_cytoplasm"] * cell.shade).tolist())
-        _fill(image, cell.nucleus, x, y, (colours["mk_nucleus"] * cell.shade).tolist())
-    else:
-        _fill(image, cell.outline, x, y, (colours["hspc"] * cell.shade).tolist())
+    parts = [("outline", "mk_cytoplasm"), ("nucleus", "mk_nucleus")]
+    if cell.cell_type == "HSPC":
+        parts = [("outline", "hspc")]
+    x0, y0, x1, y1 = cell.box
+    left, top = max(x0, x), max(y0, y)
+    right, bottom = min(x1, x + image.shape[1]), min(y1, y + image.shape[0])
+    if right <= left or bottom <= top:
+        return
+    region = image[top - y : bottom - y, left - x : right - x]
+    for part, colour in parts:
+        mask = _cell_mask(cell, part)[top - y0 : bottom - y0, left - x0 : right - x0]
+        region[mask] = colours[colour] * cell.shade
 
 
 def truth_table(layout: SyntheticLayout, slide_id: str):
