@@ -28,7 +28,7 @@ workflow {
         error("--page_order uncertainty needs classifiers: pass --labels or --classifiers, or use --page_order random")
     }
     if (n_synth == 0 && !params.models_dir) {
-        error("--models_dir is missing: fill a folder once with `bmseg models fetch --dest DIR` on a machine with internet and pass --models_dir DIR")
+        log.warn("no --models_dir: SEGMENT uses the weights baked into the image (/opt/bmseg/models); fill a folder with `bmseg models fetch --dest DIR` and pass --models_dir DIR if the image has none")
     }
 
     ch_versions = channel.empty()
@@ -41,16 +41,20 @@ workflow {
         ch_slides = SYNTH.out.slide.map { slide_id, czi -> [[id: slide_id, pixel_size_um: null], czi] }
         ch_models = TESTMODELS.out.models
         ch_versions = ch_versions.mix(SYNTH.out.versions, TESTMODELS.out.versions)
-    } else if (params.input.toString().endsWith('.csv')) {
-        ch_slides = channel
-            .fromList(samplesheetToList(params.input, "${projectDir}/assets/schema_input.json"))
-            .map { meta, slide -> [meta + [pixel_size_um: meta.pixel_size_um ?: params.pixel_size_um], slide] }
-        ch_models = channel.value(file(params.models_dir, checkIfExists: true))
     } else {
-        ch_slides = channel
-            .fromPath(params.input, checkIfExists: true)
-            .map { slide -> [[id: slide.baseName, pixel_size_um: params.pixel_size_um], slide] }
-        ch_models = channel.value(file(params.models_dir, checkIfExists: true))
+        if (params.input.toString().endsWith('.csv')) {
+            ch_slides = channel
+                .fromList(samplesheetToList(params.input, "${projectDir}/assets/schema_input.json"))
+                .map { meta, slide -> [meta + [pixel_size_um: meta.pixel_size_um ?: params.pixel_size_um], slide] }
+        } else {
+            ch_slides = channel
+                .fromPath(params.input, checkIfExists: true)
+                .map { slide -> [[id: slide.baseName, pixel_size_um: params.pixel_size_um], slide] }
+        }
+        // An empty list stages nothing: SEGMENT then reads the image's baked-in weights.
+        ch_models = params.models_dir
+            ? channel.value(file(params.models_dir, checkIfExists: true))
+            : channel.value([])
     }
 
     ch_classifiers = params.classifiers

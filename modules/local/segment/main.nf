@@ -2,6 +2,7 @@
  * SEGMENT: one batch of tiles through SAM2 (MKs), Cellpose-SAM + SAM2 (HSPCs) and ResNet-50
  * (embeddings) on one GPU. One task per batch, so a resumed run redoes only failed batches.
  * Every slide is staged (as a link) and the command picks the ones the batch names.
+ * Without a models folder (an empty list) it uses the weights baked into the image.
  */
 process SEGMENT {
     tag "${batch_id}"
@@ -19,8 +20,9 @@ process SEGMENT {
 
     script:
     def args = task.ext.args ?: ''
+    def models_dir = models ?: '/opt/bmseg/models'
     """
-    bmseg segment ${batch} --slides ${slides} --models ${models} ${args} --out ${batch_id}
+    bmseg segment ${batch} --slides ${slides} --models ${models_dir} ${args} --out ${batch_id}
 
     bmseg versions --process ${task.process} > versions.yml
     """
