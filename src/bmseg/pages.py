@@ -242,7 +242,7 @@ def make_thumbnail(jpeg: bytes, width: int, height: int, size: int) -> tuple[byt
         image = Image.new("RGB", (max(1, int(width)), max(1, int(height))), (128, 128, 128))
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     out = io.BytesIO()
-    image.save(out, "JPEG", quality=JPEG_QUALITY, optimize=True, progressive=True)
+    image.save(out, "JPEG", quality=JPEG_QUALITY, optimize=True)
     return out.getvalue(), image.width, image.height
 
 

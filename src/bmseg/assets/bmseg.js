@@ -283,7 +283,8 @@
     image.alt = "cell " + cell.u;
     image.width = cell.w;
     image.height = cell.h;
-    image.decoding = "async";
+    image.loading = "lazy"; // the first screen shows at once, the rest as you scroll
+
     crop.appendChild(image);
     const overlay = svgNode("svg", {
       viewBox: "0 0 " + cell.w + " " + cell.h, preserveAspectRatio: "xMidYMid meet",
