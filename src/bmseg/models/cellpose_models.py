@@ -126,19 +126,18 @@ class CellposeHSPCSegmenter:
 
     def masks(self, d_p: np.ndarray, cellprob: np.ndarray) -> np.ndarray:
         """Label image from flows, through :func:`bmseg.flows.flows_to_masks`."""
-        s = self.settings
-        params = {
-            "cellprob_threshold": s.cellprob_threshold,
-            "flow_threshold": s.flow_threshold,
-            "niter": s.niter,
-        }
-        try:
-            from bmseg.flows import flows_to_masks
-        except ImportError:  # bmseg.flows not landed yet: Cellpose's own post-processing
-            from cellpose.dynamics import compute_masks
+        from bmseg.flows import flows_to_masks
 
-            return compute_masks(d_p, cellprob, min_size=0, device=self.device, **params)
-        return flows_to_masks(d_p, cellprob, method=s.flows_method, **params)
+        s = self.settings
+        return flows_to_masks(
+            d_p,
+            cellprob,
+            method=s.flows_method,
+            cellprob_threshold=s.cellprob_threshold,
+            flow_threshold=s.flow_threshold,
+            niter=s.niter,
+            device=self.device,
+        )
 
     def refine(
         self,
