@@ -9,6 +9,7 @@ the tile whose core holds its centroid, with truth's coordinates and areas.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -451,3 +452,59 @@ def test_slide_files_match_batch_ids(tmp_path):
     a, b = tmp_path / "A.czi", tmp_path / "B.ome.tiff"
     assert match_slides(["A", "B"], [str(a), str(b)]) == {"A": a, "B": b}
     assert match_slides(["custom"], [f"custom={a}"]) == {"custom": a}
+
+
+@pytest.fixture(scope="module")
+def small_batch(slide, tmp_path_factory) -> Path:
+    """One 400 px tile (600 px read window) of the slide, planned by bmseg plan."""
+    work = tmp_path_factory.mktemp("small")
+    (batch_path,) = plan_batches(slide[0], work, tile=400, batch_size=1000)
+    return one_tile_batch(batch_path, work / "one_tile.parquet")
+
+
+def test_real_models_end_to_end_write_valid_outputs(slide, small_batch, test_models_dir, tmp_path):
+    out = tmp_path / "real"
+    args = [small_batch, "--slides", slide[0], "--models", test_models_dir, "--out", out]
+    assert run_cli(*args, "--device", "cpu", "--mk-points-per-side", "4", "--no-progress") == 0
+    record = json.loads((out / "batch.json").read_text())
+    assert record["batch"] == pq.read_table(small_batch)["batch"][0].as_py()
+    assert record["device"] == "cpu"
+    assert record["models"]["manifest"]["random_init"] is True
+    assert record["models"]["mk"]["points_per_side"] == 4
+    cells = pq.read_table(out / "cells.parquet")
+    assert cells.schema.field("embedding").type == pa.list_(pa.float16(), 2048)
+    assert cells.num_rows == sum(record["cells"].values())
+    crops = pq.read_table(out / "crops.parquet")
+    assert crops.num_rows == cells.num_rows
+    (tile,) = record["tiles"]
+    with h5py.File(out / "masks.h5", "r") as masks:
+        labels = masks[f"{tile['slide_id']}/{tile['tile_id']}/labels"][...]
+    assert int(labels.max(initial=0)) == cells.num_rows
+    if cells.num_rows:  # random weights may find nothing; what they find must be well-formed
+        embeddings = np.array(cells["embedding"].to_pylist(), dtype=np.float32)
+        assert np.isfinite(embeddings).all()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "batch.json",
+        "cells.parquet",
+        "crops.parquet",
+        "masks.h5",
+    ]
+
+
+def test_missing_or_corrupt_weights_are_one_line_errors(
+    slide, small_batch, test_models_dir, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    models = tmp_path / "models"
+    shutil.copytree(test_models_dir, models)
+    weights = sorted(p for p in models.iterdir() if p.name.startswith("resnet50"))[0]
+    base = [small_batch, "--slides", slide[0], "--models", models, "--out", out, "--device", "cpu"]
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert run_cli(*base) == 2
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and weights.name in message[0], message
+    weights.unlink()
+    assert run_cli(*base) == 2
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and weights.name in message[0] and "fetch" in message[0], message
+    assert not out.exists()

@@ -296,6 +296,8 @@ class TileReader:
 
 def _keep_labels(detections: Detections, keep: np.ndarray) -> Detections:
     """Only the cells where ``keep`` (one bool per cell), renumbered ``1..kept``."""
+    if keep.all():
+        return detections
     lookup = np.zeros(detections.count + 1, dtype=np.int32)
     lookup[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return Detections(labels=lookup[detections.labels], scores=detections.scores[keep])
