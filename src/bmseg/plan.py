@@ -33,7 +33,10 @@ MARGIN_SLACK = 1.05  # margin = slack x the diameter of a disk of the largest MK
 DEFAULT_MIN_TISSUE_FRACTION = 0.0
 THUMBNAIL_SIDE = 2048  # px, longer side of the low-resolution read
 THUMBNAIL_BANDS = 8  # the low-resolution read is done in bands, for progress
-PICTURE_SIDE = 1600  # px, longer side of tissue.png
+PICTURE_SIDE = 1400  # px, longer side of tissue.png
+TISSUE_RGB = (0, 170, 60)
+KEPT_RGB = (40, 90, 230)
+DROPPED_RGB = (175, 175, 175)
 
 TILE_SCHEMA = pa.schema(
     [
@@ -190,7 +193,8 @@ def tissue_picture(
     kept: np.ndarray,
     caption: str,
 ) -> bytes:
-    """PNG bytes: the thumbnail, tissue outlined in green, kept tiles' cores in blue, a caption."""
+    """PNG bytes: the thumbnail, tissue outlined in green, kept tiles' cores washed and framed
+    in blue, dropped ones framed in grey, and a caption."""
     import cv2
 
     image = display_image(thumbnail, modality)
@@ -200,24 +204,37 @@ def tissue_picture(
     small_mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     contours, _ = cv2.findContours(small_mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
     px_x, px_y = size[0] / bounds.w, size[1] / bounds.h
-    overlay = image.copy()
+    x0 = np.round((grid["core_x"] - bounds.x) * px_x).astype(int)
+    y0 = np.round((grid["core_y"] - bounds.y) * px_y).astype(int)
+    x1 = np.round((grid["core_x"] + grid["core_w"] - bounds.x) * px_x).astype(int) - 1
+    y1 = np.round((grid["core_y"] + grid["core_h"] - bounds.y) * px_y).astype(int) - 1
+    wash = image.copy()
     for index in np.flatnonzero(kept):
-        x0 = round((grid["core_x"][index] - bounds.x) * px_x)
-        y0 = round((grid["core_y"][index] - bounds.y) * px_y)
-        x1 = round((grid["core_x"][index] + grid["core_w"][index] - bounds.x) * px_x) - 1
-        y1 = round((grid["core_y"][index] + grid["core_h"][index] - bounds.y) * px_y) - 1
-        cv2.rectangle(overlay, (x0, y0), (x1, y1), (40, 90, 230), 1)
-    image = cv2.addWeighted(overlay, 0.75, image, 0.25, 0)
-    cv2.drawContours(image, contours, -1, (0, 170, 60), 2, lineType=cv2.LINE_AA)
+        cv2.rectangle(wash, (x0[index], y0[index]), (x1[index], y1[index]), KEPT_RGB, -1)
+    image = cv2.addWeighted(wash, 0.15, image, 0.85, 0)
+    for index in np.flatnonzero(~kept):
+        cv2.rectangle(image, (x0[index], y0[index]), (x1[index], y1[index]), DROPPED_RGB, 1)
+    for index in np.flatnonzero(kept):
+        cv2.rectangle(image, (x0[index], y0[index]), (x1[index], y1[index]), KEPT_RGB, 1)
+    cv2.drawContours(image, contours, -1, TISSUE_RGB, 2, lineType=cv2.LINE_AA)
     bar = np.full((34, image.shape[1], 3), 255, np.uint8)
     font_scale = 0.5 if image.shape[1] >= 500 else 0.35
     cv2.putText(
         bar, caption, (8, 22), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (20, 20, 20), 1, cv2.LINE_AA
     )
-    ok, png = cv2.imencode(".png", np.vstack([bar, image])[:, :, ::-1])
-    if not ok:
-        raise RuntimeError("PNG encoding of the tissue picture failed")
-    return png.tobytes()
+    return _png(np.vstack([bar, image]))
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    """PNG bytes of an RGB image with a 256-colour palette: a few hundred kB, not megabytes."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    palette = Image.fromarray(rgb).quantize(colors=256, method=Image.Quantize.FASTOCTREE)
+    palette.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def tile_table(
@@ -299,7 +316,8 @@ def plan_slide(
         caption = (
             f"{slide.slide_id}  {slide.modality}  tissue {tissue_mm2:.2f} mm2  "
             f"tiles kept {info['tiles_kept']}/{info['tiles_total']}  "
-            f"({tiling.tile_size} px + {tiling.margin} px margin)"
+            f"({tiling.tile_size} px + {tiling.margin} px margin)   "
+            "green: tissue, blue: kept tile cores"
         )
         picture = tissue_picture(
             thumbnail, slide.modality, tissue.mask, slide.bounds, grid, kept, caption
