@@ -98,10 +98,14 @@ class CellposeHSPCSegmenter:
             return []
         features = self.engine.encode(tiles) if self.settings.refine else [None] * len(tiles)
         results = []
+        timer = self.engine.timer
         for tile, tile_features in zip(tiles, features, strict=True):
-            d_p, cellprob = self.flows(tile, pixel_size_um)
-            labels = self.masks(d_p, cellprob)
-            results.append(self.refine(labels, cellprob, tile_features, pixel_size_um))
+            with timer("cellpose_net"):
+                d_p, cellprob = self.flows(tile, pixel_size_um)
+            with timer("hspc_flows_to_masks"):
+                labels = self.masks(d_p, cellprob)
+            with timer("hspc_refine"):
+                results.append(self.refine(labels, cellprob, tile_features, pixel_size_um))
         return results
 
     def flows(self, tile: np.ndarray, pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:

@@ -37,6 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     make_test.add_argument("--dest", type=Path, required=True, help="models directory to write")
     make_test.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    make_test.add_argument(
+        "--full-size",
+        action="store_true",
+        help="production architectures (hiera-large, ViT-L, ResNet-50; ~2.3 GB) for benchmarks",
+    )
     make_test.set_defaults(handler=_make_test)
 
 
@@ -55,6 +60,6 @@ def _fetch(args: argparse.Namespace) -> int:
 def _make_test(args: argparse.Namespace) -> int:
     from bmseg.models.making import make_test_models
 
-    manifest = make_test_models(args.dest, seed=args.seed)
+    manifest = make_test_models(args.dest, seed=args.seed, full_size=args.full_size)
     sys.stdout.write(TEST_WEIGHTS_NOTICE.format(dest=args.dest, config=manifest.sam2_config))
     return 0

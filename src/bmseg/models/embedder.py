@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bmseg.models.device import inference
+from bmseg.models.device import StageTimer, inference
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -20,10 +20,12 @@ class ResNetEmbedder:
         self,
         net: torch.nn.Module,
         device: torch.device,
+        timer: StageTimer,
         crop_size: int = 224,
         batch_size: int = 128,
     ) -> None:
         self.net = net
+        self.timer = timer
         self.device = device
         self.crop_size = crop_size
         self.batch_size = batch_size
@@ -35,6 +37,10 @@ class ResNetEmbedder:
         expected = (self.crop_size, self.crop_size, 3)
         if crops.ndim != 4 or crops.shape[1:] != expected or crops.dtype != np.uint8:
             raise ValueError(f"crops must be (N, *{expected}) uint8: {crops.shape} {crops.dtype}")
+        with self.timer("embed"):
+            return self._embed(crops)
+
+    def _embed(self, crops: np.ndarray) -> np.ndarray:
         out = np.empty((len(crops), self.dim), dtype=np.float32)
         for start in range(0, len(crops), self.batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(crops[start : start + self.batch_size]))

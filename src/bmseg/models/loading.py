@@ -18,7 +18,7 @@ import torch
 
 from bmseg.errors import BmsegError
 from bmseg.models.cellpose_models import CellposeHSPCSegmenter, sam_encoder_as
-from bmseg.models.device import resolve_device, use_bf16
+from bmseg.models.device import StageTimer, resolve_device, use_bf16
 from bmseg.models.embedder import ResNetEmbedder
 from bmseg.models.layout import Manifest, corrupt, read_manifest, weight_path
 from bmseg.models.sam2_models import Sam2Engine, Sam2MKSegmenter
@@ -37,12 +37,17 @@ TEST_WEIGHTS_WARNING = (
 
 @dataclass
 class ModelSet:
-    """Everything SEGMENT needs, loaded once: two segmenters, the embedder, the device."""
+    """Everything SEGMENT needs, loaded once: two segmenters, the embedder, the device.
+
+    ``timer.take()`` returns the seconds spent per stage (sam2_encode, mk_masks, cellpose_net,
+    hspc_flows_to_masks, hspc_refine, embed) since its last call.
+    """
 
     mk: Sam2MKSegmenter
     hspc: CellposeHSPCSegmenter
     embedder: ResNetEmbedder
     device: torch.device
+    timer: StageTimer
     manifest: Manifest = field(default_factory=Manifest)
 
 
@@ -67,7 +72,8 @@ def load_models(
         log.warning(TEST_WEIGHTS_WARNING, models_dir)
     embedder_settings = embedder_settings or EmbedderSettings()
     sam2 = load_sam2(paths["sam2"], manifest.sam2_config, torch_device, manifest.sam2_image_size)
-    engine = Sam2Engine(sam2, torch_device)
+    timer = StageTimer(torch_device)
+    engine = Sam2Engine(sam2, torch_device, timer)
     cellpose_model = load_cellpose(paths["cellpose"], torch_device)
     resnet = load_resnet50(paths["resnet50"], torch_device)
     log.info("loaded models from %s onto %s", models_dir, torch_device)
@@ -77,9 +83,10 @@ def load_models(
             cellpose_model, engine, hspc_settings or HSPCSettings(), torch_device
         ),
         embedder=ResNetEmbedder(
-            resnet, torch_device, embedder_settings.crop_size, embedder_settings.batch_size
+            resnet, torch_device, timer, embedder_settings.crop_size, embedder_settings.batch_size
         ),
         device=torch_device,
+        timer=timer,
         manifest=manifest,
     )
 

@@ -19,7 +19,7 @@ from sam2.utils.amg import build_point_grid
 from torchvision.ops import batched_nms
 
 from bmseg.models.base import Detections
-from bmseg.models.device import inference
+from bmseg.models.device import StageTimer, inference
 from bmseg.models.masks import (
     LowResFilter,
     Painter,
@@ -53,9 +53,10 @@ class Sam2Engine:
     kept, so segmenting the same tiles for both cell types encodes them once.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, timer: StageTimer) -> None:
         self.model = model
         self.device = device
+        self.timer = timer
         self._cached: tuple[list[np.ndarray], list[TileFeatures]] | None = None
 
     @property
@@ -67,6 +68,12 @@ class Sam2Engine:
         cached = self._cached
         if cached and len(cached[0]) == len(tiles) and all(map(operator.is_, cached[0], tiles)):
             return cached[1]
+        with self.timer("sam2_encode"):
+            features = self._encode(tiles)
+        self._cached = (list(tiles), features)
+        return features
+
+    def _encode(self, tiles: Sequence[np.ndarray]) -> list[TileFeatures]:
         size = self.image_size
         mean = torch.tensor(SAM2_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(SAM2_STD, device=self.device).view(1, 3, 1, 1)
@@ -96,7 +103,7 @@ class Sam2Engine:
             feat.permute(1, 2, 0).reshape(len(tiles), -1, *hw)
             for feat, hw in zip(vision_feats, feat_sizes, strict=True)
         ]
-        features = [
+        return [
             TileFeatures(
                 image_embed=feats[-1][i : i + 1],
                 high_res=[level[i : i + 1] for level in feats[:-1]],
@@ -104,8 +111,6 @@ class Sam2Engine:
             )
             for i, tile in enumerate(tiles)
         ]
-        self._cached = (list(tiles), features)
-        return features
 
     def decode(
         self,
@@ -160,7 +165,8 @@ class Sam2MKSegmenter:
         if not tiles:
             return []
         features = self.engine.encode(tiles)
-        return [self._segment_tile(tile_features, pixel_size_um) for tile_features in features]
+        with self.engine.timer("mk_masks"):
+            return [self._segment_tile(tile_features, pixel_size_um) for tile_features in features]
 
     def _rules(self, pixel_size_um: float) -> LowResFilter:
         s = self.settings
