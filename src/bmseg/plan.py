@@ -34,9 +34,11 @@ DEFAULT_MIN_TISSUE_FRACTION = 0.0
 THUMBNAIL_SIDE = 2048  # px, longer side of the low-resolution read
 THUMBNAIL_BANDS = 8  # the low-resolution read is done in bands, for progress
 PICTURE_SIDE = 1400  # px, longer side of tissue.png
-TISSUE_RGB = (0, 170, 60)
-KEPT_RGB = (40, 90, 230)
-DROPPED_RGB = (175, 175, 175)
+# Picture colours per modality: (tissue outline, kept cores, dropped cores), and their names.
+PICTURE_COLOURS = {
+    "brightfield": ((0, 170, 60), (40, 90, 230), (175, 175, 175), "green", "blue"),
+    "fluorescence": ((255, 215, 0), (235, 235, 255), (90, 90, 90), "yellow", "white"),
+}
 
 TILE_SCHEMA = pa.schema(
     [
@@ -193,10 +195,12 @@ def tissue_picture(
     kept: np.ndarray,
     caption: str,
 ) -> bytes:
-    """PNG bytes: the thumbnail, tissue outlined in green, kept tiles' cores washed and framed
-    in blue, dropped ones framed in grey, and a caption."""
+    """PNG bytes: the thumbnail with the tissue outlined, the kept tiles' cores washed and
+    framed, dropped ones framed faintly, and a caption with a legend."""
     import cv2
 
+    tissue_rgb, kept_rgb, dropped_rgb, tissue_name, kept_name = PICTURE_COLOURS[modality]
+    caption += f"   {tissue_name}: tissue, {kept_name}: kept tile cores"
     image = display_image(thumbnail, modality)
     scale = min(1.0, PICTURE_SIDE / max(image.shape[:2]))
     size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
@@ -210,13 +214,13 @@ def tissue_picture(
     y1 = np.round((grid["core_y"] + grid["core_h"] - bounds.y) * px_y).astype(int) - 1
     wash = image.copy()
     for index in np.flatnonzero(kept):
-        cv2.rectangle(wash, (x0[index], y0[index]), (x1[index], y1[index]), KEPT_RGB, -1)
+        cv2.rectangle(wash, (x0[index], y0[index]), (x1[index], y1[index]), kept_rgb, -1)
     image = cv2.addWeighted(wash, 0.15, image, 0.85, 0)
     for index in np.flatnonzero(~kept):
-        cv2.rectangle(image, (x0[index], y0[index]), (x1[index], y1[index]), DROPPED_RGB, 1)
+        cv2.rectangle(image, (x0[index], y0[index]), (x1[index], y1[index]), dropped_rgb, 1)
     for index in np.flatnonzero(kept):
-        cv2.rectangle(image, (x0[index], y0[index]), (x1[index], y1[index]), KEPT_RGB, 1)
-    cv2.drawContours(image, contours, -1, TISSUE_RGB, 2, lineType=cv2.LINE_AA)
+        cv2.rectangle(image, (x0[index], y0[index]), (x1[index], y1[index]), kept_rgb, 1)
+    cv2.drawContours(image, contours, -1, tissue_rgb, 2, lineType=cv2.LINE_AA)
     bar = np.full((34, image.shape[1], 3), 255, np.uint8)
     font_scale = 0.5 if image.shape[1] >= 500 else 0.35
     cv2.putText(
@@ -316,8 +320,7 @@ def plan_slide(
         caption = (
             f"{slide.slide_id}  {slide.modality}  tissue {tissue_mm2:.2f} mm2  "
             f"tiles kept {info['tiles_kept']}/{info['tiles_total']}  "
-            f"({tiling.tile_size} px + {tiling.margin} px margin)   "
-            "green: tissue, blue: kept tile cores"
+            f"({tiling.tile_size} px + {tiling.margin} px margin)"
         )
         picture = tissue_picture(
             thumbnail, slide.modality, tissue.mask, slide.bounds, grid, kept, caption
@@ -341,7 +344,7 @@ def plan_slide(
         png_tmp.write_bytes(picture)
     log.info(
         "plan %s: read %dx%d thumbnail (1/%d, %.2f µm/px) in %.2f s; tissue %.3f mm² (%s, "
-        "threshold %s); kept %d of %d tiles (tile %d px, margin %d px); wrote %s in %.2f s",
+        "threshold %.4g); kept %d of %d tiles (tile %d px, margin %d px); wrote %s in %.2f s",
         info["source"],
         thumbnail.shape[1],
         thumbnail.shape[0],
@@ -350,7 +353,7 @@ def plan_slide(
         read_seconds,
         tissue_mm2,
         tissue.method,
-        info["tissue_threshold"],
+        tissue.threshold,
         info["tiles_kept"],
         info["tiles_total"],
         tiling.tile_size,
