@@ -20,6 +20,7 @@ The truth's areas and centroids are measured on the rasterised masks, not the pa
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,11 +148,10 @@ class SyntheticLayout:
         )
         return [self.cells[i] for i in np.flatnonzero(hit)]
 
-    @property
+    @functools.cached_property
     def _boxes(self) -> np.ndarray:
-        if not hasattr(self, "_box_array"):
-            self._box_array = np.array([c.box for c in self.cells], dtype=np.int64).reshape(-1, 4)
-        return self._box_array
+        """Every cell's box as rows ``x0, y0, x1, y1``, to find the cells meeting a tile."""
+        return np.array([c.box for c in self.cells], dtype=np.int64).reshape(-1, 4)
 
 
 def _smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
