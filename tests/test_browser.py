@@ -60,7 +60,11 @@ def site(tmp_path_factory) -> Path:
 
 
 class Watch:
-    """A page with its dialogs and script errors recorded: both must stay empty."""
+    """A page with its dialogs and script errors recorded: both must stay empty.
+
+    Waits use function predicates ("() => ..."): the pages' CSP forbids eval, which string
+    expressions would need.
+    """
 
     def __init__(self, context):
         self.dialogs: list[str] = []
@@ -122,7 +126,8 @@ def test_index_and_gallery_load_and_the_hostile_slide_name_is_inert(browser, sit
     assert page.locator(".card svg path.contour").count() == 8
     assert page.locator(".card .bar-label").first.text_content().endswith("µm")
     page.wait_for_function(  # eight cards fit on the first screen: all crops load
-        "[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)"
+        "() => [...document.querySelectorAll('.card img')]"
+        ".every(i => i.complete && i.naturalWidth > 0)"
     )
     texts = page.locator(".card .slide").all_inner_texts()
     slides = Counter(texts)
@@ -215,7 +220,9 @@ def test_import_adds_labels_and_rejects_a_foreign_file(browser, site, tmp_path):
         )
     )
     page.set_input_files("#import", str(good))
-    page.wait_for_function("document.getElementById('notice').textContent.includes('Imported 3')")
+    page.wait_for_function(
+        "() => document.getElementById('notice').textContent.includes('Imported 3')"
+    )
     assert {u: v for u, v in labels_on_page(page).items() if v} == {
         uids[1]: "yes",
         uids[3]: "unsure",
@@ -225,7 +232,7 @@ def test_import_adds_labels_and_rejects_a_foreign_file(browser, site, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"version": 1, "labels": [{"cell_uid": "x", "label": "maybe"}]}')
     page.set_input_files("#import", str(bad))
-    page.wait_for_function("document.getElementById('notice').classList.contains('warn')")
+    page.wait_for_function("() => document.getElementById('notice').classList.contains('warn')")
     assert len(export(page)["labels"]) == 3
     assert watch.clean(), (watch.dialogs, watch.errors)
     context.close()
@@ -299,7 +306,8 @@ def test_300_cell_page_weight_budget_and_time_to_interactive(browser, tmp_path, 
     for i in range(0, 300, 10):  # crops load lazily: scroll through the page to fetch them all
         page.locator(".card").nth(i).scroll_into_view_if_needed()
     page.wait_for_function(
-        "[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)"
+        "() => [...document.querySelectorAll('.card img')]"
+        ".every(i => i.complete && i.naturalWidth > 0)"
     )
     images = [p for p in requested if p.suffix == ".jpg"]
     assert len(set(images)) == 300

@@ -129,9 +129,10 @@ class LabelBook:
             return len(self.records)
 
     def _write(self, records: dict[tuple[str, str], dict[str, str]]) -> None:
-        text = json.dumps({"version": 1, "labels": list(records.values())}, indent=0)
+        lines = ",\n".join(json.dumps(record, ensure_ascii=False) for record in records.values())
+        text = f'{{"version": 1, "labels": [\n{lines}\n]}}\n'  # one label a line: diff-friendly
         with atomic_path(self.path) as tmp, tmp.open("w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         if os.name == "posix":  # make the rename itself durable
