@@ -155,6 +155,16 @@ def test_wrong_type_size_origin_or_path_are_refused(server):
     )
 
 
+def test_a_foreign_host_name_is_refused_on_loopback(server):
+    address = server[:2]
+    for method, body in (("GET", None), ("POST", b"{}")):
+        status, data = request(
+            address, method, "/api/labels", body, {"Host": f"evil.example:{address[1]}"}
+        )
+        assert status == 403 and "127.0.0.1" in json.loads(data)["error"]
+    assert request(address, "GET", "/", None, {"Host": f"localhost:{address[1]}"})[0] == 200
+
+
 def test_serves_the_site_and_nothing_outside_it(server):
     address = server[:2]
     assert request(address, "GET", "/")[0] == 200

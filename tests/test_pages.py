@@ -265,3 +265,19 @@ def test_unreadable_crop_and_unknown_pixel_size_still_show_the_cell(tmp_path):
     with Image.open(tmp_path / "site" / "HSPC" / placeholder["i"]) as thumb:
         assert thumb.size == (width, width)
         assert np.asarray(thumb).std() < 3  # flat grey
+
+
+def test_rerun_into_the_same_site_leaves_no_stale_pages_or_crops(tmp_path):
+    gathered = make_gathered(tmp_path / "g", {"S1": {"HSPC": 7}})
+    site = tmp_path / "site"
+    build_site([gathered], site, per_page=2)  # 4 pages
+    (site / "labels.json").write_text("{}")  # the user's file stays
+    build_site([gathered], site, per_page=5)  # 2 pages
+    assert sorted(p.name for p in (site / "HSPC").glob("page-*.html")) == [
+        "page-0001.html",
+        "page-0002.html",
+    ]
+    images = sorted(str(p.relative_to(site / "HSPC")) for p in (site / "HSPC").rglob("*.jpg"))
+    shown = sorted(c["i"] for cells in all_cells(site).values() for c in cells)
+    assert images == shown and len(shown) == 7
+    assert (site / "labels.json").exists()

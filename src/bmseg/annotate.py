@@ -32,6 +32,7 @@ LABEL_VALUES = ("yes", "no", "unsure")
 API_PATH = "/api/labels"
 MAX_POST_BYTES = 2 * 1024 * 1024
 MAX_TEXT = 200
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
 def parse_time(value: str) -> datetime:
@@ -148,10 +149,23 @@ class SiteHandler(SimpleHTTPRequestHandler):
 
     server_version = "bmseg-annotate"
 
-    def __init__(self, *args: Any, book: LabelBook, site: Path, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, book: LabelBook, site: Path, loopback: bool, **kwargs: Any
+    ) -> None:
         self.book = book
         self.site = site
+        self.loopback = loopback
         super().__init__(*args, directory=str(site), **kwargs)
+
+    def host_refused(self) -> bool:
+        """On a loopback address, answer only requests for a loopback name (no DNS rebinding)."""
+        if not self.loopback:
+            return False
+        name = urlsplit("//" + self.headers.get("Host", "")).hostname or ""
+        if name in LOOPBACK_NAMES:
+            return False
+        self.send_json(HTTPStatus.FORBIDDEN, {"error": "open the site at http://127.0.0.1"})
+        return True
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -176,6 +190,8 @@ class SiteHandler(SimpleHTTPRequestHandler):
         return urlsplit(self.path).path
 
     def do_GET(self) -> None:
+        if self.host_refused():
+            return
         route = self._route()
         if route == API_PATH:
             self.send_json(HTTPStatus.OK, self.book.document())
@@ -185,12 +201,16 @@ class SiteHandler(SimpleHTTPRequestHandler):
             super().do_GET()
 
     def do_HEAD(self) -> None:
+        if self.host_refused():
+            return
         if self._route().startswith("/api/"):
             self.send_json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use GET or POST"})
         else:
             super().do_HEAD()
 
     def do_POST(self) -> None:
+        if self.host_refused():
+            return
         if self._route() != API_PATH:
             self.send_json(HTTPStatus.NOT_FOUND, {"error": f"POST labels to {API_PATH}"})
             return
@@ -252,7 +272,7 @@ def make_server(site: Path, labels: Path, host: str, port: int) -> ThreadingHTTP
     if labels.exists() and not labels.is_file():
         raise BmsegError(f"{labels}: is not a file; pass --labels FILE")
     book = LabelBook(labels.resolve())
-    handler = partial(SiteHandler, book=book, site=site)
+    handler = partial(SiteHandler, book=book, site=site, loopback=host in LOOPBACK_NAMES)
     try:
         server = ThreadingHTTPServer((host, port), handler)
     except OSError as error:

@@ -425,6 +425,29 @@ def write_galleries(
         log.info("wrote %d %s gallery page(s)", pages, cell_type)
 
 
+def remove_stale(cells: pa.Table, layout: Layout, site: Path) -> None:
+    """Delete pages and crops an earlier, larger run left in this site's cell-type folders."""
+    types = cells["cell_type"].to_numpy(zero_copy_only=False)
+    removed = 0
+    for cell_type, pages in layout.pages.items():
+        folder = site / layout.type_dirs[cell_type]
+        kept = {layout.image_name(row) for row in np.flatnonzero(types == cell_type)}
+        for page in folder.glob("page-*.html"):
+            number = page.stem.removeprefix("page-")
+            if number.isdigit() and int(number) > pages:
+                page.unlink()
+                removed += 1
+        for image in folder.glob("p[0-9][0-9][0-9][0-9]/[0-9][0-9][0-9].jpg"):
+            if f"{image.parent.name}/{image.name}" not in kept:
+                image.unlink()
+                removed += 1
+        for image_dir in folder.glob("p[0-9][0-9][0-9][0-9]"):
+            if image_dir.is_dir() and not any(image_dir.iterdir()):
+                image_dir.rmdir()
+    if removed:
+        log.info("removed %d stale page and crop files of an earlier run", removed)
+
+
 def write_index(cells: pa.Table, layout: Layout, site: Path, site_key: str) -> None:
     """``index.html``: a row per slide and cell type (cells, labelled) and every page's link."""
     grouped = (
@@ -518,6 +541,7 @@ def build_site(
     copy_assets(site)
     thumbs = render_crops(cells, sources, layout, site, image_size)
     write_galleries(cells, layout, thumbs, site, site_key)
+    remove_stale(cells, layout, site)
     write_index(cells, layout, site, site_key)  # last: a site with an index is complete
     log.info("wrote site %s: %d cells, pages %s", site, len(cells), layout.pages)
     return layout.pages
