@@ -14,12 +14,15 @@ import argparse
 import hashlib
 import html
 import io
+import itertools
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import string
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -128,7 +131,7 @@ def load_cells(sources: list[CellSource]) -> pa.Table:
         table = pq.read_table(source.cells, columns=list(CELL_COLUMNS))
         parts.append(table.append_column("source", pa.array(np.full(len(table), index, np.int32))))
         log.info("read %d cells from %s", len(table), source.cells)
-    cells = pa.concat_tables(parts) if parts else pa.table({})
+    cells = pa.concat_tables(parts)
     uids = cells["cell_uid"]
     if pc.count_distinct(uids).as_py() != len(uids):
         counts = pc.value_counts(uids)
@@ -246,6 +249,15 @@ def make_thumbnail(jpeg: bytes, width: int, height: int, size: int) -> tuple[byt
     return out.getvalue(), image.width, image.height
 
 
+def write_thumbnail(
+    jpeg: bytes, width: int, height: int, size: int, target: Path
+) -> tuple[int, int]:
+    """Write the thumbnail of one crop to ``target``; return its width and height."""
+    data, thumb_width, thumb_height = make_thumbnail(jpeg, width, height, size)
+    write_bytes(data, target)
+    return thumb_width, thumb_height
+
+
 def json_for_script(data: object) -> str:
     """JSON that is safe inside ``<script type="application/json">``: no ``</script>``, ``<!--``."""
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
@@ -325,14 +337,20 @@ def render_crops(
                 for name in ("x", "y", "scale", "width", "height")
             }
             images = crops["image"].take(pa.array(crop_rows))
-            for k, row in enumerate(in_source):
-                data, w, h = make_thumbnail(
-                    images[k].as_py(), crop["width"][k], crop["height"][k], size
+            targets = [site / layout.type_dirs[types[r]] / layout.image_name(r) for r in in_source]
+            # Pillow releases the GIL while decoding and encoding: threads use every core.
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                sizes = pool.map(
+                    write_thumbnail,
+                    (image.as_py() for image in images),
+                    crop["width"],
+                    crop["height"],
+                    itertools.repeat(size),
+                    targets,
                 )
-                target = site / layout.type_dirs[types[row]] / layout.image_name(row)
-                write_bytes(data, target)
-                thumb_w[row], thumb_h[row] = w, h
-                progress.update()
+                for row, (w, h) in zip(in_source, sizes, strict=True):
+                    thumb_w[row], thumb_h[row] = w, h
+                    progress.update()
             factor = thumb_w[in_source] / crop["width"]
             um_per_thumb_px = um_per_slide_px[in_source] * crop["scale"] * (1.0 / factor)
             length_um, length_px = nice_scale_bars(um_per_thumb_px, thumb_w[in_source])
