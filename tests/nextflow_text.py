@@ -183,6 +183,8 @@ class _Lambda:
     def __call__(self, *args: Any) -> Any:
         scope = dict(self.scope)
         names = self.params or ["it"]
+        if len(args) == 1 and len(names) > 1 and isinstance(args[0], list):
+            args = tuple(args[0])  # Groovy spreads a list over several closure parameters
         scope.update(zip(names, args, strict=False))
         return evaluate(self.body, scope)
 
@@ -221,6 +223,7 @@ _METHODS: dict[str, Callable[..., Any]] = {
     "size": len,
     "join": lambda items, sep="": sep.join(groovy_str(item) for item in items),
     "collect": lambda items, fn: [fn(item) for item in items],
+    "transpose": lambda lists: [list(row) for row in zip(*lists, strict=True)],
 }
 
 _CASTS: dict[str, Callable[[Any], Any]] = {
@@ -395,8 +398,11 @@ class _Parser:
             if self._at(".") or self._at("?."):
                 safe = self._take()[1] == "?."
                 name = self._take()[1]
-                if self._at("("):
-                    args = self._arguments()
+                if self._at("(") or self._at("{"):
+                    args = self._arguments() if self._at("(") else []
+                    if self._at("{"):  # a trailing closure argument: items.collect { x -> ... }
+                        self._take()
+                        args.append(self._closure())
                     if safe and value is None:
                         continue
                     value = self._call_method(value, name, args)

@@ -61,6 +61,7 @@ SAMPLE_INPUTS: dict[str, dict[str, Any]] = {
     "SEGMENT": {
         "batch_id": "batch_0001",
         "batch": "batch_0001.parquet",
+        "slide_ids": ["S1", "S2"],
         "slides": PathList(["slides/S1.czi", "slides/S2.czi"]),
         "models": "models",
     },

@@ -27,12 +27,16 @@ workflow BMSEG {
     BATCH(PLAN.out.tiles.map { meta, tiles -> tiles }.collect())
 
     // One SEGMENT task per batch table, keyed by its name (batch_0000, ...): a failed batch is
-    // the only task a resumed run redoes. Every slide is staged as a link; the command reads
-    // only the slides its batch names.
+    // the only task a resumed run redoes. Every slide is staged as a link, with its id; the
+    // command reads only the slides its batch names.
     ch_batches = BATCH.out.batches
         .flatten()
         .map { batch -> [batch.baseName, batch] }
-    SEGMENT(ch_batches, ch_slides.map { meta, slide -> slide }.collect(), ch_models)
+    ch_all_slides = ch_slides
+        .map { meta, slide -> [meta.id, slide] }
+        .collect(flat: false)
+        .map { pairs -> [pairs.collect { pair -> pair[0] }, pairs.collect { pair -> pair[1] }] }
+    SEGMENT(ch_batches, ch_all_slides, ch_models)
 
     // GATHER reads each slide's plan (slide.json, tiles, tissue picture) from one folder.
     ch_plans = PLAN.out.plan

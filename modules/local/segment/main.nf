@@ -1,7 +1,9 @@
 /*
  * SEGMENT: one batch of tiles through SAM2 (MKs), Cellpose-SAM + SAM2 (HSPCs) and ResNet-50
  * (embeddings) on one GPU. One task per batch, so a resumed run redoes only failed batches.
- * Every slide is staged (as a link) and the command picks the ones the batch names.
+ * Every slide is staged (as a link) and bound to its slide id (ID=PATH), so slide ids that
+ * differ from file names (samplesheet ids) still match; the command reads only the slides
+ * its batch names.
  * Without a models folder (an empty list) it uses the weights baked into the image.
  */
 process SEGMENT {
@@ -11,7 +13,7 @@ process SEGMENT {
 
     input:
     tuple val(batch_id), path(batch)
-    path slides, arity: '1..*', stageAs: 'slides/*'
+    tuple val(slide_ids), path(slides, arity: '1..*', stageAs: 'slides/*')
     path models, stageAs: 'models'
 
     output:
@@ -21,8 +23,9 @@ process SEGMENT {
     script:
     def args = task.ext.args ?: ''
     def models_dir = models ?: '/opt/bmseg/models'
+    def bindings = [slide_ids, slides].transpose().collect { slide_id, slide -> "${slide_id}=${slide}" }.join(' ')
     """
-    bmseg segment ${batch} --slides ${slides} --models ${models_dir} ${args} --out ${batch_id}
+    bmseg segment ${batch} --slides ${bindings} --models ${models_dir} ${args} --out ${batch_id}
 
     bmseg versions --process ${task.process} > versions.yml
     """
