@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from skimage.measure import regionprops_table
 
 from bmseg import features
 
@@ -71,10 +72,31 @@ def test_labels_must_be_consecutive(tile):
         features.shape_features(np.where(labels == 2, 0, labels), 3, 0.5, 0, 0)
 
 
+def test_shape_features_agree_with_scikit_image(tile):
+    labels, _ = tile
+    shape = features.shape_features(labels, 3, pixel_size_um=1.0, origin_x=0, origin_y=0)
+    reference = regionprops_table(
+        labels,
+        properties=(
+            "axis_major_length",
+            "axis_minor_length",
+            "eccentricity",
+            "perimeter",
+            "solidity",
+        ),
+    )
+    assert shape["major_axis_um"] == pytest.approx(reference["axis_major_length"], rel=1e-9)
+    assert shape["minor_axis_um"] == pytest.approx(reference["axis_minor_length"], rel=1e-9)
+    assert shape["eccentricity"] == pytest.approx(reference["eccentricity"], abs=1e-9)
+    # Perimeter and hull follow the outline through boundary pixel centres, as skimage's do.
+    assert shape["perimeter_um"] == pytest.approx(reference["perimeter"], rel=0.06)
+    assert shape["solidity"] == pytest.approx(reference["solidity"], rel=0.1)
+
+
 def test_contours_trace_each_cell_in_slide_px(tile):
     labels, _ = tile
-    boxes = np.array([[20, 20, 41, 41], [20, 70, 70, 30], [110, 10, 40, 50]])
-    xs, ys = features.simplified_contours(labels, boxes, 1000, 2000)
+    shape = features.shape_features(labels, 3, 0.5, 1000, 2000)
+    xs, ys = shape["contour_x_px"], shape["contour_y_px"]
     # The rectangle simplifies to its four corners (pixel centres).
     corners = sorted(zip(xs[1].tolist(), ys[1].tolist(), strict=True))
     assert corners == [(1020, 2070), (1020, 2099), (1089, 2070), (1089, 2099)]
@@ -107,6 +129,17 @@ def test_crop_sampler_resamples_the_right_window():
     assert not crops[0][..., 1:].any()
     # Outside the tile the crop is black.
     assert not crops[1].any()
-    jpeg = features.encode_jpeg(crops[:1])[0]
-    decoded = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    assert decoded.shape == (16, 16, 3) and decoded[..., 2].mean() > 240  # BGR: red
+
+
+def test_gallery_jpegs_keep_small_crops_whole_and_shrink_large_ones():
+    rgb = np.zeros((300, 300, 3), np.uint8)
+    rgb[100:140, 100:140] = (255, 0, 0)  # red square
+    squares = np.array([[100, 100, 40], [0, 0, 300], [280, 280, 40]])
+    jpegs, sides = features.gallery_jpegs(rgb, squares, max_px=128)
+    assert sides.tolist() == [40, 128, 40]
+    images = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in jpegs]
+    assert [i.shape for i in images] == [(40, 40, 3), (128, 128, 3), (40, 40, 3)]
+    assert images[0][5:-5, 5:-5, 2].min() > 240 and images[0][..., 0].max() < 20  # BGR red
+    assert images[1][..., 2].mean() == pytest.approx(255 * 1600 / 90000, abs=3)
+    # The square reaching past the tile's corner is black outside it.
+    assert images[2].max() < 10

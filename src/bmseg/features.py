@@ -1,10 +1,11 @@
 """Per-cell measurements of one tile, computed for all of its cells at once.
 
 Everything here works on a tile's label image (0 background, cells ``1..N``) in tile-local
-pixels and returns slide coordinates, so SEGMENT can write rows as they come. Shape comes from
-``skimage.measure.regionprops_table``, intensities from ``np.bincount`` and one sort per
-channel, crops from one ``torchvision.ops.roi_align`` call per tile. Only the contour
-simplification and the JPEG encoding visit cells one by one (OpenCV has no batched form).
+pixels and returns slide coordinates, so SEGMENT can write rows as they come. Areas, centroids,
+the inertia ellipse and intensities come from ``np.bincount`` over the tile's pixels,
+percentiles from one sort per channel, bboxes from ``scipy.ndimage.find_objects``, crops from
+one ``torchvision.ops.roi_align`` call. Only the contour (and the perimeter and convex hull
+taken from it) and the JPEG encoding visit cells one by one: OpenCV has no batched form.
 Every column is documented in docs/cells.md.
 """
 
@@ -15,7 +16,6 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
-from skimage.measure import regionprops_table
 
 INTENSITY_PERCENTILES = (10, 50, 90)
 INTENSITY_STATS = ("mean", "std", *(f"p{q}" for q in INTENSITY_PERCENTILES))
@@ -25,6 +25,7 @@ CROP_PADDING = 0.25
 """Context around a cell: the crop square's side is the bbox's longer side times 1 + 2 * this."""
 CROP_MIN_SIDE_PX = 32
 GALLERY_CROP_PX = 128
+"""Largest side of a gallery JPEG; smaller crops keep their full resolution."""
 GALLERY_JPEG_QUALITY = 85
 
 
@@ -107,75 +108,116 @@ def intensity_stats(
     return columns
 
 
+def _bboxes(labels: np.ndarray, count: int) -> np.ndarray:
+    """(count, 4) tile-local ``x, y, w, h`` of labels ``1..count`` (all present)."""
+    from scipy import ndimage
+
+    slices = ndimage.find_objects(labels, max_label=count)
+    if any(found is None for found in slices):
+        raise ValueError("labels must be consecutive 1..count, each present")
+    bounds = np.array(
+        [(cols.start, rows.start, cols.stop, rows.stop) for rows, cols in slices], dtype=np.int64
+    ).reshape(-1, 4)
+    return np.stack(
+        [bounds[:, 0], bounds[:, 1], bounds[:, 2] - bounds[:, 0], bounds[:, 3] - bounds[:, 1]],
+        axis=1,
+    )
+
+
+def _second_moments(labels: np.ndarray, count: int) -> dict[str, np.ndarray]:
+    """Area, centroid and the inertia ellipse of each label, from pixel sums (np.bincount).
+
+    Same definitions as scikit-image's regionprops: the axes are 4·sqrt of the eigenvalues of
+    the inertia tensor ``[[mu02, -mu11], [-mu11, mu20]] / mu00``.
+    """
+    rows, cols = np.nonzero(labels)
+    groups = labels[rows, cols]
+    rows, cols = rows.astype(np.float64), cols.astype(np.float64)
+
+    def total(weights: np.ndarray | None) -> np.ndarray:
+        return np.bincount(groups, weights=weights, minlength=count + 1)[1:]
+
+    area = total(None).astype(np.float64)
+    cx, cy = total(cols) / area, total(rows) / area
+    # Central moments per pixel, relative to the own centroid: no cancellation at large x, y.
+    dx, dy = cols - cx[groups - 1], rows - cy[groups - 1]
+    a, d, b = total(dx * dx) / area, total(dy * dy) / area, -total(dx * dy) / area
+    half_sum, root = (a + d) / 2, np.sqrt(((a - d) / 2) ** 2 + b * b)
+    major, minor = half_sum + root, np.maximum(half_sum - root, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        eccentricity = np.where(major > 0, np.sqrt(np.maximum(1 - minor / major, 0.0)), 0.0)
+    return {
+        "area": area,
+        "cx": cx,
+        "cy": cy,
+        "major": 4 * np.sqrt(major),
+        "minor": 4 * np.sqrt(minor),
+        "eccentricity": eccentricity,
+    }
+
+
+def _outlines(
+    labels: np.ndarray, bboxes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Perimeter (px), solidity and the simplified outer contour (tile px) of each label.
+
+    The contour is OpenCV's outer boundary of the label's largest part through its boundary
+    pixels' centres; the perimeter is its length, the solidity the ratio of its area to its
+    convex hull's. One small ``findContours`` per cell on the cell's bbox.
+    """
+    perimeter = np.zeros(len(bboxes))
+    solidity = np.ones(len(bboxes))
+    contours: list[np.ndarray] = []
+    for index, (x, y, w, h) in enumerate(bboxes):
+        window = np.pad((labels[y : y + h, x : x + w] == index + 1).astype(np.uint8), 1)
+        found, _ = cv2.findContours(window, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        outline = max(found, key=len)
+        perimeter[index] = cv2.arcLength(outline, True)
+        hull_area = cv2.contourArea(cv2.convexHull(outline))
+        if hull_area > 0:
+            solidity[index] = cv2.contourArea(outline) / hull_area
+        points = cv2.approxPolyDP(outline, CONTOUR_TOLERANCE_PX, True).reshape(-1, 2)
+        contours.append(points + np.array([x - 1, y - 1]))
+    return perimeter, solidity, contours
+
+
 def shape_features(
     labels: np.ndarray, count: int, pixel_size_um: float, origin_x: int, origin_y: int
-) -> dict[str, np.ndarray]:
-    """Centroid, bbox (slide px), area and shape descriptors of labels ``1..count``.
+) -> dict[str, object]:
+    """Centroid, bbox, area, shape descriptors and contour of labels ``1..count``.
 
-    ``labels`` must hold every label ``1..count`` at least once. Lengths are in µm.
+    ``labels`` must hold every label ``1..count``; pixel ``(0, 0)`` is slide ``(origin_x,
+    origin_y)``. Positions come back in slide px, lengths in µm (docs/cells.md).
     """
-    props = regionprops_table(
-        labels,
-        properties=(
-            "label",
-            "area",
-            "centroid",
-            "bbox",
-            "perimeter",
-            "equivalent_diameter_area",
-            "axis_major_length",
-            "axis_minor_length",
-            "eccentricity",
-            "solidity",
-        ),
-    )
-    if props["label"].size != count or not np.array_equal(props["label"], np.arange(1, count + 1)):
-        raise ValueError("labels must be consecutive 1..count, each present")
-    area_px = props["area"].astype(np.float64)
-    perimeter_px = props["perimeter"].astype(np.float64)
+    bboxes = _bboxes(labels, count)
+    moments = _second_moments(labels, count)
+    perimeter_px, solidity, contours = _outlines(labels, bboxes)
+    area_px = moments["area"]
     with np.errstate(invalid="ignore", divide="ignore"):
         circularity = np.where(perimeter_px > 0, 4 * np.pi * area_px / perimeter_px**2, np.nan)
-    centroid_x = origin_x + props["centroid-1"]
-    centroid_y = origin_y + props["centroid-0"]
+    centroid_x = origin_x + moments["cx"]
+    centroid_y = origin_y + moments["cy"]
     return {
         "centroid_x_px": centroid_x,
         "centroid_y_px": centroid_y,
         "centroid_x_um": centroid_x * pixel_size_um,
         "centroid_y_um": centroid_y * pixel_size_um,
-        "bbox_x_px": (origin_x + props["bbox-1"]).astype(np.int64),
-        "bbox_y_px": (origin_y + props["bbox-0"]).astype(np.int64),
-        "bbox_w_px": (props["bbox-3"] - props["bbox-1"]).astype(np.int64),
-        "bbox_h_px": (props["bbox-2"] - props["bbox-0"]).astype(np.int64),
+        "bbox_x_px": origin_x + bboxes[:, 0],
+        "bbox_y_px": origin_y + bboxes[:, 1],
+        "bbox_w_px": bboxes[:, 2],
+        "bbox_h_px": bboxes[:, 3],
         "area_px": area_px,
         "area_um2": area_px * pixel_size_um**2,
         "perimeter_um": perimeter_px * pixel_size_um,
-        "equivalent_diameter_um": props["equivalent_diameter_area"] * pixel_size_um,
-        "major_axis_um": props["axis_major_length"] * pixel_size_um,
-        "minor_axis_um": props["axis_minor_length"] * pixel_size_um,
-        "eccentricity": props["eccentricity"].astype(np.float64),
-        "solidity": props["solidity"].astype(np.float64),
+        "equivalent_diameter_um": np.sqrt(4 * area_px / np.pi) * pixel_size_um,
+        "major_axis_um": moments["major"] * pixel_size_um,
+        "minor_axis_um": moments["minor"] * pixel_size_um,
+        "eccentricity": moments["eccentricity"],
+        "solidity": solidity,
         "circularity": circularity,
+        "contour_x_px": [(c[:, 0] + origin_x).astype(np.float32) for c in contours],
+        "contour_y_px": [(c[:, 1] + origin_y).astype(np.float32) for c in contours],
     }
-
-
-def simplified_contours(
-    labels: np.ndarray, bboxes: np.ndarray, origin_x: int, origin_y: int
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Outer contour of each cell's largest part, simplified, in slide px (pixel centres).
-
-    ``bboxes`` is (N, 4) tile-local ``x, y, w, h`` of labels ``1..N``. Returns per-cell x and
-    y float32 arrays (closed implicitly: the last point connects to the first).
-    """
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-    for label, (x, y, w, h) in enumerate(bboxes, start=1):
-        window = np.pad((labels[y : y + h, x : x + w] == label).astype(np.uint8), 1)
-        found, _ = cv2.findContours(window, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        outline = max(found, key=cv2.contourArea)
-        points = cv2.approxPolyDP(outline, CONTOUR_TOLERANCE_PX, True).reshape(-1, 2)
-        xs.append((points[:, 0] + (origin_x + x - 1)).astype(np.float32))
-        ys.append((points[:, 1] + (origin_y + y - 1)).astype(np.float32))
-    return xs, ys
 
 
 def crop_squares(bboxes: np.ndarray) -> np.ndarray:
@@ -227,13 +269,32 @@ class CropSampler:
             return crops.cpu().numpy()
 
 
-def encode_jpeg(crops: np.ndarray, quality: int = GALLERY_JPEG_QUALITY) -> list[bytes]:
-    """JPEG bytes of each (N, H, W, 3) RGB uint8 crop."""
+def gallery_jpegs(
+    rgb: np.ndarray, squares: np.ndarray, max_px: int, quality: int = GALLERY_JPEG_QUALITY
+) -> tuple[list[bytes], np.ndarray]:
+    """JPEG bytes of each (N, 3) ``x, y, side`` square of an RGB tile, and each JPEG's side.
+
+    A square is kept at full resolution up to ``max_px`` and shrunk (area averaging) to
+    ``max_px`` beyond, so small cells cost few bytes and large ones stay bounded; outside the
+    tile is black. One slice, resize and encode per cell: the encoding is per image anyway.
+    """
     params = [cv2.IMWRITE_JPEG_QUALITY, quality]
-    encoded = []
-    for crop in crops:
-        ok, data = cv2.imencode(".jpg", np.ascontiguousarray(crop[..., ::-1]), params)
+    height, width = rgb.shape[:2]
+    encoded: list[bytes] = []
+    sizes = np.minimum(squares[:, 2], max_px).astype(np.int32) if len(squares) else np.zeros(0)
+    for (x, y, side), size in zip(squares, sizes, strict=True):
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + side, width), min(y + side, height)
+        if (x0, y0, x1, y1) == (x, y, x + side, y + side):
+            region = rgb[y:y1, x:x1]
+        else:
+            region = np.zeros((side, side, 3), np.uint8)
+            if x1 > x0 and y1 > y0:
+                region[y0 - y : y1 - y, x0 - x : x1 - x] = rgb[y0:y1, x0:x1]
+        bgr = cv2.cvtColor(region, cv2.COLOR_RGB2BGR)
+        if size < side:
+            bgr = cv2.resize(bgr, (int(size), int(size)), interpolation=cv2.INTER_AREA)
+        ok, data = cv2.imencode(".jpg", bgr, params)
         if not ok:
             raise RuntimeError("OpenCV failed to encode a JPEG crop")
         encoded.append(data.tobytes())
-    return encoded
+    return encoded, sizes.astype(np.int32)

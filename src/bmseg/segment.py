@@ -77,6 +77,10 @@ class Tile:
     pixel_size_um: float
 
 
+_Read = tuple[Tile, np.ndarray, np.ndarray, float]
+"""A read tile: the tile, its slide pixels, its RGB model input, seconds spent reading."""
+
+
 @dataclass(frozen=True)
 class SegmentOptions:
     """Knobs of :func:`segment_batch` that are not models."""
@@ -86,6 +90,7 @@ class SegmentOptions:
     hspc_min_area_um2: float = HSPCSettings.min_area_um2
     hspc_max_area_um2: float = HSPCSettings.max_area_um2
     readers: int = 2
+    workers: int = 2
     gpu_batch_tiles: int = 1
     embed_batch: int = EmbedderSettings.batch_size
     crop_px: int = 128
@@ -262,16 +267,14 @@ class TileReader:
                 self._opened.append(slide)
         return slides[slide_id]
 
-    def _read(self, tile: Tile) -> tuple[Tile, np.ndarray, np.ndarray, float]:
+    def _read(self, tile: Tile) -> _Read:
         start = time.perf_counter()
         slide = self._slide(tile.slide_id)
         pixels = slide.read(tile.read.x, tile.read.y, tile.read.w, tile.read.h)
         rgb = to_rgb8(pixels, slide.modality)
         return tile, pixels, rgb, time.perf_counter() - start
 
-    def iter_read(
-        self, tiles: Sequence[Tile], lookahead: int
-    ) -> Iterator[tuple[Tile, np.ndarray, np.ndarray, float]]:
+    def iter_read(self, tiles: Sequence[Tile], lookahead: int) -> Iterator[_Read]:
         """Tiles' ``(tile, pixels, rgb, seconds)`` in order, ``lookahead`` reads kept in flight."""
         pending: collections.deque[Future] = collections.deque()
         remaining = iter(tiles)
@@ -370,6 +373,7 @@ class _TileCells:
     squares: np.ndarray
     sampler: Any
     jpegs: list[bytes]
+    jpeg_sides: np.ndarray
 
 
 def _measure_tile(
@@ -408,9 +412,6 @@ def _measure_tile(
         ],
         axis=1,
     ).reshape(-1, 4)
-    contour_x, contour_y = features.simplified_contours(
-        labels, local_boxes, tile.read.x, tile.read.y
-    )
     cell_type = np.array(["MK"] * mk.count + ["HSPC"] * hspc.count, dtype=object)
     uid_x = np.rint(columns["centroid_x_px"]).astype(np.int64)
     uid_y = np.rint(columns["centroid_y_px"]).astype(np.int64)
@@ -424,18 +425,17 @@ def _measure_tile(
         **columns,
         "score": np.concatenate([mk.scores, hspc.scores]).astype(np.float32),
         "mask_label": np.arange(1, count + 1, dtype=np.int32),
-        "contour_x_px": contour_x,
-        "contour_y_px": contour_y,
     }
     squares = features.crop_squares(local_boxes)
-    sampler = features.CropSampler(rgb, device=options.device)
+    jpegs, jpeg_sides = features.gallery_jpegs(rgb, squares, options.crop_px)
     return _TileCells(
         tile=tile,
         labels=labels,
         columns=columns,
         squares=squares,
-        sampler=sampler,
-        jpegs=features.encode_jpeg(sampler.sample(squares, options.crop_px)),
+        sampler=features.CropSampler(rgb, device=options.device),
+        jpegs=jpegs,
+        jpeg_sides=jpeg_sides,
     )
 
 
@@ -463,11 +463,9 @@ def _embed(embedder: Embedder, tiles: Sequence[_TileCells], batch: int) -> list[
 # ---------------------------------------------------------------------------------- batch
 
 
-def _groups(
-    items: Iterator[tuple[Tile, np.ndarray, np.ndarray, float]], size: int
-) -> Iterator[list[tuple[Tile, np.ndarray, np.ndarray, float]]]:
+def _groups(items: Iterator[_Read], size: int) -> Iterator[list[_Read]]:
     """Consecutive read tiles in groups of up to ``size`` sharing one pixel size."""
-    group: list[tuple[Tile, np.ndarray, np.ndarray, float]] = []
+    group: list[_Read] = []
     for item in items:
         if group and (len(group) == size or item[0].pixel_size_um != group[0][0].pixel_size_um):
             yield group
@@ -475,6 +473,59 @@ def _groups(
         group.append(item)
     if group:
         yield group
+
+
+@dataclass
+class _Finished:
+    """A group of tiles measured and embedded, ready to write."""
+
+    reads: list[_Read]
+    measured: list[_TileCells]
+    embeddings: list[np.ndarray]
+    seconds: dict[str, float]
+
+
+def _segment_group(
+    reads: list[_Read], segmenters: dict[str, Segmenter], timings: dict[str, float]
+) -> dict[str, list[Detections]]:
+    """Run each segmenter once on the group's RGB tiles; validated detections per stage."""
+    rgbs = [item[2] for item in reads]
+    pixel_size = reads[0][0].pixel_size_um
+    detected = {}
+    for stage, segmenter in segmenters.items():
+        start = time.perf_counter()
+        found = segmenter.segment(rgbs, pixel_size)
+        if len(found) != len(rgbs):
+            raise RuntimeError(f"{stage} segmenter returned {len(found)} results for {len(rgbs)}")
+        detected[stage] = [
+            _checked(d, rgb.shape[:2], f"{stage} segmenter")
+            for d, rgb in zip(found, rgbs, strict=True)
+        ]
+        timings[stage] += time.perf_counter() - start
+    return detected
+
+
+def _finish_group(
+    reads: list[_Read],
+    detected: dict[str, list[Detections]],
+    channel_sets: dict[str, list[Channel]],
+    embedder: Embedder,
+    options: SegmentOptions,
+) -> _Finished:
+    """Measure the group's tiles and embed their cells (runs on a worker thread)."""
+    start = time.perf_counter()
+    measured = [
+        _measure_tile(tile, pixels, rgb, channel_sets[tile.slide_id], mk, hspc, options)
+        for (tile, pixels, rgb, _), mk, hspc in zip(
+            reads, detected["mk"], detected["hspc"], strict=True
+        )
+    ]
+    features_s = time.perf_counter() - start
+    start = time.perf_counter()
+    embeddings = _embed(embedder, measured, options.embed_batch)
+    return _Finished(
+        reads, measured, embeddings, {"features": features_s, "embed": time.perf_counter() - start}
+    )
 
 
 def segment_batch(
@@ -489,9 +540,11 @@ def segment_batch(
 ) -> dict[str, Any]:
     """Segment ``tiles`` and write the four outputs to ``out_dir``; return batch.json's content.
 
-    Segmenters are called on the tiles in the given order, each tile exactly once per
-    segmenter, in lists of up to ``options.gpu_batch_tiles`` tiles; the tile list and the RGB
-    list passed correspond one to one. ``record`` (batch number, device, models) is copied into
+    Three kinds of threads overlap: readers fetch tiles ahead, the calling thread runs the
+    segmenters, ``options.workers`` threads measure and embed finished groups; rows are
+    written in tile order. Segmenters are called from the calling thread on the tiles in the
+    given order, each tile exactly once per segmenter, in lists of up to
+    ``options.gpu_batch_tiles`` tiles. ``record`` (batch number, device, models) is copied into
     batch.json. Tiles must have been checked (:func:`check_tiles`).
     """
     from tqdm import tqdm
@@ -508,6 +561,7 @@ def segment_batch(
             channel_sets[slide_id] = slide.channels
     channel_names = list(dict.fromkeys(c.name for cs in channel_sets.values() for c in cs))
     schema = cells_schema(channel_names, embedder.dim)
+    segmenters = {"mk": mk_segmenter, "hspc": hspc_segmenter}
     stats = _Stats()
     reader = TileReader(slide_paths, pixel_sizes, options.readers)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -517,52 +571,24 @@ def segment_batch(
             parquet_writer(out_dir / "cells.parquet", schema) as cells_out,
             parquet_writer(out_dir / "crops.parquet", CROPS_SCHEMA) as crops_out,
             masks_writer(out_dir / "masks.h5") as masks_out,
+            ThreadPoolExecutor(options.workers, thread_name_prefix="bmseg-measure") as workers,
             tqdm(
                 total=len(tiles), unit="tile", desc="segment", disable=not options.progress
             ) as bar,
         ):
-            reads = reader.iter_read(tiles, lookahead=options.gpu_batch_tiles)
-            for group in _groups(reads, max(1, options.gpu_batch_tiles)):
-                group_start = time.perf_counter()
-                group_tiles = [item[0] for item in group]
-                rgbs = [item[2] for item in group]
-                stats.timings["read"] += sum(item[3] for item in group)
-                pixel_size = group_tiles[0].pixel_size_um
-                detected = {}
-                for stage, segmenter in (("mk", mk_segmenter), ("hspc", hspc_segmenter)):
-                    start = time.perf_counter()
-                    found = segmenter.segment(rgbs, pixel_size)
-                    if len(found) != len(rgbs):
-                        raise RuntimeError(f"{stage} segmenter returned {len(found)} results")
-                    detected[stage] = [
-                        _checked(d, rgb.shape[:2], f"{stage} segmenter")
-                        for d, rgb in zip(found, rgbs, strict=True)
-                    ]
-                    stats.timings[stage] += time.perf_counter() - start
+
+            def write(finished: _Finished, segment_s: float) -> None:
                 start = time.perf_counter()
-                measured = [
-                    _measure_tile(
-                        tile,
-                        pixels,
-                        rgb,
-                        channel_sets[tile.slide_id],
-                        mk,
-                        hspc,
-                        options,
-                    )
-                    for (tile, pixels, rgb, _), mk, hspc in zip(
-                        group, detected["mk"], detected["hspc"], strict=True
-                    )
-                ]
-                stats.timings["features"] += time.perf_counter() - start
-                start = time.perf_counter()
-                embeddings = _embed(embedder, measured, options.embed_batch)
-                stats.timings["embed"] += time.perf_counter() - start
-                start = time.perf_counter()
-                for cells, cell_embeddings in zip(measured, embeddings, strict=True):
-                    _write_tile(
-                        cells, cell_embeddings, schema, cells_out, crops_out, masks_out, options
-                    )
+                for cells, embeddings in zip(finished.measured, finished.embeddings, strict=True):
+                    _write_tile(cells, embeddings, schema, cells_out, crops_out, masks_out, options)
+                write_s = time.perf_counter() - start
+                for stage, seconds in finished.seconds.items():
+                    stats.timings[stage] += seconds
+                stats.timings["write"] += write_s
+                shared = (segment_s + sum(finished.seconds.values()) + write_s) / len(
+                    finished.reads
+                )
+                for cells, item in zip(finished.measured, finished.reads, strict=True):
                     types = collections.Counter(cells.columns["cell_type"])
                     for cell_type in CELL_TYPES:
                         stats.cells[cell_type] += types[cell_type]
@@ -572,13 +598,29 @@ def segment_batch(
                             "tile_id": cells.tile.tile_id,
                             "n_mk": types["MK"],
                             "n_hspc": types["HSPC"],
+                            "seconds": round(item[3] + shared, 4),
                         }
                     )
-                stats.timings["write"] += time.perf_counter() - start
-                share = (time.perf_counter() - group_start) / len(group)
-                for entry, item in zip(stats.tiles[-len(group) :], group, strict=True):
-                    entry["seconds"] = round(share + item[3], 4)
-                bar.update(len(group))
+                bar.update(len(finished.reads))
+
+            pending: collections.deque[tuple[Future, float]] = collections.deque()
+            reads = reader.iter_read(tiles, lookahead=options.gpu_batch_tiles)
+            for group in _groups(reads, options.gpu_batch_tiles):
+                stats.timings["read"] += sum(item[3] for item in group)
+                before = stats.timings["mk"] + stats.timings["hspc"]
+                detected = _segment_group(group, segmenters, stats.timings)
+                segment_s = stats.timings["mk"] + stats.timings["hspc"] - before
+                future = workers.submit(
+                    _finish_group, group, detected, channel_sets, embedder, options
+                )
+                pending.append((future, segment_s))
+                # Write what is done, in order; never hold more groups than workers + 1.
+                while pending and (pending[0][0].done() or len(pending) > options.workers):
+                    done, seconds = pending.popleft()
+                    write(done.result(), seconds)
+            while pending:
+                done, seconds = pending.popleft()
+                write(done.result(), seconds)
     finally:
         reader.close()
     elapsed = time.perf_counter() - started
@@ -596,6 +638,7 @@ def segment_batch(
             "hspc_max_area_um2": options.hspc_max_area_um2,
             "hspc_max_lost_fraction": HSPC_MAX_LOST_FRACTION,
             "readers": options.readers,
+            "workers": options.workers,
             "gpu_batch_tiles": options.gpu_batch_tiles,
             "embed_batch": options.embed_batch,
             "crop_px": options.crop_px,
@@ -647,9 +690,9 @@ def _write_tile(
                 "cell_uid": columns["cell_uid"],
                 "x": squares[:, 0] + tile.read.x,
                 "y": squares[:, 1] + tile.read.y,
-                "scale": (squares[:, 2] / options.crop_px).astype(np.float32),
-                "width": np.full(count, options.crop_px, dtype=np.int32),
-                "height": np.full(count, options.crop_px, dtype=np.int32),
+                "scale": (squares[:, 2] / np.maximum(cells.jpeg_sides, 1)).astype(np.float32),
+                "width": cells.jpeg_sides,
+                "height": cells.jpeg_sides,
                 "image": pa.array(cells.jpegs, type=pa.binary()),
             },
             schema=CROPS_SCHEMA,
@@ -667,7 +710,7 @@ def _segment_command(args: argparse.Namespace) -> int:
     number, tiles = read_batch_table(batch_path)
     slide_paths = match_slides((t.slide_id for t in tiles), args.slides)
     pixel_sizes = _slide_pixel_sizes(batch_path, tiles)
-    for option in ("readers", "gpu_batch_tiles", "embed_batch", "crop_px"):
+    for option in ("readers", "workers", "gpu_batch_tiles", "embed_batch", "crop_px"):
         if getattr(args, option) < 1:
             flag = "--" + option.replace("_", "-")
             raise BmsegError(f"{flag} {getattr(args, option)}: must be at least 1")
@@ -691,6 +734,7 @@ def _segment_command(args: argparse.Namespace) -> int:
         hspc_min_area_um2=args.hspc_min_area_um2,
         hspc_max_area_um2=args.hspc_max_area_um2,
         readers=args.readers,
+        workers=args.workers,
         gpu_batch_tiles=args.gpu_batch_tiles,
         embed_batch=args.embed_batch,
         crop_px=args.crop_px,
@@ -820,6 +864,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--readers", type=int, default=2, help="tile reader threads (2)")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="threads measuring and embedding segmented tiles while the device goes on (2)",
+    )
+    parser.add_argument(
         "--gpu-batch-tiles", type=int, default=1, help="tiles per segmentation call (1)"
     )
     parser.add_argument(
@@ -829,7 +879,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="cell crops per embedding forward pass (%(default)s)",
     )
     parser.add_argument(
-        "--crop-px", type=int, default=128, help="side of the gallery JPEG crops, px (128)"
+        "--crop-px", type=int, default=128, help="largest side of a gallery JPEG crop, px (128)"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=_segment_command)
