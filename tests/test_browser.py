@@ -196,6 +196,9 @@ def test_keyboard_labelling_rest_of_page_export_and_reload(browser, site, tmp_pa
         labelled = index.inner_text(f'tr[data-row="{i}"] td.labelled')
         count = per_group[row["slide"]] if row["type"] == "MK" else 0
         assert labelled == f"{count} / {row['cells']}"
+    types = json.loads(index.inner_text("#bmseg-data"))["types"]
+    mk = [t["type"] for t in types].index("MK")
+    assert index.inner_text(f'section[data-type="{mk}"] .labelled') == "8 / 18"
     assert watch.clean(), (watch.dialogs, watch.errors)
     context.close()
 

@@ -488,6 +488,7 @@ def write_index(cells: pa.Table, layout: Layout, site: Path, site_key: str) -> N
         )
         rows_data.append({"slide": slide, "type": cell_type, "cells": count})
     sections = []
+    types_data = []
     for cell_type, pages in layout.pages.items():
         folder = layout.type_dirs[cell_type]
         total = int(np.sum(cells["cell_type"].to_numpy(zero_copy_only=False) == cell_type))
@@ -496,11 +497,13 @@ def write_index(cells: pa.Table, layout: Layout, site: Path, site_key: str) -> N
             for p in range(1, pages + 1)
         )
         sections.append(
-            f'<section class="type"><h2>{html.escape(cell_type)} '
-            f'<span class="muted">{total} cells · {pages} page(s)</span></h2>'
+            f'<section class="type" data-type="{len(types_data)}"><h2>{html.escape(cell_type)} '
+            f'<span class="muted">{total} cells · {pages} page(s) · '
+            '<span class="labelled">–</span> labelled</span></h2>'
             f'<p class="pages">{links}</p></section>'
         )
-    data = {"view": "index", "site": site_key, "root": "", "rows": rows_data}
+        types_data.append({"type": cell_type, "cells": total})
+    data = {"view": "index", "site": site_key, "root": "", "rows": rows_data, "types": types_data}
     text = _template("index.html").substitute(
         rows="\n".join(rows_html),
         sections="\n".join(sections),

@@ -424,6 +424,14 @@
       for (const name of LABELS) tr.querySelector("." + name).textContent = entry[name];
       tr.classList.toggle("complete", labelled >= row.cells);
     });
+    data.types.forEach((entry, index) => {
+      let labelled = 0;
+      for (const [group, tally] of Object.entries(counts)) {
+        if (group.split(SEP)[1] === entry.type) labelled += tally.yes + tally.no + tally.unsure;
+      }
+      const section = document.querySelector('section[data-type="' + index + '"] .labelled');
+      section.textContent = labelled + " / " + entry.cells;
+    });
   }
 
   function refresh() {
