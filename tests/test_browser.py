@@ -11,7 +11,10 @@ import json
 import os
 import shutil
 import signal
+import threading
 from collections import Counter
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -239,6 +242,35 @@ def test_import_adds_labels_and_rejects_a_foreign_file(browser, site, tmp_path):
     assert len(export(page)["labels"]) == 3
     assert watch.clean(), (watch.dialogs, watch.errors)
     context.close()
+
+
+def test_on_a_plain_static_host_labels_stay_in_the_browser(browser, site):
+    handler = partial(QuietStaticHandler, directory=str(site))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    context = browser.new_context()
+    watch = Watch(context)
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/HSPC/page-0001.html"
+        page = watch.open(url)
+        sign_in(page, "Ada")
+        page.keyboard.press("y")
+        page.wait_for_selector("#sync[data-state='local']")  # no API here: browser storage
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']")
+        assert list(labels_on_page(page).values()).count("yes") == 1
+        assert watch.clean("404"), watch.errors  # the probe for /api/labels finds nothing
+    finally:
+        context.close()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class QuietStaticHandler(SimpleHTTPRequestHandler):
+    """A plain static file server, like any web host, without request logs."""
+
+    def log_message(self, format, *args):
+        pass
 
 
 def test_served_labels_survive_a_server_kill_and_restart(browser, site, tmp_path):
