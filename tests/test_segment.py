@@ -33,6 +33,7 @@ from bmseg.segment import (
     to_rgb8,
 )
 from bmseg.slide import Rect
+from bmseg.synth import write_synthetic_slide
 
 TILE = 700
 MARGIN = 320  # > the largest planted MK's diameter (~50 µm = 290 px)
@@ -508,3 +509,50 @@ def test_missing_or_corrupt_weights_are_one_line_errors(
     message = capsys.readouterr().err.strip().splitlines()
     assert len(message) == 1 and weights.name in message[0] and "fetch" in message[0], message
     assert not out.exists()
+
+
+class FailingSegmenter(OracleSegmenter):
+    """The oracle, until its second call: then it fails like a crashed model."""
+
+    def segment(self, tiles: Sequence[np.ndarray], pixel_size_um: float) -> list[Detections]:
+        if self.calls == 1:
+            raise RuntimeError("device lost")
+        return super().segment(tiles, pixel_size_um)
+
+
+def test_a_failed_batch_leaves_no_outputs(slide, coarse_batch, tmp_path):
+    slide_path, truth = slide
+    _, tiles = read_batch_table(coarse_batch)
+    windows = [t.read for t in tiles]
+    out = tmp_path / "failed"
+    with pytest.raises(RuntimeError, match="device lost"):
+        segment_batch(
+            tiles,
+            match_slides([t.slide_id for t in tiles], [str(slide_path)]),
+            OracleSegmenter("MK", truth, windows),
+            FailingSegmenter("HSPC", truth, windows),
+            MeanColourEmbedder(),
+            out,
+            SegmentOptions(progress=False),
+            {"batch": 0, "device": "cpu"},
+        )
+    assert list(out.iterdir()) == []
+
+
+def test_fluorescence_slide_end_to_end(tmp_path):
+    slide_path = tmp_path / "fluo.czi"
+    truth = pq.read_table(
+        write_synthetic_slide(slide_path, 2000, 2000, seed=2, modality="fluorescence")
+    )
+    (batch_path,) = plan_batches(slide_path, tmp_path, tile=1000, batch_size=100)
+    out = tmp_path / "out"
+    summary, _, _ = run_oracle(slide_path, truth, out, batch_path)
+    cells = pq.read_table(out / "cells.parquet")
+    assert cells.num_rows == len(truth) == sum(summary["cells"].values()) > 0
+    rows = cells.to_pylist()
+    # Raw uint16 intensities per named channel: HSPCs bright in DAPI, MKs bright in CD41.
+    hspc = [r for r in rows if r["cell_type"] == "HSPC"]
+    assert min(r["intensity_mean_DAPI"] for r in hspc) > 1000
+    assert max(r["intensity_mean_CD41"] for r in hspc) < 2000
+    for mk in (r for r in rows if r["cell_type"] == "MK"):
+        assert mk["intensity_mean_CD41"] > 3000

@@ -852,6 +852,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--hspc-flows-method",
+        "--hspc-flows",
         default=HSPCSettings.flows_method,
         choices=("bmseg", "cellpose"),
         help="how Cellpose flows become HSPC masks (%(default)s: the fast vectorised path)",
