@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bmseg.errors import BmsegError
+from bmseg.labels import read_label_file
 from bmseg.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -82,14 +83,16 @@ def validate_labels(document: Any) -> list[dict[str, str]]:
 
 
 def load_labels(path: Path) -> list[dict[str, str]]:
-    """Read and check a labels file (the document pages export and this server writes)."""
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-        return validate_labels(document)
-    except (OSError, ValueError) as error:  # JSONDecodeError is a ValueError
-        raise BmsegError(
-            f"{path}: not a readable bmseg labels file ({error}); fix it or pass another --labels"
-        ) from error
+    """Read a labels file with TRAIN's reader, so the server only extends files TRAIN accepts."""
+    return [
+        {
+            "cell_uid": label.cell_uid,
+            "label": label.label,
+            "annotator": label.annotator,
+            "time": label.time.isoformat().replace("+00:00", "Z"),
+        }
+        for label in read_label_file(path)
+    ]
 
 
 class LabelBook:
