@@ -110,11 +110,21 @@ def test_same_inputs_give_the_same_model_and_outputs(gathered, trained, tmp_path
     outputs = []
     for index, model_dir in enumerate((models, tmp_path / "m")):
         out = tmp_path / f"c{index}"
-        assert (
-            main(["classify", str(cells), "--classifiers", str(model_dir), "--out", str(out)]) == 0
-        )
-        outputs.append(pq.read_table(out / "s1.cells.parquet", columns=["hspc_probability"]))
-    assert outputs[0].equals(outputs[1])
+        args = ["classify", str(cells), "--classifiers", str(model_dir), "--out", str(out)]
+        assert main([*args, *(["--keep-embedding"] if index else [])]) == 0
+        outputs.append(pq.read_table(out / "s1.cells.parquet"))
+    column = "hspc_probability"
+    assert outputs[0][column].equals(outputs[1][column])
+    gathered_embedding = pq.read_table(cells / "s1.cells.parquet", columns=["embedding"])
+    assert outputs[1]["embedding"].equals(gathered_embedding["embedding"])
+
+
+def test_classify_in_place_would_drop_embeddings_so_it_is_refused(gathered, trained, capsys):
+    cells, _, _ = gathered
+    models, _ = trained
+    code = main(["classify", str(cells), "--classifiers", str(models), "--out", str(cells)])
+    assert code == 2 and "--keep-embedding" in capsys.readouterr().err
+    assert "hspc_probability" not in pq.read_schema(cells / "s1.cells.parquet").names
 
 
 def test_too_few_labels_of_a_class_names_counts_needed_and_found(gathered, tmp_path, capsys):
@@ -135,7 +145,8 @@ def test_classify_adds_columns_summary_counts_and_uncertainty_ranking(gathered, 
     args = ["classify", str(cells), "--classifiers", str(models), "--out", str(out)]
     assert main([*args, "--ranking", "--labels", str(labels)]) == 0
     table = pq.read_table(out / "s1.cells.parquet")
-    original = pq.read_table(cells / "s1.cells.parquet")
+    original = pq.read_table(cells / "s1.cells.parquet").drop_columns(["embedding"])
+    assert "embedding" not in table.column_names  # stays in the gathered table
     assert table.select(original.column_names).equals(original)
     types = np.array(table["cell_type"].to_pylist())
     probability = table["hspc_probability"].to_numpy(zero_copy_only=False)

@@ -6,6 +6,8 @@ the metrics are honest), with class weights for balance. The model with the bett
 cross-validated F1 is refitted on all labels and saved with skops (never pickle) together
 with its feature list and package versions. Classification streams the cell tables row group
 by row group and adds ``{type}_probability`` / ``{type}_label`` columns: no slide, no GPU.
+The classified tables leave the 2048-d embedding out unless asked (it stays in the gathered
+tables, joined by ``cell_uid``): re-encoding it would be most of the time to classify.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bmseg.gather import (
     area_histogram_png,
     density_plot_png,
     feature_columns,
+    parquet_writer,
     png_bytes,
     summarise,
 )
@@ -91,15 +94,30 @@ def cell_files(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
+def embedding_dim(field_type: pa.DataType) -> int:
+    """Embedding size of the ``embedding`` column: fixed-size list of float16, or float16 bytes."""
+    if pa.types.is_fixed_size_binary(field_type):
+        return field_type.byte_width // 2
+    return field_type.list_size
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(N, dim) float16 view of the embedding column, without a per-cell Python loop."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    dim = embedding_dim(array.type)
+    if pa.types.is_fixed_size_binary(array.type):
+        data = np.frombuffer(array.buffers()[1], np.float16)
+        return data[array.offset * dim : (array.offset + len(array)) * dim].reshape(-1, dim)
+    return pc.list_flatten(array).to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
 def feature_matrix(table: pa.Table, features: Sequence[str]) -> np.ndarray:
     """float32 matrix: the measurement columns, then the embedding's dimensions."""
-    embedding = table[EMBEDDING_COLUMN].combine_chunks()
-    dim = embedding.type.list_size
-    values = pc.list_flatten(embedding).to_numpy(zero_copy_only=False)
-    matrix = np.empty((table.num_rows, len(features) + dim), np.float32)
+    embedding = embedding_matrix(table[EMBEDDING_COLUMN])
+    matrix = np.empty((table.num_rows, len(features) + embedding.shape[1]), np.float32)
     for index, name in enumerate(features):
-        matrix[:, index] = table[name].to_numpy().astype(np.float32)
-    matrix[:, len(features) :] = values.reshape(table.num_rows, dim)
+        matrix[:, index] = table[name].to_numpy(zero_copy_only=False)
+    matrix[:, len(features) :] = embedding
     return matrix
 
 
@@ -135,11 +153,11 @@ def _candidates(seed: int, pca_components: int, n_features: int) -> dict[str, An
     def pipeline(classifier: Any, total_columns: int) -> Pipeline:
         columns = ColumnTransformer(
             [
-                ("measurements", "passthrough", list(range(n_features))),
+                ("measurements", "passthrough", slice(0, n_features)),
                 (
                     "embedding",
                     PCA(n_components=pca_components, random_state=seed),
-                    list(range(n_features, total_columns)),
+                    slice(n_features, total_columns),
                 ),
             ]
         )
@@ -158,7 +176,7 @@ def _candidates(seed: int, pca_components: int, n_features: int) -> dict[str, An
         ),
         "hist_gradient_boosting": lambda total: pipeline(
             HistGradientBoostingClassifier(
-                max_iter=200, class_weight="balanced", early_stopping=False, random_state=seed
+                max_iter=100, class_weight="balanced", early_stopping=False, random_state=seed
             ),
             total,
         ),
@@ -519,7 +537,7 @@ def check_features(path: Path, bundles: Sequence[dict]) -> None:
                 f"{path}: columns {', '.join(missing[:5])} that {bundle['path'].name} needs are "
                 "missing; retrain on tables from this SEGMENT version"
             )
-        dim = schema.field(EMBEDDING_COLUMN).type.list_size
+        dim = embedding_dim(schema.field(EMBEDDING_COLUMN).type)
         if dim != bundle["embedding_dim"]:
             raise BmsegError(
                 f"{path}: embedding has {dim} dimensions, {bundle['path'].name} expects "
@@ -528,7 +546,13 @@ def check_features(path: Path, bundles: Sequence[dict]) -> None:
 
 
 def classify_table(table: pa.Table, bundles: Sequence[dict]) -> pa.Table:
-    """``table`` with each model's probability and label columns (null on other cell types)."""
+    """``table`` with each model's probability and label columns (null on other cell types).
+
+    Gradient boosting predicts with one OpenMP thread: its threads spin on a shared node
+    (2x slower on a loaded 2-core machine); the forest predicts with joblib threads.
+    """
+    from threadpoolctl import threadpool_limits
+
     for bundle in bundles:
         cell_type = bundle["cell_type"]
         probability = np.full(table.num_rows, np.nan, np.float32)
@@ -538,7 +562,8 @@ def classify_table(table: pa.Table, bundles: Sequence[dict]) -> pa.Table:
         if len(rows):
             subset = table.take(pa.array(rows))
             matrix = feature_matrix(subset, bundle["features"])
-            probability[rows] = bundle["pipeline"].predict_proba(matrix)[:, 1]
+            with threadpool_limits(limits=1, user_api="openmp"):
+                probability[rows] = bundle["pipeline"].predict_proba(matrix)[:, 1]
         present = ~np.isnan(probability)
         columns = {
             probability_column(cell_type): pa.array(probability, mask=~present),
@@ -603,6 +628,11 @@ def run_classify(args: argparse.Namespace) -> int:
     label_paths = [Path(p) for p in args.labels or ()]
     exclude = labelled_uids(label_paths)
     out = Path(args.out)
+    if not args.keep_embedding and any(p.parent.resolve() == out.resolve() for p in files):
+        raise BmsegError(
+            f"--out {out}: holds the input tables, whose embeddings classify leaves out; "
+            "pass another --out or --keep-embedding"
+        )
     kept_columns = ["cell_uid", "slide_id", "cell_type", "area_um2"]
     frames = []
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
@@ -613,8 +643,10 @@ def run_classify(args: argparse.Namespace) -> int:
                 writer = None
                 for group in range(parquet.num_row_groups):
                     table = classify_table(parquet.read_row_group(group), bundles)
+                    if not args.keep_embedding:
+                        table = table.drop_columns(EMBEDDING_COLUMN)
                     if writer is None:
-                        writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                        writer = parquet_writer(tmp, table.schema)
                     writer.write_table(table)
                     frames.append(_classified_frame(table, kept_columns, bundles))
                     progress.update(table.num_rows)
@@ -705,6 +737,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--ranking",
         action="store_true",
         help=f"also write {RANKING_FILE}: unlabelled cells, most uncertain first",
+    )
+    classify.add_argument(
+        "--keep-embedding",
+        action="store_true",
+        help="copy the embedding column too (it stays in the gathered tables either way)",
     )
     classify.add_argument(
         "--labels",

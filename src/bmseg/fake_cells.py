@@ -235,3 +235,25 @@ def write_plan(
     picture[10:50, 10:70] = (200, 120, 160)
     Image.fromarray(picture).save(plans_dir / f"{slide_id}.tissue.png")
     return path
+
+
+def write_random_cells(
+    path: str | Path, n: int, *, slide_id: str, seed: int = 0, chunk: int = 32768, **kwargs
+) -> Path:
+    """Stream ``n`` random cells into one Parquet file, ``chunk`` rows at a time (for 1 M cells)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from bmseg.gather import parquet_writer
+
+    with atomic_path(path) as tmp:
+        writer = None
+        for index, start in enumerate(range(0, n, chunk)):
+            table = random_cells(
+                min(chunk, n - start), slide_id=slide_id, seed=seed + 7919 * index, **kwargs
+            )
+            if writer is None:
+                writer = parquet_writer(tmp, table.schema)
+            writer.write_table(table, row_group_size=chunk)
+        if writer is not None:
+            writer.close()
+    return path
