@@ -33,7 +33,8 @@ MARGIN_SLACK = 1.05  # margin = slack x the diameter of a disk of the largest MK
 DEFAULT_MIN_TISSUE_FRACTION = 0.0
 THUMBNAIL_SIDE = 2048  # px, longer side of the low-resolution read
 THUMBNAIL_BANDS = 8  # the low-resolution read is done in bands, for progress
-PICTURE_SIDE = 1400  # px, longer side of tissue.png
+PICTURE_SIDE = 1400  # px, longer side of tissue.png (small slides are enlarged to it)
+PICTURE_MIN_WIDTH = 640  # px, so that the caption fits
 # Picture colours per modality: (tissue outline, kept cores, dropped cores), and their names.
 PICTURE_COLOURS = {
     "brightfield": ((0, 170, 60), (40, 90, 230), (175, 175, 175), "green", "blue"),
@@ -200,11 +201,12 @@ def tissue_picture(
     import cv2
 
     tissue_rgb, kept_rgb, dropped_rgb, tissue_name, kept_name = PICTURE_COLOURS[modality]
-    caption += f"   {tissue_name}: tissue, {kept_name}: kept tile cores"
+    legend = f"{tissue_name}: tissue outline   {kept_name}: kept tile cores"
     image = display_image(thumbnail, modality)
-    scale = min(1.0, PICTURE_SIDE / max(image.shape[:2]))
+    scale = PICTURE_SIDE / max(image.shape[:2])
     size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    image = np.ascontiguousarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST
+    image = np.ascontiguousarray(cv2.resize(image, size, interpolation=interpolation))
     small_mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     contours, _ = cv2.findContours(small_mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
     px_x, px_y = size[0] / bounds.w, size[1] / bounds.h
@@ -221,11 +223,22 @@ def tissue_picture(
     for index in np.flatnonzero(kept):
         cv2.rectangle(image, (x0[index], y0[index]), (x1[index], y1[index]), kept_rgb, 1)
     cv2.drawContours(image, contours, -1, tissue_rgb, 2, lineType=cv2.LINE_AA)
-    bar = np.full((34, image.shape[1], 3), 255, np.uint8)
-    font_scale = 0.5 if image.shape[1] >= 500 else 0.35
-    cv2.putText(
-        bar, caption, (8, 22), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (20, 20, 20), 1, cv2.LINE_AA
-    )
+    if image.shape[1] < PICTURE_MIN_WIDTH:  # room for the caption beside a tall, narrow slide
+        pad = PICTURE_MIN_WIDTH - image.shape[1]
+        image = np.pad(image, ((0, 0), (0, pad), (0, 0)), constant_values=255)
+    bar = np.full((52, image.shape[1], 3), 255, np.uint8)
+    font_scale = 0.5 if image.shape[1] >= 700 else 0.4
+    for line, text in enumerate((caption, legend)):
+        cv2.putText(
+            bar,
+            text,
+            (8, 20 + 22 * line),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            font_scale,
+            (20, 20, 20),
+            1,
+            cv2.LINE_AA,
+        )
     return _png(np.vstack([bar, image]))
 
 
@@ -320,18 +333,14 @@ def plan_slide(
         caption = (
             f"{slide.slide_id}  {slide.modality}  tissue {tissue_mm2:.2f} mm2  "
             f"tiles kept {info['tiles_kept']}/{info['tiles_total']}  "
-            f"({tiling.tile_size} px + {tiling.margin} px margin)"
+            f"(core {tiling.tile_size} px, margin {tiling.margin} px)"
         )
         picture = tissue_picture(
             thumbnail, slide.modality, tissue.mask, slide.bounds, grid, kept, caption
         )
         table = tile_table(slide.slide_id, grid, fractions, kept, slide.pixel_size_um)
         if not kept.any():
-            log.warning(
-                "%s: no tissue found (method %s); the tile table is empty",
-                slide.path,
-                tissue.method,
-            )
+            log.warning("%s: no tissue found; the tile table is empty", slide.path)
     stem = out_dir / info["slide_id"]
     paths = [Path(f"{stem}.tiles.parquet"), Path(f"{stem}.slide.json"), Path(f"{stem}.tissue.png")]
     with (
