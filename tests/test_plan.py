@@ -245,3 +245,27 @@ def test_calibration_for_another_modality_is_refused(synthetic_slide, tmp_path, 
     assert "fluorescence" in _bad_plan(
         tmp_path, capsys, synthetic_slide[0], "--calibration", calibration
     )
+
+
+def test_plan_reads_the_slide_at_low_resolution_only(synthetic_slide, tmp_path, monkeypatch):
+    from bmseg.slide import Slide
+
+    zooms = []
+    original = Slide.read
+
+    def spy(self, x, y, w, h, zoom=1.0):
+        zooms.append(zoom)
+        return original(self, x, y, w, h, zoom)
+
+    monkeypatch.setattr(Slide, "read", spy)
+    _plan(synthetic_slide[0], tmp_path, "--tile-size", 1000)
+    assert zooms and max(zooms) <= 0.5
+
+
+def test_calibration_refuses_mixed_modalities(synthetic_slide, tmp_path, capsys):
+    fluo = tmp_path / "fluo.czi"
+    write_synthetic_slide(fluo, 1200, 1200, seed=1, modality="fluorescence")
+    out = tmp_path / "calibration.json"
+    assert main(["calibrate-tissue", str(synthetic_slide[0]), str(fluo), "--out", str(out)]) == 2
+    assert "calibrate each modality" in capsys.readouterr().err
+    assert not out.exists()

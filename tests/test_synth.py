@@ -138,3 +138,17 @@ def test_bad_synth_arguments_leave_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "--width" in err[1]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_slide_is_rendered_one_mosaic_tile_at_a_time(tmp_path, monkeypatch):
+    rendered = []
+    original = SyntheticLayout.render
+
+    def spy(self, rect):
+        rendered.append(rect)
+        return original(self, rect)
+
+    monkeypatch.setattr(SyntheticLayout, "render", spy)
+    write_synthetic_slide(tmp_path / "tiles.czi", 2500, 1300, seed=4)
+    assert rendered and all(r.w <= MOSAIC_TILE and r.h <= MOSAIC_TILE for r in rendered)
+    assert len({(r.x, r.y) for r in rendered}) == len(rendered)
