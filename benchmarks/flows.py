@@ -1,0 +1,197 @@
+"""Benchmark flows → masks: bmseg.flows.compute_masks against Cellpose 4's compute_masks.
+
+Inputs are touching disks (Voronoi-clipped, ~the density of a marrow tile: 7 000 cells on a
+3000² tile), flows from Cellpose's own ``masks_to_flows_gpu`` up to ``--cellpose-flows-max``
+pixels a side and analytic (each pixel pointing at its cell's centre) above, because
+``masks_to_flows`` itself takes minutes on large tiles; cell probability +5 / -5 logits from the
+labels. Each method runs in a fresh child process, so that its peak memory (max RSS above the
+child's RSS before the call) is its own. Prints wall and CPU seconds, peak memory, the ratio
+Cellpose / ours and AP@0.5 (cellpose.metrics.average_precision) against the source labels and
+between the two methods. Cellpose's method runs on 10 000² only with a GPU.
+
+    python benchmarks/flows.py                  # 1000², 3000², 10000²
+    python benchmarks/flows.py --sizes 1000 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+CELLS_PER_PIXEL = 7000 / 3000**2
+
+
+def touching_disks(size: int, n_cells: int, seed: int = 0) -> np.ndarray:
+    """(size, size) int32 labels: ``n_cells`` disks on a jittered grid, radius 0.62 × spacing
+    ± 15 %, each clipped to its Voronoi cell so that neighbours touch."""
+    rng = np.random.default_rng(seed)
+    per_side = int(np.ceil(np.sqrt(n_cells)))
+    spacing = size / per_side
+    grid_y, grid_x = np.divmod(rng.permutation(per_side * per_side)[:n_cells], per_side)
+    centre_y = (grid_y + 0.5 + rng.uniform(-0.2, 0.2, n_cells)) * spacing
+    centre_x = (grid_x + 0.5 + rng.uniform(-0.2, 0.2, n_cells)) * spacing
+    seed_y = np.clip(centre_y.astype(np.int64), 0, size - 1)
+    seed_x = np.clip(centre_x.astype(np.int64), 0, size - 1)
+    not_seed = np.ones((size, size), bool)
+    not_seed[seed_y, seed_x] = False
+    distance, (nearest_y, nearest_x) = ndimage.distance_transform_edt(not_seed, return_indices=True)
+    seed_label = np.zeros((size, size), np.int32)
+    seed_label[seed_y, seed_x] = np.arange(1, n_cells + 1, dtype=np.int32)
+    labels = seed_label[nearest_y, nearest_x]
+    del nearest_y, nearest_x
+    radius = 0.62 * spacing * rng.uniform(0.85, 1.15, n_cells + 1)
+    labels[distance > radius[labels]] = 0
+    return labels
+
+
+def network_output(labels: np.ndarray, cellpose_flows: bool) -> tuple[np.ndarray, np.ndarray]:
+    """What a perfect Cellpose network would output for ``labels``: flows 5 × unit vectors
+    (Cellpose's masks_to_flows_gpu, or straight at each cell's centre) and ±5 logits."""
+    if cellpose_flows:
+        import torch
+        from cellpose.dynamics import masks_to_flows_gpu
+
+        unit, _ = masks_to_flows_gpu(labels, device=torch.device("cpu"))
+    else:
+        from bmseg.flows import centre_flows
+
+        unit = centre_flows(labels)
+    flows = (5.0 * unit).astype(np.float32)
+    cellprob = np.where(labels > 0, 5.0, -5.0).astype(np.float32)
+    return flows, cellprob
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def _child(method: str, folder: Path, device: str) -> None:
+    """Run one method on the saved inputs, save its masks and print its figures as JSON."""
+    import torch  # noqa: F401  (imported before the baseline so it is not counted)
+    from cellpose import dynamics  # noqa: F401
+
+    from bmseg.flows import flows_to_masks
+
+    flows = np.load(folder / "flows.npy")
+    cellprob = np.load(folder / "cellprob.npy")
+    before = _rss_bytes()
+    wall, cpu = time.perf_counter(), time.process_time()
+    masks = flows_to_masks(flows, cellprob, method=method, device=device)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    np.save(folder / f"masks_{method}.npy", masks)
+    print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_mb": (peak - before) / 2**20}))
+
+
+def _run_child(method: str, folder: Path, device: str) -> dict:
+    """Figures of one method, measured in a fresh Python process."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", method, "--folder", str(folder), "--device", device],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _average_precision(truth: np.ndarray, predicted: np.ndarray) -> float:
+    """AP at IoU 0.5 (Cellpose's metric)."""
+    from cellpose.metrics import average_precision
+
+    return float(average_precision(truth, predicted.astype(np.int32), threshold=[0.5])[0][0])
+
+
+def benchmark(size: int, cellpose_flows_max: int, device: str, with_cellpose: bool) -> dict:
+    """Figures for one tile size."""
+    n_cells = round(CELLS_PER_PIXEL * size * size)
+    labels = touching_disks(size, n_cells)
+    cellpose_flows = size <= cellpose_flows_max
+    started = time.perf_counter()
+    flows, cellprob = network_output(labels, cellpose_flows)
+    row = {
+        "size": size,
+        "cells": n_cells,
+        "flows": "cellpose masks_to_flows" if cellpose_flows else "analytic (to centre)",
+        "flows_s": time.perf_counter() - started,
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        np.save(Path(folder) / "flows.npy", flows)
+        np.save(Path(folder) / "cellprob.npy", cellprob)
+        del flows, cellprob
+        methods = ("bmseg", "cellpose") if with_cellpose else ("bmseg",)
+        masks = {}
+        for method in methods:
+            row[method] = _run_child(method, Path(folder), device)
+            masks[method] = np.load(Path(folder) / f"masks_{method}.npy")
+            row[method]["masks"] = int(masks[method].max())
+            row[method]["ap50_truth"] = _average_precision(labels, masks[method])
+    if with_cellpose:
+        row["ap50_bmseg_vs_cellpose"] = _average_precision(masks["cellpose"], masks["bmseg"])
+        row["speedup"] = row["cellpose"]["wall_s"] / row["bmseg"]["wall_s"]
+        row["speedup_cpu_time"] = row["cellpose"]["cpu_s"] / row["bmseg"]["cpu_s"]
+        row["memory_ratio"] = row["cellpose"]["peak_mb"] / max(row["bmseg"]["peak_mb"], 1e-3)
+    return row
+
+
+def _print_row(row: dict) -> None:
+    """One human-readable block per size."""
+    print(f"{row['size']}² tile, {row['cells']} cells, flows: {row['flows']}", flush=True)
+    for method in ("bmseg", "cellpose"):
+        if method in row:
+            figures = row[method]
+            print(
+                f"  {method:8s} wall {figures['wall_s']:8.2f} s  cpu {figures['cpu_s']:8.2f} s  "
+                f"peak +{figures['peak_mb']:7.0f} MB  masks {figures['masks']:6d}  "
+                f"AP50 vs truth {figures['ap50_truth']:.4f}",
+                flush=True,
+            )
+    if "speedup" in row:
+        print(
+            f"  speed-up {row['speedup']:.1f}× wall ({row['speedup_cpu_time']:.1f}× cpu time), "
+            f"memory Cellpose/ours {row['memory_ratio']:.1f}×, "
+            f"AP50 ours vs Cellpose {row['ap50_bmseg_vs_cellpose']:.4f}",
+            flush=True,
+        )
+
+
+def main() -> int:
+    """Parse flags, run every size, print (and optionally save) the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 10000])
+    parser.add_argument(
+        "--cellpose-flows-max",
+        type=int,
+        default=1000,
+        help="largest tile side whose input flows come from Cellpose's masks_to_flows",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, args.folder, args.device)
+        return 0
+    rows = []
+    for size in args.sizes:
+        with_cellpose = size <= 3000 or args.device != "cpu"
+        rows.append(benchmark(size, args.cellpose_flows_max, args.device, with_cellpose))
+        _print_row(rows[-1])
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
