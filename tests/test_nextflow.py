@@ -127,14 +127,16 @@ def ext_args_sources() -> dict[str, str]:
     return {name: found["ext.args"] for name, found in values.items() if "ext.args" in found}
 
 
-def render_script(name: str, params: dict[str, Any], attempt: int = 1) -> str:
-    """The script Nextflow would run for process ``name`` (inputs from SAMPLE_INPUTS)."""
+def render_script(
+    name: str, params: dict[str, Any], attempt: int = 1, inputs: dict[str, Any] | None = None
+) -> str:
+    """The script Nextflow would run for process ``name`` (inputs default to SAMPLE_INPUTS)."""
     _, body = processes()[name]
     task = {"attempt": attempt, "process": f"BMSEG:{name}", "cpus": 2}
     ext_source = ext_args_sources().get(name)
     args = config_value(ext_source, {"params": params, "task": task}) if ext_source else None
     task["ext"] = {"args": args}
-    scope = {"task": task, **SAMPLE_INPUTS[name]}
+    scope = {"task": task, **(SAMPLE_INPUTS[name] if inputs is None else inputs)}
     return evaluate(sections(body)["script"], scope)
 
 

@@ -1,6 +1,8 @@
 /*
  * REPORT: one self-contained HTML page a lab lead reads after a run (summaries, plots, tissue
- * QC pictures, classifier metrics, per-stage timings and package versions).
+ * QC pictures, classifier metrics, per-stage timings and package versions). Each staged
+ * result folder is named on the command line: the folders are links, which a search from a
+ * common parent would not enter.
  */
 process REPORT {
     tag "run report"
@@ -17,7 +19,7 @@ process REPORT {
     script:
     def args = task.ext.args ?: ''
     """
-    bmseg report results ${args} --out report.html
+    bmseg report ${results} ${args} --out report.html
 
     bmseg versions --process ${task.process} > versions.yml
     """

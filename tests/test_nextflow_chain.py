@@ -1,0 +1,227 @@
+"""The -profile test DAG run end to end outside Nextflow, by the modules' own command lines.
+
+Each step runs as Nextflow would run it: in its own task folder, its inputs linked in under
+their staged names, its command line rendered from the module's script and conf/modules.config
+under the test profile's params; afterwards every output the module declares must exist. The
+steps run in the order workflows/bmseg.nf calls them, on a synthetic slide with random
+test checkpoints (so SEGMENT may find few or no cells; the wiring is what is tested).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nextflow_text import PathList, evaluate, sections, strip_comments
+from test_nextflow import REPO, bmseg_commands, processes, profile_params, render_script
+
+# A smaller run than -profile test itself, to stay quick on two CPU cores: one 2000-px slide
+# in 1000-px tiles, half of them sampled, one tile per batch (so GATHER joins several SEGMENT
+# tasks).
+CHAIN_PARAMS = {
+    "synth_size": 2000,
+    "tile_size": 1000,
+    "sample_fraction": 0.5,
+    "batch_size": 1,
+    "mk_points_per_side": 4,
+}
+
+
+def workflow_call_order() -> list[str]:
+    """Processes in the order main.nf and workflows/bmseg.nf call them."""
+    order = []
+    for path in (REPO / "main.nf", REPO / "workflows" / "bmseg.nf"):
+        body = strip_comments(path.read_text(encoding="utf-8")).split("workflow", 1)[1]
+        order += [name for name in re.findall(r"\b([A-Z]+)\(", body) if name in processes()]
+    return order
+
+
+class TaskRunner:
+    """Runs processes like Nextflow's local executor: one folder per task, inputs linked in."""
+
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch, **params: Any) -> None:
+        self.root = root
+        self.monkeypatch = monkeypatch
+        self.params = {**profile_params("test"), **CHAIN_PARAMS, **params}
+        self.count = 0
+
+    def run(self, name: str, inputs: dict[str, Any], staged: dict[str, Path]) -> Path:
+        """Run process ``name``; ``staged`` maps staged names in the task folder to real files."""
+        from bmseg.cli import main
+
+        self.count += 1
+        task_dir = self.root / f"{self.count:02d}_{name.lower()}"
+        task_dir.mkdir()
+        for staged_name, source in staged.items():
+            link = task_dir / staged_name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(source.resolve())
+        script = render_script(name, self.params, inputs=inputs)
+        self.monkeypatch.chdir(task_dir)
+        for argv in bmseg_commands(script):
+            if argv[1] == "versions":
+                continue
+            assert main(argv[1:]) == 0, f"{name}: {' '.join(argv)} failed"
+        self.check_outputs(name, inputs, task_dir)
+        return task_dir
+
+    @staticmethod
+    def check_outputs(name: str, inputs: dict[str, Any], task_dir: Path) -> None:
+        """Every non-optional output the module declares (but versions.yml) was written."""
+        output = sections(processes()[name][1])["output"]
+        for line in output.splitlines():
+            match = re.search(r"path\s*\(?\s*(\"[^\"]*\"|'[^']*')", line)
+            if not match or "optional: true" in line or "versions.yml" in match.group(1):
+                continue
+            pattern = evaluate(match.group(1), dict(inputs))
+            assert list(task_dir.glob(pattern)), f"{name} declares {pattern} but did not write it"
+
+
+def stage_all(prefix: str, files: list[Path]) -> tuple[PathList, dict[str, Path]]:
+    """Files staged under ``prefix/`` by their names (a ``stageAs: 'prefix/*'`` input)."""
+    names = PathList(f"{prefix}/{f.name}" for f in files)
+    return names, dict(zip(names, files, strict=True))
+
+
+def test_chain_follows_the_workflow_order() -> None:
+    assert workflow_call_order() == [
+        "SYNTH",
+        "TESTMODELS",
+        "PLAN",
+        "BATCH",
+        "SEGMENT",
+        "GATHER",
+        "TRAIN",
+        "CLASSIFY",
+        "PAGES",
+        "REPORT",
+    ]
+
+
+@pytest.mark.slow
+def test_test_profile_chain_runs_end_to_end(tmp_path: Path, monkeypatch) -> None:
+    runner = TaskRunner(tmp_path, monkeypatch)
+
+    synth = runner.run("SYNTH", {"slide_id": "synth1", "seed": 1}, {})
+    slide = synth / "synth1.czi"
+    models = runner.run("TESTMODELS", {}, {}) / "models"
+
+    meta = {"id": "synth1", "pixel_size_um": None}
+    plan = runner.run("PLAN", {"meta": meta, "slide": "synth1.czi"}, {"synth1.czi": slide})
+    plan_files = sorted(plan.glob("synth1.*"))
+
+    tiles, staged = stage_all("tiles", [plan / "synth1.tiles.parquet"])
+    batches = sorted((runner.run("BATCH", {"tiles": tiles}, staged) / "batches").glob("*.parquet"))
+    assert len(batches) >= 2, "the chain should exercise several SEGMENT tasks"
+
+    batch_dirs = []
+    for batch in batches:
+        slides, staged = stage_all("slides", [slide])
+        inputs = {
+            "batch_id": batch.stem,
+            "batch": batch.name,
+            "slide_ids": ["synth1"],
+            "slides": slides,
+            "models": "models",
+        }
+        staged |= {batch.name: batch, "models": models}
+        batch_dirs.append(runner.run("SEGMENT", inputs, staged) / batch.stem)
+
+    batch_names, staged = stage_all("batches", batch_dirs)
+    plan_names, plan_staged = stage_all("plans", plan_files)
+    gather = runner.run(
+        "GATHER", {"batch_dirs": batch_names, "plans": plan_names}, staged | plan_staged
+    )
+    gathered = gather / "gathered"
+    summary = (gathered / "summary.csv").read_text(encoding="utf-8").splitlines()
+    assert len(summary) == 2 and "synth1" in summary[1], "one summary row for the one slide"
+
+    # No labels in -profile test: TRAIN and CLASSIFY do not run, PAGES gets no ranking.
+    site = runner.run("PAGES", {"cells": "gathered", "ranking": []}, {"gathered": gathered})
+    assert (site / "site" / "index.html").is_file()
+
+    results, staged = stage_all("results", [gathered, *batch_dirs])
+    report = runner.run("REPORT", {"results": results}, staged) / "report.html"
+    assert "synth1" in report.read_text(encoding="utf-8")
+
+    record = json.loads((batch_dirs[0] / "batch.json").read_text(encoding="utf-8"))
+    assert record, "SEGMENT's batch record is written last, so it marks a finished batch"
+
+
+def fake_segment_outputs(root: Path) -> tuple[list[Path], list[Path]]:
+    """Two SEGMENT batch folders and PLAN's files for one slide, cells carrying a signal.
+
+    Random-initialised checkpoints find no cells, so the labelled half of the DAG starts from
+    cell tables in SEGMENT's exact schema (bmseg.fake_cells): half the cells carry a signal
+    in their features that a classifier can learn, and the labels say which.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from bmseg.fake_cells import random_cells, write_batch, write_plan
+
+    signal = (np.random.default_rng(5).random(400) < 0.5).astype(float)
+    table = random_cells(
+        400, slide_id="synth1", width_px=6000, height_px=6000, signal=signal, seed=5
+    )
+    left = pc.less(table["centroid_x_px"], 3000)
+    batch_dirs = [
+        write_batch(root / "batch_0000", [table.filter(left)], batch=0),
+        write_batch(root / "batch_0001", [table.filter(pc.invert(left))], batch=1),
+    ]
+    plans = root / "plans"
+    write_plan(plans, "synth1", tissue_area_mm2=1.0, bounds=(0, 0, 6000, 6000), tiles_kept=4)
+    labels = [
+        {
+            "cell_uid": uid,
+            "label": "yes" if flag else "no",
+            "annotator": "test",
+            "time": "2026-11-21T12:00:00Z",
+        }
+        for uid, flag in zip(table["cell_uid"].to_pylist(), signal, strict=True)
+    ]
+    label_file = root / "labels.json"
+    label_file.write_text(json.dumps({"version": 1, "labels": labels}), encoding="utf-8")
+    return batch_dirs, [*sorted(plans.iterdir()), label_file]
+
+
+@pytest.mark.slow
+def test_labelled_run_trains_classifies_and_ranks(tmp_path: Path, monkeypatch) -> None:
+    """Given labels: GATHER -> TRAIN -> CLASSIFY -> PAGES (uncertainty order) -> REPORT."""
+    batch_dirs, (*plan_files, label_file) = fake_segment_outputs(tmp_path / "inputs")
+    runner = TaskRunner(tmp_path, monkeypatch, page_order="uncertainty")
+
+    batch_names, staged = stage_all("batches", batch_dirs)
+    plan_names, plan_staged = stage_all("plans", plan_files)
+    gathered = (
+        runner.run("GATHER", {"batch_dirs": batch_names, "plans": plan_names}, staged | plan_staged)
+        / "gathered"
+    )
+
+    label_names, label_staged = stage_all("labels", [label_file])
+    classifiers = (
+        runner.run(
+            "TRAIN",
+            {"cells": "gathered", "labels": label_names},
+            label_staged | {"gathered": gathered},
+        )
+        / "classifiers"
+    )
+
+    inputs = {"cells": "gathered", "classifiers": "classifiers", "labels": label_names}
+    staged = label_staged | {"gathered": gathered, "classifiers": classifiers}
+    classified = runner.run("CLASSIFY", inputs, staged) / "classified"
+    assert (classified / "ranking.parquet").is_file()
+
+    inputs = {"cells": "gathered", "ranking": "ranking.parquet"}
+    staged = {"gathered": gathered, "ranking.parquet": classified / "ranking.parquet"}
+    site = runner.run("PAGES", inputs, staged) / "site"
+    assert (site / "index.html").is_file()
+
+    results, staged = stage_all("results", [gathered, classifiers, classified, *batch_dirs])
+    report = runner.run("REPORT", {"results": results}, staged) / "report.html"
+    assert "synth1" in report.read_text(encoding="utf-8")
