@@ -1,0 +1,222 @@
+"""Benchmark SEGMENT's models: seconds per tile per stage, ours against a naive baseline.
+
+Tiles are synthetic brightfield marrow (bmseg.synth) at the production pixel size. Both sides
+run in the same process on the same loaded models, under the same precision (bf16 autocast on
+GPUs that support it):
+
+- ours: ``ModelSet.mk.segment`` (SAM2 encoded once per tile, candidates filtered at the
+  decoder's 256² resolution, survivors upsampled inside their boxes), ``ModelSet.hspc.segment``
+  (Cellpose-SAM network, bmseg.flows, SAM2 box refinement in batches) and one batched ResNet-50
+  pass over every planted cell's crop;
+- baseline: the stock ``SAM2AutomaticMaskGenerator`` with binary masks and the same settings
+  (32² points, pred_iou_thresh 0.5) followed by the area filter, ``CellposeModel.eval`` with its
+  own post-processing, and one ResNet-50 forward per cell (the old script, without its per-cell
+  SAM2 refinement, so the baseline is if anything flattered).
+
+Without ``--models`` the production architectures are built with random weights in a temporary
+folder (``bmseg models make-test --full-size``): their cost is the real one, but random SAM2
+weights let few candidates through the filters, so ours does less upsampling than it would
+with real weights; pass ``--models DIR`` with fetched weights for production figures.
+
+    python benchmarks/segment.py                                      # 2 tiles of 3000², GPU
+    python benchmarks/segment.py --tile-size 512 --points-per-side 8 --tiles 1   # a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+PIXEL_SIZE_UM = 0.1725
+CROP = 224
+
+
+def synthetic_tiles(count: int, size: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``count`` RGB tiles from one synthetic slide and, per tile, its planted cells' centres."""
+    from bmseg.slide import Rect
+    from bmseg.synth import SyntheticLayout
+
+    layout = SyntheticLayout(size * count, size, seed, "brightfield")
+    centres = np.array([cell.outline.mean(axis=0) for cell in layout.cells]).reshape(-1, 2)
+    tiles, tile_centres = [], []
+    for index in range(count):
+        rect = Rect(index * size, 0, size, size)
+        tiles.append(layout.render(rect))
+        local = centres - [rect.x, rect.y]
+        inside = (local >= 0).all(axis=1) & (local < size).all(axis=1)
+        tile_centres.append(local[inside].astype(np.int64))
+    return tiles, tile_centres
+
+
+def cut_crops(tile: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """(N, 224, 224, 3) crops centred on ``centres`` (x, y), zero-padded at the tile edge."""
+    half = CROP // 2
+    padded = np.pad(tile, ((half, half), (half, half), (0, 0)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (CROP, CROP, 3))
+    return np.ascontiguousarray(windows[centres[:, 1], centres[:, 0], 0])
+
+
+class GpuBusy:
+    """Mean GPU utilisation (%) sampled every 50 ms while active; None without NVML."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = None
+        if device.type == "cuda":
+            try:
+                torch.cuda.utilization(device)
+            except Exception:  # no NVML / amdsmi: utilisation is not measurable here
+                return
+            self._thread = threading.Thread(target=self._run, args=(device,), daemon=True)
+
+    def _run(self, device) -> None:
+        import torch
+
+        while not self._stop.wait(0.05):
+            self.samples.append(float(torch.cuda.utilization(device)))
+
+    def __enter__(self) -> GpuBusy:
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+def run_ours(models, tiles, centres) -> tuple[dict[str, float], float]:
+    """Segment and embed all tiles the bmseg way; per-stage seconds and the GPU busy share."""
+    from bmseg.models import exclude_claimed
+
+    models.timer.take()
+    with GpuBusy(models.device) as busy:
+        start = time.perf_counter()
+        mk = models.mk.segment(tiles, PIXEL_SIZE_UM)
+        hspc = models.hspc.segment(tiles, PIXEL_SIZE_UM)
+        hspc = [exclude_claimed(m, h) for m, h in zip(mk, hspc, strict=True)]
+        crops = np.concatenate([cut_crops(t, c) for t, c in zip(tiles, centres, strict=True)])
+        models.embedder.embed(crops)
+        total = time.perf_counter() - start
+    stages = models.timer.take()
+    stages["total"] = total
+    found = sum(d.count for d in mk), sum(d.count for d in hspc)
+    print(f"ours: {found[0]} MK, {found[1]} HSPC, {len(crops)} crops embedded")
+    return stages, busy.mean
+
+
+def run_baseline(models, tiles, centres, points_per_side: int) -> tuple[dict[str, float], float]:
+    """The naive per-tile pipeline on the same models; per-stage seconds and GPU busy share."""
+    import torch
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    from bmseg.models.device import inference
+    from bmseg.models.settings import area_px
+
+    mk_settings = models.mk.settings
+    generator = SAM2AutomaticMaskGenerator(
+        models.mk.engine.model,
+        points_per_side=points_per_side,
+        pred_iou_thresh=mk_settings.pred_iou_thresh,
+        stability_score_thresh=mk_settings.stability_score_thresh,
+        output_mode="binary_mask",
+    )
+    low = area_px(mk_settings.min_area_um2, PIXEL_SIZE_UM)
+    high = area_px(mk_settings.max_area_um2, PIXEL_SIZE_UM)
+    timer, device = models.timer, models.device
+    timer.take()
+    found = [0, 0]
+    with GpuBusy(device) as busy:
+        start = time.perf_counter()
+        for tile, tile_centres in zip(tiles, centres, strict=True):
+            with timer("baseline_sam2_amg"), inference(device):
+                masks = generator.generate(tile)
+                found[0] += sum(low <= m["area"] <= high for m in masks)
+            with timer("baseline_cellpose_eval"):
+                labels = models.hspc.cellpose.eval(tile, channel_axis=-1)[0]
+                found[1] += int(labels.max())
+            with timer("baseline_resnet_per_cell"), inference(device):
+                mean, std = models.embedder.mean, models.embedder.std
+                for crop in cut_crops(tile, tile_centres):
+                    image = torch.from_numpy(crop).to(device).permute(2, 0, 1)[None].float()
+                    models.embedder.net((image / 255.0 - mean) / std).float().cpu()
+        total = time.perf_counter() - start
+    stages = timer.take()
+    stages["total"] = total
+    print(f"baseline: {found[0]} MK, {found[1]} Cellpose cells")
+    return stages, busy.mean
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=Path, help="models directory (default: random weights)")
+    parser.add_argument("--tiles", type=int, default=2, help="tiles in the batch")
+    parser.add_argument("--tile-size", type=int, default=3000, help="tile side, px")
+    parser.add_argument("--points-per-side", type=int, default=32, help="SAM2 point grid side")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic slide seed")
+    parser.add_argument("--no-baseline", action="store_true", help="time ours only")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    from bmseg.models import MKSettings, load_models
+    from bmseg.models.making import make_test_models
+
+    tiles, centres = synthetic_tiles(args.tiles, args.tile_size, args.seed)
+    with tempfile.TemporaryDirectory(prefix="bmseg-bench-") as scratch:
+        models_dir = args.models
+        if models_dir is None:
+            models_dir = Path(scratch)
+            make_test_models(models_dir, full_size=True)
+        models = load_models(
+            models_dir, args.device, mk_settings=MKSettings(points_per_side=args.points_per_side)
+        )
+    print(
+        f"device {models.device}; {args.tiles} tiles of {args.tile_size}²; "
+        f"SAM2 {models.manifest.sam2_config}; {args.points_per_side}² points; "
+        f"{'random' if models.manifest.random_init else 'real'} weights"
+    )
+    run_ours(models, tiles[:1], centres[:1])  # warm-up: kernels, allocator, autotuning
+    ours, ours_busy = run_ours(models, tiles, centres)
+    figures = {
+        "device": str(models.device),
+        "tiles": args.tiles,
+        "tile_size": args.tile_size,
+        "points_per_side": args.points_per_side,
+        "ours_s_per_tile": {k: v / args.tiles for k, v in ours.items()},
+        "ours_gpu_busy_pct": ours_busy,
+    }
+    if not args.no_baseline:
+        base, base_busy = run_baseline(models, tiles, centres, args.points_per_side)
+        figures["baseline_s_per_tile"] = {k: v / args.tiles for k, v in base.items()}
+        figures["baseline_gpu_busy_pct"] = base_busy
+        figures["ratio"] = base["total"] / ours["total"]
+    for side in ("ours", "baseline"):
+        for stage, seconds in figures.get(f"{side}_s_per_tile", {}).items():
+            print(f"{side:9s} {stage:26s} {seconds:9.3f} s/tile")
+    for side in ("ours", "baseline"):
+        busy = figures.get(f"{side}_gpu_busy_pct")
+        if busy is not None:
+            print(f"{side:9s} GPU busy {busy:.0f} %")
+    if "ratio" in figures:
+        print(f"ratio baseline / ours: {figures['ratio']:.1f}x")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
