@@ -161,7 +161,7 @@ class CellposeHSPCSegmenter:
         area = torch.bincount(flat, minlength=count + 1)[1:]
         prob = torch.sigmoid(torch.from_numpy(cellprob).to(self.device).flatten().float())
         scores = torch.bincount(flat, weights=prob, minlength=count + 1)[1:] / area.clamp(min=1)
-        keep = torch.nonzero((area >= min_px) & (area <= max_px)).flatten()
+        keep = torch.nonzero((area > 0) & (area >= min_px) & (area <= max_px)).flatten()
         log.debug("HSPC: %d Cellpose cells, %d within the area range", count, len(keep))
         ids, scores = keep + 1, scores[keep]
         boxes = label_boxes(labels_t, count)[keep]

@@ -29,8 +29,8 @@ class ResNetEmbedder:
         self.device = device
         self.crop_size = crop_size
         self.batch_size = batch_size
-        self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """Embed (N, crop_size, crop_size, 3) uint8 crops into an (N, 2048) float32 array."""
@@ -46,6 +46,6 @@ class ResNetEmbedder:
             batch = torch.from_numpy(np.ascontiguousarray(crops[start : start + self.batch_size]))
             images = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
             with inference(self.device):
-                features = self.net((images - self._mean) / self._std)
+                features = self.net((images - self.mean) / self.std)
             out[start : start + len(batch)] = features.float().cpu().numpy()
         return out
