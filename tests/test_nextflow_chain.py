@@ -140,9 +140,18 @@ def test_test_profile_chain_runs_end_to_end(tmp_path: Path, monkeypatch) -> None
     summary = (gathered / "summary.csv").read_text(encoding="utf-8").splitlines()
     assert len(summary) == 2 and "synth1" in summary[1], "one summary row for the one slide"
 
-    # No labels in -profile test: TRAIN and CLASSIFY do not run, PAGES gets no ranking.
-    site = runner.run("PAGES", {"cells": "gathered", "ranking": []}, {"gathered": gathered})
-    assert (site / "site" / "index.html").is_file()
+    # No labels in -profile test: TRAIN and CLASSIFY do not run, PAGES gets no ranking, and
+    # runs only when GATHER kept cells (the workflow filters on gather.json's cells_kept).
+    cells_kept = json.loads((gathered / "gather.json").read_text(encoding="utf-8"))["cells_kept"]
+    if cells_kept:
+        site = runner.run("PAGES", {"cells": "gathered", "ranking": []}, {"gathered": gathered})
+        assert (site / "site" / "index.html").is_file()
+    else:
+        from bmseg.cli import main
+
+        assert main(["pages", str(gathered), "--out", str(tmp_path / "site")]) == 2, (
+            "bmseg pages refuses a run without cells: that is why the workflow skips PAGES"
+        )
 
     results, staged = stage_all("results", [gathered, *batch_dirs])
     report = runner.run("REPORT", {"results": results}, staged) / "report.html"

@@ -3,7 +3,8 @@
  * one `bmseg` command; resources, containers and flags live in conf/.
  *
  *   slides -> PLAN (per slide) -> BATCH -> SEGMENT (per batch) -> GATHER
- *          -> TRAIN (given labels) -> CLASSIFY (given labels or classifiers) -> PAGES -> REPORT
+ *          -> TRAIN (given labels) -> CLASSIFY (given labels or classifiers)
+ *          -> PAGES (when there are cells) -> REPORT
  */
 include { PLAN     } from '../modules/local/plan'
 include { BATCH    } from '../modules/local/batch'
@@ -53,8 +54,13 @@ workflow BMSEG {
     CLASSIFY(GATHER.out.gathered, ch_classifiers.mix(TRAIN.out.classifiers), ch_label_files)
 
     // The galleries show every gathered cell; with classifiers, a next round of labels can take
-    // the most uncertain cells first (--page_order uncertainty).
-    PAGES(GATHER.out.gathered, CLASSIFY.out.ranking.ifEmpty([]))
+    // the most uncertain cells first (--page_order uncertainty). A run that found no cells at
+    // all (e.g. -profile test's random checkpoints) has nothing to show and skips them.
+    ch_cells_to_show = GATHER.out.gathered
+        .combine(GATHER.out.record)
+        .filter { gathered, record -> new groovy.json.JsonSlurper().parse(record).cells_kept > 0 }
+        .map { gathered, record -> gathered }
+    PAGES(ch_cells_to_show, CLASSIFY.out.ranking.ifEmpty([]))
 
     ch_results = GATHER.out.gathered
         .mix(

@@ -13,6 +13,7 @@ process GATHER {
 
     output:
     path 'gathered', emit: gathered
+    path 'gathered/gather.json', emit: record
     path 'versions.yml', emit: versions
 
     script:
@@ -27,6 +28,7 @@ process GATHER {
     """
     mkdir -p gathered
     touch gathered/summary.csv
+    echo '{"cells_kept": 1}' > gathered/gather.json
 
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":
