@@ -42,6 +42,7 @@ def synthetic_tile(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def ours(labels: np.ndarray, rgb: np.ndarray) -> int:
     """bmseg.features as SEGMENT calls it; returns the number of cells."""
     from bmseg import features
+    from bmseg.segment import GALLERY_CROP_PX
 
     count = int(labels.max())
     shape = features.shape_features(labels, count, 0.1725, 0, 0)
@@ -50,7 +51,7 @@ def ours(labels: np.ndarray, rgb: np.ndarray) -> int:
         [shape["bbox_x_px"], shape["bbox_y_px"], shape["bbox_w_px"], shape["bbox_h_px"]], axis=1
     )
     squares = features.crop_squares(boxes)
-    features.gallery_jpegs(rgb, squares, features.GALLERY_CROP_PX)
+    features.gallery_jpegs(rgb, squares, GALLERY_CROP_PX)
     sampler = features.CropSampler(rgb)
     for start in range(0, count, 128):
         sampler.sample(squares[start : start + 128], 224)

@@ -25,8 +25,6 @@ CONTOUR_TOLERANCE_PX = 1.0
 CROP_PADDING = 0.25
 """Context around a cell: the crop square's side is the bbox's longer side times 1 + 2 * this."""
 CROP_MIN_SIDE_PX = 32
-GALLERY_CROP_PX = 128
-"""Largest side of a gallery JPEG; smaller crops keep their full resolution."""
 GALLERY_JPEG_QUALITY = 85
 
 

@@ -42,6 +42,8 @@ HSPC_MAX_LOST_FRACTION = 0.5
 RGB_PERCENTILES = (1.0, 99.5)
 """Per-tile intensity range mapped to 0..255 for fluorescence channels shown to the models."""
 STAGES = ("read", "mk", "hspc", "features", "embed", "write")
+GALLERY_CROP_PX = 128
+"""Default largest side of a gallery JPEG (``--crop-px``); smaller crops keep full resolution."""
 BATCH_COLUMNS = (
     "slide_id",
     "tile_id",
@@ -93,7 +95,7 @@ class SegmentOptions:
     workers: int = 2
     gpu_batch_tiles: int = 1
     embed_batch: int = EmbedderSettings.batch_size
-    crop_px: int = 128
+    crop_px: int = GALLERY_CROP_PX
     device: str = "cpu"
     progress: bool = True
 
@@ -880,7 +882,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="cell crops per embedding forward pass (%(default)s)",
     )
     parser.add_argument(
-        "--crop-px", type=int, default=128, help="largest side of a gallery JPEG crop, px (128)"
+        "--crop-px",
+        type=int,
+        default=GALLERY_CROP_PX,
+        help="largest side of a gallery JPEG crop, px (%(default)s)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=_segment_command)
