@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 registry="${BMSEG_REGISTRY:-ghcr.io/bmseg/bmseg}"
-version="$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')"
+version="$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml)"
 flavours=(cuda rocm)
 bake=false
 push=false

@@ -58,7 +58,7 @@ workflow BMSEG {
     // all (e.g. -profile test's random checkpoints) has nothing to show and skips them.
     ch_cells_to_show = GATHER.out.gathered
         .combine(GATHER.out.record)
-        .filter { gathered, record -> new groovy.json.JsonSlurper().parse(record).cells_kept > 0 }
+        .filter { gathered, record -> new groovy.json.JsonSlurper().parseText(record.text).cells_kept > 0 }
         .map { gathered, record -> gathered }
     PAGES(ch_cells_to_show, CLASSIFY.out.ranking.ifEmpty([]))
 
