@@ -74,7 +74,7 @@ workflow {
 
     workflow.onComplete = {
         log.info(workflow.success
-            ? "bmseg finished: results in ${params.outdir}, run report in ${params.outdir}/report/report.html"
+            ? "bmseg finished: results in ${params.outdir}, run report in ${params.outdir}/report.html"
             : "bmseg stopped: fix the cause above and add -resume to redo only the tasks that failed")
     }
 }
