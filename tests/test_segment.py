@@ -8,6 +8,7 @@ the tile whose core holds its centroid, with truth's coordinates and areas.
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 from collections.abc import Sequence
@@ -556,3 +557,38 @@ def test_fluorescence_slide_end_to_end(tmp_path):
     assert max(r["intensity_mean_CD41"] for r in hspc) < 2000
     for mk in (r for r in rows if r["cell_type"] == "MK"):
         assert mk["intensity_mean_CD41"] > 3000
+
+
+def test_a_batch_spanning_two_slides(slide, tmp_path):
+    slide_path, truth = slide
+    twin = tmp_path / "twin.czi"
+    shutil.copyfile(slide_path, twin)
+    plans, batches = tmp_path / "plans", tmp_path / "batches"
+    for path in (slide_path, twin):
+        plan = ["-q", "plan", str(path), "--out", str(plans), "--tile-size", "1500"]
+        assert cli.main([*plan, "--min-tissue-fraction", "0"]) == 0
+    tables = sorted(str(p) for p in plans.glob("*.tiles.parquet"))
+    assert cli.main(["-q", "batch", *tables, "--out", str(batches), "--batch-size", "100"]) == 0
+    (batch_path,) = batches.glob("batch_*.parquet")
+    _, tiles = read_batch_table(batch_path)
+    out = tmp_path / "out"
+    # The twin is the same image under another id: the oracle draws the same truth in both.
+    windows = [t.read for t in tiles]
+    summary = segment_batch(
+        tiles,
+        match_slides([t.slide_id for t in tiles], [str(slide_path), str(twin)]),
+        OracleSegmenter("MK", truth, windows),
+        OracleSegmenter("HSPC", truth, windows),
+        MeanColourEmbedder(),
+        out,
+        SegmentOptions(progress=False, readers=3, gpu_batch_tiles=2),
+        {"batch": 0, "device": "cpu"},
+    )
+    cells = pq.read_table(out / "cells.parquet", columns=["cell_uid", "slide_id"]).to_pylist()
+    by_slide = collections.Counter(c["slide_id"] for c in cells)
+    assert by_slide == {"synthetic": len(truth), "twin": len(truth)}
+    uids = {c["cell_uid"] for c in cells if c["slide_id"] == "twin"}
+    assert uids == {u.replace("synthetic:", "twin:", 1) for u in truth["cell_uid"].to_pylist()}
+    with h5py.File(out / "masks.h5", "r") as masks:
+        assert set(masks) == {"synthetic", "twin"}
+        assert sum(len(masks[s]) for s in masks) == len(tiles) == len(summary["tiles"])
