@@ -54,13 +54,13 @@ workflow BMSEG {
     CLASSIFY(GATHER.out.gathered, ch_classifiers.mix(TRAIN.out.classifiers), ch_label_files)
 
     // The galleries show every gathered cell; with classifiers, a next round of labels can take
-    // the most uncertain cells first (--page_order uncertainty). A run that found no cells at
-    // all (e.g. -profile test's random checkpoints) has nothing to show and skips them.
-    ch_cells_to_show = GATHER.out.gathered
-        .combine(GATHER.out.record)
-        .filter { gathered, record -> new groovy.json.JsonSlurper().parseText(record.text).cells_kept > 0 }
-        .map { gathered, record -> gathered }
-    PAGES(ch_cells_to_show, CLASSIFY.out.ranking.ifEmpty([]))
+    // the most uncertain cells first (--page_order uncertainty; CLASSIFY always ranks). A run
+    // that found no cells at all (e.g. -profile test's random checkpoints) skips them.
+    ch_cells_to_show = GATHER.out.gathered.filter { gathered ->
+        new groovy.json.JsonSlurper().parseText(gathered.resolve('gather.json').text).cells_kept > 0
+    }
+    ch_ranking = CLASSIFY.out.classified.map { classified -> classified.resolve('ranking.parquet') }
+    PAGES(ch_cells_to_show, ch_ranking.ifEmpty([]))
 
     ch_results = GATHER.out.gathered
         .mix(

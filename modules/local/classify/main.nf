@@ -15,7 +15,6 @@ process CLASSIFY {
 
     output:
     path 'classified', emit: classified
-    path 'classified/ranking.parquet', emit: ranking, optional: true
     path 'versions.yml', emit: versions
 
     script:

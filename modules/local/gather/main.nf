@@ -13,7 +13,6 @@ process GATHER {
 
     output:
     path 'gathered', emit: gathered
-    path 'gathered/gather.json', emit: record
     path 'versions.yml', emit: versions
 
     script:
