@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from bmseg import cli
 from bmseg.models.base import Detections
@@ -501,6 +502,10 @@ def test_missing_or_corrupt_weights_are_one_line_errors(
     shutil.copytree(test_models_dir, models)
     weights = sorted(p for p in models.iterdir() if p.name.startswith("resnet50"))[0]
     base = [small_batch, "--slides", slide[0], "--models", models, "--out", out, "--device", "cpu"]
+    if not torch.cuda.is_available():  # never a silent CPU run when a GPU was asked for
+        assert run_cli(*base[:-1], "cuda") == 2
+        message = capsys.readouterr().err.strip().splitlines()
+        assert len(message) == 1 and "--device cuda" in message[0], message
     weights.write_bytes(weights.read_bytes()[:1000])
     assert run_cli(*base) == 2
     message = capsys.readouterr().err.strip().splitlines()

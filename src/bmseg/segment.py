@@ -814,40 +814,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--models", required=True, metavar="DIR", help="models directory")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="compute device"
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="compute device (auto: the GPU when torch sees one, CUDA or ROCm)",
     )
     parser.add_argument(
         "--mk-min-area-um2",
+        metavar="UM2",
         type=float,
         default=MKSettings.min_area_um2,
         help="smallest MK kept, µm² (%(default)s)",
     )
     parser.add_argument(
         "--mk-max-area-um2",
+        metavar="UM2",
         type=float,
         default=MKSettings.max_area_um2,
         help="largest MK kept, µm² (%(default)s)",
     )
     parser.add_argument(
         "--mk-points-per-side",
+        metavar="N",
         type=int,
         default=MKSettings.points_per_side,
         help="SAM2 point grid per side for MKs (%(default)s)",
     )
     parser.add_argument(
         "--mk-pred-iou-thresh",
+        metavar="IOU",
         type=float,
         default=MKSettings.pred_iou_thresh,
         help="SAM2 predicted-IoU threshold for MKs (%(default)s)",
     )
     parser.add_argument(
         "--hspc-min-area-um2",
+        metavar="UM2",
         type=float,
         default=HSPCSettings.min_area_um2,
         help="smallest HSPC kept, µm² (%(default)s)",
     )
     parser.add_argument(
         "--hspc-max-area-um2",
+        metavar="UM2",
         type=float,
         default=HSPCSettings.max_area_um2,
         help="largest HSPC kept, µm² (%(default)s)",
@@ -861,28 +870,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--hspc-refine-iou",
+        metavar="IOU",
         type=float,
         default=HSPCSettings.refine_iou_thresh,
         help="IoU with Cellpose's mask above which SAM2's refinement is kept (%(default)s)",
     )
-    parser.add_argument("--readers", type=int, default=2, help="tile reader threads (2)")
+    parser.add_argument(
+        "--readers", type=int, default=2, metavar="N", help="tile reader threads (2)"
+    )
     parser.add_argument(
         "--workers",
+        metavar="N",
         type=int,
         default=2,
         help="threads measuring and embedding segmented tiles while the device goes on (2)",
     )
     parser.add_argument(
-        "--gpu-batch-tiles", type=int, default=1, help="tiles per segmentation call (1)"
+        "--gpu-batch-tiles",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tiles per segmentation call (1)",
     )
     parser.add_argument(
         "--embed-batch",
+        metavar="N",
         type=int,
         default=EmbedderSettings.batch_size,
         help="cell crops per embedding forward pass (%(default)s)",
     )
     parser.add_argument(
         "--crop-px",
+        metavar="PX",
         type=int,
         default=GALLERY_CROP_PX,
         help="largest side of a gallery JPEG crop, px (%(default)s)",
