@@ -168,7 +168,7 @@ def _outlines(
     solidity = np.ones(len(bboxes))
     contours: list[np.ndarray] = []
     for index, (x, y, w, h) in enumerate(bboxes):
-        window = np.pad((labels[y : y + h, x : x + w] == index + 1).astype(np.uint8), 1)
+        window = np.pad(labels[y : y + h, x : x + w] == index + 1, 1).view(np.uint8)
         found, _ = cv2.findContours(window, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         outline = max(found, key=len)
         perimeter[index] = cv2.arcLength(outline, True)

@@ -729,6 +729,8 @@ def _segment_command(args: argparse.Namespace) -> int:
     log.info(
         "%s: batch %d, %d tiles of %d slide(s)", batch_path, number, len(tiles), len(slide_paths)
     )
+    for slide_id, path in slide_paths.items():
+        log.info("slide %s: %s", slide_id, path)
     models, record = _load_models(args)
     options = SegmentOptions(
         mk_min_area_um2=args.mk_min_area_um2,
