@@ -196,12 +196,19 @@ def _neighbour_pointers(flows: torch.Tensor, foreground: torch.Tensor, niter: in
     pointers = grid.reshape(foreground.shape).clone()
     pointers[1:-1, 1:-1] += offset * foreground[1:-1, 1:-1]
     pointers = pointers.reshape(-1)
-    return torch.where(foreground.reshape(-1)[pointers], pointers, grid)
+    pointers = torch.where(foreground.reshape(-1)[pointers], pointers, grid)
+    # Two pixels pointing at each other (where a cell's flows meet) become one fixed point, so
+    # that converged trajectories stop and pointer jumping can end early.
+    mutual = (pointers[pointers] == grid) & (grid < pointers)
+    return torch.where(mutual, grid, pointers)
 
 
 def _follow(pointers: torch.Tensor, niter: int) -> torch.Tensor:
     """Where each pixel is after ``niter`` pointer steps: the niter-th power of the pointer map
-    by repeated squaring, so all trajectories share their work (pointer jumping)."""
+    by repeated squaring, so all trajectories share their work (pointer jumping). Once a power
+    2^k <= niter maps every pixel to a fixed point, every trajectory has stopped: done."""
+    import torch
+
     position = None
     power = pointers
     remaining = niter
@@ -210,7 +217,10 @@ def _follow(pointers: torch.Tensor, niter: int) -> torch.Tensor:
             position = power if position is None else power.index_select(0, position)
         remaining >>= 1
         if remaining:
-            power = power.index_select(0, power)
+            squared = power.index_select(0, power)
+            if torch.equal(squared, power):
+                return power
+            power = squared
     return position
 
 
@@ -269,14 +279,16 @@ def _connected_components(flat_pixels: torch.Tensor, padded_width: int) -> torch
 
 
 def _drop_labels(labels: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-    """``labels`` with the labels flagged in ``drop`` (indexed by label) set to 0 and the rest
-    renumbered 1..n in order, as int32."""
+    """``labels`` (labels 1..n) with the labels flagged in ``drop`` (indexed by label) set to 0
+    and the rest renumbered 1..n in order, as int32."""
     import torch
 
+    if not bool(drop[1:].any()):
+        return labels.to(torch.int32)
     keep = ~drop
     keep[0] = False
     lookup = torch.where(keep, torch.cumsum(keep.to(torch.int32), 0, dtype=torch.int32), 0)
-    return lookup.to(torch.int32)[labels]
+    return lookup.to(torch.int32).index_select(0, labels.reshape(-1)).reshape(labels.shape)
 
 
 def centre_flows(labels: np.ndarray, device: str | torch.device | None = None) -> np.ndarray:
@@ -304,9 +316,10 @@ def _centre_unit_vectors(
     device = labels.device
     n_labels = sizes.numel()
     flat = labels.reshape(-1)
-    row = torch.arange(height, dtype=torch.float64, device=device)[:, None].expand(height, width)
-    col = torch.arange(width, dtype=torch.float64, device=device)[None, :].expand(height, width)
-    row, col = row.reshape(-1), col.reshape(-1)
+    rows = torch.arange(height, dtype=torch.float64, device=device)
+    cols = torch.arange(width, dtype=torch.float64, device=device)
+    row = rows[:, None].expand(height, width).reshape(-1)
+    col = cols[None, :].expand(height, width).reshape(-1)
     count = sizes.clamp_min(1).to(torch.float64)
     centre_y = torch.round(torch.bincount(flat, row, minlength=n_labels) / count)
     centre_x = torch.round(torch.bincount(flat, col, minlength=n_labels) / count)
@@ -314,7 +327,7 @@ def _centre_unit_vectors(
     outside = flat[centre_flat] != torch.arange(n_labels, device=device)
     outside[0] = False
     if bool(outside.any()):
-        distance = (row - centre_y[flat]) ** 2 + (col - centre_x[flat]) ** 2
+        distance = (row - centre_y[flat]).square_() + (col - centre_x[flat]).square_()
         nearest = torch.full((n_labels,), math.inf, dtype=torch.float64, device=device)
         nearest = nearest.scatter_reduce(0, flat, distance, reduce="amin")
         is_nearest = distance == nearest[flat]
@@ -323,11 +336,15 @@ def _centre_unit_vectors(
         first = first.scatter_reduce(0, flat[is_nearest].to(torch.int64), pixel, reduce="amin")
         centre_y = torch.where(outside, (first // width).to(torch.float64), centre_y)
         centre_x = torch.where(outside, (first % width).to(torch.float64), centre_x)
-    to_y = (centre_y.to(torch.float32)[flat] - row.to(torch.float32)).reshape(height, width)
-    to_x = (centre_x.to(torch.float32)[flat] - col.to(torch.float32)).reshape(height, width)
-    length = torch.hypot(to_y, to_x).clamp_min_(1e-30)
-    labelled = (labels > 0).to(torch.float32)
-    return to_y.div_(length).mul_(labelled), to_x.div_(length).mul_(labelled)
+    del row, col
+    # Background takes label 0's "centre" (0, 0); its vectors are zeroed at the end.
+    to_y = centre_y.to(torch.float32).index_select(0, flat).reshape(height, width)
+    to_y -= rows.to(torch.float32)[:, None]
+    to_x = centre_x.to(torch.float32).index_select(0, flat).reshape(height, width)
+    to_x -= cols.to(torch.float32)[None, :]
+    scale = torch.hypot(to_y, to_x).clamp_min_(1e-30).reciprocal_()
+    scale *= labels > 0
+    return to_y.mul_(scale), to_x.mul_(scale)
 
 
 def _flow_errors(labels: torch.Tensor, flows: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -347,34 +364,27 @@ def _fill_single_mask_holes(masks: np.ndarray) -> None:
     """Fill, in place, every background region that does not reach the image border and touches
     exactly one mask: the holes Cellpose fills mask by mask, found with one labelling of the
     background (4-connected, as a flood fill from the border sees it)."""
-    background = masks == 0
-    regions, n_regions = ndimage.label(background)
-    if n_regions == 0:
-        return
-    border = np.unique(np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]]))
+    regions, n_regions = ndimage.label(masks == 0)
     enclosed = np.ones(n_regions + 1, bool)
-    enclosed[border] = False
     enclosed[0] = False
+    enclosed[regions[[0, -1]]] = False
+    enclosed[regions[:, [0, -1]]] = False
     if not enclosed.any():
         return
-    # Each enclosed region's neighbouring labels, from the 4 shifted views of the image.
-    pairs = []
-    for region_view, mask_view in (
-        (regions[1:], masks[:-1]),
-        (regions[:-1], masks[1:]),
-        (regions[:, 1:], masks[:, :-1]),
-        (regions[:, :-1], masks[:, 1:]),
-    ):
-        touching = enclosed[region_view] & (mask_view > 0)
-        pairs.append(np.stack([region_view[touching], mask_view[touching]], axis=1))
-    region_label = np.unique(np.concatenate(pairs), axis=0)
-    region_ids, label_count = np.unique(region_label[:, 0], return_counts=True)
-    single = region_ids[label_count == 1]
-    fill_label = np.zeros(n_regions + 1, masks.dtype)
-    is_single = np.isin(region_label[:, 0], single)
-    fill_label[region_label[is_single, 0]] = region_label[is_single, 1]
-    holes = fill_label[regions]
-    np.copyto(masks, holes, where=holes > 0)
+    width = masks.shape[1]
+    flat_masks, flat_regions = masks.reshape(-1), regions.reshape(-1)
+    hole_pixels = np.flatnonzero(enclosed[flat_regions])
+    hole_region = flat_regions[hole_pixels]
+    # An enclosed region never reaches the border, so its pixels' 4 neighbours exist.
+    lowest = np.full(n_regions + 1, np.iinfo(masks.dtype).max, masks.dtype)
+    highest = np.zeros(n_regions + 1, masks.dtype)
+    for offset in (-width, -1, 1, width):
+        neighbour = flat_masks[hole_pixels + offset]
+        touching = neighbour > 0
+        np.minimum.at(lowest, hole_region[touching], neighbour[touching])
+        np.maximum.at(highest, hole_region[touching], neighbour[touching])
+    fill = np.where(lowest == highest, highest, 0)
+    flat_masks[hole_pixels] = fill[hole_region]
 
 
 def _renumbered(masks: np.ndarray) -> np.ndarray:
