@@ -64,7 +64,8 @@ workflow {
         ? channel.fromPath(params.labels, checkIfExists: true)
         : channel.empty()
 
-    BMSEG(ch_slides, ch_models, ch_classifiers, ch_labels)
+    def calibrate = params.tissue_calibration.toString().toBoolean()
+    BMSEG(ch_slides, calibrate, ch_models, ch_classifiers, ch_labels)
 
     // One versions file for the whole run: every process's block, each once.
     BMSEG.out.versions

@@ -42,6 +42,7 @@ PROFILES = ("test", "local", "docker", "apptainer", "singularity", "cuda", "rocm
 
 # The bmseg sub-command each process runs.
 STEP_COMMANDS = {
+    "CALIBRATE": ["calibrate-tissue"],
     "PLAN": ["plan"],
     "BATCH": ["batch"],
     "SEGMENT": ["segment"],
@@ -56,7 +57,12 @@ STEP_COMMANDS = {
 
 # What Nextflow binds to each process's inputs: staged names, as the task folder holds them.
 SAMPLE_INPUTS: dict[str, dict[str, Any]] = {
-    "PLAN": {"meta": {"id": "S1", "pixel_size_um": 0.1725, "channels": None}, "slide": "S1.czi"},
+    "CALIBRATE": {"slides": PathList(["slides/S1.czi", "slides/S2.czi"])},
+    "PLAN": {
+        "meta": {"id": "S1", "pixel_size_um": 0.1725},
+        "slide": "S1.czi",
+        "calibration": "tissue_calibration.json",
+    },
     "BATCH": {"tiles": PathList(["tiles/S1.tiles.parquet", "tiles/S2.tiles.parquet"])},
     "SEGMENT": {
         "batch_id": "batch_0001",

@@ -91,6 +91,7 @@ def test_chain_follows_the_workflow_order() -> None:
     assert workflow_call_order() == [
         "SYNTH",
         "TESTMODELS",
+        "CALIBRATE",
         "PLAN",
         "BATCH",
         "SEGMENT",
@@ -110,8 +111,14 @@ def test_test_profile_chain_runs_end_to_end(tmp_path: Path, monkeypatch) -> None
     slide = synth / "synth1.czi"
     models = runner.run("TESTMODELS", {}, {}) / "models"
 
+    assert runner.params["tissue_calibration"], "-profile test calibrates tissue across slides"
+    slides, staged = stage_all("slides", [slide])
+    calibration = runner.run("CALIBRATE", {"slides": slides}, staged) / "tissue_calibration.json"
+
     meta = {"id": "synth1", "pixel_size_um": None}
-    plan = runner.run("PLAN", {"meta": meta, "slide": "synth1.czi"}, {"synth1.czi": slide})
+    inputs = {"meta": meta, "slide": "synth1.czi", "calibration": "tissue_calibration.json"}
+    staged = {"synth1.czi": slide, "tissue_calibration.json": calibration}
+    plan = runner.run("PLAN", inputs, staged)
     plan_files = sorted(plan.glob("synth1.*"))
 
     tiles, staged = stage_all("tiles", [plan / "synth1.tiles.parquet"])

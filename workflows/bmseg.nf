@@ -2,28 +2,37 @@
  * The bmseg DAG and nothing else: which step feeds which. Every step is one process that calls
  * one `bmseg` command; resources, containers and flags live in conf/.
  *
- *   slides -> PLAN (per slide) -> BATCH -> SEGMENT (per batch) -> GATHER
+ *   slides -> (CALIBRATE) -> PLAN (per slide) -> BATCH -> SEGMENT (per batch) -> GATHER
  *          -> TRAIN (given labels) -> CLASSIFY (given labels or classifiers)
  *          -> PAGES (when there are cells) -> REPORT
  */
-include { PLAN     } from '../modules/local/plan'
-include { BATCH    } from '../modules/local/batch'
-include { SEGMENT  } from '../modules/local/segment'
-include { GATHER   } from '../modules/local/gather'
-include { TRAIN    } from '../modules/local/train'
-include { CLASSIFY } from '../modules/local/classify'
-include { PAGES    } from '../modules/local/pages'
-include { REPORT   } from '../modules/local/report'
+include { CALIBRATE } from '../modules/local/calibrate'
+include { PLAN      } from '../modules/local/plan'
+include { BATCH     } from '../modules/local/batch'
+include { SEGMENT   } from '../modules/local/segment'
+include { GATHER    } from '../modules/local/gather'
+include { TRAIN     } from '../modules/local/train'
+include { CLASSIFY  } from '../modules/local/classify'
+include { PAGES     } from '../modules/local/pages'
+include { REPORT    } from '../modules/local/report'
 
 workflow BMSEG {
     take:
     ch_slides      // channel: [ meta (id, pixel_size_um), slide file ], one per slide
+    calibrate      // boolean: one tissue threshold for all slides (CALIBRATE) instead of per slide
     ch_models      // value channel: the models directory
     ch_classifiers // channel: a classifiers directory, or empty
     ch_labels      // channel: label JSON files, or empty
 
     main:
-    PLAN(ch_slides)
+    ch_versions = channel.empty()
+    ch_calibration = channel.value([])
+    if (calibrate) {
+        CALIBRATE(ch_slides.map { meta, slide -> slide }.collect())
+        ch_calibration = CALIBRATE.out.calibration
+        ch_versions = ch_versions.mix(CALIBRATE.out.versions)
+    }
+    PLAN(ch_slides, ch_calibration)
 
     BATCH(PLAN.out.tiles.map { meta, tiles -> tiles }.collect())
 
@@ -71,7 +80,8 @@ workflow BMSEG {
         .collect()
     REPORT(ch_results)
 
-    ch_versions = PLAN.out.versions.mix(
+    ch_versions = ch_versions.mix(
+        PLAN.out.versions,
         BATCH.out.versions,
         SEGMENT.out.versions,
         GATHER.out.versions,

@@ -1,6 +1,7 @@
 /*
  * PLAN: one slide in, its tissue tiles out (tile table, slide facts, tissue QC picture).
- * Runs once per slide on the CPU; reads only a low-resolution level of the slide.
+ * Runs once per slide on the CPU; reads only a low-resolution level of the slide. The
+ * calibration (optional: an empty list) is CALIBRATE's threshold shared by all slides.
  */
 process PLAN {
     tag "${meta.id}"
@@ -9,6 +10,7 @@ process PLAN {
 
     input:
     tuple val(meta), path(slide)
+    path calibration
 
     output:
     tuple val(meta), path("${meta.id}.tiles.parquet"), emit: tiles
@@ -19,8 +21,9 @@ process PLAN {
     script:
     def args = task.ext.args ?: ''
     def pixel_size = meta.pixel_size_um ? "--pixel-size-um ${meta.pixel_size_um}" : ''
+    def shared_threshold = calibration ? "--calibration ${calibration}" : ''
     """
-    bmseg plan ${slide} --slide-id ${meta.id} ${pixel_size} ${args} --out .
+    bmseg plan ${slide} --slide-id ${meta.id} ${pixel_size} ${shared_threshold} ${args} --out .
 
     bmseg versions --process ${task.process} > versions.yml
     """
