@@ -553,6 +553,7 @@ def classify_table(table: pa.Table, bundles: Sequence[dict]) -> pa.Table:
     """
     from threadpoolctl import threadpool_limits
 
+    matrices: dict[tuple[str, ...], np.ndarray] = {}  # one matrix per feature list, not per model
     for bundle in bundles:
         cell_type = bundle["cell_type"]
         probability = np.full(table.num_rows, np.nan, np.float32)
@@ -560,10 +561,11 @@ def classify_table(table: pa.Table, bundles: Sequence[dict]) -> pa.Table:
             pc.equal(table["cell_type"], cell_type).to_numpy(zero_copy_only=False)
         )
         if len(rows):
-            subset = table.take(pa.array(rows))
-            matrix = feature_matrix(subset, bundle["features"])
+            features = tuple(bundle["features"])
+            if features not in matrices:
+                matrices[features] = feature_matrix(table, features)
             with threadpool_limits(limits=1, user_api="openmp"):
-                probability[rows] = bundle["pipeline"].predict_proba(matrix)[:, 1]
+                probability[rows] = bundle["pipeline"].predict_proba(matrices[features][rows])[:, 1]
         present = ~np.isnan(probability)
         columns = {
             probability_column(cell_type): pa.array(probability, mask=~present),
