@@ -302,6 +302,17 @@ def test_gpu_batch_halves_on_each_retry() -> None:
     assert sizes == [first, max(1, first // 2), max(1, first // 4)]
 
 
+@pytest.mark.parametrize("module", MODULES, ids=lambda p: p.parent.name)
+def test_every_module_has_an_nf_test_stub_spec(module: Path) -> None:
+    spec = module.parent / "tests" / "main.nf.test"
+    text = read(spec)
+    name = next(iter(named_blocks(read(module), r"process\s+(\w+)")))
+    assert f'process "{name}"' in text and 'script "../main.nf"' in text
+    assert 'options "-stub"' in text and "process.success" in text
+    pipeline = read(REPO / "tests" / "main.nf.test")
+    assert 'profile "test"' in pipeline and "workflow.success" in pipeline
+
+
 def test_ext_args_selectors_name_real_processes() -> None:
     blocks = named_blocks(read(REPO / "conf" / "modules.config"), r"withName:\s*'([^']+)'")
     assert set(blocks) <= set(processes())
