@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
@@ -70,6 +71,7 @@ class StageTimer:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()  # the embedder may run on another thread
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -79,11 +81,13 @@ class StageTimer:
             yield
         finally:
             self._sync()
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+            with self._lock:
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
     def take(self) -> dict[str, float]:
         """The totals per stage since the last call, in seconds."""
-        totals, self.seconds = self.seconds, {}
+        with self._lock:
+            totals, self.seconds = self.seconds, {}
         return totals
 
     def _sync(self) -> None:
