@@ -206,6 +206,13 @@ def test_strict_syntax_idioms(path: Path) -> None:
         assert "params." not in body, f"{name} must take params as inputs, not read them"
 
 
+def test_collected_lists_are_sorted_for_resume() -> None:
+    """Every ``collect`` sorts: tasks finish in any order, and -resume hashes the list's order."""
+    for path in (REPO / "main.nf", REPO / "workflows" / "bmseg.nf"):
+        for call in re.findall(r"\.collect\(([^)]*)\)", strip_comments(read(path))):
+            assert "sort:" in call, f"{path.name}: .collect({call}) must sort"
+
+
 # --- processes --------------------------------------------------------------------------------
 
 

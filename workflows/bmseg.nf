@@ -16,6 +16,9 @@ include { CLASSIFY  } from '../modules/local/classify'
 include { PAGES     } from '../modules/local/pages'
 include { REPORT    } from '../modules/local/report'
 
+// Every collected list is sorted: tasks finish in any order, and a list in another order is
+// another input to -resume, which would redo everything downstream of it.
+
 workflow BMSEG {
     take:
     ch_slides      // channel: [ meta (id, pixel_size_um), slide file ], one per slide
@@ -28,13 +31,13 @@ workflow BMSEG {
     ch_versions = channel.empty()
     ch_calibration = channel.value([])
     if (calibrate) {
-        CALIBRATE(ch_slides.map { meta, slide -> slide }.collect())
+        CALIBRATE(ch_slides.map { meta, slide -> slide }.collect(sort: { slide -> slide.name }))
         ch_calibration = CALIBRATE.out.calibration
         ch_versions = ch_versions.mix(CALIBRATE.out.versions)
     }
     PLAN(ch_slides, ch_calibration)
 
-    BATCH(PLAN.out.tiles.map { meta, tiles -> tiles }.collect())
+    BATCH(PLAN.out.tiles.map { meta, tiles -> tiles }.collect(sort: { tiles -> tiles.name }))
 
     // One SEGMENT task per batch table, keyed by its name (batch_0000, ...): a failed batch is
     // the only task a resumed run redoes. Every slide is staged as a link, with its id; the
@@ -44,7 +47,7 @@ workflow BMSEG {
         .map { batch -> [batch.baseName, batch] }
     ch_all_slides = ch_slides
         .map { meta, slide -> [meta.id, slide] }
-        .collect(flat: false)
+        .collect(flat: false, sort: { pair -> pair[0] })
         .map { pairs -> [pairs.collect { pair -> pair[0] }, pairs.collect { pair -> pair[1] }] }
     SEGMENT(ch_batches, ch_all_slides, ch_models)
 
@@ -52,14 +55,17 @@ workflow BMSEG {
     ch_plans = PLAN.out.plan
         .mix(PLAN.out.tiles, PLAN.out.tissue)
         .map { meta, plan_file -> plan_file }
-        .collect()
-    GATHER(SEGMENT.out.cells.map { batch_id, cells -> cells }.collect(), ch_plans)
+        .collect(sort: { plan_file -> plan_file.name })
+    ch_batch_outputs = SEGMENT.out.cells
+        .map { batch_id, cells -> cells }
+        .collect(sort: { cells -> cells.name })
+    GATHER(ch_batch_outputs, ch_plans)
 
     // Labels train new classifiers; given classifiers are applied as they are. Either way the
     // classifiers only add columns to the gathered tables: nothing is segmented again.
     // CLASSIFY also ranks the unlabelled cells by uncertainty, leaving out the labelled ones.
-    ch_label_files = ch_labels.collect().ifEmpty([])
-    TRAIN(GATHER.out.gathered, ch_labels.collect())
+    ch_label_files = ch_labels.collect(sort: { labels -> labels.name }).ifEmpty([])
+    TRAIN(GATHER.out.gathered, ch_labels.collect(sort: { labels -> labels.name }))
     CLASSIFY(GATHER.out.gathered, ch_classifiers.mix(TRAIN.out.classifiers), ch_label_files)
 
     // The galleries show every gathered cell; with classifiers, a next round of labels can take
@@ -73,11 +79,11 @@ workflow BMSEG {
 
     ch_results = GATHER.out.gathered
         .mix(
-            SEGMENT.out.cells.map { batch_id, cells -> cells },
+            ch_batch_outputs.flatten(),
             TRAIN.out.classifiers,
             CLASSIFY.out.classified
         )
-        .collect()
+        .collect(sort: { result -> result.name })
     REPORT(ch_results)
 
     ch_versions = ch_versions.mix(
