@@ -228,6 +228,9 @@ def test_labelled_run_trains_classifies_and_ranks(tmp_path: Path, monkeypatch) -
         / "classifiers"
     )
 
+    metrics = json.loads((classifiers / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics, "TRAIN writes the cross-validated metrics the report and tower.yml show"
+
     inputs = {"cells": "gathered", "classifiers": "classifiers", "labels": label_names}
     staged = label_staged | {"gathered": gathered, "classifiers": classifiers}
     classified = runner.run("CLASSIFY", inputs, staged) / "classified"
