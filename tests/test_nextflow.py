@@ -371,9 +371,16 @@ def test_retry_policy() -> None:
 
 
 def test_writable_task_caches() -> None:
+    """Library caches go to the task folder; HOME too wherever a container engine is on."""
     env = assignments(named_blocks(read(REPO / "conf" / "base.config"), r"(?m)^(env)")["env"])
-    for name in ("HOME", "TORCH_HOME", "MPLCONFIGDIR", "NUMBA_CACHE_DIR"):
+    for name in ("TORCH_HOME", "MPLCONFIGDIR", "NUMBA_CACHE_DIR"):
         assert env[name].startswith("'$PWD"), f"{name} must point into the task folder"
+    profiles = named_blocks(read(REPO / "nextflow.config"), r"(?m)^(profiles)")["profiles"]
+    engines = named_blocks(profiles, r"(?m)^    (docker|apptainer|singularity)")
+    assert set(engines) == {"docker", "apptainer", "singularity"}
+    for engine, body in engines.items():
+        assert assignments(body).get("env.HOME") == "'$PWD'", engine
+    assert assignments(read(REPO / "conf" / "viper.config")).get("env.HOME") == "'$PWD'"
 
 
 def test_profiles_exist() -> None:
