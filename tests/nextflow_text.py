@@ -12,6 +12,7 @@ instead of being skipped.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -461,7 +462,7 @@ class _Parser:
                 return text == "true"
             if text == "null":
                 return None
-            if text == "Math":
+            if text in ("Math", "System"):
                 return math_namespace
             if self._at("("):
                 raise GroovySubsetError(f"function {text}() is outside the subset")
@@ -530,10 +531,11 @@ class _Parser:
 
 
 class _MathNamespace:
-    """``Math.max`` and ``Math.min``, the only Java statics the subset allows."""
+    """``Math.max``, ``Math.min`` and ``System.getenv``, the Java statics the subset allows."""
 
     max = staticmethod(max)
     min = staticmethod(min)
+    getenv = staticmethod(os.environ.get)
 
 
 math_namespace = _MathNamespace()
