@@ -211,3 +211,26 @@ def test_loading_refuses_other_versions_and_untrusted_types(trained, tmp_path):
     (tmp_path / "junk.skops").write_bytes(b"not a zip")
     with pytest.raises(BmsegError, match="not a skops model file"):
         load_model(tmp_path / "junk.skops")
+
+
+def test_a_slide_without_cells_is_gathered_and_classified_empty(trained, tmp_path):
+    models, _ = trained
+    cells = cells_table(
+        [100.0], [100.0], [10.0], slide_id="s1", tile_id="r0000c0000", cell_type="HSPC",
+        embedding_dim=64,
+    )  # fmt: skip
+    write_batch(tmp_path / "batch", [cells], tiles=[("empty", "r0000c0000")])
+    for slide in ("s1", "empty"):
+        write_plan(tmp_path / "plans", slide, tissue_area_mm2=1.0)
+    gathered, classified = tmp_path / "gathered", tmp_path / "classified"
+    gather = ["gather", str(tmp_path / "batch"), "--plans", str(tmp_path / "plans")]
+    assert main([*gather, "--out", str(gathered)]) == 0
+    classify = ["classify", str(gathered), "--classifiers", str(models)]
+    assert main([*classify, "--out", str(classified)]) == 0
+    empty = pq.read_table(classified / "empty.cells.parquet")
+    assert empty.num_rows == 0 and "hspc_probability" in empty.column_names
+
+    import pandas as pd
+
+    summary = pd.read_csv(classified / "summary.csv").set_index("slide_id")
+    assert summary.loc["empty", "HSPC_count"] == 0 and summary.loc["s1", "HSPC_count"] == 1

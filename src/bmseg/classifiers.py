@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,13 +33,13 @@ from bmseg.gather import (
     SUMMARY_FILE,
     area_histogram_png,
     density_plot_png,
+    dictionary_columns,
     feature_columns,
-    parquet_writer,
     png_bytes,
     summarise,
 )
 from bmseg.labels import LabelReport, merge_labels, read_label_file
-from bmseg.storage import atomic_path, write_bytes, write_json, write_parquet
+from bmseg.storage import atomic_path, parquet_writer, write_bytes, write_json, write_parquet
 from bmseg.versions import package_versions
 
 if TYPE_CHECKING:
@@ -637,26 +638,21 @@ def run_classify(args: argparse.Namespace) -> int:
         )
     kept_columns = ["cell_uid", "slide_id", "cell_type", "area_um2"]
     frames = []
-    total = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+    total = sum(map(_rows, files))
     with tqdm(total=total, unit="cells", desc="classify") as progress:
         for path in files:
-            parquet = pq.ParquetFile(path)
-            with atomic_path(out / path.name) as tmp:
-                writer = None
-                for group in range(parquet.num_row_groups):
-                    table = classify_table(parquet.read_row_group(group), bundles)
-                    if not args.keep_embedding:
-                        table = table.drop_columns(EMBEDDING_COLUMN)
-                    if writer is None:
-                        writer = parquet_writer(tmp, table.schema)
+            tables = _classified_row_groups(pq.ParquetFile(path), bundles, args.keep_embedding)
+            first = next(tables)
+            dictionary = dictionary_columns(first.schema)
+            with parquet_writer(out / path.name, first.schema, use_dictionary=dictionary) as writer:
+                for table in itertools.chain([first], tables):
                     writer.write_table(table)
                     frames.append(_classified_frame(table, kept_columns, bundles))
                     progress.update(table.num_rows)
-                if writer is None:
-                    raise BmsegError(f"{path}: no row groups; re-run gather")
-                writer.close()
     cells = pd.concat(frames, ignore_index=True)
-    slides = sorted(cells["slide_id"].unique())
+    # a slide without cells has an empty table, named {slide}.cells.parquet by gather
+    empty = [p.name.removesuffix(".cells.parquet") for p in files if not _rows(p)]
+    slides = sorted(set(cells["slide_id"].unique()) | set(empty))
     summary = summarise(cells, _tissue_frame(files, slides))
     with atomic_path(out / SUMMARY_FILE) as tmp:
         summary.to_csv(tmp, index=False, float_format="%.6g")
@@ -692,6 +688,23 @@ def run_classify(args: argparse.Namespace) -> int:
     )
     log.info("classified %d cells in %d tables -> %s", len(cells), len(files), out)
     return 0
+
+
+def _rows(path: Path) -> int:
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _classified_row_groups(
+    parquet: pq.ParquetFile, bundles: Sequence[dict], keep_embedding: bool
+) -> Iterator[pa.Table]:
+    """Each row group classified, one at a time; a table without rows gives one empty table."""
+    if parquet.num_row_groups:
+        tables = (parquet.read_row_group(g) for g in range(parquet.num_row_groups))
+    else:
+        tables = iter([parquet.schema_arrow.empty_table()])
+    for table in tables:
+        table = classify_table(table, bundles)
+        yield table if keep_embedding else table.drop_columns(EMBEDDING_COLUMN)
 
 
 def _classified_frame(table: pa.Table, columns: list[str], bundles: Sequence[dict]):

@@ -8,6 +8,7 @@ and embedding features so a classifier has something (or nothing) to learn.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -243,17 +244,17 @@ def write_random_cells(
     """Stream ``n`` random cells into one Parquet file, ``chunk`` rows at a time (for 1 M cells)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from bmseg.gather import parquet_writer
+    from bmseg.gather import dictionary_columns
+    from bmseg.storage import parquet_writer
 
-    with atomic_path(path) as tmp:
-        writer = None
-        for index, start in enumerate(range(0, n, chunk)):
-            table = random_cells(
-                min(chunk, n - start), slide_id=slide_id, seed=seed + 7919 * index, **kwargs
-            )
-            if writer is None:
-                writer = parquet_writer(tmp, table.schema)
+    tables = (
+        random_cells(min(chunk, n - start), slide_id=slide_id, seed=seed + 7919 * i, **kwargs)
+        for i, start in enumerate(range(0, n, chunk))
+    )
+    first = next(tables)
+    with parquet_writer(
+        path, first.schema, use_dictionary=dictionary_columns(first.schema)
+    ) as writer:
+        for table in itertools.chain([first], tables):
             writer.write_table(table, row_group_size=chunk)
-        if writer is not None:
-            writer.close()
     return path
