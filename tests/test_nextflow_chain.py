@@ -2,13 +2,15 @@
 
 Each step runs as Nextflow would run it: in its own task folder, its inputs linked in under
 their staged names, its command line rendered from the module's script and conf/modules.config
-under the test profile's params; afterwards every output the module declares must exist. The
+under the test profile's params. Afterwards every output the module declares must exist, no
+temporary file may be left, and no input may have changed (what -resume relies on). The
 steps run in the order workflows/bmseg.nf calls them, on a synthetic slide with random
 test checkpoints (so SEGMENT may find few or no cells; the wiring is what is tested).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -61,12 +63,16 @@ class TaskRunner:
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(source.resolve())
         script = render_script(name, self.params, inputs=inputs)
+        before = fingerprint(staged.values())
         self.monkeypatch.chdir(task_dir)
         for argv in bmseg_commands(script):
             if argv[1] == "versions":
                 continue
             assert main(argv[1:]) == 0, f"{name}: {' '.join(argv)} failed"
         self.check_outputs(name, inputs, task_dir)
+        assert fingerprint(staged.values()) == before, f"{name} changed one of its inputs"
+        leftovers = [p.name for p in task_dir.rglob("*") if ".tmp" in p.name]
+        assert not leftovers, f"{name} left temporary files {leftovers}"
         return task_dir
 
     @staticmethod
@@ -79,6 +85,17 @@ class TaskRunner:
                 continue
             pattern = evaluate(match.group(1), dict(inputs))
             assert list(task_dir.glob(pattern)), f"{name} declares {pattern} but did not write it"
+
+
+def fingerprint(sources: Any) -> dict[str, str]:
+    """SHA-256 of every file in ``sources`` (files or folders, searched recursively)."""
+    digests = {}
+    for source in sources:
+        files = [source] if source.is_file() else sorted(source.rglob("*"))
+        for path in files:
+            if path.is_file():
+                digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
 
 
 def stage_all(prefix: str, files: list[Path]) -> tuple[PathList, dict[str, Path]]:
