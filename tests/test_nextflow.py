@@ -238,6 +238,17 @@ def test_process_directives(module: Path) -> None:
     assert len(process.tags) == 1 and process.tags[0].tag
 
 
+def test_config_images_follow_the_package_version() -> None:
+    """Every image the configs name is a tag containers/build.sh makes for this version."""
+    from bmseg import __version__
+
+    tags = set()
+    for path in CONFIG_FILES:
+        tags |= set(re.findall(r"ghcr\.io/bmseg/bmseg:([\w.-]+)", read(path)))
+    assert tags == {f"{__version__}-rocm"}, tags
+    assert "${registry}:${version}-${flavour}" in read(REPO / "containers" / "build.sh")
+
+
 @pytest.mark.parametrize("name", sorted(STEP_COMMANDS))
 def test_process_sections(name: str) -> None:
     """Script and stub both exist; versions.yml is emitted and written by both."""
