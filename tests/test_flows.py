@@ -90,6 +90,24 @@ def test_at_least_cellpose_accuracy_and_agrees_with_it(case: str, request) -> No
     assert ap50(cellpose_masks, masks) >= 0.95
 
 
+@pytest.mark.parametrize("noise", [1.0, 2.0])
+def test_noisy_network_output_at_least_cellpose_accuracy(disks_case, noise: float) -> None:
+    """Flows and probabilities with smooth noise, as a real network's: std ``noise`` in dP
+    units (flows are 5 × unit vectors), 3 in logits."""
+    labels, flows, cellprob, _ = disks_case
+    rng = np.random.default_rng(7)
+    flow_noise = ndimage.gaussian_filter(rng.normal(size=flows.shape), (0, 1.5, 1.5))
+    prob_noise = ndimage.gaussian_filter(rng.normal(size=cellprob.shape), 2)
+    noisy_flows = (flows + flow_noise * (noise / flow_noise.std())).astype(np.float32)
+    noisy_prob = (cellprob + prob_noise * (3 / prob_noise.std())).astype(np.float32)
+
+    ours = ap50(labels, compute_masks(noisy_flows, noisy_prob))
+    theirs = ap50(labels, cellpose_compute_masks(noisy_flows, noisy_prob))
+
+    assert ours >= theirs
+    assert ours >= 0.5
+
+
 def test_torch_device_forms_agree(disks_case) -> None:
     _, flows, cellprob, _ = disks_case
     default = compute_masks(flows, cellprob)
