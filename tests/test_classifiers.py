@@ -7,10 +7,11 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bmseg.classifiers import load_model, save_model
+from bmseg.classifiers import embedding_matrix, load_model, save_model
 from bmseg.cli import main
 from bmseg.errors import BmsegError
 from bmseg.fake_cells import cells_table, write_batch, write_plan
@@ -234,3 +235,14 @@ def test_a_slide_without_cells_is_gathered_and_classified_empty(trained, tmp_pat
 
     summary = pd.read_csv(classified / "summary.csv").set_index("slide_id")
     assert summary.loc["empty", "HSPC_count"] == 0 and summary.loc["s1", "HSPC_count"] == 1
+
+
+def test_embeddings_as_float16_bytes_read_like_fixed_size_lists():
+    values = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float16)
+    as_list = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), 8)
+    as_bytes = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(16), 5, [None, pa.py_buffer(values.tobytes())]
+    )
+    for column in (as_list, as_bytes, pa.chunked_array([as_bytes.slice(0, 2), as_bytes.slice(2)])):
+        np.testing.assert_array_equal(embedding_matrix(column), values)
+    np.testing.assert_array_equal(embedding_matrix(as_bytes.slice(3)), values[3:])
