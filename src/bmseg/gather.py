@@ -3,8 +3,8 @@
 Per slide: the cell table (cells kept by two tiles resolved), the gallery crops, a GeoJSON that
 QuPath imports as detections; for the run: ``summary.csv`` (counts and densities per mm² of
 segmented tissue, size quantiles), plots, and the batches' timing records. Tables are streamed
-row group by row group and the 2048-d embeddings are copied by Arrow, never touched by Python,
-so a million cells gather in seconds.
+row group by row group and the 2048-d embeddings are copied by Arrow, never touched by Python;
+what remains is Parquet decoding and encoding them (see docs/benchmarks.md, Classify).
 """
 
 from __future__ import annotations
