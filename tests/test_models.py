@@ -32,6 +32,7 @@ from bmseg.models.masks import (
     score_priority,
     upsample_in_boxes,
 )
+from bmseg.models.sam2_models import paint_lowres
 
 PIXEL_UM = 0.5  # 4 px per µm²: areas stay small on small test tiles
 
@@ -186,6 +187,21 @@ def test_upsample_in_boxes_equals_full_interpolation() -> None:
         x0, y0, x1, y1 = boxes[k].tolist()
         assert torch.equal(windows[k, : y1 - y0, : x1 - x0], full[k, y0:y1, x0:x1])
         assert int(full[k].sum()) == int(windows[k].sum())  # nothing outside the box
+
+
+def test_exact_area_decides_after_upsampling() -> None:
+    # Low-res 64² of a 256² tile (16 tile px per low-res px). Radii 6 and 9 low-res px give
+    # ~113 and ~254 low-res px, i.e. ~1810 and ~4070 tile px; the range [1000, 3800] keeps
+    # the first, and the second passes the low-res filter only through its 10 % slack.
+    logits = torch.stack([disc_logits(6.0, centre=(16, 16)), disc_logits(9.0, centre=(44, 44))])
+    rules = LowResFilter(0.0, 0.0, 0.0, 1.0, min_area_px=1000, max_area_px=3800)
+    assert filter_lowres(logits, torch.ones(2), 16.0, rules).tolist() == [True, True]
+    boxes = lowres_boxes(logits, 0.0, (256, 256))
+    found = paint_lowres(logits, torch.tensor([0.7, 0.8]), boxes, (256, 256), rules)
+    full = F.interpolate(logits[:, None], (256, 256), mode="bilinear", align_corners=False)[:, 0]
+    assert int((full[1] > 0).sum()) > 3800  # the exact area is out of range
+    assert found.count == 1 and found.scores.tolist() == pytest.approx([0.7])
+    assert np.array_equal(found.labels == 1, (full[0] > 0).numpy())
 
 
 def test_painter_gives_overlaps_to_the_higher_score() -> None:
