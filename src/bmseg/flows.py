@@ -12,7 +12,7 @@ a 3000² tile. :func:`compute_masks` keeps the parameters and meaning of
   power of the pointer array, found with ~2·log2(niter) gathers (pointer jumping) instead of
   ``niter`` interpolations per pixel;
 * clusters the end points like Cellpose (histogram of end points; end points reached by more
-  than 2 pixels grouped into 8-connected sinks; a sink needs more than 10 pixels);
+  than 2 pixels grouped into sinks when up to 2 px apart; a sink needs more than 10 pixels);
 * checks each mask's flows against flows pointing straight at its centre (the pixel Cellpose
   starts its diffusion from) instead of re-running Cellpose's heat diffusion;
 * fills holes by labelling the background once, not cell by cell.
@@ -48,7 +48,9 @@ _FLOW_SCALE = 5.0
 # and a mask grows over end points reached by more than 2.
 _SEED_MIN_HITS = 10
 _SINK_MIN_HITS = 2
-_NEIGHBOURS_8 = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+# End points up to this many pixels apart (in y and in x) belong to one sink, as peaks within
+# Cellpose's 5×5 max-pool window make one seed.
+_SINK_REACH = 2
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -226,11 +228,11 @@ def _follow(pointers: torch.Tensor, niter: int) -> torch.Tensor:
 
 def _cluster_ends(ends: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
     """Label per pixel of the padded grid (flat; 0: none): the sink its trajectory ends in.
-    Sinks are 8-connected groups of end points reached by more than 2 pixels each and by more
-    than 10 together (Cellpose: a seed point reached by more than 10, grown over points reached
-    by more than 2; a discrete trajectory ends on a cycle of 1-4 points, hence the total);
-    labels are 1..n in order of the sinks' first pixel. Background pixels end on themselves,
-    reached once, so they never form a sink."""
+    Sinks are groups of end points up to 2 px apart, each reached by more than 2 pixels and
+    all together by more than 10 (Cellpose: a seed is a 5×5 maximum reached by more than 10,
+    grown over points reached by more than 2; a discrete trajectory ends on a cycle of 1-4
+    points, hence the total). Labels are 1..n in order of the sinks' first pixel. Background
+    pixels end on themselves, reached once, so they never form a sink."""
     import torch
 
     device = ends.device
@@ -249,15 +251,24 @@ def _cluster_ends(ends: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
 
 
 def _connected_components(flat_pixels: torch.Tensor, padded_width: int) -> torch.Tensor:
-    """8-connected components of a small set of inner pixels of the padded grid (flat indices,
-    ascending): for each pixel the position of its component's first pixel. Min-label
-    propagation with pointer jumping, so it runs on any device without SciPy."""
+    """Connected components of a small set of inner pixels of the padded grid (flat indices,
+    ascending), pixels up to ``_SINK_REACH`` apart being connected (the 1-pixel background
+    frame keeps offsets from wrapping onto a neighbouring row's pixels): for each pixel the
+    position of its component's first pixel. Min-label propagation with pointer jumping, so it
+    runs on any device without SciPy."""
     import torch
 
     device = flat_pixels.device
     order = torch.arange(flat_pixels.numel(), device=device)
     offsets = torch.tensor(
-        [dy * padded_width + dx for dy, dx in _NEIGHBOURS_8], dtype=torch.int64, device=device
+        [
+            dy * padded_width + dx
+            for dy in range(-_SINK_REACH, _SINK_REACH + 1)
+            for dx in range(-_SINK_REACH, _SINK_REACH + 1)
+            if dy or dx
+        ],
+        dtype=torch.int64,
+        device=device,
     )
     neighbour_pixels = flat_pixels[:, None] + offsets[None, :]
     # Position of each neighbour in the sorted pixel list, or the pixel itself when absent.
