@@ -33,8 +33,8 @@ from bmseg.gather import (
     SUMMARY_FILE,
     area_histogram_png,
     density_plot_png,
-    dictionary_columns,
     feature_columns,
+    parquet_options,
     png_bytes,
     summarise,
 )
@@ -643,8 +643,8 @@ def run_classify(args: argparse.Namespace) -> int:
         for path in files:
             tables = _classified_row_groups(pq.ParquetFile(path), bundles, args.keep_embedding)
             first = next(tables)
-            dictionary = dictionary_columns(first.schema)
-            with parquet_writer(out / path.name, first.schema, use_dictionary=dictionary) as writer:
+            options = parquet_options(first.schema)
+            with parquet_writer(out / path.name, first.schema, **options) as writer:
                 for table in itertools.chain([first], tables):
                     writer.write_table(table)
                     frames.append(_classified_frame(table, kept_columns, bundles))

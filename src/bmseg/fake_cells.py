@@ -244,7 +244,7 @@ def write_random_cells(
     """Stream ``n`` random cells into one Parquet file, ``chunk`` rows at a time (for 1 M cells)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from bmseg.gather import dictionary_columns
+    from bmseg.gather import parquet_options
     from bmseg.storage import parquet_writer
 
     tables = (
@@ -252,9 +252,7 @@ def write_random_cells(
         for i, start in enumerate(range(0, n, chunk))
     )
     first = next(tables)
-    with parquet_writer(
-        path, first.schema, use_dictionary=dictionary_columns(first.schema)
-    ) as writer:
+    with parquet_writer(path, first.schema, **parquet_options(first.schema)) as writer:
         for table in itertools.chain([first], tables):
             writer.write_table(table, row_group_size=chunk)
     return path
