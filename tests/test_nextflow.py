@@ -327,6 +327,10 @@ def test_every_module_has_an_nf_test_stub_spec(module: Path) -> None:
     name = next(iter(named_blocks(read(module), r"process\s+(\w+)")))
     assert f'process "{name}"' in text and 'script "../main.nf"' in text
     assert 'options "-stub"' in text and "process.success" in text
+    inputs = sections(read(module)).get("input", "")
+    declared = re.findall(r"^\s*(?:tuple|path|val)\b", inputs, re.MULTILINE)
+    given = sorted(set(re.findall(r"input\[(\d+)\]", text)))
+    assert given == [str(i) for i in range(len(declared))], "the spec must feed every input"
     pipeline = read(REPO / "tests" / "main.nf.test")
     assert 'profile "test"' in pipeline and "workflow.success" in pipeline
 
