@@ -4,7 +4,8 @@ Inputs are touching disks (Voronoi-clipped, ~the density of a marrow tile: 7 000
 3000² tile), flows from Cellpose's own ``masks_to_flows_gpu`` up to ``--cellpose-flows-max``
 pixels a side and analytic (each pixel pointing at its cell's centre) above, because
 ``masks_to_flows`` itself takes minutes on large tiles; cell probability +5 / -5 logits from the
-labels. Each method runs in a fresh child process, so that its peak memory (max RSS above the
+labels, and optionally smooth noise on both (``--noise``) as a real network's output has. Each
+method runs in a fresh child process, so that its peak memory (max RSS above the
 child's RSS before the call) is its own. Prints wall and CPU seconds, peak memory, the ratio
 Cellpose / ours and AP@0.5 (cellpose.metrics.average_precision) against the source labels and
 between the two methods. Cellpose's method runs on 10 000² only with a GPU.
@@ -124,41 +125,69 @@ def _average_precision(truth: np.ndarray, predicted: np.ndarray) -> float:
     return matched / (n_truth + n_predicted - matched)
 
 
-def benchmark(size: int, cellpose_flows_max: int, device: str, with_cellpose: bool) -> dict:
-    """Figures for one tile size."""
+def add_noise(
+    flows: np.ndarray, cellprob: np.ndarray, noise: float, seed: int = 7
+) -> tuple[np.ndarray, np.ndarray]:
+    """Network output made imperfect like a real network's: smooth Gaussian noise (σ 1.5 px) of
+    std ``noise`` on the flows (dP units, 5 × unit vectors) and of std 3 on the logits."""
+    rng = np.random.default_rng(seed)
+    flow_noise = ndimage.gaussian_filter(rng.normal(size=flows.shape), (0, 1.5, 1.5))
+    prob_noise = ndimage.gaussian_filter(rng.normal(size=cellprob.shape), 2)
+    noisy_flows = flows + flow_noise * (noise / flow_noise.std())
+    noisy_prob = cellprob + prob_noise * (3 / prob_noise.std())
+    return noisy_flows.astype(np.float32), noisy_prob.astype(np.float32)
+
+
+def benchmark(
+    size: int, noises: list[float], cellpose_flows_max: int, device: str, with_cellpose: bool
+) -> list[dict]:
+    """Figures for one tile size, one row per noise level."""
     n_cells = round(CELLS_PER_PIXEL * size * size)
     labels = touching_disks(size, n_cells)
     cellpose_flows = size <= cellpose_flows_max
     started = time.perf_counter()
-    flows, cellprob = network_output(labels, cellpose_flows)
-    row = {
-        "size": size,
-        "cells": n_cells,
-        "flows": "cellpose masks_to_flows" if cellpose_flows else "analytic (to centre)",
-        "flows_s": time.perf_counter() - started,
-    }
-    with tempfile.TemporaryDirectory() as folder:
-        np.save(Path(folder) / "flows.npy", flows)
-        np.save(Path(folder) / "cellprob.npy", cellprob)
-        del flows, cellprob
-        methods = ("bmseg", "cellpose") if with_cellpose else ("bmseg",)
-        masks = {}
-        for method in methods:
-            row[method] = _run_child(method, Path(folder), device)
-            masks[method] = np.load(Path(folder) / f"masks_{method}.npy")
-            row[method]["masks"] = int(masks[method].max())
-            row[method]["ap50_truth"] = _average_precision(labels, masks[method])
-    if with_cellpose:
-        row["ap50_bmseg_vs_cellpose"] = _average_precision(masks["cellpose"], masks["bmseg"])
-        row["speedup"] = row["cellpose"]["wall_s"] / row["bmseg"]["wall_s"]
-        row["speedup_cpu_time"] = row["cellpose"]["cpu_s"] / row["bmseg"]["cpu_s"]
-        row["memory_ratio"] = row["cellpose"]["peak_mb"] / max(row["bmseg"]["peak_mb"], 1e-3)
-    return row
+    clean_flows, clean_prob = network_output(labels, cellpose_flows)
+    flows_s = time.perf_counter() - started
+    rows = []
+    for noise in noises:
+        row = {
+            "size": size,
+            "cells": n_cells,
+            "flows": "cellpose masks_to_flows" if cellpose_flows else "analytic (to centre)",
+            "flows_s": flows_s,
+            "noise": noise,
+        }
+        flows, cellprob = (
+            add_noise(clean_flows, clean_prob, noise) if noise else (clean_flows, clean_prob)
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            np.save(Path(folder) / "flows.npy", flows)
+            np.save(Path(folder) / "cellprob.npy", cellprob)
+            del flows, cellprob
+            methods = ("bmseg", "cellpose") if with_cellpose else ("bmseg",)
+            masks = {}
+            for method in methods:
+                row[method] = _run_child(method, Path(folder), device)
+                masks[method] = np.load(Path(folder) / f"masks_{method}.npy")
+                row[method]["masks"] = int(masks[method].max())
+                row[method]["ap50_truth"] = _average_precision(labels, masks[method])
+        if with_cellpose:
+            row["ap50_bmseg_vs_cellpose"] = _average_precision(masks["cellpose"], masks["bmseg"])
+            row["speedup"] = row["cellpose"]["wall_s"] / row["bmseg"]["wall_s"]
+            row["speedup_cpu_time"] = row["cellpose"]["cpu_s"] / row["bmseg"]["cpu_s"]
+            row["memory_ratio"] = row["cellpose"]["peak_mb"] / max(row["bmseg"]["peak_mb"], 1e-3)
+        _print_row(row)
+        rows.append(row)
+    return rows
 
 
 def _print_row(row: dict) -> None:
     """One human-readable block per size."""
-    print(f"{row['size']}² tile, {row['cells']} cells, flows: {row['flows']}", flush=True)
+    print(
+        f"{row['size']}² tile, {row['cells']} cells, flows: {row['flows']}, "
+        f"noise std {row['noise']}",
+        flush=True,
+    )
     for method in ("bmseg", "cellpose"):
         if method in row:
             figures = row[method]
@@ -187,6 +216,16 @@ def main() -> int:
         default=1000,
         help="largest tile side whose input flows come from Cellpose's masks_to_flows",
     )
+    parser.add_argument(
+        "--noise",
+        type=float,
+        nargs="+",
+        default=[0.0, 1.0],
+        help="noise levels (std in dP units; 0: perfect network output), see add_noise",
+    )
+    parser.add_argument(
+        "--noise-max", type=int, default=3000, help="largest tile side run with noise > 0"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -198,8 +237,8 @@ def main() -> int:
     rows = []
     for size in args.sizes:
         with_cellpose = size <= 3000 or args.device != "cpu"
-        rows.append(benchmark(size, args.cellpose_flows_max, args.device, with_cellpose))
-        _print_row(rows[-1])
+        noises = args.noise if size <= args.noise_max else [0.0]
+        rows += benchmark(size, noises, args.cellpose_flows_max, args.device, with_cellpose)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

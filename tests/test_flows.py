@@ -95,11 +95,7 @@ def test_noisy_network_output_at_least_cellpose_accuracy(disks_case, noise: floa
     """Flows and probabilities with smooth noise, as a real network's: std ``noise`` in dP
     units (flows are 5 × unit vectors), 3 in logits."""
     labels, flows, cellprob, _ = disks_case
-    rng = np.random.default_rng(7)
-    flow_noise = ndimage.gaussian_filter(rng.normal(size=flows.shape), (0, 1.5, 1.5))
-    prob_noise = ndimage.gaussian_filter(rng.normal(size=cellprob.shape), 2)
-    noisy_flows = (flows + flow_noise * (noise / flow_noise.std())).astype(np.float32)
-    noisy_prob = (cellprob + prob_noise * (3 / prob_noise.std())).astype(np.float32)
+    noisy_flows, noisy_prob = flows_benchmark.add_noise(flows, cellprob, noise)
 
     ours = ap50(labels, compute_masks(noisy_flows, noisy_prob))
     theirs = ap50(labels, cellpose_compute_masks(noisy_flows, noisy_prob))
