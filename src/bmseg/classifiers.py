@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from bmseg.errors import BmsegError
 from bmseg.gather import (
+    CELL_TYPES,
     EMBEDDING_COLUMN,
     SUMMARY_FILE,
     area_histogram_png,
@@ -361,6 +362,8 @@ def run_train(args: argparse.Namespace) -> int:
                 f"{min_per_class} of each needed; label more {cell_type} cells in the gallery"
             )
         plans.append((cell_type, rows, truth))
+    for cell_type in sorted(set(CELL_TYPES) - {plan[0] for plan in plans}):
+        log.warning("no %s labels: no %s classifier is trained", cell_type, cell_type)
     out = Path(args.out)
     trained = [
         train_cell_type(
