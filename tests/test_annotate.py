@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from bmseg.annotate import load_labels, make_server, validate_labels
+from bmseg.annotate import load_labels, make_server
 from bmseg.cli import main
 from bmseg.errors import BmsegError
+from bmseg.labels import validate_labels
 
 
 def record(

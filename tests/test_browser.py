@@ -20,8 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from bmseg.annotate import validate_labels
-from bmseg.labels import merge_labels
+from bmseg.labels import merge_labels, validate_labels
 from bmseg.pages import build_site
 from pages_synth import make_gathered
 from test_annotate import start_server

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import threading
-from datetime import datetime, timezone
 from functools import partial
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -24,62 +23,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bmseg.errors import BmsegError
-from bmseg.labels import read_label_file
+from bmseg.labels import LABEL_VERSION, parse_time, read_label_file, validate_labels
 from bmseg.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
-LABEL_VALUES = ("yes", "no", "unsure")
 API_PATH = "/api/labels"
 MAX_POST_BYTES = 2 * 1024 * 1024
 MAX_TEXT = 200
+"""Longest cell_uid, annotator, label or time a post may hold."""
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
-
-
-def parse_time(value: str) -> datetime:
-    """An ISO-8601 time as an aware datetime (naive times are taken as UTC)."""
-    parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-
-
-def validate_labels(document: Any) -> list[dict[str, str]]:
-    """The records of a labels document; ValueError naming the first problem.
-
-    Accepts exactly the schema of docs/data.md: ``{"version": 1, "labels": [record...]}``
-    where each record has a non-empty ``cell_uid`` and ``annotator``, a ``label`` of
-    yes/no/unsure and an ISO-8601 ``time``.
-    """
-    if not isinstance(document, dict) or document.get("version") != 1:
-        raise ValueError('expected {"version": 1, "labels": [...]}')
-    labels = document.get("labels")
-    if not isinstance(labels, list):
-        raise ValueError('"labels" must be a list of label records')
-    records = []
-    for index, record in enumerate(labels):
-        where = f"labels[{index}]"
-        if not isinstance(record, dict):
-            raise ValueError(f"{where} must be an object")
-        for key in ("cell_uid", "annotator", "label", "time"):
-            value = record.get(key)
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{where}.{key} must be a non-empty string")
-            if len(value) > MAX_TEXT:
-                raise ValueError(f"{where}.{key} is longer than {MAX_TEXT} characters")
-        if record["label"] not in LABEL_VALUES:
-            raise ValueError(f"{where}.label must be one of {', '.join(LABEL_VALUES)}")
-        try:
-            parse_time(record["time"])
-        except ValueError:
-            raise ValueError(f"{where}.time must be an ISO-8601 time") from None
-        records.append(
-            {
-                "cell_uid": record["cell_uid"],
-                "label": record["label"],
-                "annotator": record["annotator"].strip(),
-                "time": record["time"],
-            }
-        )
-    return records
 
 
 def load_labels(path: Path) -> list[dict[str, str]]:
@@ -121,7 +74,7 @@ class LabelBook:
     def document(self) -> dict[str, Any]:
         """The labels as the schema's JSON document."""
         with self.lock:
-            return {"version": 1, "labels": list(self.records.values())}
+            return {"version": LABEL_VERSION, "labels": list(self.records.values())}
 
     def add(self, records: list[dict[str, str]]) -> int:
         """Merge ``records``, write the file durably, and return how many labels it holds."""
@@ -134,7 +87,8 @@ class LabelBook:
 
     def _write(self, records: dict[tuple[str, str], dict[str, str]]) -> None:
         lines = ",\n".join(json.dumps(record, ensure_ascii=False) for record in records.values())
-        text = f'{{"version": 1, "labels": [\n{lines}\n]}}\n'  # one label a line: diff-friendly
+        # one label a line: diff-friendly
+        text = f'{{"version": {LABEL_VERSION}, "labels": [\n{lines}\n]}}\n'
         with atomic_path(self.path) as tmp, tmp.open("w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -240,8 +194,8 @@ class SiteHandler(SimpleHTTPRequestHandler):
             )
             return
         try:
-            records = validate_labels(json.loads(self.rfile.read(length)))
-        except ValueError as error:  # bad JSON, bad UTF-8 or a bad record
+            records = validate_labels(json.loads(self.rfile.read(length)), MAX_TEXT)
+        except ValueError as error:  # bad JSON, bad UTF-8 or a record off the schema
             self.send_json(HTTPStatus.BAD_REQUEST, {"error": f"malformed labels: {error}"})
             return
         try:

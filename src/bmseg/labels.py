@@ -5,7 +5,8 @@ Rules: every file must match the schema exactly (``"version": 1``; each label ha
 with the file and entry named. Per annotator and cell the latest label wins (ties: the later
 file, then the later entry). ``unsure`` is left out. Where annotators disagree the majority
 decides; a tie leaves the cell out. Every disagreement and every uid missing from the cell
-tables is counted and reported, never dropped silently.
+tables is counted and reported, never dropped silently. ``validate_labels`` is the one schema
+check, shared with ``bmseg annotate serve`` so the server saves only what TRAIN reads.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from bmseg.errors import BmsegError
 
@@ -58,15 +60,72 @@ class LabelReport:
         return dict(self.__dict__)
 
 
-def _parse_time(text: object, where: str) -> datetime:
-    """ISO-8601 time; naive times are taken as UTC so all times compare."""
-    if not isinstance(text, str):
-        raise BmsegError(f"{where}: 'time' must be an ISO-8601 string; re-export the labels")
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as error:
-        raise BmsegError(f"{where}: time {text!r} is not ISO-8601; re-export the labels") from error
+class LabelFormatError(ValueError):
+    """A labels document that breaks the schema; the message names the entry and the problem."""
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO-8601 time as an aware datetime; naive times are taken as UTC so all times compare.
+
+    ValueError if ``text`` is not ISO-8601.
+    """
+    moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def validate_labels(document: Any, max_text: int | None = None) -> list[dict[str, str]]:
+    """The records of a parsed labels document, checked against the schema of docs/data.md.
+
+    The one schema check for every reader and writer of labels (TRAIN's files, the annotation
+    server's posts): ``{"version": 1, "labels": [record...]}`` where each record has a
+    non-empty ``cell_uid`` and ``annotator``, a ``label`` of yes/no/unsure and an ISO-8601
+    ``time``. ``max_text`` caps the length of each of these strings (the server's guard
+    against oversized posts). Returns the records with only those keys, the annotator stripped
+    of surrounding blanks; raises LabelFormatError naming the first problem (one line).
+    """
+    if not isinstance(document, dict) or "labels" not in document:
+        raise LabelFormatError(
+            f'expected {{"version": {LABEL_VERSION}, "labels": [...]}}; not a label file'
+        )
+    if document.get("version") != LABEL_VERSION:
+        raise LabelFormatError(
+            f"label schema version {document.get('version')!r}, this bmseg reads "
+            f"version {LABEL_VERSION}"
+        )
+    entries = document["labels"]
+    if not isinstance(entries, list):
+        raise LabelFormatError("'labels' must be a list of label records")
+    records = []
+    for index, entry in enumerate(entries):
+        where = f"labels[{index}]"
+        if not isinstance(entry, dict):
+            raise LabelFormatError(f"{where}: must be an object")
+        missing = [key for key in LABEL_KEYS if key not in entry]
+        if missing:
+            raise LabelFormatError(f"{where}: missing {', '.join(missing)}")
+        for key in LABEL_KEYS:
+            value = entry[key]
+            if not isinstance(value, str) or not value.strip():
+                raise LabelFormatError(f"{where}: {key!r} must be a non-empty string")
+            if max_text is not None and len(value) > max_text:
+                raise LabelFormatError(f"{where}: {key!r} is longer than {max_text} characters")
+        if entry["label"] not in LABEL_VALUES:
+            raise LabelFormatError(
+                f"{where}: label {entry['label']!r} is not one of {', '.join(LABEL_VALUES)}"
+            )
+        try:
+            parse_time(entry["time"])
+        except ValueError:
+            raise LabelFormatError(f"{where}: time {entry['time']!r} is not ISO-8601") from None
+        records.append(
+            {
+                "cell_uid": entry["cell_uid"],
+                "label": entry["label"],
+                "annotator": entry["annotator"].strip(),
+                "time": entry["time"],
+            }
+        )
+    return records
 
 
 def read_label_file(path: Path, file_index: int = 0) -> list[Label]:
@@ -79,42 +138,20 @@ def read_label_file(path: Path, file_index: int = 0) -> list[Label]:
         raise BmsegError(
             f"{path}: not valid JSON ({error}); re-export the labels from the gallery"
         ) from error
-    if not isinstance(document, dict) or "labels" not in document:
-        raise BmsegError(f'{path}: expected {{"version": 1, "labels": [...]}}; not a label file')
-    if document.get("version") != LABEL_VERSION:
-        raise BmsegError(
-            f"{path}: label schema version {document.get('version')!r}, this bmseg reads "
-            f"version {LABEL_VERSION}; re-export the labels with this bmseg"
+    try:
+        records = validate_labels(document)
+    except LabelFormatError as error:
+        raise BmsegError(f"{path}: {error}; fix the file or re-export it with this bmseg") from None
+    return [
+        Label(
+            record["cell_uid"],
+            record["label"],
+            record["annotator"],
+            parse_time(record["time"]),
+            (file_index, index),
         )
-    entries = document["labels"]
-    if not isinstance(entries, list):
-        raise BmsegError(f"{path}: 'labels' must be a list; re-export the labels")
-    labels = []
-    for index, entry in enumerate(entries):
-        where = f"{path}: labels[{index}]"
-        if not isinstance(entry, dict):
-            raise BmsegError(f"{where}: must be an object; re-export the labels")
-        missing = [key for key in LABEL_KEYS if key not in entry]
-        if missing:
-            raise BmsegError(f"{where}: missing {', '.join(missing)}; re-export the labels")
-        if entry["label"] not in LABEL_VALUES:
-            raise BmsegError(
-                f"{where}: label {entry['label']!r} is not one of {', '.join(LABEL_VALUES)}; "
-                "fix the file"
-            )
-        for key in ("cell_uid", "annotator"):
-            if not isinstance(entry[key], str) or not entry[key]:
-                raise BmsegError(f"{where}: {key!r} must be a non-empty string; fix the file")
-        labels.append(
-            Label(
-                entry["cell_uid"],
-                entry["label"],
-                entry["annotator"],
-                _parse_time(entry["time"], where),
-                (file_index, index),
-            )
-        )
-    return labels
+        for index, record in enumerate(records)
+    ]
 
 
 def merge_labels(
