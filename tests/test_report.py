@@ -120,3 +120,35 @@ def test_browser_shows_every_image_and_the_summary_numbers(results):
     for slide in ("alpha", "beta"):
         assert f"{summary.loc[slide, 'MK_count']:,}" in by_slide[slide]
         assert f"{summary.loc[slide, 'HSPC_accepted']:,}" in by_slide[slide]
+
+
+def test_models_are_one_line_of_names_and_test_weights_are_flagged(results, tmp_path):
+    """SEGMENT's models record (manifest and every setting) is summarised, not dumped."""
+    from dataclasses import asdict
+
+    from bmseg.models.layout import Manifest
+
+    copy = tmp_path / "results"
+    shutil.copytree(results / "results", copy)
+    record_path = copy / "gathered" / "batches.json"
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    manifest = asdict(Manifest(sam2_checkpoint="sam2.1_hiera_tiny_random.pt", random_init=True))
+    models = {
+        "dir": "some/where/test_models",
+        "manifest": manifest,
+        "mk": {"points_per_side": 8, "stability_score_thresh": 0.95},
+        "hspc": {"refine": True, "flow_threshold": 0.4},
+        "embedder": {"crop_size": 224, "batch_size": 128},
+    }
+    for batch in record["batches"]:
+        batch["models"] = models
+    record_path.write_text(json.dumps(record), encoding="utf-8")
+    assert main(["report", str(copy), "--out", str(tmp_path / "report.html")]) == 0
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    summary = (
+        "MK sam2.1_hiera_tiny_random · HSPC cpsam + SAM2 · embedder resnet50 · from test_models/"
+    )
+    assert page.count(summary) == 1  # once above the table: every batch ran the same models
+    assert "stability_score_thresh" not in page and "flow_threshold" not in page
+    assert f"{len(record['batches'])} of {len(record['batches'])} batches ran" in page
+    assert "random-initialised test checkpoints" not in (results / "report.html").read_text()

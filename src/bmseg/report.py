@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-THUMBNAIL_PX = 360
+THUMBNAIL_PX = 540
+"""Width of the tissue QC pictures on the page: wide enough for their outlines to read."""
+BATCHES_SHOWN_OPEN = 20
+"""Longer per-batch tables start folded."""
 STYLE = """
 body{font-family:system-ui,-apple-system,sans-serif;max-width:1180px;margin:1.5em auto;
 color:#1f2328;padding:0 1.2em;line-height:1.45}
@@ -40,7 +43,7 @@ h1{margin-bottom:.1em}h2{border-bottom:2px solid #e5e7eb;padding-bottom:.25em;ma
 .card b{display:block;font-size:1.5em}
 table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}
 td,th{border:1px solid #d0d7de;padding:4px 9px;text-align:right;white-space:nowrap}
-th{background:#f3f4f6;white-space:normal;text-align:center}td:first-child,th:first-child{text-align:left}
+th{background:#f3f4f6;white-space:normal;text-align:center}td:first-child,th:first-child,td.text{text-align:left}
 tr:nth-child(even) td{background:#fbfbfc}
 .scroll{overflow-x:auto}
 .PASS{color:#fff;background:#2e7d32;padding:1px 8px;border-radius:4px;font-size:.85em}
@@ -51,6 +54,7 @@ img{max-width:100%}
 background:#fff}
 .gallery figcaption{font-size:.85em;color:#444;margin-top:.3em}
 code{background:#f3f4f6;padding:0 .25em;border-radius:3px}
+.warning{background:#fff4e5;border:1px solid #f0b429;border-radius:6px;padding:.6em 1em}
 """
 
 
@@ -185,8 +189,11 @@ def _is_missing(value: object) -> bool:
 
 
 def _plots_section(summary: pd.DataFrame, areas: pd.DataFrame | None) -> str:
-    from bmseg.gather import area_histogram_png, density_plot_png
+    from bmseg.gather import CELL_TYPES, area_histogram_png, density_plot_png
 
+    counts = [summary[f"{t}_count"].sum() for t in CELL_TYPES if f"{t}_count" in summary]
+    if counts and not any(counts):
+        return "<p class='muted'>No cells were detected, so there is nothing to plot.</p>"
     parts = [_img(density_plot_png(summary), "density per slide")]
     if areas is not None:
         parts.append(_img(area_histogram_png(areas), "area histograms"))
@@ -194,6 +201,8 @@ def _plots_section(summary: pd.DataFrame, areas: pd.DataFrame | None) -> str:
 
 
 def _tissue_section(roots: Sequence[Path], slides: Sequence[str]) -> str:
+    from bmseg.plan import PICTURE_COLOURS
+
     figures = []
     for slide in slides:
         pictures = _find(roots, f"{slide}.tissue.png")
@@ -208,6 +217,9 @@ def _tissue_section(roots: Sequence[Path], slides: Sequence[str]) -> str:
                 f"{_esc(record.get('tiles_kept', '?'))}/{_esc(record.get('tiles_total', '?'))} "
                 "tiles kept"
             )
+            if record.get("modality") in PICTURE_COLOURS:  # the picture's legend, legible here
+                outline, kept = PICTURE_COLOURS[record["modality"]][3:]
+                caption += f"<br>{outline}: tissue outline · {kept}: kept tile cores"
         image = _img(_thumbnail(pictures[0]), f"tissue of {slide}") if pictures else "(none)"
         figures.append(f"<figure>{image}<figcaption>{caption}</figcaption></figure>")
     return f"<div class='gallery'>{''.join(figures)}</div>"
@@ -251,23 +263,59 @@ def _timing_section(roots: Sequence[Path]) -> tuple[str, list[dict]]:
         f"<td>{seconds / tiles if tiles else 0:.2f}</td></tr>"
         for stage, seconds in sorted(stages.items(), key=lambda item: -item[1])
     )
+    models = [_models_summary(r.get("models")) for r in records]
+    per_batch_models = len(set(models)) > 1  # a column only when batches differ
     batch_rows = "".join(
-        f"<tr><td>{_esc(r.get('batch', '?'))}</td><td>{_esc(r.get('device', '?'))}</td>"
-        f"<td>{len(r.get('tiles', []))}</td>"
+        f"<tr><td>{_esc(r.get('batch', '?'))}</td><td class='text'>{_esc(r.get('device', '?'))}"
+        f"</td><td>{len(r.get('tiles', []))}</td>"
         f"<td>{sum(r.get('cells', {}).values()):,}</td>"
         f"<td>{sum(r.get('timings_s', {}).values()):,.1f}</td>"
-        f"<td>{_esc(', '.join(f'{k}: {v}' for k, v in r.get('models', {}).items()))}</td></tr>"
-        for r in records
+        + (f"<td class='text'>{_esc(summary)}</td>" if per_batch_models else "")
+        + "</tr>"
+        for r, summary in zip(records, models, strict=True)
     )
     devices = sorted({str(r.get("device", "?")) for r in records})
+    models_line = "" if per_batch_models else f" Models: {_esc(models[0])}."
+    batch_table = (
+        "<div class='scroll'><table><tr><th>batch</th><th>device</th><th>tiles</th><th>cells</th>"
+        f"<th>seconds</th>{'<th>models</th>' if per_batch_models else ''}</tr>{batch_rows}"
+        "</table></div>"
+    )
+    if len(records) > BATCHES_SHOWN_OPEN:
+        batch_table = f"<details><summary>per batch</summary>{batch_table}</details>"
     return (
-        f"<p>{len(records)} batches, {tiles:,} tiles, devices: {_esc(', '.join(devices))}.</p>"
+        f"<p>{len(records)} batches, {tiles:,} tiles, devices: {_esc(', '.join(devices))}."
+        f"{models_line}</p>"
         "<table><tr><th>stage</th><th>seconds (all batches)</th><th>share</th>"
         f"<th>s per tile</th></tr>{stage_rows}</table>"
-        "<div class='scroll'><table><tr><th>batch</th><th>device</th><th>tiles</th><th>cells</th>"
-        f"<th>seconds</th><th>models</th></tr>{batch_rows}</table></div>",
+        f"{batch_table}<p class='muted'>Every model setting of a batch is in its batch.json.</p>",
         records,
     )
+
+
+def _models_summary(models: object) -> str:
+    """The models a batch ran, in one line: MK, HSPC and embedder weights and the models folder.
+
+    ``models`` is the ``models`` object of batch.json (docs/data.md); its settings stay in the
+    file. A record in another shape is shown by its plain values.
+    """
+    if not isinstance(models, dict) or not models:
+        return "–"
+    manifest = models.get("manifest")
+    if not isinstance(manifest, dict):
+        plain = [f"{k} {v}" for k, v in models.items() if isinstance(v, str | int | float)]
+        return " · ".join(plain) or "–"
+    hspc = models.get("hspc") if isinstance(models.get("hspc"), dict) else {}
+    parts = [
+        f"MK {Path(str(manifest.get('sam2_checkpoint', '?'))).stem}",
+        f"HSPC {manifest.get('cellpose_checkpoint', '?')}"
+        + (" + SAM2" if hspc.get("refine") else ""),
+        f"embedder {Path(str(manifest.get('resnet50_weights', '?'))).stem}",
+        f"from {Path(str(models.get('dir', '?'))).name}/",
+    ]
+    if manifest.get("random_init"):
+        parts.append("random-initialised test weights")
+    return " · ".join(parts)
 
 
 def _versions_section(roots: Sequence[Path], batches: list[dict]) -> str:
@@ -292,6 +340,25 @@ def _versions_section(roots: Sequence[Path], batches: list[dict]) -> str:
     return f"<table><tr><th>package</th>{head}</tr>{rows}</table>"
 
 
+def _test_weights_warning(batches: list[dict]) -> str:
+    """A banner when any batch ran random-initialised test checkpoints: its cells mean nothing."""
+    test_batches = [
+        r.get("batch", "?")
+        for r in batches
+        if isinstance(r.get("models"), dict)
+        and isinstance(r["models"].get("manifest"), dict)
+        and r["models"]["manifest"].get("random_init")
+    ]
+    if not test_batches:
+        return ""
+    return (
+        f"<p class='warning'>{len(test_batches)} of {len(batches)} batches ran "
+        "random-initialised test checkpoints (<code>bmseg models make-test</code>): they test "
+        "the pipeline but cannot find real cells. Segment with the real weights "
+        "(<code>bmseg models fetch</code>) for results.</p>"
+    )
+
+
 def build_report(roots: Sequence[Path]) -> str:
     """The whole page as HTML text."""
     summary, summary_path = _load_summary(roots)
@@ -307,6 +374,7 @@ def build_report(roots: Sequence[Path]) -> str:
         "<h1>bmseg run report</h1>"
         f"<p class='muted'>bmseg {_esc(__version__)} · generated {generated} · from {sources} "
         f"(summary: <code>{_esc(summary_path.parent.name)}/{_esc(summary_path.name)}</code>)</p>"
+        f"{_test_weights_warning(batches)}"
         f"<h2>Slides</h2>{_summary_section(summary)}"
         f"<h2>Density and size</h2>{_plots_section(summary, areas)}"
         f"<h2>Tissue QC</h2>{_tissue_section(roots, slides)}"
