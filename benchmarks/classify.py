@@ -72,7 +72,8 @@ def naive_seconds(cells_file: Path, models: Path, n_cells: int, sample: int) -> 
     for _, row in rows.iterrows():
         bundle = bundles[row["cell_type"]]
         features = [row[name] for name in bundle["features"]]
-        vector = np.concatenate([np.asarray(features, np.float32), np.asarray(row["embedding"])])
+        embedding = np.frombuffer(row["embedding"], "<f2")
+        vector = np.concatenate([np.asarray(features, np.float32), embedding])
         bundle["pipeline"].predict_proba(vector[None, :].astype(np.float32))
     per_cell = (time.perf_counter() - start) / len(rows)
     return {"load_s": load_s, "predict_s": per_cell * n_cells, "per_cell_ms": per_cell * 1e3}

@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bmseg.classifiers import embedding_matrix, load_model, save_model
+from bmseg.classifiers import load_model, save_model
 from bmseg.cli import main
 from bmseg.errors import BmsegError
 from bmseg.fake_cells import cells_table, write_batch, write_plan
+from bmseg.storage import embedding_array, embeddings_to_numpy
 
 N_HSPC, N_MK = 160, 40
 LABELLED = 120
@@ -237,12 +238,16 @@ def test_a_slide_without_cells_is_gathered_and_classified_empty(trained, tmp_pat
     assert summary.loc["empty", "HSPC_count"] == 0 and summary.loc["s1", "HSPC_count"] == 1
 
 
-def test_embeddings_as_float16_bytes_read_like_fixed_size_lists():
+def test_embeddings_round_trip_through_parquet_as_float16_bytes(tmp_path):
     values = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float16)
+    column = embedding_array(values)
+    assert column.type == pa.binary(16)
+    pq.write_table(pa.table({"embedding": column}), tmp_path / "e.parquet", row_group_size=2)
+    read = pq.read_table(tmp_path / "e.parquet")["embedding"]  # three chunks
+    np.testing.assert_array_equal(embeddings_to_numpy(read), values)
+    np.testing.assert_array_equal(embeddings_to_numpy(column.slice(3)), values[3:])
+    # the documented one-liner for a single value
+    np.testing.assert_array_equal(np.frombuffer(read[4].as_py(), "<f2"), values[4])
     as_list = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), 8)
-    as_bytes = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(16), 5, [None, pa.py_buffer(values.tobytes())]
-    )
-    for column in (as_list, as_bytes, pa.chunked_array([as_bytes.slice(0, 2), as_bytes.slice(2)])):
-        np.testing.assert_array_equal(embedding_matrix(column), values)
-    np.testing.assert_array_equal(embedding_matrix(as_bytes.slice(3)), values[3:])
+    with pytest.raises(ValueError, match="float16"):
+        embeddings_to_numpy(as_list)

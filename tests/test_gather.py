@@ -84,6 +84,48 @@ def test_seam_pairs_resolved_by_overlap_over_smaller_and_score(tmp_path):
     assert set(crops) == kept and len(crops) == len(kept)
 
 
+def _with_uids(table: pa.Table, uids: list[str]) -> pa.Table:
+    return table.set_column(0, "cell_uid", pa.array(uids, pa.string()))
+
+
+def test_equal_uids_of_distinct_cells_in_two_batches_are_suffixed(tmp_path):
+    # Batch 0 already holds X and X:2 (SEGMENT suffixed the second); batch 1 a distinct cell
+    # far away that also got X. A seam pair that rounds to one pixel keeps a single, plain uid.
+    x = "s1:HSPC:100:100"
+    tile_a = _table(
+        [100, 300, 999.6], [100, 100, 100], [20, 20, 20], "r0000c0000", score=[0.7, 0.7, 0.9]
+    )
+    tile_a = _with_uids(tile_a, [x, f"{x}:2", "s1:HSPC:1000:100"])
+    tile_b = _table([1000.3, 1500], [100, 900], [20, 20], "r0000c0001", score=[0.5, 0.7], seed=1)
+    assert tile_b["cell_uid"].to_pylist()[0] == "s1:HSPC:1000:100"
+    tile_b = _with_uids(tile_b, ["s1:HSPC:1000:100", x])
+    dirs = [
+        write_batch(tmp_path / f"batch_{i}", [t], batch=i) for i, t in enumerate([tile_a, tile_b])
+    ]
+    write_plan(tmp_path / "plans", "s1", tissue_area_mm2=1.0)
+    results = []
+    for order, name in ((dirs, "forward"), (dirs[::-1], "reversed")):
+        out = tmp_path / name
+        assert (
+            main(
+                ["gather", *map(str, order), "--plans", str(tmp_path / "plans"), "--out", str(out)]
+            )
+            == 0
+        )
+        cells = pq.read_table(out / "s1.cells.parquet", columns=["cell_uid", "centroid_x_px"])
+        by_uid = dict(
+            zip(cells["cell_uid"].to_pylist(), cells["centroid_x_px"].to_pylist(), strict=True)
+        )
+        assert len(by_uid) == cells.num_rows == 4
+        assert by_uid == {x: 100, f"{x}:2": 300, "s1:HSPC:1000:100": 999.6, f"{x}:3": 1500}
+        crops = pq.read_table(out / "s1.crops.parquet", columns=["cell_uid"])["cell_uid"]
+        assert sorted(crops.to_pylist()) == sorted(by_uid)
+        record = json.loads((out / "gather.json").read_text())
+        assert record["uids_suffixed"] == 1 and record["duplicates_removed"] == 1
+        results.append(by_uid)
+    assert results[0] == results[1]
+
+
 def test_duplicates_only_across_tiles_and_equal_scores_resolve_deterministically():
     same_tile = _table([100, 104], [100, 100], [20, 20], "r0000c0000", score=[0.5, 0.9])
     dropped, compared = find_duplicates(same_tile)

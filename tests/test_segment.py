@@ -35,6 +35,7 @@ from bmseg.segment import (
     to_rgb8,
 )
 from bmseg.slide import Rect
+from bmseg.storage import embedding_type, embeddings_to_numpy, unique_cell_uids
 from bmseg.synth import write_synthetic_slide
 
 TILE = 700
@@ -219,11 +220,15 @@ def test_cell_table_columns_and_units(oracle_run):
     runs, _ = oracle_run
     out, _, tiles, _ = runs[0]
     schema = pq.read_schema(out / "cells.parquet")
-    assert schema.field("embedding").type == pa.list_(pa.float16(), 2048)
+    assert schema.field("embedding").type == embedding_type(2048)
     assert schema.field("contour_x_px").type == pa.list_(pa.float32())
     for column in ("intensity_mean_R", "intensity_p90_B", "intensity_std_G"):
         assert schema.field(column).type == pa.float32()
-    # Shape columns are read without the embedding column chunk.
+    # Shape columns are read without the embedding column chunk; nobody filters on embeddings.
+    row_group = pq.ParquetFile(out / "cells.parquet").metadata.row_group(0)
+    embedding_chunk = row_group.column(schema.get_field_index("embedding"))
+    assert embedding_chunk.statistics is None
+    assert not any("DICTIONARY" in e for e in embedding_chunk.encodings)
     shapes = pq.read_table(out / "cells.parquet", columns=["area_um2", "circularity"])
     assert shapes.column_names == ["area_um2", "circularity"]
     rows = all_cells(runs)
@@ -292,7 +297,7 @@ def test_masks_crops_and_batch_record(oracle_run):
             assert crop["x"] + side > cell["bbox_x_px"] + cell["bbox_w_px"]
             assert crop["y"] + side > cell["bbox_y_px"] + cell["bbox_h_px"]
             # The embedding is of this cell's crop: same mean colour as the gallery image.
-            embedded = np.array(cell["embedding"][:3], dtype=np.float32)
+            embedded = np.frombuffer(cell["embedding"], "<f2")[:3].astype(np.float32)
             mean_rgb = image[..., ::-1].reshape(-1, 3).mean(axis=0)
             assert embedded == pytest.approx(mean_rgb, abs=6)
 
@@ -370,6 +375,45 @@ def test_mk_pixels_win_and_swallowed_hspcs_go(slide, coarse_batch, tmp_path):
     local_x, local_y = x - tile.read.x, y - tile.read.y
     assert (labels[local_y : local_y + 100, local_x : local_x + 100] == mk_label).all()
     assert summary["cells"] == {"MK": 1, "HSPC": 2}
+
+
+def test_cells_rounding_to_one_centroid_pixel_get_distinct_uids(slide, coarse_batch, tmp_path):
+    # A C-shaped HSPC and a square HSPC inside its opening: no shared pixel, one centroid pixel.
+    slide_path, _ = slide
+    table = one_tile_batch(coarse_batch, tmp_path / "one.parquet")
+    _, (tile,) = read_batch_table(table)
+    x, y = tile.core.x + 300, tile.core.y + 300
+    c_shape = [(0, 0), (87, 0), (87, 36), (75, 36), (75, 12), (12, 12), (12, 75)]
+    c_shape += [(75, 75), (75, 48), (87, 48), (87, 87), (0, 87)]
+    square = [(24, 26), (60, 26), (60, 62), (24, 62)]
+    truth = pa.Table.from_pylist(
+        [
+            {
+                "cell_type": "HSPC",
+                "contour_x_px": [x + u for u, _ in polygon],
+                "contour_y_px": [y + v for _, v in polygon],
+            }
+            for polygon in (c_shape, square)
+        ]
+    )
+    out = tmp_path / "uids"
+    run_oracle(slide_path, truth, out, table)
+    cells = pq.read_table(out / "cells.parquet").sort_by("mask_label").to_pylist()
+    assert len(cells) == 2
+    assert {(round(c["centroid_x_px"]), round(c["centroid_y_px"])) for c in cells} == {
+        (x + 42, y + 44)
+    }
+    uid = f"{tile.slide_id}:HSPC:{x + 42}:{y + 44}"
+    assert [c["cell_uid"] for c in cells] == [uid, f"{uid}:2"]
+    crops = pq.read_table(out / "crops.parquet", columns=["cell_uid"])["cell_uid"]
+    assert crops.to_pylist() == [uid, f"{uid}:2"]
+
+
+def test_uids_of_a_later_tile_skip_those_already_written():
+    taken = {"s:MK:5:5", "s:MK:5:5:2"}
+    uids = unique_cell_uids(["s:MK:5:5", "s:HSPC:5:5", "s:HSPC:5:5"], taken)
+    assert uids.tolist() == ["s:MK:5:5:3", "s:HSPC:5:5", "s:HSPC:5:5:2"]
+    assert taken >= set(uids.tolist())
 
 
 def test_ownership_is_half_open_in_slide_coordinates():
@@ -475,7 +519,7 @@ def test_real_models_end_to_end_write_valid_outputs(slide, small_batch, test_mod
     assert record["models"]["manifest"]["random_init"] is True
     assert record["models"]["mk"]["points_per_side"] == 4
     cells = pq.read_table(out / "cells.parquet")
-    assert cells.schema.field("embedding").type == pa.list_(pa.float16(), 2048)
+    assert cells.schema.field("embedding").type == embedding_type(2048)
     assert cells.num_rows == sum(record["cells"].values())
     crops = pq.read_table(out / "crops.parquet")
     assert crops.num_rows == cells.num_rows
@@ -484,8 +528,8 @@ def test_real_models_end_to_end_write_valid_outputs(slide, small_batch, test_mod
         labels = masks[f"{tile['slide_id']}/{tile['tile_id']}/labels"][...]
     assert int(labels.max(initial=0)) == cells.num_rows
     if cells.num_rows:  # random weights may find nothing; what they find must be well-formed
-        embeddings = np.array(cells["embedding"].to_pylist(), dtype=np.float32)
-        assert np.isfinite(embeddings).all()
+        embeddings = embeddings_to_numpy(cells["embedding"])
+        assert embeddings.shape == (cells.num_rows, 2048) and np.isfinite(embeddings).all()
     assert sorted(p.name for p in out.iterdir()) == [
         "batch.json",
         "cells.parquet",

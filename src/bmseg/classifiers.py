@@ -30,17 +30,23 @@ import pyarrow.parquet as pq
 from bmseg.errors import BmsegError
 from bmseg.gather import (
     CELL_TYPES,
-    EMBEDDING_COLUMN,
     SUMMARY_FILE,
     area_histogram_png,
     density_plot_png,
     feature_columns,
-    parquet_options,
     png_bytes,
     summarise,
 )
 from bmseg.labels import LabelReport, merge_labels, read_label_file
-from bmseg.storage import atomic_path, parquet_writer, write_bytes, write_json, write_parquet
+from bmseg.storage import (
+    EMBEDDING_COLUMN,
+    atomic_path,
+    embeddings_to_numpy,
+    parquet_writer,
+    write_bytes,
+    write_json,
+    write_parquet,
+)
 from bmseg.versions import package_versions
 
 if TYPE_CHECKING:
@@ -96,26 +102,9 @@ def cell_files(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
-def embedding_dim(field_type: pa.DataType) -> int:
-    """Embedding size of the ``embedding`` column: fixed-size list of float16, or float16 bytes."""
-    if pa.types.is_fixed_size_binary(field_type):
-        return field_type.byte_width // 2
-    return field_type.list_size
-
-
-def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """(N, dim) float16 view of the embedding column, without a per-cell Python loop."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    dim = embedding_dim(array.type)
-    if pa.types.is_fixed_size_binary(array.type):
-        data = np.frombuffer(array.buffers()[1], np.float16)
-        return data[array.offset * dim : (array.offset + len(array)) * dim].reshape(-1, dim)
-    return pc.list_flatten(array).to_numpy(zero_copy_only=False).reshape(-1, dim)
-
-
 def feature_matrix(table: pa.Table, features: Sequence[str]) -> np.ndarray:
     """float32 matrix: the measurement columns, then the embedding's dimensions."""
-    embedding = embedding_matrix(table[EMBEDDING_COLUMN])
+    embedding = embeddings_to_numpy(table[EMBEDDING_COLUMN])
     matrix = np.empty((table.num_rows, len(features) + embedding.shape[1]), np.float32)
     for index, name in enumerate(features):
         matrix[:, index] = table[name].to_numpy(zero_copy_only=False)
@@ -541,7 +530,13 @@ def check_features(path: Path, bundles: Sequence[dict]) -> None:
                 f"{path}: columns {', '.join(missing[:5])} that {bundle['path'].name} needs are "
                 "missing; retrain on tables from this SEGMENT version"
             )
-        dim = embedding_dim(schema.field(EMBEDDING_COLUMN).type)
+        embedding = schema.field(EMBEDDING_COLUMN).type
+        if not pa.types.is_fixed_size_binary(embedding):
+            raise BmsegError(
+                f"{path}: embedding stored as {embedding}, not float16 bytes; re-run SEGMENT "
+                "and GATHER with this bmseg"
+            )
+        dim = embedding.byte_width // 2
         if dim != bundle["embedding_dim"]:
             raise BmsegError(
                 f"{path}: embedding has {dim} dimensions, {bundle['path'].name} expects "
@@ -646,8 +641,7 @@ def run_classify(args: argparse.Namespace) -> int:
         for path in files:
             tables = _classified_row_groups(pq.ParquetFile(path), bundles, args.keep_embedding)
             first = next(tables)
-            options = parquet_options(first.schema)
-            with parquet_writer(out / path.name, first.schema, **options) as writer:
+            with parquet_writer(out / path.name, first.schema) as writer:
                 for table in itertools.chain([first], tables):
                     writer.write_table(table)
                     frames.append(_classified_frame(table, kept_columns, bundles))

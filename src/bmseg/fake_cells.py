@@ -17,9 +17,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bmseg.storage import atomic_path, write_json
+from bmseg.storage import (
+    EMBEDDING_DIM,
+    atomic_path,
+    embedding_array,
+    parquet_writer,
+    unique_cell_uids,
+    write_json,
+)
 
-EMBEDDING_DIM = 2048
 CHANNELS = ("R", "G", "B")
 SHAPE_COLUMNS = ("perimeter_um", "eccentricity", "solidity", "major_axis_um", "minor_axis_um")
 INTENSITY_COLUMNS = tuple(
@@ -61,12 +67,15 @@ def cells_table(
     bbox_w = (np.ceil(cx + radius) - bbox_x).astype(np.int64)
     bbox_h = (np.ceil(cy + radius) - bbox_y).astype(np.int64)
     area_px = np.pi * radius**2
-    uids = [
-        f"{slide_id}:{t}:{x}:{y}"
-        for t, x, y in zip(
-            types, np.rint(cx).astype(np.int64), np.rint(cy).astype(np.int64), strict=True
-        )
-    ]
+    uids = unique_cell_uids(
+        [
+            f"{slide_id}:{t}:{x}:{y}"
+            for t, x, y in zip(
+                types, np.rint(cx).astype(np.int64), np.rint(cy).astype(np.int64), strict=True
+            )
+        ],
+        set(),
+    )
     columns: dict[str, pa.Array] = {
         "cell_uid": pa.array(uids, pa.string()),
         "slide_id": pa.array([slide_id] * n, pa.string()),
@@ -98,9 +107,7 @@ def cells_table(
     columns["contour_y_px"] = pa.ListArray.from_arrays(offsets, pa.array(contour_y.ravel()))
     embedding = rng.standard_normal((n, embedding_dim), dtype=np.float32)
     embedding[:, :8] += 1.5 * shift[:, None]
-    columns["embedding"] = pa.FixedSizeListArray.from_arrays(
-        pa.array(embedding.astype(np.float16).ravel()), embedding_dim
-    )
+    columns["embedding"] = embedding_array(embedding)
     return pa.table(columns)
 
 
@@ -153,8 +160,8 @@ def write_batch(
     batch_dir = Path(batch_dir)
     batch_dir.mkdir(parents=True, exist_ok=True)
     cells = pa.concat_tables(tables)
-    with atomic_path(batch_dir / "cells.parquet") as tmp:
-        pq.write_table(cells, tmp, compression="zstd", row_group_size=4096)
+    with parquet_writer(batch_dir / "cells.parquet", cells.schema) as writer:
+        writer.write_table(cells, row_group_size=4096)
     n = cells.num_rows
     crops = pa.table(
         {
@@ -188,7 +195,14 @@ def write_batch(
             "batch": batch,
             "tiles": tile_records,
             "device": device,
-            "timings_s": {"read": 1.0, "segment_mk": 2.0, "segment_hspc": 1.5, "embed": 0.5},
+            "timings_s": {
+                "read": 1.0,
+                "mk": 2.0,
+                "hspc": 1.5,
+                "features": 0.8,
+                "embed": 0.5,
+                "write": 0.2,
+            },
             "cells": {t: int(type_counts.get(t, 0)) for t in ("MK", "HSPC")},
             "versions": {"bmseg": "test"},
             "models": {"MK": "sam2-test", "HSPC": "cpsam-test"},
@@ -244,15 +258,12 @@ def write_random_cells(
     """Stream ``n`` random cells into one Parquet file, ``chunk`` rows at a time (for 1 M cells)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from bmseg.gather import parquet_options
-    from bmseg.storage import parquet_writer
-
     tables = (
         random_cells(min(chunk, n - start), slide_id=slide_id, seed=seed + 7919 * i, **kwargs)
         for i, start in enumerate(range(0, n, chunk))
     )
     first = next(tables)
-    with parquet_writer(path, first.schema, **parquet_options(first.schema)) as writer:
+    with parquet_writer(path, first.schema) as writer:
         for table in itertools.chain([first], tables):
             writer.write_table(table, row_group_size=chunk)
     return path

@@ -33,6 +33,16 @@ from bmseg.errors import BmsegError
 from bmseg.models.base import Detections, Embedder, Segmenter, exclude_claimed
 from bmseg.models.settings import EmbedderSettings, HSPCSettings, MKSettings
 from bmseg.slide import SLIDE_ID_PATTERN, Channel, Rect, Slide, default_slide_id, open_slide
+from bmseg.storage import (
+    CROPS_SCHEMA,
+    EMBEDDING_COLUMN,
+    embedding_array,
+    embedding_type,
+    masks_writer,
+    parquet_writer,
+    unique_cell_uids,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +117,7 @@ class _Stats:
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     cells: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CELL_TYPES, 0))
     tiles: list[dict[str, Any]] = field(default_factory=list)
+    uids: set[str] = field(default_factory=set)  # written so far: a later equal one is suffixed
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -360,7 +371,7 @@ def cells_schema(channel_names: Sequence[str], embedding_dim: int) -> pa.Schema:
         ("mask_label", pa.int32()),
         ("contour_x_px", pa.list_(pa.float32())),
         ("contour_y_px", pa.list_(pa.float32())),
-        ("embedding", pa.list_(pa.float16(), embedding_dim)),
+        (EMBEDDING_COLUMN, embedding_type(embedding_dim)),
     ]
     return pa.schema(fields)
 
@@ -551,7 +562,6 @@ def segment_batch(
     """
     from tqdm import tqdm
 
-    from bmseg.storage import CROPS_SCHEMA, masks_writer, parquet_writer, write_json
     from bmseg.versions import package_versions
 
     pixel_sizes = {t.slide_id: t.pixel_size_um for t in tiles}
@@ -582,6 +592,8 @@ def segment_batch(
             def write(finished: _Finished, segment_s: float) -> None:
                 start = time.perf_counter()
                 for cells, embeddings in zip(finished.measured, finished.embeddings, strict=True):
+                    uids = unique_cell_uids(cells.columns["cell_uid"], stats.uids)
+                    cells.columns["cell_uid"] = uids.tolist()
                     _write_tile(cells, embeddings, schema, cells_out, crops_out, masks_out, options)
                 write_s = time.perf_counter() - start
                 for stage, seconds in finished.seconds.items():
@@ -670,16 +682,12 @@ def _write_tile(
     options: SegmentOptions,
 ) -> None:
     """Append one tile's rows to cells.parquet and crops.parquet and its labels to masks.h5."""
-    from bmseg.storage import CROPS_SCHEMA
-
     tile, columns = cells.tile, cells.columns
     count = len(cells.squares)
-    dim = schema.field("embedding").type.list_size
     arrays = []
     for schema_field in schema:
-        if schema_field.name == "embedding":
-            values = pa.array(embeddings.reshape(-1), type=pa.float16())
-            arrays.append(pa.FixedSizeListArray.from_arrays(values, dim))
+        if schema_field.name == EMBEDDING_COLUMN:
+            arrays.append(embedding_array(embeddings))
         elif schema_field.name in columns:
             arrays.append(pa.array(columns[schema_field.name], type=schema_field.type))
         else:

@@ -9,12 +9,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+EMBEDDING_COLUMN = "embedding"
+EMBEDDING_DIM = 2048
+"""Size of the ResNet-50 embedding in ``cells.parquet``."""
+_FLOAT16_LE = np.dtype("<f2")
 
 
 @contextlib.contextmanager
@@ -57,6 +63,86 @@ def write_bytes(data: bytes, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
+def embedding_type(dim: int = EMBEDDING_DIM) -> pa.DataType:
+    """Arrow type of the ``embedding`` column: ``dim`` float16 values as little-endian bytes.
+
+    One fixed-size binary value per cell rather than a nested list: Parquet stores a list with
+    a repetition and definition level per value, which made reading 2048-d embeddings 10x
+    slower than reading the same bytes as one value (docs/benchmarks.md, Classify).
+    """
+    return pa.binary(dim * _FLOAT16_LE.itemsize)
+
+
+def embedding_array(embeddings: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """The ``embedding`` column for an (N, dim) array (cast to float16), without a per-cell copy."""
+    values = np.ascontiguousarray(embeddings, dtype=_FLOAT16_LE)
+    if values.ndim != 2:
+        raise ValueError(f"embeddings must be (N, dim), got shape {values.shape}")
+    return pa.FixedSizeBinaryArray.from_buffers(
+        embedding_type(values.shape[1]), values.shape[0], [None, pa.py_buffer(values)]
+    )
+
+
+def embeddings_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(N, dim) float16 array of an ``embedding`` column; a read-only view for one chunk.
+
+    Equivalent for one value: ``np.frombuffer(value, "<f2")``.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if not pa.types.is_fixed_size_binary(column.type) or column.null_count:
+        raise ValueError(f"embedding column must be float16 bytes, {embedding_type()}, no nulls")
+    width = column.type.byte_width
+    dim = width // _FLOAT16_LE.itemsize
+    values = np.frombuffer(
+        column.buffers()[1], _FLOAT16_LE, count=len(column) * dim, offset=column.offset * width
+    )
+    return values.reshape(len(column), dim)
+
+
+def unique_cell_uids(uids: Sequence[str] | np.ndarray, taken: set[str]) -> np.ndarray:
+    """``uids`` made unique: one in ``taken`` or earlier in ``uids`` gets ``:2``, ``:3``, ...
+
+    The suffix is the smallest one free in both; ``taken`` gets the results added. Two cells of
+    one type whose centroids round to the same pixel would otherwise share a ``cell_uid``; given
+    the cells in a stable order, the result is the same on every run (docs/data.md).
+    """
+    values = np.asarray(uids, dtype=object)
+    _, first = np.unique(values.astype(str), return_index=True)
+    clash = np.ones(len(values), dtype=bool)
+    clash[first] = False
+    clash |= np.fromiter(map(taken.__contains__, values), dtype=bool, count=len(values))
+    result = values.copy()
+    if clash.any():
+        local = set(values.tolist())
+        for index in np.flatnonzero(clash):  # rare: only cells that share a centroid pixel
+            suffix = 2
+            while (candidate := f"{values[index]}:{suffix}") in taken or candidate in local:
+                suffix += 1
+            result[index] = candidate
+            local.add(candidate)
+    taken.update(result.tolist())
+    return result
+
+
+def table_options(schema: pa.Schema) -> dict[str, Any]:
+    """Parquet writer options: dictionaries for strings, statistics for plain scalars only.
+
+    Dictionary encoding and min/max statistics of binary and list columns (embeddings, JPEGs,
+    contours) cost time to write and buy nothing: nobody filters on them.
+    """
+    strings = [
+        f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+    ]
+    scalars = [
+        f.name
+        for f in schema
+        if not (pa.types.is_nested(f.type) or pa.types.is_binary(f.type))
+        and not pa.types.is_fixed_size_binary(f.type)
+    ]
+    return {"use_dictionary": strings, "write_statistics": scalars}
+
+
 @contextlib.contextmanager
 def parquet_writer(
     path: str | os.PathLike[str], schema: pa.Schema, **kwargs: Any
@@ -65,8 +151,11 @@ def parquet_writer(
 
     For outputs too large to build in memory at once: call ``write_table`` per chunk; each
     chunk becomes its own row group. Closing without a write leaves a valid empty table.
+    Options default to :func:`table_options`.
     """
     kwargs.setdefault("compression", "zstd")
+    for key, value in table_options(schema).items():
+        kwargs.setdefault(key, value)
     with atomic_path(path) as tmp:
         writer = pq.ParquetWriter(tmp, schema, **kwargs)
         try:
