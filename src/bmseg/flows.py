@@ -90,7 +90,7 @@ def compute_masks(
     height, width = cellprob.shape
     torch_device = resolve_device(device)
     with torch.inference_mode():
-        prob = torch.as_tensor(np.asarray(cellprob), device=torch_device)
+        prob = torch.as_tensor(np.ascontiguousarray(cellprob), device=torch_device)
         # One pixel of background around the image: steps never leave the array, and a step
         # out of the image ends on background, so the pixel stays (Cellpose clamps there).
         foreground = torch.zeros((height + 2, width + 2), dtype=torch.bool, device=torch_device)
@@ -99,7 +99,7 @@ def compute_masks(
         if not bool(foreground.any()):
             log.debug("no pixel above cellprob_threshold %s", cellprob_threshold)
             return np.zeros((height, width), np.int32)
-        flows = torch.as_tensor(np.asarray(dP), device=torch_device).to(torch.float32)
+        flows = torch.as_tensor(np.ascontiguousarray(dP), device=torch_device).to(torch.float32)
         flows = torch.nan_to_num(flows, nan=0.0, posinf=0.0, neginf=0.0)
         ends = _follow(_neighbour_pointers(flows, foreground, niter), niter)
         labels = _cluster_ends(ends, foreground).reshape(height + 2, width + 2)
@@ -309,7 +309,7 @@ def centre_flows(labels: np.ndarray, device: str | torch.device | None = None) -
     import torch
 
     with torch.inference_mode():
-        tensor = torch.as_tensor(np.asarray(labels), device=resolve_device(device))
+        tensor = torch.as_tensor(np.ascontiguousarray(labels), device=resolve_device(device))
         tensor = tensor.to(torch.int64)
         flow_y, flow_x = _centre_unit_vectors(tensor, torch.bincount(tensor.reshape(-1)))
         return torch.stack([flow_y, flow_x]).cpu().numpy()
