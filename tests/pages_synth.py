@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bmseg.storage import embedding_array
+
 PIXEL_SIZE_UM = 0.1725
 CONTOUR_POINTS = 48
 
@@ -29,18 +31,33 @@ def wobbly_contour(rng: np.random.Generator, cx: float, cy: float, radius: float
     )
 
 
+SUBPIXEL_BITS = 4  # OpenCV draws at 1/16 px
+
+
+def to_drawing_points(crop_points: np.ndarray) -> np.ndarray:
+    """Crop points (pixel u spans [u, u+1)) as OpenCV fixed-point coordinates.
+
+    OpenCV puts a point (u, v) at the centre of pixel (u, v), i.e. at crop point
+    (u + 0.5, v + 0.5); drawing at 1/16 px keeps the half-pixel offset of SEGMENT's geometry.
+    """
+    return np.round((crop_points - 0.5) * (1 << SUBPIXEL_BITS)).astype(np.int32)
+
+
 def draw_crop(
     rng: np.random.Generator, contour_crop: np.ndarray, size: int, cell_type: str, mark: bool
 ) -> bytes:
-    """A brightfield-like crop with the cell filled; the contour in pure green when ``mark``."""
+    """A brightfield-like crop with the cell filled; the contour in pure green when ``mark``.
+
+    ``contour_crop``: the contour in crop points, as SEGMENT maps it (docs/cells.md, Crops).
+    """
     low = cv2.resize(rng.normal(0, 1, (8, 8)).astype(np.float32), (size, size))
     base = np.array([228, 196, 214], np.float32)  # pink stroma (RGB)
     image = base + low[..., None] * np.array([10, 12, 8], np.float32)
     for _ in range(int(rng.integers(2, 6))):  # red blood cells around
         centre = (int(rng.integers(0, size)), int(rng.integers(0, size)))
         cv2.circle(image, centre, int(size * 0.06), (205, 120, 130), -1)
-    polygon = np.round(contour_crop).astype(np.int32)
-    cv2.fillPoly(image, [polygon], (176, 128, 190))
+    polygon = to_drawing_points(contour_crop)
+    cv2.fillPoly(image, [polygon], (176, 128, 190), shift=SUBPIXEL_BITS)
     centre = contour_crop.mean(0)
     lobes = 3 if cell_type == "MK" else 1
     radius = float(np.linalg.norm(contour_crop - centre, axis=1).mean())
@@ -53,7 +70,7 @@ def draw_crop(
     image = cv2.GaussianBlur(image, (0, 0), 1.2)
     image += rng.normal(0, 5, image.shape).astype(np.float32)
     if mark:
-        cv2.polylines(image, [polygon], True, (0, 255, 0), 2)
+        cv2.polylines(image, [polygon], True, (0, 255, 0), 2, shift=SUBPIXEL_BITS)
     rgb = np.clip(image, 0, 255).astype(np.uint8)
     ok, jpeg = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
     assert ok
@@ -109,7 +126,8 @@ def make_slide(
             scale = max(1.0, side / crop_size)
             width = height = round(min(side, crop_size * scale) / scale)
             x0, y0 = int(cx - side / 2), int(cy - side / 2)
-            jpeg = draw_crop(rng, (contour - [x0, y0]) / scale, width, cell_type, mark_contours)
+            contour_crop = (contour + 0.5 - [x0, y0]) / scale  # docs/cells.md, Crops
+            jpeg = draw_crop(rng, contour_crop, width, cell_type, mark_contours)
             xs, ys = contour[:, 0], contour[:, 1]
             area_px = 0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))
             ccx, ccy = round(cx), round(cy)
@@ -145,7 +163,7 @@ def make_slide(
             **{k: v for k, v in cells.items() if not k.startswith("contour")},
             "contour_x_px": pa.array(cells["contour_x_px"], float_list),
             "contour_y_px": pa.array(cells["contour_y_px"], float_list),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embedding.ravel()), 2048),
+            "embedding": embedding_array(embedding),
         }
     )
     crop_table = pa.table(

@@ -101,6 +101,39 @@ def test_contour_overlay_lands_on_the_contour_drawn_in_the_crop(site):
     assert hits[1] / total < 0.5
 
 
+def test_contour_overlay_keeps_the_half_pixel_offset_of_the_crop_geometry(site, gathered):
+    """Path corners sit on the green line's centre, not half a pixel off (docs/cells.md, Crops).
+
+    HSPC crops are stored at full resolution and shown unshrunk, so a path that drops the
+    +0.5 px of SEGMENT's mapping is 0.5 px up-left of the line at every corner. Measured as
+    the mean offset from each corner to the green-weighted centre of the 6 x 6 pixels around
+    it: rounding the corners to whole pixels averages out over the ~200 corners; the offset
+    along the line is not seen (the window slides along the line), so a missing 0.5 px shows
+    as about 0.25 px in each axis, an exact mapping as about 0.
+    """
+    crops = pa.concat_tables(pq.read_table(f) for f in gathered.glob("*.crops.parquet"))
+    hspc = [uid.split(":")[-3] == "HSPC" for uid in crops["cell_uid"].to_pylist()]
+    assert all(s == 1 for s, h in zip(crops["scale"].to_pylist(), hspc, strict=True) if h)
+    offsets = []
+    pages = all_cells(site)
+    for cell in (cell for name in pages if name.startswith("HSPC/") for cell in pages[name]):
+        with Image.open(site / "HSPC" / cell["i"]) as thumb:
+            rgb = np.asarray(thumb.convert("RGB")).astype(float)
+        assert max(rgb.shape[:2]) == max(cell["w"], cell["h"])  # shown unshrunk
+        green = np.clip(rgb[..., 1] - (rgb[..., 0] + rgb[..., 2]) / 2 - 30, 0, None)
+        for x, y in np.array(re.findall(r"(-?\d+) (-?\d+)", cell["c"]), int):
+            left, top = max(0, x - 3), max(0, y - 3)
+            window = green[top : y + 3, left : x + 3]  # pixel centres x - 2.5 ... x + 2.5
+            if window.sum() == 0:
+                continue
+            rows, cols = np.indices(window.shape)
+            centre_x = (cols * window).sum() / window.sum() + left + 0.5
+            centre_y = (rows * window).sum() / window.sum() + top + 0.5
+            offsets.append((centre_x - x, centre_y - y))
+    assert len(offsets) > 100
+    assert np.all(np.abs(np.mean(offsets, axis=0)) < 0.1), np.mean(offsets, axis=0)
+
+
 def test_scale_bar_matches_pixel_size_and_crop_scale(site, gathered):
     crops = {
         row["cell_uid"]: row
