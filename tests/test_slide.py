@@ -156,6 +156,51 @@ def test_ome_tiff_fluorescence_channels_and_pyramid(tmp_path):
         np.testing.assert_array_equal(thumbnail, data[:, ::4, ::4].transpose(1, 2, 0) + 1)
 
 
+def test_tiled_tiff_reads_decode_only_the_tiles_the_window_meets(tmp_path, monkeypatch):
+    """A 20 GB slide must never be loaded whole: a read fetches just the tiles under it."""
+    from tifffile.zarr import ZarrTiffStore
+
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 255, (1024, 1280, 3), dtype=np.uint8)  # 4 x 5 tiles of 256 px
+    path = tmp_path / "tiled.ome.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(data, tile=(256, 256), photometric="rgb", subifds=1, compression="zlib")
+        tif.write(data[::2, ::2], tile=(256, 256), photometric="rgb", subfiletype=1)
+
+    def whole_read(*args, **kwargs):
+        raise AssertionError("a whole level was read")
+
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", whole_read)
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", whole_read)
+    fetched: list[str] = []
+    get = ZarrTiffStore.get
+
+    async def counting_get(self, key, *args, **kwargs):
+        if key[0].isdigit():  # a chunk (tile), not metadata
+            fetched.append(key)
+        return await get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(ZarrTiffStore, "get", counting_get)
+    with open_slide(path, pixel_size_um=0.5) as slide:
+        # (tile row, tile column) of every tile a window of the full-resolution level meets
+        for (x, y, w, h), tiles in (
+            ((300, 270, 100, 100), {(1, 1)}),
+            ((200, 200, 100, 100), {(0, 0), (0, 1), (1, 0), (1, 1)}),
+            ((1200, 1000, 200, 50), {(3, 4)}),  # partly outside: background fill
+        ):
+            fetched.clear()
+            image = slide.read(x, y, w, h)
+            assert {tuple(int(i) for i in key.split(".")[:2]) for key in fetched} == tiles
+            inside = data[y : y + h, x : x + w]
+            np.testing.assert_array_equal(image[: inside.shape[0], : inside.shape[1]], inside)
+            assert (image[inside.shape[0] :] == 255).all()
+            assert (image[:, inside.shape[1] :] == 255).all()
+        fetched.clear()  # half resolution comes from the pyramid level, one of its 2 x 3 tiles
+        image = slide.read(512, 512, 512, 512, zoom=0.5)
+        assert fetched == ["1.1.0"]
+        np.testing.assert_array_equal(image, data[::2, ::2][256:512, 256:512])
+
+
 def test_tiff_resolution_tags_give_the_pixel_size(tmp_path):
     path = tmp_path / "plain.tif"
     tifffile.imwrite(

@@ -20,10 +20,15 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bmseg.errors import BmsegError
+
+if TYPE_CHECKING:
+    import zarr
+    from tifffile.zarr import ZarrTiffStore
 
 log = logging.getLogger(__name__)
 
@@ -297,8 +302,9 @@ def _czi_pixel_size_um(metadata: dict) -> float | None:
 class _TiffSlide(Slide):
     """An OME-TIFF or plain TIFF; its first series, with the series' pyramid levels if any.
 
-    A level is read whole the first time a read needs it and kept, so region reads of a very
-    large TIFF without a pyramid cost one full load of it into memory; CZI has no such cost.
+    Levels are opened as zarr arrays over tifffile's store (``aszarr``), so a read decodes only
+    the tiles (or strips) that meet its window: a 20 GB slide is never loaded whole. A file
+    stored as one uncompressed strip is one chunk and is read whole; write large slides tiled.
     """
 
     def __init__(self, path: Path) -> None:
@@ -336,21 +342,27 @@ class _TiffSlide(Slide):
             ]
             self._background = np.zeros(len(self.channels))
         self.native_pixel_size_um = _tiff_pixel_size_um(self._tiff)
-        self._cache: dict[int, np.ndarray] = {}
+        self._stores: dict[int, tuple[ZarrTiffStore, zarr.Array]] = {}
 
-    def _level_array(self, index: int) -> np.ndarray:
-        """Level ``index`` as a (Y, X, C) array, loaded once."""
-        if index not in self._cache:
-            level = self._levels[index]
-            try:
-                data = level.asarray()
-            except Exception as error:
-                raise BmsegError(
-                    f"{self.path}: cannot read pixels ({_one_line(error)}); "
-                    "copy the complete file again"
-                ) from error
-            self._cache[index] = _to_yxc(data, level.axes)
-        return self._cache[index]
+    def _level_array(self, index: int) -> zarr.Array:
+        """Level ``index`` as a lazily read zarr array in the level's own axes, opened once."""
+        import zarr
+
+        if index not in self._stores:
+            store = self._tiff.series[0].aszarr(level=index)
+            self._stores[index] = (store, zarr.open(store, mode="r"))
+        return self._stores[index][1]
+
+    def _level_window(self, index: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Rows ``y0:y1``, columns ``x0:x1`` of level ``index`` as (Y, X, C); only their tiles."""
+        level = self._levels[index]
+        try:
+            return _yxc_window(self._level_array(index), level.axes, y0, y1, x0, x1)
+        except Exception as error:
+            raise BmsegError(
+                f"{self.path}: cannot read pixels ({_one_line(error)}); "
+                "copy the complete file again"
+            ) from error
 
     def _read(self, x: int, y: int, w: int, h: int, zoom: float) -> np.ndarray:
         import cv2
@@ -362,16 +374,19 @@ class _TiffSlide(Slide):
             level_w = level.shape[level.axes.index("X")]
             if level_w / full_w >= zoom * 0.999:
                 index = candidate
-        level = self._level_array(index)
-        scale = level.shape[1] / full_w
+        level = self._levels[index]
+        level_h, level_w = level.shape[level.axes.index("Y")], level.shape[level.axes.index("X")]
+        scale = level_w / full_w
         x0, y0 = int(np.floor(x * scale)), int(np.floor(y * scale))
         x1, y1 = int(np.ceil((x + w) * scale)), int(np.ceil((y + h) * scale))
-        region = np.empty((y1 - y0, x1 - x0, level.shape[2]), dtype=level.dtype)
-        region[...] = self.background.astype(level.dtype)
+        dtype = np.dtype(level.dtype)
+        region = np.empty((y1 - y0, x1 - x0, len(self.channels)), dtype=dtype)
+        region[...] = self.background.astype(dtype)
         sx0, sy0 = max(x0, 0), max(y0, 0)
-        sx1, sy1 = min(x1, level.shape[1]), min(y1, level.shape[0])
+        sx1, sy1 = min(x1, level_w), min(y1, level_h)
         if sx1 > sx0 and sy1 > sy0:
-            region[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = level[sy0:sy1, sx0:sx1]
+            window = self._level_window(index, sy0, sy1, sx0, sx1)
+            region[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = window
         out_h, out_w = max(1, round(h * zoom)), max(1, round(w * zoom))
         if region.shape[:2] == (out_h, out_w):
             return region
@@ -382,17 +397,25 @@ class _TiffSlide(Slide):
         return np.stack(channels, axis=2)
 
     def close(self) -> None:
-        self._cache = {}
+        stores, self._stores = getattr(self, "_stores", {}), {}
+        for store, _ in stores.values():
+            store.close()
         tiff, self._tiff = getattr(self, "_tiff", None), None
         if tiff is not None:
             tiff.close()
 
 
-def _to_yxc(data: np.ndarray, axes: str) -> np.ndarray:
-    """Reorder a tifffile array to (Y, X, C), taking index 0 of any other axis."""
-    keep = [a for a in axes if a in "YXCS"]
-    index = tuple(slice(None) if a in "YXCS" else 0 for a in axes)
-    data = data[index]
+def _yxc_window(
+    array: zarr.Array | np.ndarray, axes: str, y0: int, y1: int, x0: int, x1: int
+) -> np.ndarray:
+    """Rows ``y0:y1``, columns ``x0:x1`` of an array in tifffile ``axes`` as (Y, X, C).
+
+    Index 0 of any axis other than Y, X, C and S; one slicing call, so a lazily read array
+    (zarr) reads only the chunks the window meets.
+    """
+    spans = {"Y": slice(y0, y1), "X": slice(x0, x1), "C": slice(None), "S": slice(None)}
+    data = np.asarray(array[tuple(spans.get(axis, 0) for axis in axes)])
+    keep = [a for a in axes if a in spans]
     order = [keep.index("Y"), keep.index("X")] + [keep.index(a) for a in "CS" if a in keep]
     data = np.transpose(data, order)
     return data.reshape(data.shape[0], data.shape[1], -1)
