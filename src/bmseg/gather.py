@@ -622,16 +622,16 @@ def write_geojson(
     unsafe = pc.any(pc.match_substring_regex(meta["cell_uid"], r'["\\\x00-\x1f]')).as_py()
     if unsafe:
         raise BmsegError(f"{path}: cell_uid with quotes or control characters; re-run SEGMENT")
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
-        handle.write('{"type":"FeatureCollection","features":[\n')
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        handle.write(b'{"type":"FeatureCollection","features":[\n')
         for start in range(0, meta.num_rows, GEOJSON_CHUNK):
-            features = geojson_features(
-                meta.slice(start, GEOJSON_CHUNK), origin, measurements
-            ).to_pylist()
+            features = geojson_features(meta.slice(start, GEOJSON_CHUNK), origin, measurements)
             if start:
-                handle.write(",\n")
-            handle.write(",\n".join(features))
-        handle.write("\n]}\n")
+                handle.write(b",\n")
+            # One Arrow join, written from its buffer: no Python string per feature.
+            whole = pa.ListArray.from_arrays(pa.array([0, len(features)], pa.int32()), features)
+            handle.write(pc.binary_join(whole, ",\n")[0].as_buffer())
+        handle.write(b"\n]}\n")
 
 
 def run_gather(args: argparse.Namespace) -> int:
