@@ -1,8 +1,8 @@
 """bmseg.flows: masks from Cellpose flows, against the source labels and Cellpose's own result.
 
-Inputs are what a perfect Cellpose network would output for known labels: flows made by
-Cellpose's own masks_to_flows_gpu (on the CPU), cell probability from the labels. Images stay
-small because masks_to_flows_gpu and Cellpose's compute_masks are slow on the CPU.
+Inputs are what a Cellpose network would output for known labels: flows made by Cellpose's own
+masks_to_flows_gpu (on the CPU), cell probability from the labels, perfect or with smooth noise.
+Images stay small because masks_to_flows_gpu and Cellpose's compute_masks are slow on the CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from bmseg.flows import (
     flows_to_masks,
 )
 
+# The benchmark's input generators (touching disks, network output, noise) serve the tests too.
 _BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "flows.py"
 _spec = importlib.util.spec_from_file_location("flows_benchmark", _BENCHMARK)
 flows_benchmark = importlib.util.module_from_spec(_spec)
