@@ -6,7 +6,7 @@ defaults (RF vs HGB, 32 PCA components of the embedding) from 600 labelled cells
 read, predict, write the table with the new columns, summary, ranking.
 
 Baseline (same run, same models, same file): the naive way the replaced script applied a
-classifier: the table loaded with pandas (embedding as per-row arrays) and ``predict_proba``
+classifier: the table loaded with pandas (embedding as per-row bytes) and ``predict_proba``
 called once per cell. It is timed on ``--baseline-cells`` cells of one row group and
 extrapolated linearly to N (loading: one row group's share × row groups; prediction: mean per
 cell × N). For context only, not measured: re-segmenting to apply a classifier, the old way,

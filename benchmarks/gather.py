@@ -5,7 +5,7 @@ batch, 100 tiles of 3000 px each, random cells so some overlap across tile seams
 resolution, per-slide tables with embeddings, crops, GeoJSON, summary, plots.
 
 Baseline (same run, same files): the naive way: each batch's table loaded whole with pandas
-(embedding as per-row arrays), written back per slide with pandas, and the GeoJSON built with
+(embedding as per-row bytes), written back per slide with pandas, and the GeoJSON built with
 one ``json.dumps`` per cell. It is timed on one batch and scaled by the number of batches;
 it does no seam resolution at all, so it flatters the baseline.
 The crops in these batch folders are tiny placeholders, so crop copying costs little here.

@@ -3,8 +3,8 @@
 Per slide: the cell table (cells kept by two tiles resolved), the gallery crops, a GeoJSON that
 QuPath imports as detections; for the run: ``summary.csv`` (counts and densities per mm² of
 segmented tissue, size quantiles), plots, and the batches' timing records. Tables are streamed
-row group by row group and the 2048-d embeddings are copied by Arrow, never touched by Python;
-what remains is Parquet decoding and encoding them (see docs/benchmarks.md, Classify).
+row group by row group and the 2048-d embeddings (float16 bytes) are copied by Arrow, never
+touched by Python; kept cells' uids are made unique across batches (docs/data.md).
 """
 
 from __future__ import annotations
@@ -693,7 +693,8 @@ def run_gather(args: argparse.Namespace) -> int:
             local = local.fill_null(-1).to_numpy()
             rows = batch_rows[i] + local.clip(0)
             crop_codes.append(np.where(local >= 0, row_slide[rows], -1))
-            crop_uids.append(uids.take(rows))
+            if renamed:
+                crop_uids.append(uids.take(rows))
         _stream_rows(
             [batches[i].crops for i in with_crops],
             crop_codes,
