@@ -67,7 +67,7 @@ def embedding_type(dim: int = EMBEDDING_DIM) -> pa.DataType:
     """Arrow type of the ``embedding`` column: ``dim`` float16 values as little-endian bytes.
 
     One fixed-size binary value per cell rather than a nested list: Parquet stores a list with
-    a repetition and definition level per value, which made reading 2048-d embeddings 10x
+    a repetition and definition level per value, which made reading 2048-d embeddings 2-7x
     slower than reading the same bytes as one value (docs/benchmarks.md, Classify).
     """
     return pa.binary(dim * _FLOAT16_LE.itemsize)
