@@ -203,9 +203,19 @@ def write_batch(
                 "embed": 0.5,
                 "write": 0.2,
             },
+            "wall_s": 4.0,
             "cells": {t: int(type_counts.get(t, 0)) for t in ("MK", "HSPC")},
             "versions": {"bmseg": "test"},
-            "models": {"MK": "sam2-test", "HSPC": "cpsam-test"},
+            "models": {
+                "dir": "models",
+                "manifest": {
+                    "sam2_checkpoint": "sam2.1_hiera_large.pt",
+                    "cellpose_checkpoint": "cpsam",
+                    "resnet50_weights": "resnet50.pth",
+                    "random_init": False,
+                },
+                "hspc": {"refine": True},
+            },
         },
         batch_dir / "batch.json",
     )

@@ -269,7 +269,7 @@ def _timing_section(roots: Sequence[Path]) -> tuple[str, list[dict]]:
         f"<tr><td>{_esc(r.get('batch', '?'))}</td><td class='text'>{_esc(r.get('device', '?'))}"
         f"</td><td>{len(r.get('tiles', []))}</td>"
         f"<td>{sum(r.get('cells', {}).values()):,}</td>"
-        f"<td>{sum(r.get('timings_s', {}).values()):,.1f}</td>"
+        f"<td>{r['wall_s']:,.1f}</td>"
         + (f"<td class='text'>{_esc(summary)}</td>" if per_batch_models else "")
         + "</tr>"
         for r, summary in zip(records, models, strict=True)
@@ -278,7 +278,7 @@ def _timing_section(roots: Sequence[Path]) -> tuple[str, list[dict]]:
     models_line = "" if per_batch_models else f" Models: {_esc(models[0])}."
     batch_table = (
         "<div class='scroll'><table><tr><th>batch</th><th>device</th><th>tiles</th><th>cells</th>"
-        f"<th>seconds</th>{'<th>models</th>' if per_batch_models else ''}</tr>{batch_rows}"
+        f"<th>wall s</th>{'<th>models</th>' if per_batch_models else ''}</tr>{batch_rows}"
         "</table></div>"
     )
     if len(records) > BATCHES_SHOWN_OPEN:
@@ -286,6 +286,8 @@ def _timing_section(roots: Sequence[Path]) -> tuple[str, list[dict]]:
     return (
         f"<p>{len(records)} batches, {tiles:,} tiles, devices: {_esc(', '.join(devices))}."
         f"{models_line}</p>"
+        "<p class='muted'>Stages overlap (readers and workers run beside the device), so "
+        "their seconds add up to more than a batch's wall time.</p>"
         "<table><tr><th>stage</th><th>seconds (all batches)</th><th>share</th>"
         f"<th>s per tile</th></tr>{stage_rows}</table>"
         f"{batch_table}<p class='muted'>Every model setting of a batch is in its batch.json.</p>",
@@ -297,14 +299,11 @@ def _models_summary(models: object) -> str:
     """The models a batch ran, in one line: MK, HSPC and embedder weights and the models folder.
 
     ``models`` is the ``models`` object of batch.json (docs/data.md); its settings stay in the
-    file. A record in another shape is shown by its plain values.
+    file.
     """
-    if not isinstance(models, dict) or not models:
-        return "–"
-    manifest = models.get("manifest")
+    manifest = models.get("manifest") if isinstance(models, dict) else None
     if not isinstance(manifest, dict):
-        plain = [f"{k} {v}" for k, v in models.items() if isinstance(v, str | int | float)]
-        return " · ".join(plain) or "–"
+        return "–"
     hspc = models.get("hspc") if isinstance(models.get("hspc"), dict) else {}
     parts = [
         f"MK {Path(str(manifest.get('sam2_checkpoint', '?'))).stem}",

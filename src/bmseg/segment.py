@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from bmseg.errors import BmsegError
+from bmseg.flows import FLOWS_METHODS
 from bmseg.models.base import Detections, Embedder, Segmenter, exclude_claimed
 from bmseg.models.settings import EmbedderSettings, HSPCSettings, MKSettings
 from bmseg.slide import SLIDE_ID_PATTERN, Channel, Rect, Slide, default_slide_id, open_slide
@@ -875,7 +876,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--hspc-flows-method",
         "--hspc-flows",
         default=HSPCSettings.flows_method,
-        choices=("bmseg", "cellpose"),
+        choices=FLOWS_METHODS,
         help="how Cellpose flows become HSPC masks (%(default)s: the fast vectorised path)",
     )
     parser.add_argument(

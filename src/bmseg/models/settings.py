@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bmseg.errors import BmsegError
+from bmseg.flows import DEFAULT_FLOWS_METHOD, FLOWS_METHODS
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class HSPCSettings:
     refine: bool = True
     refine_iou_thresh: float = 0.5
     refine_box_batch: int = 256
-    flows_method: str = "bmseg"
+    flows_method: str = DEFAULT_FLOWS_METHOD
     cellprob_threshold: float = 0.0
     flow_threshold: float = 0.4
     niter: int = 200
@@ -66,8 +67,8 @@ class HSPCSettings:
         _check_area_range("--hspc-min-area-um2", self.min_area_um2, self.max_area_um2)
         if not 0.0 <= self.refine_iou_thresh <= 1.0:
             raise BmsegError("--hspc-refine-iou: must lie in [0, 1]; pass e.g. 0.5")
-        if self.flows_method not in ("bmseg", "cellpose"):
-            raise BmsegError("--hspc-flows-method: must be 'bmseg' or 'cellpose'")
+        if self.flows_method not in FLOWS_METHODS:
+            raise BmsegError(f"--hspc-flows-method: must be one of {', '.join(FLOWS_METHODS)}")
 
 
 @dataclass(frozen=True)
