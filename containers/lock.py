@@ -29,10 +29,11 @@ def pinned_closure(root: str, extras: tuple[str, ...]) -> dict[str, str]:
     while todo:
         name, wanted_extras = todo.pop()
         dist = metadata.distribution(name)
+        environments = [{**default_environment(), "extra": e} for e in ("", *wanted_extras)]
         for text in dist.requires or []:
             requirement = Requirement(text)
-            environments = [{**default_environment(), "extra": extra} for extra in ("", *wanted_extras)]
-            if requirement.marker and not any(requirement.marker.evaluate(env) for env in environments):
+            marker = requirement.marker
+            if marker and not any(marker.evaluate(env) for env in environments):
                 continue
             key = canonicalize_name(requirement.name)
             if key in found or key == canonicalize_name(root):
@@ -40,7 +41,7 @@ def pinned_closure(root: str, extras: tuple[str, ...]) -> dict[str, str]:
             try:
                 found[key] = metadata.version(requirement.name)
             except metadata.PackageNotFoundError:
-                sys.exit(f"{requirement.name} (needed by {name}) is not installed; install bmseg first")
+                sys.exit(f"{requirement.name} (needed by {name}) is missing; install bmseg first")
             todo.append((requirement.name, tuple(requirement.extras)))
     return found
 
