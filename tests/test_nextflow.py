@@ -4,7 +4,8 @@ Every .nf and .config file must parse (reftrace); every process's script, render
 would render it (inputs filled with sample values, ``task.ext.args`` expanded from
 conf/modules.config under each profile's params), must call exactly one ``bmseg`` step that
 the real argument parser accepts; params, schema, docs and configs must agree. Run
-``python tests/test_nextflow.py`` to print the parameter table docs/pipeline.md must hold.
+``python tests/test_nextflow.py`` to print the parameter table that README.md and
+docs/pipeline.md must hold.
 """
 
 from __future__ import annotations
@@ -533,10 +534,11 @@ def param_table() -> str:
     return "\n".join(lines)
 
 
-def test_docs_param_table_matches_schema() -> None:
-    docs = read(REPO / "docs" / "pipeline.md")
+@pytest.mark.parametrize("page", ["README.md", "docs/pipeline.md"])
+def test_docs_param_table_matches_schema(page: str) -> None:
+    docs = read(REPO / page)
     match = re.search(r"<!-- params:start -->\n(.*?)\n<!-- params:end -->", docs, re.DOTALL)
-    assert match, "docs/pipeline.md needs the <!-- params:start/end --> table"
+    assert match, f"{page} needs the <!-- params:start/end --> table"
     assert match.group(1) == param_table(), "regenerate with: python tests/test_nextflow.py"
 
 
