@@ -53,15 +53,18 @@ _SINK_MIN_HITS = 2
 _SINK_REACH = 2
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The torch device for ``device``: None means CPU, "auto" a GPU when there is one."""
+def _torch_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: the CPU when unset, a torch device as given, and a name as
+    ``--device`` takes it (``auto``, ``cpu``, ``cuda``), through the models' own resolver."""
     import torch
+
+    from bmseg.models.device import resolve_device
 
     if device is None:
         return torch.device("cpu")
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if isinstance(device, torch.device):
+        return device
+    return resolve_device(device)
 
 
 def compute_masks(
@@ -88,7 +91,7 @@ def compute_masks(
 
     _check_inputs(dP, cellprob, niter)
     height, width = cellprob.shape
-    torch_device = resolve_device(device)
+    torch_device = _torch_device(device)
     with torch.inference_mode():
         prob = torch.as_tensor(np.ascontiguousarray(cellprob), device=torch_device)
         # One pixel of background around the image: steps never leave the array, and a step
@@ -158,7 +161,7 @@ def cellpose_compute_masks(
         flow_threshold=flow_threshold,
         min_size=-1,
         max_size_fraction=max_size_fraction,
-        device=resolve_device(device),
+        device=_torch_device(device),
     )
     if fill_holes:
         masks = utils.fill_holes_and_remove_small_masks(masks, min_size=min_size)
@@ -311,7 +314,7 @@ def centre_flows(labels: np.ndarray, device: str | torch.device | None = None) -
     import torch
 
     with torch.inference_mode():
-        tensor = torch.as_tensor(np.ascontiguousarray(labels), device=resolve_device(device))
+        tensor = torch.as_tensor(np.ascontiguousarray(labels), device=_torch_device(device))
         tensor = tensor.to(torch.int64)
         flow_y, flow_x = _centre_unit_vectors(tensor, torch.bincount(tensor.reshape(-1)))
         return torch.stack([flow_y, flow_x]).cpu().numpy()
