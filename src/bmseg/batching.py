@@ -28,13 +28,6 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 32
 
 
-def batch_schema() -> pa.Schema:
-    """The tile table's schema plus ``batch`` and ``order``."""
-    from bmseg.plan import TILE_SCHEMA
-
-    return TILE_SCHEMA.append(pa.field("batch", pa.int32())).append(pa.field("order", pa.int32()))
-
-
 def read_tile_tables(paths: list[Path]) -> pa.Table:
     """All tile tables concatenated; a slide id found in two tables is an error."""
     import pyarrow.parquet as pq
