@@ -64,9 +64,9 @@ workflow BMSEG {
     // Labels train new classifiers; given classifiers are applied as they are. Either way the
     // classifiers only add columns to the gathered tables: nothing is segmented again.
     // CLASSIFY also ranks the unlabelled cells by uncertainty, leaving out the labelled ones.
-    ch_label_files = ch_labels.collect(sort: { labels -> labels.name }).ifEmpty([])
-    TRAIN(GATHER.out.gathered, ch_labels.collect(sort: { labels -> labels.name }))
-    CLASSIFY(GATHER.out.gathered, ch_classifiers.mix(TRAIN.out.classifiers), ch_label_files)
+    ch_label_files = ch_labels.collect(sort: { labels -> labels.name })
+    TRAIN(GATHER.out.gathered, ch_label_files)
+    CLASSIFY(GATHER.out.gathered, ch_classifiers.mix(TRAIN.out.classifiers), ch_label_files.ifEmpty([]))
 
     // The galleries show every gathered cell; with classifiers, a next round of labels can take
     // the most uncertain cells first (--page_order uncertainty; CLASSIFY always ranks). A run
