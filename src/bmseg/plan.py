@@ -311,9 +311,8 @@ def plan_slide(
         grid = tile_grid(slide.bounds, tiling.tile_size, tiling.margin)
         fractions = tissue_fractions(tissue.mask, slide.bounds, grid)
         kept = fractions > tiling.min_tissue_fraction
-        um_x = slide.pixel_size_um * slide.bounds.w / thumbnail.shape[1]
         um_y = slide.pixel_size_um * slide.bounds.h / thumbnail.shape[0]
-        tissue_mm2 = float(tissue.mask.sum()) * um_x * um_y / 1e6
+        tissue_mm2 = float(tissue.mask.sum()) * um_per_px * um_y / 1e6
         info = {
             "slide_id": slide.slide_id,
             "source": slide.path.name,
