@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bmseg.storage import embedding_array
+from bmseg.fake_cells import cells_table
 
 PIXEL_SIZE_UM = 0.1725
 CONTOUR_POINTS = 48
@@ -85,38 +85,15 @@ def make_slide(
     mark_contours: bool = False,
     crop_size: int = 256,
 ) -> tuple[Path, Path]:
-    """Write ``{slide}.cells.parquet`` and ``{slide}.crops.parquet`` (file names made safe)."""
+    """Write ``{slide}.cells.parquet`` and ``{slide}.crops.parquet`` (file names made safe).
+
+    The cell table is ``fake_cells``'s, with the wobbly contours (and the bbox and area they
+    give) in place of its circles.
+    """
     rng = np.random.default_rng(seed)
-    cells: dict[str, list] = {
-        name: []
-        for name in (
-            "cell_uid",
-            "slide_id",
-            "tile_id",
-            "cell_type",
-            "centroid_x_px",
-            "centroid_y_px",
-            "centroid_x_um",
-            "centroid_y_um",
-            "bbox_x_px",
-            "bbox_y_px",
-            "bbox_w_px",
-            "bbox_h_px",
-            "area_px",
-            "area_um2",
-            "score",
-            "mask_label",
-            "contour_x_px",
-            "contour_y_px",
-        )
-    }
-    crops: dict[str, list] = {
-        n: [] for n in ("cell_uid", "x", "y", "scale", "width", "height", "image")
-    }
-    label = 0
+    types, centres, radii, scores, contours, crops = [], [], [], [], [], []
     for cell_type, count in counts.items():
         for _ in range(count):
-            label += 1
             radius_um = rng.uniform(12, 24) if cell_type == "MK" else rng.uniform(3, 5.5)
             radius = radius_um / PIXEL_SIZE_UM
             cx, cy = rng.uniform(1000, 60000, 2)
@@ -128,53 +105,51 @@ def make_slide(
             x0, y0 = int(cx - side / 2), int(cy - side / 2)
             contour_crop = (contour + 0.5 - [x0, y0]) / scale  # docs/cells.md, Crops
             jpeg = draw_crop(rng, contour_crop, width, cell_type, mark_contours)
-            xs, ys = contour[:, 0], contour[:, 1]
-            area_px = 0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))
-            ccx, ccy = round(cx), round(cy)
-            uid = f"{slide_id}:{cell_type}:{ccx}:{ccy}"
-            row = {
-                "cell_uid": uid,
-                "slide_id": slide_id,
-                "tile_id": "r0000c0000",
-                "cell_type": cell_type,
-                "centroid_x_px": cx,
-                "centroid_y_px": cy,
-                "centroid_x_um": cx * PIXEL_SIZE_UM,
-                "centroid_y_um": cy * PIXEL_SIZE_UM,
-                "bbox_x_px": int(xs.min()),
-                "bbox_y_px": int(ys.min()),
-                "bbox_w_px": int(np.ptp(xs)) + 1,
-                "bbox_h_px": int(np.ptp(ys)) + 1,
-                "area_px": area_px,
-                "area_um2": area_px * PIXEL_SIZE_UM**2,
-                "score": float(rng.uniform(0.5, 1)),
-                "mask_label": label,
-                "contour_x_px": xs.astype(np.float32).tolist(),
-                "contour_y_px": ys.astype(np.float32).tolist(),
-            }
-            for name, value in row.items():
-                cells[name].append(value)
-            for name, value in zip(crops, (uid, x0, y0, scale, width, height, jpeg), strict=True):
-                crops[name].append(value)
-    float_list = pa.list_(pa.float32())
-    embedding = np.zeros((label, 2048), np.float16)
-    cell_table = pa.table(
-        {
-            **{k: v for k, v in cells.items() if not k.startswith("contour")},
-            "contour_x_px": pa.array(cells["contour_x_px"], float_list),
-            "contour_y_px": pa.array(cells["contour_y_px"], float_list),
-            "embedding": embedding_array(embedding),
-        }
+            types.append(cell_type)
+            centres.append((cx, cy))
+            radii.append(radius)
+            scores.append(rng.uniform(0.5, 1))
+            contours.append(contour)
+            crops.append((x0, y0, scale, width, height, jpeg))
+    n = len(types)
+    cx, cy = np.array(centres).T
+    cell_table = cells_table(
+        cx,
+        cy,
+        radii,
+        slide_id=slide_id,
+        tile_id="r0000c0000",
+        cell_type=types,
+        score=scores,
+        pixel_size_um=PIXEL_SIZE_UM,
+        contour_points=CONTOUR_POINTS,
+        seed=seed,
     )
+    xs, ys = np.array(contours).transpose(2, 0, 1)
+    area_px = 0.5 * np.abs((xs * np.roll(ys, 1, 1)).sum(1) - (ys * np.roll(xs, 1, 1)).sum(1))
+    offsets = pa.array(np.arange(0, (n + 1) * CONTOUR_POINTS, CONTOUR_POINTS, dtype=np.int32))
+    geometry = {
+        "bbox_x_px": pa.array(xs.min(1).astype(np.int64)),
+        "bbox_y_px": pa.array(ys.min(1).astype(np.int64)),
+        "bbox_w_px": pa.array(np.ptp(xs, 1).astype(np.int64) + 1),
+        "bbox_h_px": pa.array(np.ptp(ys, 1).astype(np.int64) + 1),
+        "area_px": pa.array(area_px),
+        "area_um2": pa.array(area_px * PIXEL_SIZE_UM**2),
+        "contour_x_px": pa.ListArray.from_arrays(offsets, pa.array(xs.astype(np.float32).ravel())),
+        "contour_y_px": pa.ListArray.from_arrays(offsets, pa.array(ys.astype(np.float32).ravel())),
+    }
+    for name, column in geometry.items():
+        cell_table = cell_table.set_column(cell_table.schema.get_field_index(name), name, column)
+    x0, y0, scale, width, height, jpeg = zip(*crops, strict=True)
     crop_table = pa.table(
         {
-            "cell_uid": pa.array(crops["cell_uid"], pa.string()),
-            "x": pa.array(crops["x"], pa.int64()),
-            "y": pa.array(crops["y"], pa.int64()),
-            "scale": pa.array(crops["scale"], pa.float32()),
-            "width": pa.array(crops["width"], pa.int32()),
-            "height": pa.array(crops["height"], pa.int32()),
-            "image": pa.array(crops["image"], pa.binary()),
+            "cell_uid": cell_table["cell_uid"],
+            "x": pa.array(x0, pa.int64()),
+            "y": pa.array(y0, pa.int64()),
+            "scale": pa.array(scale, pa.float32()),
+            "width": pa.array(width, pa.int32()),
+            "height": pa.array(height, pa.int32()),
+            "image": pa.array(jpeg, pa.binary()),
         }
     )
     stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in slide_id)
