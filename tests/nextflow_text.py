@@ -304,19 +304,18 @@ class _Parser:
         return condition
 
     def or_expr(self) -> Any:
-        value = self.and_expr()
-        while self._at("||"):
-            self._take()
-            right = self.and_expr()
-            value = truthy(value) or truthy(right)
-        return value
+        return self._logical("||", self.and_expr)
 
     def and_expr(self) -> Any:
-        value = self.comparison()
-        while self._at("&&"):
+        return self._logical("&&", self.comparison)
+
+    def _logical(self, op: str, operand: Callable[[], Any]) -> Any:
+        """``operand op operand ...`` for ``||`` or ``&&``, left to right, as a boolean."""
+        value = operand()
+        while self._at(op):
             self._take()
-            right = self.comparison()
-            value = truthy(value) and truthy(right)
+            right = truthy(operand())
+            value = (truthy(value) or right) if op == "||" else (truthy(value) and right)
         return value
 
     def comparison(self) -> Any:
