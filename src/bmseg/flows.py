@@ -28,7 +28,6 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import ndimage
 
 if TYPE_CHECKING:
     import torch
@@ -380,6 +379,8 @@ def _fill_single_mask_holes(masks: np.ndarray) -> None:
     """Fill, in place, every background region that does not reach the image border and touches
     exactly one mask: the holes Cellpose fills mask by mask, found with one labelling of the
     background (4-connected, as a flood fill from the border sees it)."""
+    from scipy import ndimage
+
     regions, n_regions = ndimage.label(masks == 0)
     enclosed = np.ones(n_regions + 1, bool)
     enclosed[0] = False
