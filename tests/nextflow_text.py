@@ -211,29 +211,13 @@ def truthy(value: Any) -> bool:
 
 
 _METHODS: dict[str, Callable[..., Any]] = {
-    "toString": groovy_str,
-    "trim": lambda s: s.strip(),
-    "toLowerCase": lambda s: s.lower(),
-    "toUpperCase": lambda s: s.upper(),
-    "endsWith": lambda s, suffix: s.endswith(suffix),
-    "startsWith": lambda s, prefix: s.startswith(prefix),
-    "toInteger": int,
-    "toBoolean": lambda s: str(s).strip().lower() in ("true", "y", "1"),
-    "tokenize": lambda s, sep=" ": [part for part in re.split(f"[{re.escape(sep)}]", s) if part],
     "intdiv": lambda a, b: int(a) // int(b),
-    "size": len,
     "join": lambda items, sep="": sep.join(groovy_str(item) for item in items),
     "collect": lambda items, fn: [fn(item) for item in items],
     "transpose": lambda lists: [list(row) for row in zip(*lists, strict=True)],
 }
 
-_CASTS: dict[str, Callable[[Any], Any]] = {
-    "Integer": lambda v: int(v) if not isinstance(v, str) else int(v.strip()),
-    "Float": float,
-    "Double": float,
-    "String": groovy_str,
-    "Boolean": truthy,
-}
+_CASTS: dict[str, Callable[[Any], Any]] = {"Integer": int}
 
 
 class _Parser:
@@ -434,8 +418,6 @@ class _Parser:
             if name not in value:
                 raise GroovySubsetError(f"no sample value for property {name!r}")
             return value[name]
-        if name == "baseName" and isinstance(value, str):
-            return value.rsplit("/", 1)[-1].split(".", 1)[0]
         kind = type(value).__name__
         raise GroovySubsetError(f"property {name!r} of {kind} is outside the subset")
 
