@@ -5,17 +5,14 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from annotate_server import start_server
 from bmseg.annotate import load_labels, make_server
 from bmseg.cli import main
 from bmseg.errors import BmsegError
@@ -200,37 +197,6 @@ def test_validate_accepts_exactly_the_documented_schema():
     assert validate_labels(document) == document["labels"]
     with pytest.raises(ValueError):
         validate_labels({"labels": []})
-
-
-def start_server(site: Path, labels: Path, port: int) -> tuple[subprocess.Popen, int]:
-    """``bmseg annotate serve`` in its own process; returns it and the port it listens on."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bmseg.cli",
-            "annotate",
-            "serve",
-            str(site),
-            "--labels",
-            str(labels),
-            "--port",
-            str(port),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 60
-    for line in process.stderr:
-        found = re.search(r"at http://127\.0\.0\.1:(\d+)/", line)
-        if found:  # keep reading its log so a full pipe never blocks the server
-            threading.Thread(target=process.stderr.read, daemon=True).start()
-            return process, int(found.group(1))
-        if time.monotonic() > deadline:
-            break
-    process.kill()
-    raise AssertionError("the server did not start")
 
 
 def test_kill_9_loses_no_acknowledged_label(site, tmp_path):

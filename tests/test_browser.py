@@ -20,10 +20,10 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from annotate_server import start_server
 from bmseg.labels import merge_labels, validate_labels
 from bmseg.pages import build_site
 from pages_synth import make_gathered
-from test_annotate import start_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 HOSTILE = "<img src=x onerror=alert(1)>"
