@@ -35,7 +35,7 @@ from bmseg.segment import (
     to_rgb8,
 )
 from bmseg.slide import Rect
-from bmseg.storage import embedding_type, embeddings_to_numpy, unique_cell_uids
+from bmseg.storage import embedding_type, embeddings_to_numpy, unique_cell_uids, write_parquet
 from bmseg.synth import write_synthetic_slide
 
 TILE = 700
@@ -52,11 +52,6 @@ def plan_batches(slide_path: Path, out: Path, tile: int = TILE, batch_size: int 
     batch_args = ["-q", "batch", *tables, "--out", str(batches), "--batch-size", str(batch_size)]
     assert cli.main(batch_args) == 0
     return sorted(batches.glob("batch_*.parquet"))
-
-
-def write_table(table: pa.Table, path: Path) -> Path:
-    pq.write_table(table, path)
-    return path
 
 
 class OracleSegmenter:
@@ -135,7 +130,7 @@ def run_oracle(slide_path, truth, out_dir, batch_path, **option_args):
 
 def one_tile_batch(batch_path: Path, out: Path) -> Path:
     """The first tile of a batch table as a batch of its own."""
-    return write_table(pq.read_table(batch_path).slice(0, 1), out)
+    return write_parquet(pq.read_table(batch_path).slice(0, 1), out)
 
 
 def in_core(tile: Tile, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -450,7 +445,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(slide, coarse_batch, t
     other = tmp_path / "other.czi"
     other.write_bytes(slide_path.read_bytes())
     table = pq.read_table(coarse_batch).slice(0, 2)
-    batch = write_table(table, tmp_path / "batch_0001.parquet")
+    batch = write_parquet(table, tmp_path / "batch_0001.parquet")
     out = tmp_path / "out"
     models = tmp_path / "models"
 
@@ -476,12 +471,12 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(slide, coarse_batch, t
     moved = table.set_column(
         table.schema.get_field_index("read_x"), "read_x", pa.array([3990, 0], pa.int64())
     )
-    outside = write_table(moved, tmp_path / "batch_0002.parquet")
+    outside = write_parquet(moved, tmp_path / "batch_0002.parquet")
     fails(outside, "--slides", slide_path, "--models", models, "--out", out, expect="outside")
     empty = table.set_column(
         table.schema.get_field_index("read_w"), "read_w", pa.array([0, 0], pa.int64())
     )
-    empty_path = write_table(empty, tmp_path / "batch_0003.parquet")
+    empty_path = write_parquet(empty, tmp_path / "batch_0003.parquet")
     fails(empty_path, "--slides", slide_path, "--models", models, "--out", out, expect="empty")
     fails(
         tmp_path / "nope.parquet",
