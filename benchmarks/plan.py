@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from bmseg.plan import tile_grid
 from bmseg.slide import Rect, open_slide
-from bmseg.synth import SyntheticLayout, write_synthetic_slide
+from bmseg.synth import PIXEL_SIZE_UM, SyntheticLayout, write_synthetic_slide
 
 
 def synthetic(cache: Path, size: int, seed: int) -> tuple[Path, Path, float | None]:
@@ -89,7 +89,8 @@ def recall_and_drop(out: Path, slide: Path, truth: Path, size: int, seed: int) -
         "background_dropped": len(background - kept) / max(len(background), 1),
         "tissue_area_mm2": info["tissue_area_mm2"],
         "true_tissue_area_mm2": float(
-            layout.tissue_mask(0, 0, size, size, step=16).mean() * (size * 0.1725 / 1000) ** 2
+            layout.tissue_mask(0, 0, size, size, step=16).mean()
+            * (size * PIXEL_SIZE_UM / 1000) ** 2
         ),
     }
 
