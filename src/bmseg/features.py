@@ -102,8 +102,8 @@ def intensity_stats(
         percentiles = _grouped_percentiles(values, groups, counts, INTENSITY_PERCENTILES)
         stats = {"mean": mean, "std": std}
         stats.update({f"p{q}": percentiles[row] for row, q in enumerate(INTENSITY_PERCENTILES)})
-        for stat, column in stats.items():
-            columns[f"intensity_{stat}_{channel_column_name(name)}"] = column.astype(np.float32)
+        for column, stat in zip(intensity_columns([name]), INTENSITY_STATS, strict=True):
+            columns[column] = stats[stat].astype(np.float32)
     return columns
 
 
