@@ -13,7 +13,6 @@ tables, joined by ``cell_uid``): re-encoding it would be most of the time to cla
 from __future__ import annotations
 
 import argparse
-import base64
 import html
 import itertools
 import logging
@@ -38,6 +37,7 @@ from bmseg.gather import (
     summarise,
 )
 from bmseg.labels import LabelReport, merge_labels, read_label_file
+from bmseg.report import img_tag
 from bmseg.storage import (
     EMBEDDING_COLUMN,
     atomic_path,
@@ -392,11 +392,6 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _img(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
 def _curves_png(trained: TrainedType) -> bytes:
     """ROC curves of both candidates and the chosen model's score histogram per class."""
     import matplotlib
@@ -492,7 +487,7 @@ def training_report(trained: list[TrainedType], report: LabelReport, features: l
             "counts": t.counts,
             "candidates": t.candidates,
         }
-        sections.append(metrics_tables(t.cell_type, entry) + _img(_curves_png(t), t.cell_type))
+        sections.append(metrics_tables(t.cell_type, entry) + img_tag(_curves_png(t), t.cell_type))
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>bmseg classifiers</title><style>{REPORT_STYLE}</style></head><body>"

@@ -62,12 +62,12 @@ def _esc(value: object) -> str:
     return html.escape(str(value))
 
 
-def _img(png: bytes, alt: str, width: int | None = None) -> str:
+def img_tag(png: bytes, alt: str) -> str:
+    """PNG bytes as an inline ``<img>`` (the reports are single self-contained files)."""
     import base64
 
-    size = f' width="{width}"' if width else ""
     data = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{_esc(alt)}"{size} src="data:image/png;base64,{data}">'
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
 
 
 def _thumbnail(path: Path) -> bytes:
@@ -194,9 +194,9 @@ def _plots_section(summary: pd.DataFrame, areas: pd.DataFrame | None) -> str:
     counts = [summary[f"{t}_count"].sum() for t in CELL_TYPES if f"{t}_count" in summary]
     if counts and not any(counts):
         return "<p class='muted'>No cells were detected, so there is nothing to plot.</p>"
-    parts = [_img(density_plot_png(summary), "density per slide")]
+    parts = [img_tag(density_plot_png(summary), "density per slide")]
     if areas is not None:
-        parts.append(_img(area_histogram_png(areas), "area histograms"))
+        parts.append(img_tag(area_histogram_png(areas), "area histograms"))
     return "".join(f"<p>{p}</p>" for p in parts)
 
 
@@ -220,7 +220,7 @@ def _tissue_section(roots: Sequence[Path], slides: Sequence[str]) -> str:
             if record.get("modality") in PICTURE_COLOURS:  # the picture's legend, legible here
                 outline, kept = PICTURE_COLOURS[record["modality"]][3:]
                 caption += f"<br>{outline}: tissue outline · {kept}: kept tile cores"
-        image = _img(_thumbnail(pictures[0]), f"tissue of {slide}") if pictures else "(none)"
+        image = img_tag(_thumbnail(pictures[0]), f"tissue of {slide}") if pictures else "(none)"
         figures.append(f"<figure>{image}<figcaption>{caption}</figcaption></figure>")
     return f"<div class='gallery'>{''.join(figures)}</div>"
 
