@@ -89,11 +89,6 @@ class SyntheticLayout:
         self._shade_field = _smooth_noise(self._field.shape, 4.0, rng)
         self.cells = _place_cells(self, rng)
 
-    @property
-    def bounds(self) -> Rect:
-        """The whole synthetic slide, origin at (0, 0)."""
-        return Rect(0, 0, self.width, self.height)
-
     def _sample(self, field: np.ndarray, x: int, y: int, w: int, h: int, step: int) -> np.ndarray:
         """``field`` bilinearly interpolated at slide pixels ``x + j*step, y + i*step``."""
         import cv2
