@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,16 +71,7 @@ def default_margin(pixel_size_um: float, mk_max_area_um2: float = DEFAULT_MK_MAX
     return math.ceil(MARGIN_SLACK * diameter_um / pixel_size_um)
 
 
-@dataclass(frozen=True)
-class Tiling:
-    """Validated tiling parameters, all in full-resolution px."""
-
-    tile_size: int
-    margin: int
-    min_tissue_fraction: float
-
-
-def check_tiling(tile_size: int, margin: int, min_tissue_fraction: float) -> Tiling:
+def check_tiling(tile_size: int, margin: int, min_tissue_fraction: float) -> None:
     """Reject impossible tilings with a one-line error naming the flag."""
     if tile_size <= 0:
         raise BmsegError(f"--tile-size {tile_size}: must be a positive number of px, e.g. 3000")
@@ -96,7 +86,6 @@ def check_tiling(tile_size: int, margin: int, min_tissue_fraction: float) -> Til
         raise BmsegError(
             f"--min-tissue-fraction {min_tissue_fraction}: must lie in [0, 1), e.g. 0.01"
         )
-    return Tiling(tile_size, margin, min_tissue_fraction)
 
 
 def tile_grid(bounds: Rect, tile_size: int, margin: int) -> dict[str, np.ndarray]:
@@ -299,7 +288,7 @@ def plan_slide(
     with open_slide(slide_path, pixel_size_um=pixel_size_um, slide_id=slide_id) as slide:
         if margin is None:
             margin = default_margin(slide.pixel_size_um, mk_max_area_um2)
-        tiling = check_tiling(tile_size, margin, min_tissue_fraction)
+        check_tiling(tile_size, margin, min_tissue_fraction)
         calibration = (
             load_calibration(calibration_path, slide.modality) if calibration_path else None
         )
@@ -308,9 +297,9 @@ def plan_slide(
         um_per_px = slide.pixel_size_um * slide.bounds.w / thumbnail.shape[1]
         contrast = tissue_contrast(thumbnail, slide.modality, slide.background)
         tissue = detect_tissue(contrast, um_per_px, calibration)
-        grid = tile_grid(slide.bounds, tiling.tile_size, tiling.margin)
+        grid = tile_grid(slide.bounds, tile_size, margin)
         fractions = tissue_fractions(tissue.mask, slide.bounds, grid)
-        kept = fractions > tiling.min_tissue_fraction
+        kept = fractions > min_tissue_fraction
         um_y = slide.pixel_size_um * slide.bounds.h / thumbnail.shape[0]
         tissue_mm2 = float(tissue.mask.sum()) * um_per_px * um_y / 1e6
         info = {
@@ -321,18 +310,18 @@ def plan_slide(
             "bounds": slide.bounds.as_dict(),
             "modality": slide.modality,
             "tissue_area_mm2": round(tissue_mm2, 6),
-            "tile_size": tiling.tile_size,
-            "margin": tiling.margin,
+            "tile_size": tile_size,
+            "margin": margin,
             "tiles_total": int(fractions.size),
             "tiles_kept": int(kept.sum()),
-            "min_tissue_fraction": tiling.min_tissue_fraction,
+            "min_tissue_fraction": min_tissue_fraction,
             "tissue_threshold": None if math.isnan(tissue.threshold) else tissue.threshold,
             "tissue_method": tissue.method,
         }
         caption = (
             f"{slide.slide_id}  {slide.modality}  tissue {tissue_mm2:.2f} mm2  "
             f"tiles kept {info['tiles_kept']}/{info['tiles_total']}  "
-            f"(core {tiling.tile_size} px, margin {tiling.margin} px)"
+            f"(core {tile_size} px, margin {margin} px)"
         )
         picture = tissue_picture(
             thumbnail, slide.modality, tissue.mask, slide.bounds, grid, kept, caption
@@ -364,8 +353,8 @@ def plan_slide(
         tissue.threshold,
         info["tiles_kept"],
         info["tiles_total"],
-        tiling.tile_size,
-        tiling.margin,
+        tile_size,
+        margin,
         ", ".join(p.name for p in paths),
         time.perf_counter() - started,
     )
