@@ -7,9 +7,6 @@ Images stay small because masks_to_flows_gpu and Cellpose's compute_masks are sl
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -24,18 +21,12 @@ from bmseg.flows import (
     compute_masks,
     flows_to_masks,
 )
-
-# The benchmark's input generators (touching disks, network output, noise) serve the tests too.
-_BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "flows.py"
-_spec = importlib.util.spec_from_file_location("flows_benchmark", _BENCHMARK)
-flows_benchmark = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(flows_benchmark)
-touching_disks = flows_benchmark.touching_disks
+from flows_synth import add_noise, network_output, touching_disks
 
 
 def cellpose_flows(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Network output for ``labels``: 5 × Cellpose's diffusion flows, ±5 logits."""
-    return flows_benchmark.network_output(labels, cellpose_flows=True)
+    return network_output(labels, cellpose_flows=True)
 
 
 def ap50(truth: np.ndarray, predicted: np.ndarray) -> float:
@@ -96,7 +87,7 @@ def test_noisy_network_output_at_least_cellpose_accuracy(disks_case, noise: floa
     """Flows and probabilities with smooth noise, as a real network's: std ``noise`` in dP
     units (flows are 5 × unit vectors), 3 in logits."""
     labels, flows, cellprob, _ = disks_case
-    noisy_flows, noisy_prob = flows_benchmark.add_noise(flows, cellprob, noise)
+    noisy_flows, noisy_prob = add_noise(flows, cellprob, noise)
 
     ours = ap50(labels, compute_masks(noisy_flows, noisy_prob))
     theirs = ap50(labels, cellpose_compute_masks(noisy_flows, noisy_prob))
