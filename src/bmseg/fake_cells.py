@@ -9,21 +9,19 @@ and embedding features so a classifier has something (or nothing) to learn.
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from bmseg.storage import (
     EMBEDDING_DIM,
-    atomic_path,
     embedding_array,
     parquet_writer,
     unique_cell_uids,
     write_json,
+    write_parquet,
 )
 
 CHANNELS = ("R", "G", "B")
@@ -174,8 +172,7 @@ def write_batch(
             "image": pa.array([b"\xff\xd8fake"] * n, pa.binary()),
         }
     )
-    with atomic_path(batch_dir / "crops.parquet") as tmp:
-        pq.write_table(crops, tmp, compression="zstd")
+    write_parquet(crops, batch_dir / "crops.parquet")
     slide_tile = cells.select(["slide_id", "tile_id", "cell_type"]).to_pandas()
     keys = sorted(set(map(tuple, slide_tile[["slide_id", "tile_id"]].to_numpy())) | set(tiles))
     counts = slide_tile.groupby(["slide_id", "tile_id", "cell_type"]).size()
@@ -238,23 +235,21 @@ def write_plan(
     plans_dir.mkdir(parents=True, exist_ok=True)
     x, y, w, h = bounds
     path = plans_dir / f"{slide_id}.slide.json"
-    path.write_text(
-        json.dumps(
-            {
-                "slide_id": slide_id,
-                "source": f"{slide_id}.czi",
-                "pixel_size_um": pixel_size_um,
-                "channels": [{"name": c, "dtype": "uint8"} for c in CHANNELS],
-                "bounds": {"x": x, "y": y, "w": w, "h": h},
-                "modality": "brightfield",
-                "tissue_area_mm2": tissue_area_mm2,
-                "tile_size": 3000,
-                "margin": 300,
-                "tiles_total": 100,
-                "tiles_kept": tiles_kept,
-            }
-        ),
-        encoding="utf-8",
+    write_json(
+        {
+            "slide_id": slide_id,
+            "source": f"{slide_id}.czi",
+            "pixel_size_um": pixel_size_um,
+            "channels": [{"name": c, "dtype": "uint8"} for c in CHANNELS],
+            "bounds": {"x": x, "y": y, "w": w, "h": h},
+            "modality": "brightfield",
+            "tissue_area_mm2": tissue_area_mm2,
+            "tile_size": 3000,
+            "margin": 300,
+            "tiles_total": 100,
+            "tiles_kept": tiles_kept,
+        },
+        path,
     )
     picture = np.zeros((60, 80, 3), np.uint8)
     picture[10:50, 10:70] = (200, 120, 160)
