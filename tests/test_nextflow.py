@@ -36,6 +36,7 @@ from nextflow_text import (
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = sorted((REPO / "modules" / "local").glob("*/main.nf"))
+WORKFLOW_FILES = (REPO / "main.nf", REPO / "workflows" / "bmseg.nf")  # in the order they run
 NF_FILES = [REPO / "main.nf", *sorted((REPO / "workflows").glob("*.nf")), *MODULES]
 CONFIG_FILES = [REPO / "nextflow.config", *sorted((REPO / "conf").glob("*.config"))]
 LABELS = ("process_single", "process_low", "process_medium", "process_high", "process_gpu")
@@ -127,6 +128,11 @@ def processes() -> dict[str, tuple[Path, str]]:
     return found
 
 
+def workflow_calls() -> str:
+    """The workflow bodies of main.nf and workflows/bmseg.nf (comments removed), in run order."""
+    return "".join(strip_comments(read(path)).split("workflow", 1)[1] for path in WORKFLOW_FILES)
+
+
 def ext_args_sources() -> dict[str, str]:
     """conf/modules.config's ``ext.args`` values by process selector."""
     blocks = named_blocks(read(REPO / "conf" / "modules.config"), r"withName:\s*'([^']+)'")
@@ -209,7 +215,7 @@ def test_strict_syntax_idioms(path: Path) -> None:
 
 def test_collected_lists_are_sorted_for_resume() -> None:
     """Every ``collect`` sorts: tasks finish in any order, and -resume hashes the list's order."""
-    for path in (REPO / "main.nf", REPO / "workflows" / "bmseg.nf"):
+    for path in WORKFLOW_FILES:
         for call in re.findall(r"\.collect\(([^)]*)\)", strip_comments(read(path))):
             assert "sort:" in call, f"{path.name}: .collect({call}) must sort"
 
@@ -343,12 +349,10 @@ def test_ext_args_selectors_name_real_processes() -> None:
 
 def test_every_module_is_included_and_called() -> None:
     included = set()
-    calls = ""
-    for path in (REPO / "main.nf", REPO / "workflows" / "bmseg.nf"):
-        text = strip_comments(read(path))
-        included |= set(re.findall(r"include\s*\{\s*(\w+)", text))
-        calls += text.split("workflow", 1)[1]
+    for path in WORKFLOW_FILES:
+        included |= set(re.findall(r"include\s*\{\s*(\w+)", strip_comments(read(path))))
     assert set(processes()) <= included
+    calls = workflow_calls()
     for name in processes():
         assert re.search(rf"\b{name}\(", calls), f"{name} is never called"
 

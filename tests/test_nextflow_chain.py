@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from nextflow_text import PathList, evaluate, sections, strip_comments
-from test_nextflow import REPO, bmseg_commands, processes, profile_params, render_script
+from nextflow_text import PathList, evaluate, sections
+from test_nextflow import bmseg_commands, processes, profile_params, render_script, workflow_calls
 
 # A smaller run than -profile test itself, to stay quick on two CPU cores: one 2000-px slide
 # in 1000-px tiles, half of them sampled, one tile per batch (so GATHER joins several SEGMENT
@@ -35,11 +35,8 @@ CHAIN_PARAMS = {
 
 def workflow_call_order() -> list[str]:
     """Processes in the order main.nf and workflows/bmseg.nf call them."""
-    order = []
-    for path in (REPO / "main.nf", REPO / "workflows" / "bmseg.nf"):
-        body = strip_comments(path.read_text(encoding="utf-8")).split("workflow", 1)[1]
-        order += [name for name in re.findall(r"\b([A-Z]+)\(", body) if name in processes()]
-    return order
+    known = processes()
+    return [name for name in re.findall(r"\b([A-Z]+)\(", workflow_calls()) if name in known]
 
 
 class TaskRunner:
