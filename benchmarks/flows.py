@@ -195,7 +195,9 @@ def main() -> int:
         noises = args.noise if size <= args.noise_max else [0.0]
         rows += benchmark(size, noises, args.cellpose_flows_max, args.device, with_cellpose)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        from bmseg.storage import write_json
+
+        write_json(rows, args.json)
     return 0
 
 

@@ -25,7 +25,6 @@ with real weights; pass ``--models DIR`` with fetched weights for production fig
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import threading
 import time
@@ -179,6 +178,7 @@ def main() -> None:
 
     from bmseg.models import MKSettings, load_models
     from bmseg.models.making import make_test_models
+    from bmseg.storage import write_json
 
     tiles, centres = synthetic_tiles(args.tiles, args.tile_size, args.seed)
     with tempfile.TemporaryDirectory(prefix="bmseg-bench-") as scratch:
@@ -220,7 +220,7 @@ def main() -> None:
     if "ratio" in figures:
         print(f"ratio baseline / ours: {figures['ratio']:.1f}x")
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        write_json(figures, args.json)
 
 
 if __name__ == "__main__":
