@@ -234,7 +234,7 @@ def _codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[str]]:
     return encoded.indices.to_numpy(zero_copy_only=False), encoded.dictionary.to_pylist()
 
 
-def _flat_contours(meta: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def flat_contours(meta: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Contour vertices as flat x and y arrays and per-cell offsets into them."""
     xs = meta["contour_x_px"].combine_chunks()
     ys = meta["contour_y_px"].combine_chunks()
@@ -291,7 +291,7 @@ def find_duplicates(meta: pa.Table, min_overlap: float = 0.5) -> tuple[np.ndarra
     area = meta["area_px"].to_numpy()
     score = meta["score"].to_numpy()
     uids = meta["cell_uid"].to_numpy(zero_copy_only=False)
-    contours = _flat_contours(meta)
+    contours = flat_contours(meta)
     group = slide_code.astype(np.int64) * (int(type_code.max(initial=0)) + 1) + type_code
     drop: set[int] = set()
     compared = 0
@@ -555,7 +555,7 @@ def geojson_features(
     coordinates minus the bounds origin), the frame QuPath shows when it opens the slide.
     Cells whose contour has fewer than three vertices get their bounding box as polygon.
     """
-    flat_x, flat_y, offsets = _flat_contours(meta)
+    flat_x, flat_y, offsets = flat_contours(meta)
     lengths = np.diff(offsets)
     degenerate = lengths < 3
     if degenerate.any():

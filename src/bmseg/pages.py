@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bmseg.errors import BmsegError
+from bmseg.gather import flat_contours
 from bmseg.storage import atomic_path, write_bytes
 
 log = logging.getLogger(__name__)
@@ -371,15 +372,11 @@ def contour_paths(
     ``(cx, cy)`` lands at crop point ``((cx + 0.5 - x) / scale, (cy + 0.5 - y) / scale)``; the
     thumbnail is that crop shrunk by ``factor``, and SVG user units are its pixels.
     """
-    xs = cells["contour_x_px"].combine_chunks()
-    ys = cells["contour_y_px"].combine_chunks()
-    counts = pc.list_value_length(xs).fill_null(0).to_numpy(zero_copy_only=False)
-    flat_x = pc.list_flatten(xs).to_numpy(zero_copy_only=False).astype(np.float64)
-    flat_y = pc.list_flatten(ys).to_numpy(zero_copy_only=False).astype(np.float64)
+    flat_x, flat_y, bounds = flat_contours(cells)
+    counts = np.diff(bounds)
     mult = np.repeat(factor / scale, counts)
     tx = (flat_x + 0.5 - np.repeat(x0, counts)) * mult
     ty = (flat_y + 0.5 - np.repeat(y0, counts)) * mult
-    bounds = np.concatenate([[0], np.cumsum(counts)])
     points = np.stack([tx, ty], axis=1)
     return [svg_path(points[bounds[i] : bounds[i + 1]]) for i in range(len(counts))]
 
