@@ -715,9 +715,7 @@ def run_gather(args: argparse.Namespace) -> int:
             measurements,
             out / f"{slide}.cells.geojson",
         )
-        write_json(
-            json.loads(plan.slide_json.read_text(encoding="utf-8")), out / f"{slide}.slide.json"
-        )
+        write_bytes(plan.slide_json.read_bytes(), out / f"{slide}.slide.json")
         if plan.tissue_png is not None:
             write_bytes(plan.tissue_png.read_bytes(), out / f"{slide}.tissue.png")
 
