@@ -12,6 +12,7 @@ TRACKED_PACKAGES = (
     "pyarrow",
     "pylibCZIrw",
     "tifffile",
+    "zarr",
     "h5py",
     "hdf5plugin",
     "scikit-image",
