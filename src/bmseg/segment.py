@@ -32,7 +32,7 @@ import pyarrow as pa
 from bmseg.errors import BmsegError
 from bmseg.flows import FLOWS_METHODS
 from bmseg.models.base import Detections, Embedder, Segmenter, exclude_claimed
-from bmseg.models.settings import EmbedderSettings, HSPCSettings, MKSettings
+from bmseg.models.settings import DEVICE_CHOICES, EmbedderSettings, HSPCSettings, MKSettings
 from bmseg.slide import SLIDE_ID_PATTERN, Channel, Rect, Slide, default_slide_id, open_slide
 from bmseg.storage import (
     CROPS_SCHEMA,
@@ -827,7 +827,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--device",
         default="auto",
-        choices=("auto", "cpu", "cuda"),
+        choices=DEVICE_CHOICES,
         help="compute device (auto: the GPU when torch sees one, CUDA or ROCm)",
     )
     parser.add_argument(

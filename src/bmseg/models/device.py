@@ -11,10 +11,9 @@ from collections.abc import Iterator
 import torch
 
 from bmseg.errors import BmsegError
+from bmseg.models.settings import DEVICE_CHOICES
 
 log = logging.getLogger(__name__)
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def gpu_flavour() -> str:

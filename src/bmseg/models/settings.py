@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from bmseg.errors import BmsegError
 from bmseg.flows import DEFAULT_FLOWS_METHOD, FLOWS_METHODS
 
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+"""What ``--device`` takes: a GPU when there is one, the CPU, or a GPU or an error."""
+
 
 @dataclass(frozen=True)
 class MKSettings:
