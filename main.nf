@@ -14,7 +14,9 @@ include { BMSEG      } from './workflows/bmseg'
 
 workflow {
     main:
-    validateParameters()
+    // Under the strict parser (the default since 26.04) CLI params arrive as strings: the cast
+    // types nf-schema's copy for validation; the script converts what it reads itself.
+    validateParameters(cast_cli_params: true)
     log.info(paramsSummaryLog(workflow))
 
     def n_synth = params.synth_slides as Integer

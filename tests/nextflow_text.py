@@ -540,3 +540,44 @@ def config_value(text: str, scope: dict[str, Any]) -> Any:
     """A config assignment's value: a closure is called (no arguments), anything else evaluated."""
     value = evaluate(text, scope)
     return value() if isinstance(value, _Lambda) else value
+
+
+# --- Nextflow's own rules, mirrored --------------------------------------------------------------
+
+
+def parse_cli_param(text: str) -> Any:
+    """A ``--name value`` CLI param as nf-schema's ``cast_cli_params`` types it for validation.
+
+    Under the strict parser Nextflow hands CLI params over as strings; nf-schema (>= 2.7.2)
+    casts its validation copy like the legacy parser did: true/false, integer, then decimal.
+    The script itself still sees the string.
+    """
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if re.fullmatch(r"-?\d+(\.\d+)?", text):
+        return float(text) if "." in text else int(text)
+    return text
+
+
+def staged_names(pattern: str, names: list[str]) -> list[str]:
+    """The names Nextflow stages a list of input files under, for a ``stageAs`` pattern.
+
+    Mirrors Nextflow's TaskInputResolver.expandWildcards: ``*`` in the file part keeps the
+    source name (or, with other text, becomes the 1-based index); runs of ``?`` become the
+    index zero-padded to their length; in the folder part both become the index.
+    """
+    if not pattern or pattern == "*":
+        return list(names)
+    if "*" not in pattern and "?" not in pattern and len(names) > 1:
+        pattern += "*"
+
+    def expand(text: str, index: int, strip_star: bool = False) -> str:
+        text = text.replace("*", "" if strip_star else str(index))
+        return re.sub(r"\?+", lambda m: str(index).zfill(len(m.group(0))), text)
+
+    staged = []
+    parent, _, name = pattern.rpartition("/")
+    for index, source in enumerate(names, start=1):
+        file_part = source if name in ("*", "") else expand(name, index, len(names) <= 1)
+        staged.append(f"{expand(parent, index)}/{file_part}" if parent else file_part)
+    return staged

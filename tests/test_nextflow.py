@@ -30,7 +30,9 @@ from nextflow_text import (
     evaluate,
     matching_brace,
     named_blocks,
+    parse_cli_param,
     sections,
+    staged_names,
     strip_comments,
 )
 
@@ -59,7 +61,7 @@ STEP_COMMANDS = {
 
 # What Nextflow binds to each process's inputs: staged names, as the task folder holds them.
 SAMPLE_INPUTS: dict[str, dict[str, Any]] = {
-    "CALIBRATE": {"slides": PathList(["slides/S1.czi", "slides/S2.czi"])},
+    "CALIBRATE": {"slides": PathList(["slides01/S1.czi", "slides02/S2.czi"])},
     "PLAN": {
         "meta": {"id": "S1", "pixel_size_um": 0.1725},
         "slide": "S1.czi",
@@ -70,18 +72,18 @@ SAMPLE_INPUTS: dict[str, dict[str, Any]] = {
         "batch_id": "batch_0001",
         "batch": "batch_0001.parquet",
         "slide_ids": ["S1", "S2"],
-        "slides": PathList(["slides/S1.czi", "slides/S2.czi"]),
+        "slides": PathList(["slides01/S1.czi", "slides02/S2.czi"]),
         "models": "models",
     },
     "GATHER": {
         "batch_dirs": PathList(["batches/batch_0000", "batches/batch_0001"]),
         "plans": PathList(["plans/S1.slide.json", "plans/S2.slide.json"]),
     },
-    "TRAIN": {"cells": "gathered", "labels": PathList(["labels/a.json", "labels/b.json"])},
+    "TRAIN": {"cells": "gathered", "labels": PathList(["labels01/a.json", "labels02/b.json"])},
     "CLASSIFY": {
         "cells": "gathered",
         "classifiers": "classifiers",
-        "labels": PathList(["labels/a.json"]),
+        "labels": PathList(["labels1/a.json"]),
     },
     "PAGES": {"cells": "gathered", "ranking": "ranking.parquet"},
     "REPORT": {"results": PathList(["results/gathered", "results/S1.slide.json"])},
@@ -612,6 +614,143 @@ def test_containers_install_from_the_lock() -> None:
     for dockerfile in DOCKERFILES:
         assert "requirements.lock" in read(dockerfile), dockerfile.name
     assert "containers/requirements.lock" in read(REPO / ".ci" / "run")
+
+
+# --- a first real run: Nextflow 26.x, nf-schema, nf-test ----------------------------------------
+
+# The Nextflow release each nf-schema version needs (its build.gradle's nextflowVersion).
+NF_SCHEMA_NEEDS = {"2.7.2": "25.10.0", "2.7.3": "25.10.0", "2.8.0": "26.04.0"}
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def nf_schema_version() -> str:
+    match = re.search(r"id\s+'nf-schema@([\d.]+)'", strip_comments(read(REPO / "nextflow.config")))
+    assert match, "pin nf-schema to a version"
+    return match.group(1)
+
+
+def manifest() -> dict[str, str]:
+    config = strip_comments(read(REPO / "nextflow.config"))
+    return assignments(named_blocks(config, r"(?m)^(manifest)")["manifest"])
+
+
+def test_nf_schema_casts_cli_params_on_the_nextflow_it_needs() -> None:
+    """Strict-parser CLI params are strings: nf-schema >= 2.7.2 casts them before validating.
+
+    The manifest's minimum Nextflow is the one that nf-schema version needs, and main.nf asks
+    for the cast explicitly (the default depends on the parser in use).
+    """
+    version = nf_schema_version()
+    assert version in NF_SCHEMA_NEEDS, f"nf-schema {version} does not cast CLI params (>= 2.7.2)"
+    floor = re.fullmatch(r"'!>=([\d.]+)'", manifest()["nextflowVersion"])
+    assert floor, "nextflowVersion must be a strict floor, '!>=X'"
+    assert version_tuple(floor.group(1)) >= version_tuple(NF_SCHEMA_NEEDS[version])
+    main = strip_comments(read(REPO / "main.nf"))
+    assert re.search(r"validateParameters\(\s*cast_cli_params:\s*true\s*\)", main)
+
+
+def test_numeric_and_boolean_cli_params_pass_validation() -> None:
+    """``--sample_fraction 1.0 --tile_size 2000 --tissue_calibration true`` as typed by the cast."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema())
+    cli = {"sample_fraction": "1.0", "tile_size": "2000", "tissue_calibration": "true", "seed": "7"}
+    base = {k: v for k, v in profile_params("default").items() if v is not None}
+    assert list(validator.iter_errors({**base, **cli})), "uncast strings must fail (the bug)"
+    cast = {name: parse_cli_param(text) for name, text in cli.items()}
+    assert not list(validator.iter_errors({**base, **cast}))
+
+
+def test_scripts_read_boolean_params_whatever_their_type() -> None:
+    """The cast is for validation only: a boolean param still reaches the script as 'false'.
+
+    Every boolean param the .nf files read goes through ``.toString().toBoolean()``, and every
+    command line renders the same from CLI strings as from typed values.
+    """
+    booleans = [name for name, spec in schema_properties().items() if spec.get("type") == "boolean"]
+    for path in NF_FILES:
+        text = strip_comments(read(path))
+        for name in booleans:
+            for use in re.finditer(rf"params\.{name}\b(\S*)", text):
+                assert use.group(1).startswith(".toString().toBoolean()"), f"{path.name}: {name}"
+    typed = profile_params("default")
+    as_strings = {k: v if v is None else groovy_text(v) for k, v in typed.items()}
+    for name in STEP_COMMANDS:
+        assert render_script(name, as_strings) == render_script(name, typed), name
+
+
+def groovy_text(value: Any) -> str:
+    from nextflow_text import groovy_str
+
+    return groovy_str(value)
+
+
+# Inputs whose file names the user chooses (slides, label files): two may share a name.
+USER_NAMED_INPUTS = [
+    ("CALIBRATE", "slides"),
+    ("SEGMENT", "slides"),
+    ("TRAIN", "labels"),
+    ("CLASSIFY", "labels"),
+]
+
+
+def stage_pattern(name: str, variable: str) -> str:
+    inputs = sections(processes()[name][1])["input"]
+    match = re.search(rf"path\s*\(?\s*{variable}\b[^\n]*?stageAs:\s*'([^']*)'", inputs)
+    assert match, f"{name}: input {variable} has no stageAs pattern"
+    return match.group(1)
+
+
+def test_stage_pattern_mirror_follows_nextflow() -> None:
+    """The mirror of Nextflow's wildcard expansion against the table in its process docs."""
+    assert staged_names("dir/*", ["a.txt", "b.txt"]) == ["dir/a.txt", "dir/b.txt"]
+    assert staged_names("dir??/*", ["a.txt", "a.txt"]) == ["dir01/a.txt", "dir02/a.txt"]
+    assert staged_names("dir*/*", ["a.txt", "a.txt"]) == ["dir1/a.txt", "dir2/a.txt"]
+    assert staged_names("file??.ext", ["x", "y"]) == ["file01.ext", "file02.ext"]
+    assert staged_names("file*.ext", ["x"]) == ["file.ext"]
+
+
+@pytest.mark.parametrize(
+    ("name", "variable"), USER_NAMED_INPUTS, ids=["-".join(pair) for pair in USER_NAMED_INPUTS]
+)
+def test_equal_file_names_stage_apart(name: str, variable: str) -> None:
+    """``run1/slide.czi`` and ``run2/slide.czi`` (or two rounds' labels.json) do not collide."""
+    staged = staged_names(stage_pattern(name, variable), ["slide.czi", "slide.czi"])
+    assert len(set(staged)) == 2, f"{name} stages both files as {staged}"
+    inputs = {**SAMPLE_INPUTS[name], variable: PathList(staged)}
+    step = next(
+        a
+        for a in bmseg_commands(render_script(name, profile_params("default"), inputs=inputs))
+        if a[1] != "versions"
+    )
+    assert all(any(path in word for word in step) for path in staged), step
+    parse_with_bmseg(step[1:])
+
+
+def ci_workflow() -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(read(REPO / ".github" / "workflows" / "ci.yml"))
+
+
+def test_ci_runs_nf_test_that_reads_strict_syntax_on_the_supported_nextflow() -> None:
+    """nf-test < 0.9.4 writes a wrapper the strict parser rejects; CI tests the floor Nextflow."""
+    steps = ci_workflow()["jobs"]["nextflow"]["steps"]
+    nf_test = next(s for s in steps if "setup-nf-test" in s.get("uses", ""))
+    assert version_tuple(str(nf_test["with"]["version"])) >= (0, 9, 4)
+    floor = re.fullmatch(r"'!>=([\d.]+)'", manifest()["nextflowVersion"]).group(1)
+    matrix = ci_workflow()["jobs"]["nextflow"]["strategy"]["matrix"]["nextflow"]
+    assert floor in matrix, f"CI must test the oldest Nextflow the manifest allows, {floor}"
+
+
+def test_pipeline_spec_checks_no_file_nf_test_redirects() -> None:
+    """nf-test passes its own ``-with-trace``, so the config's trace file is never written."""
+    spec = read(REPO / "tests" / "main.nf.test")
+    assert "execution_trace_" not in spec
+    assert "workflow.trace" in spec
 
 
 if __name__ == "__main__":

@@ -18,8 +18,15 @@ from typing import Any
 
 import pytest
 
-from nextflow_text import PathList, evaluate, sections
-from test_nextflow import bmseg_commands, processes, profile_params, render_script, workflow_calls
+from nextflow_text import PathList, evaluate, sections, staged_names
+from test_nextflow import (
+    bmseg_commands,
+    processes,
+    profile_params,
+    render_script,
+    stage_pattern,
+    workflow_calls,
+)
 
 # A smaller run than -profile test itself, to stay quick on two CPU cores: one 2000-px slide
 # in 1000-px tiles, half of them sampled, one tile per batch (so GATHER joins several SEGMENT
@@ -95,9 +102,9 @@ def fingerprint(sources: Any) -> dict[str, str]:
     return digests
 
 
-def stage_all(prefix: str, files: list[Path]) -> tuple[PathList, dict[str, Path]]:
-    """Files staged under ``prefix/`` by their names (a ``stageAs: 'prefix/*'`` input)."""
-    names = PathList(f"{prefix}/{f.name}" for f in files)
+def stage_all(process: str, variable: str, files: list[Path]) -> tuple[PathList, dict[str, Path]]:
+    """Files staged as the module's ``stageAs`` pattern for input ``variable`` names them."""
+    names = PathList(staged_names(stage_pattern(process, variable), [f.name for f in files]))
     return names, dict(zip(names, files, strict=True))
 
 
@@ -126,7 +133,7 @@ def test_test_profile_chain_runs_end_to_end(tmp_path: Path, monkeypatch) -> None
     models = runner.run("TESTMODELS", {}, {}) / "models"
 
     assert runner.params["tissue_calibration"], "-profile test calibrates tissue across slides"
-    slides, staged = stage_all("slides", [slide])
+    slides, staged = stage_all("CALIBRATE", "slides", [slide])
     calibration = runner.run("CALIBRATE", {"slides": slides}, staged) / "tissue_calibration.json"
 
     meta = {"id": "synth1", "pixel_size_um": None}
@@ -135,13 +142,13 @@ def test_test_profile_chain_runs_end_to_end(tmp_path: Path, monkeypatch) -> None
     plan = runner.run("PLAN", inputs, staged)
     plan_files = sorted(plan.glob("synth1.*"))
 
-    tiles, staged = stage_all("tiles", [plan / "synth1.tiles.parquet"])
+    tiles, staged = stage_all("BATCH", "tiles", [plan / "synth1.tiles.parquet"])
     batches = sorted((runner.run("BATCH", {"tiles": tiles}, staged) / "batches").glob("*.parquet"))
     assert len(batches) >= 2, "the chain should exercise several SEGMENT tasks"
 
     batch_dirs = []
     for batch in batches:
-        slides, staged = stage_all("slides", [slide])
+        slides, staged = stage_all("SEGMENT", "slides", [slide])
         inputs = {
             "batch_id": batch.stem,
             "batch": batch.name,
@@ -152,8 +159,8 @@ def test_test_profile_chain_runs_end_to_end(tmp_path: Path, monkeypatch) -> None
         staged |= {batch.name: batch, "models": models}
         batch_dirs.append(runner.run("SEGMENT", inputs, staged) / batch.stem)
 
-    batch_names, staged = stage_all("batches", batch_dirs)
-    plan_names, plan_staged = stage_all("plans", plan_files)
+    batch_names, staged = stage_all("GATHER", "batch_dirs", batch_dirs)
+    plan_names, plan_staged = stage_all("GATHER", "plans", plan_files)
     gather = runner.run(
         "GATHER", {"batch_dirs": batch_names, "plans": plan_names}, staged | plan_staged
     )
@@ -174,7 +181,7 @@ def test_test_profile_chain_runs_end_to_end(tmp_path: Path, monkeypatch) -> None
             "bmseg pages refuses a run without cells: that is why the workflow skips PAGES"
         )
 
-    results, staged = stage_all("results", [gathered, *batch_dirs])
+    results, staged = stage_all("REPORT", "results", [gathered, *batch_dirs])
     report = runner.run("REPORT", {"results": results}, staged) / "report.html"
     assert "synth1" in report.read_text(encoding="utf-8")
 
@@ -225,14 +232,14 @@ def test_labelled_run_trains_classifies_and_ranks(tmp_path: Path, monkeypatch) -
     batch_dirs, (*plan_files, label_file) = fake_segment_outputs(tmp_path / "inputs")
     runner = TaskRunner(tmp_path, monkeypatch, page_order="uncertainty")
 
-    batch_names, staged = stage_all("batches", batch_dirs)
-    plan_names, plan_staged = stage_all("plans", plan_files)
+    batch_names, staged = stage_all("GATHER", "batch_dirs", batch_dirs)
+    plan_names, plan_staged = stage_all("GATHER", "plans", plan_files)
     gathered = (
         runner.run("GATHER", {"batch_dirs": batch_names, "plans": plan_names}, staged | plan_staged)
         / "gathered"
     )
 
-    label_names, label_staged = stage_all("labels", [label_file])
+    label_names, label_staged = stage_all("TRAIN", "labels", [label_file])
     classifiers = (
         runner.run(
             "TRAIN",
@@ -255,6 +262,8 @@ def test_labelled_run_trains_classifies_and_ranks(tmp_path: Path, monkeypatch) -
     site = runner.run("PAGES", inputs, staged) / "site"
     assert (site / "index.html").is_file()
 
-    results, staged = stage_all("results", [gathered, classifiers, classified, *batch_dirs])
+    results, staged = stage_all(
+        "REPORT", "results", [gathered, classifiers, classified, *batch_dirs]
+    )
     report = runner.run("REPORT", {"results": results}, staged) / "report.html"
     assert "synth1" in report.read_text(encoding="utf-8")

@@ -8,7 +8,7 @@ process CALIBRATE {
     container 'ghcr.io/bmseg/bmseg:0.1.0-cuda'
 
     input:
-    path slides, arity: '1..*', stageAs: 'slides/*'
+    path slides, arity: '1..*', stageAs: 'slides??/*'
 
     output:
     path 'tissue_calibration.json', emit: calibration

@@ -11,7 +11,7 @@ process CLASSIFY {
     input:
     path cells
     path classifiers, stageAs: 'classifiers'
-    path labels, stageAs: 'labels/*'
+    path labels, stageAs: 'labels??/*'
 
     output:
     path 'classified', emit: classified

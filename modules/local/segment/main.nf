@@ -13,7 +13,7 @@ process SEGMENT {
 
     input:
     tuple val(batch_id), path(batch)
-    tuple val(slide_ids), path(slides, arity: '1..*', stageAs: 'slides/*')
+    tuple val(slide_ids), path(slides, arity: '1..*', stageAs: 'slides??/*')
     path models, stageAs: 'models'
 
     output:

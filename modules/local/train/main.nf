@@ -9,7 +9,7 @@ process TRAIN {
 
     input:
     path cells
-    path labels, arity: '1..*', stageAs: 'labels/*'
+    path labels, arity: '1..*', stageAs: 'labels??/*'
 
     output:
     path 'classifiers', emit: classifiers
