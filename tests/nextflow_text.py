@@ -219,6 +219,9 @@ _METHODS: dict[str, Callable[..., Any]] = {
 
 _CASTS: dict[str, Callable[[Any], Any]] = {"Integer": int}
 
+# Nextflow's memory and duration units as numbers: bytes and seconds.
+UNITS = {"MB": 1024**2, "GB": 1024**3, "TB": 1024**4, "min": 60, "h": 3600, "d": 86400}
+
 
 class _Parser:
     """Recursive-descent evaluator over one expression's source text."""
@@ -414,6 +417,8 @@ class _Parser:
 
     @staticmethod
     def _property(value: Any, name: str) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and name in UNITS:
+            return value * UNITS[name]  # 6.GB, 4.h: bytes and seconds
         if isinstance(value, dict):
             if name not in value:
                 raise GroovySubsetError(f"no sample value for property {name!r}")

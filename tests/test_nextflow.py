@@ -42,7 +42,17 @@ WORKFLOW_FILES = (REPO / "main.nf", REPO / "workflows" / "bmseg.nf")  # in the o
 NF_FILES = [REPO / "main.nf", *sorted((REPO / "workflows").glob("*.nf")), *MODULES]
 CONFIG_FILES = [REPO / "nextflow.config", *sorted((REPO / "conf").glob("*.config"))]
 LABELS = ("process_single", "process_low", "process_medium", "process_high", "process_gpu")
-PROFILES = ("test", "local", "docker", "apptainer", "singularity", "cuda", "rocm", "viper")
+PROFILES = (
+    "test",
+    "local",
+    "workstation",
+    "docker",
+    "apptainer",
+    "singularity",
+    "cuda",
+    "rocm",
+    "viper",
+)
 
 # The bmseg sub-command each process runs.
 STEP_COMMANDS = {
@@ -751,6 +761,71 @@ def test_pipeline_spec_checks_no_file_nf_test_redirects() -> None:
     spec = read(REPO / "tests" / "main.nf.test")
     assert "execution_trace_" not in spec
     assert "workflow.trace" in spec
+
+
+# --- resources: what each step asks, what a retry grows -----------------------------------------
+
+GB = 1024**3
+
+
+def resource_limits(text: str) -> dict[str, float]:
+    """A ``resourceLimits = [cpus: N, memory: N.GB, time: N.h]`` map, in CPUs, bytes, seconds."""
+    found = dict(re.findall(r"(\w+):\s*([\w.]+)", text))
+    return {key: evaluate(value, {}) for key, value in found.items()}
+
+
+def profile_limits(name: str) -> dict[str, float]:
+    profiles = named_blocks(read(REPO / "nextflow.config"), r"(?m)^(profiles)")["profiles"]
+    body = named_blocks(profiles, rf"(?m)^    ({name})")[name]
+    return resource_limits(assignments(body)["process.resourceLimits"])
+
+
+def label_request(label: str, attempt: int = 1, previous: dict | None = None) -> dict[str, float]:
+    """cpus, memory (bytes) and time (s) a ``label`` task asks at ``attempt``.
+
+    ``previous`` is the last attempt's trace record (exit, memory, time), as
+    ``task.previousTrace`` gives it to the closures.
+    """
+    values = assignments(base_label_blocks()[label])
+    trace = previous or {"exit": 0, "memory": 0, "time": 0}
+    task = {"attempt": attempt, "previousTrace": trace, "exitStatus": trace["exit"]}
+    return {key: config_value(values[key], {"task": task}) for key in ("cpus", "memory", "time")}
+
+
+def retried(label: str, exits: list[int]) -> dict[str, float]:
+    """The request after failed attempts with these exit codes, each retry seeing the last."""
+    request = label_request(label)
+    for attempt, code in enumerate(exits, start=2):
+        request = label_request(label, attempt, {"exit": code, **request})
+    return request
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_first_attempts_fit_a_workstation(label: str) -> None:
+    """The local executor refuses a task above the host: every first request fits the profile."""
+    limits = profile_limits("workstation")
+    request = label_request(label)
+    assert request["cpus"] <= limits["cpus"] and request["memory"] <= limits["memory"]
+    assert limits["memory"] <= 32 * GB and limits["cpus"] <= 8, "a common workstation"
+
+
+def test_segment_host_memory_is_not_the_gpus() -> None:
+    """SEGMENT's models and tile queue need tens of GB of host memory, not a GPU node's RAM."""
+    assert label_request("process_gpu")["memory"] <= 32 * GB
+    assert label_request("process_high")["cpus"] <= 8
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_retries_grow_host_resources_only_when_killed(label: str) -> None:
+    """137/143 double memory and time; a GPU out-of-memory (exit 1) retry keeps them."""
+    first = label_request(label)
+    for code in (137, 143):
+        grown = retried(label, [code])
+        assert grown["memory"] == 2 * first["memory"] and grown["time"] == 2 * first["time"]
+        assert grown["cpus"] == first["cpus"]
+    assert retried(label, [1, 1]) == first
+    assert retried(label, [137, 1])["memory"] == 2 * first["memory"]
+    assert retried(label, [1, 137])["memory"] == 2 * first["memory"]
 
 
 if __name__ == "__main__":
