@@ -6,8 +6,10 @@
 #
 # --bake-models  download the official weights into the image (needs network at build time)
 # --push         push the Docker images to the registry (after `docker login ghcr.io`)
-# --sif          build Apptainer images (bmseg-<version>-<flavour>.sif) from the .def files
-#                instead of Docker images, for sites without Docker
+# --sif          build Apptainer images from the .def files instead of Docker images, for
+#                sites without Docker: written into $NXF_APPTAINER_CACHEDIR under the name
+#                Nextflow gives the pulled image (ghcr.io-bmseg-bmseg-<version>-<flavour>.img),
+#                so a run with that apptainer.cacheDir (conf/viper.config) uses it, no pull
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,8 +37,12 @@ done
 for flavour in "${flavours[@]}"; do
     tag="${registry}:${version}-${flavour}"
     if [[ "${sif}" == true ]]; then
+        cache="${NXF_APPTAINER_CACHEDIR:?build.sh --sif: set NXF_APPTAINER_CACHEDIR to the folder apptainer.cacheDir names}"
+        image="${cache}/${tag//[:\/]/-}.img"
+        mkdir -p "${cache}"
         apptainer build --force --build-arg "BAKE_MODELS=${bake}" \
-            "bmseg-${version}-${flavour}.sif" "containers/bmseg-${flavour}.def"
+            "${image}" "containers/bmseg-${flavour}.def"
+        echo "built ${image}"
         continue
     fi
     docker build --file "containers/Dockerfile.${flavour}" --build-arg "BAKE_MODELS=${bake}" \

@@ -215,6 +215,10 @@ _METHODS: dict[str, Callable[..., Any]] = {
     "join": lambda items, sep="": sep.join(groovy_str(item) for item in items),
     "collect": lambda items, fn: [fn(item) for item in items],
     "transpose": lambda lists: [list(row) for row in zip(*lists, strict=True)],
+    "tokenize": lambda text, separators: [
+        t for t in re.split(f"[{re.escape(separators)}]", text) if t
+    ],
+    "size": len,
 }
 
 _CASTS: dict[str, Callable[[Any], Any]] = {"Integer": int}

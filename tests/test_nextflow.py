@@ -828,5 +828,126 @@ def test_retries_grow_host_resources_only_when_killed(label: str) -> None:
     assert retried(label, [1, 137])["memory"] == 2 * first["memory"]
 
 
+# --- GPUs: the task's own device, never a silent CPU run ----------------------------------------
+
+
+def profile_body(name: str) -> str:
+    profiles = named_blocks(read(REPO / "nextflow.config"), r"(?m)^(profiles)")["profiles"]
+    return named_blocks(profiles, rf"(?m)^    ({name})")[name]
+
+
+def whitelist(text: str, engine: str) -> set[str]:
+    value = assignments(text).get(f"{engine}.envWhitelist") or ""
+    return set(evaluate(value, {}).split(",")) if value else set()
+
+
+@pytest.mark.parametrize("profile", ["cuda", "rocm"])
+def test_gpu_profiles_fail_loudly_without_a_gpu(profile: str) -> None:
+    """The GPU profiles run SEGMENT with --device cuda, which stops with one line on no GPU."""
+    from bmseg.errors import BmsegError
+    from bmseg.models.device import resolve_device
+
+    body = profile_body(profile)
+    device = evaluate(assignments(body)["params.device"], {})
+    params = {**profile_params("default"), "device": device}
+    argv = next(a for a in bmseg_commands(render_script("SEGMENT", params)) if a[1] == "segment")
+    assert argv[argv.index("--device") + 1] == "cuda"
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(BmsegError, match="no CUDA or ROCm GPU"):
+            resolve_device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("profile", "variables"),
+    [("cuda", {"CUDA_VISIBLE_DEVICES"}), ("rocm", {"HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"})],
+)
+def test_gpu_profiles_pass_the_tasks_gpu_into_the_container(profile: str, variables: set) -> None:
+    """Docker and Apptainer drop the variable that names the task's GPU unless whitelisted."""
+    body = profile_body(profile)
+    for engine in ("docker", "apptainer", "singularity"):
+        assert variables <= whitelist(body, engine), f"{profile}: {engine}.envWhitelist"
+
+
+@pytest.mark.parametrize(
+    ("profile", "variable"), [("cuda", "CUDA_VISIBLE_DEVICES"), ("rocm", "HIP_VISIBLE_DEVICES")]
+)
+def test_one_gpu_task_per_listed_gpu(profile: str, variable: str, monkeypatch) -> None:
+    """As many SEGMENT tasks at once as GPUs are listed at launch; one when none is."""
+    gpu = assignments(
+        named_blocks(profile_body(profile), r"withLabel:\s*'(process_gpu)'")["process_gpu"]
+    )
+    for name in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    assert config_value(gpu["maxForks"], {}) == 1
+    monkeypatch.setenv(variable, "0,1,2")
+    assert config_value(gpu["maxForks"], {}) == 3
+
+
+def test_rocm_docker_gets_the_render_group() -> None:
+    """Without the render group the container cannot open /dev/dri's render nodes."""
+    gpu = assignments(
+        named_blocks(profile_body("rocm"), r"withLabel:\s*'(process_gpu)'")["process_gpu"]
+    )
+    options = config_value(gpu["containerOptions"], {"workflow": {"containerEngine": "docker"}})
+    assert "--group-add render" in options and "--device=/dev/kfd" in options
+
+
+def test_viper_apptainer_keeps_slurms_gpu() -> None:
+    viper = strip_comments(read(REPO / "conf" / "viper.config"))
+    apptainer = assignments(named_blocks(viper, r"(?m)^(apptainer)")["apptainer"])
+    listed = set(evaluate(apptainer["envWhitelist"], {}).split(","))
+    assert {"ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"} <= listed
+
+
+@pytest.mark.parametrize("recipe", ["Dockerfile.rocm", "bmseg-rocm.def"])
+def test_rocm_image_takes_torch_from_the_rocm_index_only(recipe: str) -> None:
+    """PyPI as an extra index silently swaps in the CUDA wheels when the ROCm index lacks torch."""
+    text = read(REPO / "containers" / recipe)
+    torch_install = next(
+        line for line in text.splitlines() if "pip install" in line and "TORCH_INDEX_URL" in line
+    )
+    assert "--index-url" in torch_install
+    assert "--extra-index-url" not in text and "pypi.org" not in text
+    assert "torch.version.hip" in text and "nvidia-" in text
+    index = re.search(r"TORCH_INDEX_URL=(\S+)", text).group(1)
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/rocm\d+\.\d+", index)
+
+
+def nextflow_cache_name(image: str) -> str:
+    """The file name Nextflow's SingularityCache gives a pulled image (simpleName)."""
+    return image.split("://")[-1].replace(":", "-").replace("/", "-") + ".img"
+
+
+def test_sif_build_lands_where_the_viper_run_looks(tmp_path: Path) -> None:
+    """build.sh --sif writes the image under the cache name viper's apptainer.cacheDir reads."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "apptainer").write_text('#!/bin/sh\necho "$@" > "$LOG"\n', encoding="utf-8")
+    (fake / "apptainer").chmod(0o755)
+    env = {
+        "PATH": f"{fake}:/usr/bin:/bin",
+        "NXF_APPTAINER_CACHEDIR": str(tmp_path / "cache"),
+        "LOG": str(tmp_path / "log"),
+    }
+    result = subprocess.run(
+        ["bash", str(REPO / "containers" / "build.sh"), "rocm", "--sif"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    from bmseg import __version__
+
+    expected = (
+        tmp_path / "cache" / nextflow_cache_name(f"docker://ghcr.io/bmseg/bmseg:{__version__}-rocm")
+    )
+    assert str(expected) in read(tmp_path / "log").split()
+    viper = read(REPO / "conf" / "viper.config")
+    assert "System.getenv('NXF_APPTAINER_CACHEDIR')" in viper
+
+
 if __name__ == "__main__":
     sys.stdout.write(param_table() + "\n")
