@@ -214,6 +214,7 @@ _METHODS: dict[str, Callable[..., Any]] = {
     "intdiv": lambda a, b: int(a) // int(b),
     "join": lambda items, sep="": sep.join(groovy_str(item) for item in items),
     "collect": lambda items, fn: [fn(item) for item in items],
+    "findAll": lambda items, fn: [item for item in items if truthy(fn(item))],
     "transpose": lambda lists: [list(row) for row in zip(*lists, strict=True)],
     "tokenize": lambda text, separators: [
         t for t in re.split(f"[{re.escape(separators)}]", text) if t

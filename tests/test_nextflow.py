@@ -71,7 +71,10 @@ STEP_COMMANDS = {
 
 # What Nextflow binds to each process's inputs: staged names, as the task folder holds them.
 SAMPLE_INPUTS: dict[str, dict[str, Any]] = {
-    "CALIBRATE": {"slides": PathList(["slides01/S1.czi", "slides02/S2.czi"])},
+    "CALIBRATE": {
+        "pixel_sizes": [0.25, None],
+        "slides": PathList(["slides01/S1.czi", "slides02/S2.czi"]),
+    },
     "PLAN": {
         "meta": {"id": "S1", "pixel_size_um": 0.1725},
         "slide": "S1.czi",

@@ -134,7 +134,8 @@ def test_test_profile_chain_runs_end_to_end(tmp_path: Path, monkeypatch) -> None
 
     assert runner.params["tissue_calibration"], "-profile test calibrates tissue across slides"
     slides, staged = stage_all("CALIBRATE", "slides", [slide])
-    calibration = runner.run("CALIBRATE", {"slides": slides}, staged) / "tissue_calibration.json"
+    inputs = {"pixel_sizes": [None], "slides": slides}
+    calibration = runner.run("CALIBRATE", inputs, staged) / "tissue_calibration.json"
 
     meta = {"id": "synth1", "pixel_size_um": None}
     inputs = {"meta": meta, "slide": "synth1.czi", "calibration": "tissue_calibration.json"}
@@ -267,3 +268,39 @@ def test_labelled_run_trains_classifies_and_ranks(tmp_path: Path, monkeypatch) -
     )
     report = runner.run("REPORT", {"results": results}, staged) / "report.html"
     assert "synth1" in report.read_text(encoding="utf-8")
+
+
+def bare_tiff(path: Path, seed: int) -> Path:
+    """An RGB brightfield TIFF without resolution tags: its pixel size must come from outside."""
+    import numpy as np
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    image = np.full((1200, 1200, 3), 240, np.uint8)
+    image[300:900, 250:950] = rng.integers(90, 160, (600, 700, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, image, photometric="rgb")
+    return path
+
+
+def test_calibration_uses_each_slides_own_pixel_size(tmp_path: Path, monkeypatch) -> None:
+    """--tissue_calibration on two same-named slides without metadata pixel sizes.
+
+    The samplesheet gives each its pixel size; CALIBRATE must get them (not only the global
+    --pixel_size_um, null here) and stage the two files apart.
+    """
+    runner = TaskRunner(tmp_path, monkeypatch, pixel_size_um=None)
+    slides = [
+        bare_tiff(tmp_path / "run1" / "slide.tif", 1),
+        bare_tiff(tmp_path / "run2" / "slide.tif", 2),
+    ]
+    names, staged = stage_all("CALIBRATE", "slides", slides)
+    task = runner.run("CALIBRATE", {"pixel_sizes": [0.25, 0.5], "slides": names}, staged)
+    calibration = json.loads((task / "tissue_calibration.json").read_text(encoding="utf-8"))
+    assert calibration["threshold"] > 0
+    from bmseg.cli import main
+
+    out = tmp_path / "other.json"
+    wrong = ["--slide-pixel-size-um", "elsewhere.tif=0.25"]
+    assert main(["calibrate-tissue", str(slides[0]), *wrong, "--out", str(out)]) == 2
+    assert not out.exists()

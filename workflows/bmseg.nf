@@ -31,7 +31,12 @@ workflow BMSEG {
     ch_versions = channel.empty()
     ch_calibration = channel.value([])
     if (calibrate) {
-        CALIBRATE(ch_slides.map { meta, slide -> slide }.collect(sort: { slide -> slide.name }))
+        // Every slide with its own pixel size, sorted by slide id (ids are unique, names not).
+        ch_calibrate = ch_slides
+            .map { meta, slide -> [meta.id, meta.pixel_size_um, slide] }
+            .collect(flat: false, sort: { entry -> entry[0] })
+            .map { entries -> [entries.collect { entry -> entry[1] }, entries.collect { entry -> entry[2] }] }
+        CALIBRATE(ch_calibrate)
         ch_calibration = CALIBRATE.out.calibration
         ch_versions = ch_versions.mix(CALIBRATE.out.versions)
     }

@@ -362,15 +362,29 @@ def plan_slide(
 
 
 def calibrate_slides(
-    slide_paths: list[Path], out: Path, pixel_size_um: float | None = None
+    slide_paths: list[Path],
+    out: Path,
+    pixel_size_um: float | None = None,
+    slide_pixel_sizes: dict[Path, float] | None = None,
 ) -> dict:
-    """Pool several slides' contrast histograms into one threshold file (same modality)."""
+    """Pool several slides' contrast histograms into one threshold file (same modality).
+
+    ``slide_pixel_sizes`` gives a slide its own µm per pixel (a samplesheet's value), which
+    wins over ``pixel_size_um``, the value for every other slide.
+    """
     from bmseg.storage import write_json
     from bmseg.tissue import calibrate, tissue_contrast
 
+    own_sizes = dict(slide_pixel_sizes or {})
+    unknown = sorted(str(path) for path in set(own_sizes) - set(slide_paths))
+    if unknown:
+        raise BmsegError(
+            f"--slide-pixel-size-um {unknown[0]}: not one of the slides given; "
+            "name a SLIDE exactly as on the command line"
+        )
     contrasts, modalities = [], set()
     for path in slide_paths:
-        with open_slide(path, pixel_size_um=pixel_size_um) as slide:
+        with open_slide(path, pixel_size_um=own_sizes.get(path, pixel_size_um)) as slide:
             thumbnail, _ = read_thumbnail(slide)
             contrasts.append(tissue_contrast(thumbnail, slide.modality, slide.background))
             modalities.add(slide.modality)
@@ -405,8 +419,20 @@ def _plan_command(args: argparse.Namespace) -> int:
 
 
 def _calibrate_command(args: argparse.Namespace) -> int:
-    calibrate_slides(args.slides, args.out, args.pixel_size_um)
+    calibrate_slides(args.slides, args.out, args.pixel_size_um, dict(args.slide_pixel_size_um))
     return 0
+
+
+def slide_pixel_size(text: str) -> tuple[Path, float]:
+    """``SLIDE=UM`` (split at the last '=') as a path and a positive µm per pixel."""
+    slide, _, size = text.rpartition("=")
+    try:
+        value = float(size)
+    except ValueError:
+        value = 0.0
+    if not slide or not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give SLIDE=UM, e.g. slides/a.czi=0.25")
+    return Path(slide), value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -460,4 +486,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     calibrate_parser.add_argument("slides", type=Path, nargs="+", metavar="SLIDE")
     calibrate_parser.add_argument("--out", type=Path, required=True, metavar="FILE.json")
     calibrate_parser.add_argument("--pixel-size-um", type=float, help="µm per pixel override")
+    calibrate_parser.add_argument(
+        "--slide-pixel-size-um",
+        type=slide_pixel_size,
+        action="append",
+        default=[],
+        metavar="SLIDE=UM",
+        help="one slide's own µm per pixel (repeatable), over --pixel-size-um and the metadata",
+    )
     calibrate_parser.set_defaults(handler=_calibrate_command)
