@@ -12,6 +12,22 @@ include { SYNTH      } from './modules/local/synth'
 include { TESTMODELS } from './modules/local/testmodels'
 include { BMSEG      } from './workflows/bmseg'
 
+/*
+ * The slide id `bmseg plan` gives a file when no --slide-id is passed (bmseg.slide's
+ * default_slide_id, the one rule; tests/test_nextflow.py checks this copy against it): the
+ * file name without its extension (.ome.tif(f) as one), every character outside
+ * [A-Za-z0-9._-] replaced by '_', 'slide' when nothing is left.
+ */
+def slideId(String name) {
+    def lower = name.toLowerCase()
+    def dot = name.lastIndexOf('.')
+    def stem = lower.endsWith('.ome.tiff') ? name.substring(0, name.length() - 9)
+        : lower.endsWith('.ome.tif') ? name.substring(0, name.length() - 8)
+        : dot > 0 && dot < name.length() - 1 ? name.substring(0, dot)
+        : name
+    return stem.replaceAll('[^A-Za-z0-9._-]', '_') ?: 'slide'
+}
+
 workflow {
     main:
     // Under the strict parser (the default since 26.04) CLI params arrive as strings: the cast
@@ -29,8 +45,8 @@ workflow {
     if (params.page_order == 'uncertainty' && !params.labels && !params.classifiers) {
         error("--page_order uncertainty needs classifiers: pass --labels or --classifiers, or use --page_order random")
     }
-    if (n_synth == 0 && !params.models_dir) {
-        log.warn("no --models_dir: SEGMENT uses the weights baked into the image (/opt/bmseg/models); fill a folder with `bmseg models fetch --dest DIR` and pass --models_dir DIR if the image has none")
+    if (n_synth == 0 && !params.models_dir && !params.baked_models.toString().toBoolean()) {
+        error("--models_dir is missing: fill a folder once with `bmseg models fetch --dest DIR` and pass --models_dir DIR (or --baked_models true for an image built with --bake-models)")
     }
 
     ch_versions = channel.empty()
@@ -49,9 +65,21 @@ workflow {
                 .fromList(samplesheetToList(params.input, "${projectDir}/assets/schema_input.json"))
                 .map { meta, slide -> [meta + [pixel_size_um: meta.pixel_size_um ?: params.pixel_size_um], slide] }
         } else {
+            // A glob: each file's id by bmseg's own rule, and no two files with one id (e.g.
+            // data/*/slide.czi), which would overwrite each other's results.
+            def slides = files(params.input, checkIfExists: true).sort { slide -> slide.toString() }
+            if (!slides) {
+                error("--input ${params.input}: no slide matches; quote the glob, e.g. --input 'slides/*.czi'")
+            }
+            def by_id = slides.groupBy { slide -> slideId(slide.name) }
+            def shared = by_id.findAll { slide_id, same -> same.size() > 1 }
+            if (shared) {
+                def first = shared.keySet().first()
+                error("--input ${params.input}: ${shared.size()} slide ids are taken by more than one file, e.g. '${first}' by ${shared[first].join(', ')}; give each slide its own id with a samplesheet (--input slides.csv)")
+            }
             ch_slides = channel
-                .fromPath(params.input, checkIfExists: true)
-                .map { slide -> [[id: slide.baseName, pixel_size_um: params.pixel_size_um], slide] }
+                .fromList(slides)
+                .map { slide -> [[id: slideId(slide.name), pixel_size_um: params.pixel_size_um], slide] }
         }
         // An empty list stages nothing: SEGMENT then reads the image's baked-in weights.
         ch_models = params.models_dir
@@ -75,9 +103,8 @@ workflow {
         .unique { versions -> versions.text }
         .collectFile(storeDir: "${params.outdir}/pipeline_info", name: 'bmseg_versions.yml', sort: true, newLine: true)
 
-    workflow.onComplete = {
-        log.info(workflow.success
-            ? "bmseg finished: results in ${params.outdir}, run report in ${params.outdir}/report.html"
-            : "bmseg stopped: fix the cause above and add -resume to redo only the tasks that failed")
-    }
+    onComplete:
+    log.info(workflow.success
+        ? "bmseg finished: results in ${params.outdir}, run report in ${params.outdir}/report.html"
+        : "bmseg stopped: fix the cause above and add -resume to redo only the tasks that failed")
 }

@@ -220,6 +220,13 @@ _METHODS: dict[str, Callable[..., Any]] = {
         t for t in re.split(f"[{re.escape(separators)}]", text) if t
     ],
     "size": len,
+    # java.lang.String, as far as the scripts use it
+    "toLowerCase": lambda text: text.lower(),
+    "endsWith": lambda text, suffix: text.endswith(suffix),
+    "lastIndexOf": lambda text, part: text.rfind(part),
+    "length": len,
+    "substring": lambda text, start, end=None: text[start:end],
+    "replaceAll": lambda text, pattern, replacement: re.sub(pattern, replacement, text),
 }
 
 _CASTS: dict[str, Callable[[Any], Any]] = {"Integer": int}
@@ -272,9 +279,15 @@ class _Parser:
         """``def name = expr`` statements, then a final expression whose value is returned."""
         value = None
         while self._peek()[0] != "end":
+            if self._peek() == ("name", "return"):
+                self._take()
+                value = self.expression()
+                break
             if self._peek() == ("name", "def"):
                 self._take()
                 name = self._take()[1]
+                if self._at("("):
+                    raise GroovySubsetError(f"function definition {name}() inside an expression")
                 self._expect("=")
                 self.scope[name] = self.expression()
             else:
@@ -591,3 +604,19 @@ def staged_names(pattern: str, names: list[str]) -> list[str]:
         file_part = source if name in ("*", "") else expand(name, index, len(names) <= 1)
         staged.append(f"{expand(parent, index)}/{file_part}" if parent else file_part)
     return staged
+
+
+def function(src: str, name: str) -> Callable[..., Any]:
+    """The top-level Groovy function ``def name(params) { ... }`` of ``src``, callable."""
+    src = strip_comments(src)
+    match = re.search(rf"^def\s+{name}\s*\(([^)]*)\)\s*\{{", src, re.MULTILINE)
+    if not match:
+        raise GroovySubsetError(f"no function {name}()")
+    params = [part.split()[-1] for part in match.group(1).split(",") if part.strip()]
+    start = match.end() - 1
+    body = src[start + 1 : matching_brace(src, start)]
+
+    def call(*args: Any) -> Any:
+        return evaluate(body, dict(zip(params, args, strict=True)))
+
+    return call

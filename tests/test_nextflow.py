@@ -28,6 +28,7 @@ from nextflow_text import (
     assignments,
     config_value,
     evaluate,
+    function,
     matching_brace,
     named_blocks,
     parse_cli_param,
@@ -950,6 +951,69 @@ def test_sif_build_lands_where_the_viper_run_looks(tmp_path: Path) -> None:
     assert str(expected) in read(tmp_path / "log").split()
     viper = read(REPO / "conf" / "viper.config")
     assert "System.getenv('NXF_APPTAINER_CACHEDIR')" in viper
+
+
+# --- slide ids: the CLI's rule, no two slides with one id -----------------------------------------
+
+HOSTILE_NAMES = [
+    "FGC1.czi",
+    "my slide (2).czi",
+    "x.ome.tiff",
+    "X.OME.TIF",
+    "scan.2025-11-18.tif",
+    "rm -rf $(id);.czi",
+    "Ümlaut-ß.czi",
+    "slide\u00a0nbsp.czi",
+    "\U0001f642.czi",
+    "..czi",
+    ".czi",
+    "a.",
+    "noextension",
+    "quote'\"back\\slash.czi",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_glob_slide_ids_follow_the_clis_rule(name: str) -> None:
+    """main.nf's slideId gives every file the id ``bmseg plan`` would, and a valid one."""
+    from bmseg.slide import check_slide_id, default_slide_id
+
+    slide_id = function(read(REPO / "main.nf"), "slideId")(name)
+    assert slide_id == default_slide_id(name)
+    assert check_slide_id(slide_id) == slide_id
+    step = render_script(
+        "PLAN",
+        profile_params("default"),
+        inputs={**SAMPLE_INPUTS["PLAN"], "meta": {"id": slide_id, "pixel_size_um": None}},
+    )
+    argv = next(a for a in bmseg_commands(step) if a[1] == "plan")
+    assert argv[argv.index("--slide-id") + 1] == slide_id, "one word on PLAN's command line"
+
+
+def test_glob_input_refuses_two_files_with_one_id() -> None:
+    """data/*/slide.czi gives every file the id 'slide': the run stops at launch, naming them."""
+    main = strip_comments(read(REPO / "main.nf"))
+    glob_branch = main[main.index("files(params.input") :]
+    assert "slideId(slide.name)" in glob_branch and "baseName" not in glob_branch
+    assert re.search(r"groupBy \{ slide -> slideId\(slide\.name\) \}", glob_branch)
+    assert re.search(r"same\.size\(\) > 1", glob_branch) and "error(" in glob_branch
+
+
+def test_samplesheet_ids_obey_the_same_rule_and_are_unique() -> None:
+    from bmseg.slide import SLIDE_ID_PATTERN
+
+    sheet = json.loads(read(REPO / "assets" / "schema_input.json"))
+    assert sheet["items"]["properties"]["slide_id"]["pattern"] == SLIDE_ID_PATTERN.pattern
+    assert sheet["uniqueEntries"] == ["slide_id"]
+
+
+def test_a_run_without_weights_stops_at_launch() -> None:
+    """No --models_dir and no baked weights: an error before PLAN, not SEGMENT failing later."""
+    main = strip_comments(read(REPO / "main.nf"))
+    condition = "n_synth == 0 && !params.models_dir && !params.baked_models.toString().toBoolean()"
+    check = re.search(re.escape(f"if ({condition})") + r"\s*\{\s*error\(", main)
+    assert check, "main.nf must stop when neither --models_dir nor --baked_models is given"
+    assert check.start() < main.index("BMSEG(")
 
 
 if __name__ == "__main__":
