@@ -169,13 +169,20 @@ def render_script(
     return evaluate(sections(body)["script"], scope)
 
 
+# Options of ``bmseg`` itself, before the sub-command, that every step's command line carries.
+GLOBAL_OPTIONS = ["--no-progress"]
+
+
 def bmseg_commands(script: str) -> list[list[str]]:
-    """The ``bmseg`` command lines of a rendered script, as argument lists."""
+    """The ``bmseg`` command lines of a rendered script, as argument lists.
+
+    The global options (GLOBAL_OPTIONS) are left out, so ``argv[1]`` is the sub-command.
+    """
     commands = []
     for line in script.splitlines():
         words = shlex.split(line)
         if words and words[0] == "bmseg":
-            commands.append(words)
+            commands.append([words[0], *[w for w in words[1:] if w not in GLOBAL_OPTIONS]])
     return commands
 
 
@@ -1014,6 +1021,177 @@ def test_a_run_without_weights_stops_at_launch() -> None:
     check = re.search(re.escape(f"if ({condition})") + r"\s*\{\s*error\(", main)
     assert check, "main.nf must stop when neither --models_dir nor --baked_models is given"
     assert check.start() < main.index("BMSEG(")
+
+
+# --- bin/, task logs, BATCH's outcomes ----------------------------------------------------------
+
+LAUNCHER = REPO / "bin" / "bmseg"
+
+
+@pytest.mark.parametrize("name", sorted(STEP_COMMANDS))
+def test_steps_show_no_progress_bars(name: str) -> None:
+    """tqdm bars flood Tower and .command.log: every step runs ``bmseg --no-progress``."""
+    script = render_script(name, profile_params("default"))
+    steps = [line.split() for line in script.splitlines() if line.strip().startswith("bmseg ")]
+    for words in steps:
+        if words[1] != "versions":
+            assert words[1:2] == GLOBAL_OPTIONS, f"{name}: {' '.join(words)}"
+            parse_with_bmseg(words[1:])
+
+
+def test_no_progress_turns_every_bar_off(tmp_path: Path) -> None:
+    """``bmseg --no-progress`` (and -q) disable tqdm for the whole process, libraries included."""
+    probe = (
+        "import sys, tqdm; from bmseg.cli import main; "
+        "main(sys.argv[1:]); bar = tqdm.tqdm(total=3); print('OFF' if bar.disable else 'ON')"
+    )
+    for flags, expected in ([[], "ON"], [["--no-progress"], "OFF"], [["-q"], "OFF"]):
+        run = subprocess.run(
+            [sys.executable, "-c", probe, *flags, "versions"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=tmp_path,
+        )
+        assert run.stdout.strip().endswith(expected), (flags, run.stdout)
+
+
+def test_segment_threads_follow_the_tasks_cpus() -> None:
+    for cpus, expected in ((8, 4), (2, 1), (1, 1)):
+        task = {"attempt": 1, "process": "BMSEG:SEGMENT", "cpus": cpus}
+        args = config_value(
+            ext_args_sources()["SEGMENT"], {"params": profile_params("default"), "task": task}
+        )
+        assert f"--readers {expected}" in args and f"--workers {expected}" in args
+
+
+def launcher_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A task's environment: the pipeline's bin/ first on PATH, this session's Python after it.
+
+    PYTHONPATH is passed on (a test session may point it at the tree under test), as a task
+    inherits the launching shell's.
+    """
+    import os
+
+    path = f"{LAUNCHER.parent}:{Path(sys.executable).parent}:/usr/bin:/bin"
+    inherited = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
+    return {"PATH": path, "HOME": str(tmp_path), **inherited, **extra}
+
+
+def test_bin_bmseg_runs_the_cli_on_a_tasks_path(tmp_path: Path) -> None:
+    """Nextflow puts bin/ on every task's PATH: `bmseg` there runs the package's CLI."""
+    run = subprocess.run(
+        ["bmseg", "--version"],
+        env=launcher_env(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0 and run.stdout.startswith("bmseg "), run.stderr
+
+
+def test_bin_bmseg_runs_a_plain_checkouts_package(tmp_path: Path) -> None:
+    """Where the task's Python has no bmseg installed, the launcher adds the checkout's src/."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "-c" ]; then exit 1; fi\n'  # the find_spec probe: not installed
+        'echo "PYTHONPATH=$PYTHONPATH ARGS=$*"\n',
+        encoding="utf-8",
+    )
+    fake.chmod(0o755)
+    run = subprocess.run(
+        [str(LAUNCHER), "plan", "--help"],
+        env=launcher_env(tmp_path, BMSEG_PYTHON=str(fake)),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"PYTHONPATH={REPO / 'src'}" in run.stdout
+    assert "ARGS=-m bmseg.cli plan --help" in run.stdout
+
+
+def run_batch_script(tmp_path: Path, tables: list[Path]) -> subprocess.CompletedProcess:
+    """BATCH's rendered script run by bash in a task folder, its tables staged as tiles/*."""
+    task = tmp_path / "task"
+    (task / "tiles").mkdir(parents=True)
+    for table in tables:
+        (task / "tiles" / table.name).symlink_to(table)
+    names = PathList(f"tiles/{table.name}" for table in tables)
+    script = render_script("BATCH", profile_params("test"), inputs={"tiles": names})
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=task,
+        env=launcher_env(tmp_path),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def tile_table(path: Path, slide_id: str, tiles: int) -> Path:
+    """A PLAN tile table for ``slide_id`` with ``tiles`` kept tiles in one row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bmseg.plan import TILE_SCHEMA
+
+    columns = {}
+    for field in TILE_SCHEMA:
+        if field.name == "slide_id":
+            columns[field.name] = [slide_id] * tiles
+        elif field.name == "tile_id":
+            columns[field.name] = [f"r0c{col}" for col in range(tiles)]
+        elif field.name == "col":
+            columns[field.name] = list(range(tiles))
+        elif pa.types.is_string(field.type):
+            columns[field.name] = ["x"] * tiles
+        elif pa.types.is_floating(field.type):
+            columns[field.name] = [0.5] * tiles
+        else:
+            columns[field.name] = [0] * tiles
+    pq.write_table(pa.table(columns, schema=TILE_SCHEMA), path)
+    return path
+
+
+def test_batch_without_tissue_stops_with_the_reason(tmp_path: Path) -> None:
+    """No tissue tile anywhere: BATCH exits 2 saying why, not 'missing output files' later."""
+    empty = tile_table(tmp_path / "S1.tiles.parquet", "S1", 0)
+    run = run_batch_script(tmp_path, [empty])
+    assert run.returncode == 2, run.stderr
+    assert "no slide has a tissue tile" in run.stderr and "--min_tissue_fraction" in run.stderr
+
+
+def test_batches_name_the_slides_they_read(tmp_path: Path) -> None:
+    """Each batch_NNNN.slides.json lists exactly its table's slide ids: what SEGMENT stages."""
+    import pyarrow.parquet as pq
+
+    tables = [tile_table(tmp_path / f"{sid}.tiles.parquet", sid, 3) for sid in ("S1", "S2")]
+    run = run_batch_script(tmp_path, tables)
+    assert run.returncode == 0, run.stderr
+    batches = sorted((tmp_path / "task" / "batches").glob("batch_*.parquet"))
+    assert len(batches) == 3  # -profile test: batch_size 2 over 6 tiles
+    named = []
+    for batch in batches:
+        listed = json.loads(batch.with_suffix(".slides.json").read_text(encoding="utf-8"))
+        assert listed == sorted(set(pq.read_table(batch)["slide_id"].to_pylist()))
+        named.append(listed)
+    assert named == [["S1"], ["S1", "S2"], ["S2"]]
+
+
+def test_segment_tasks_stage_only_their_batchs_slides() -> None:
+    """SEGMENT's slides come from its batch's slide list joined to the slides by id."""
+    workflow = strip_comments(read(REPO / "workflows" / "bmseg.nf"))
+    call = re.search(r"SEGMENT\((\w+)\.join\((\w+)[^)]*\), ch_models\)", workflow)
+    assert call, "SEGMENT must get each batch joined with that batch's own slides"
+    source = workflow[workflow.index(f"{call.group(2)} = ") : call.start()]
+    assert "BATCH.out.slide_lists" in source and "combine(" in source and "by: 0" in source
+    assert ".collect(flat: false" not in source, "no list of every slide for each task"
+    inputs = sections(processes()["SEGMENT"][1])["input"]
+    assert re.search(
+        r"tuple val\(batch_id\), path\(batch\), val\(slide_ids\), path\(slides", inputs
+    )
 
 
 if __name__ == "__main__":

@@ -149,11 +149,14 @@ def test_test_profile_chain_runs_end_to_end(tmp_path: Path, monkeypatch) -> None
 
     batch_dirs = []
     for batch in batches:
+        # The workflow stages the slides BATCH lists for this batch, by id.
+        slide_ids = json.loads(batch.with_suffix(".slides.json").read_text(encoding="utf-8"))
+        assert slide_ids == ["synth1"]
         slides, staged = stage_all("SEGMENT", "slides", [slide])
         inputs = {
             "batch_id": batch.stem,
             "batch": batch.name,
-            "slide_ids": ["synth1"],
+            "slide_ids": slide_ids,
             "slides": slides,
             "models": "models",
         }

@@ -45,16 +45,26 @@ workflow BMSEG {
     BATCH(PLAN.out.tiles.map { meta, tiles -> tiles }.collect(sort: { tiles -> tiles.name }))
 
     // One SEGMENT task per batch table, keyed by its name (batch_0000, ...): a failed batch is
-    // the only task a resumed run redoes. Every slide is staged as a link, with its id; the
-    // command reads only the slides its batch names.
+    // the only task a resumed run redoes. Each task stages only the slides its batch reads
+    // (BATCH's batch_NNNN.slides.json), each with its id, sorted by id: a task downloads no
+    // other slide, and a changed slide redoes only the batches that read it.
     ch_batches = BATCH.out.batches
         .flatten()
         .map { batch -> [batch.baseName, batch] }
-    ch_all_slides = ch_slides
-        .map { meta, slide -> [meta.id, slide] }
-        .collect(flat: false, sort: { pair -> pair[0] })
-        .map { pairs -> [pairs.collect { pair -> pair[0] }, pairs.collect { pair -> pair[1] }] }
-    SEGMENT(ch_batches, ch_all_slides, ch_models)
+    ch_batch_slides = BATCH.out.slide_lists
+        .flatten()
+        .flatMap { slide_list ->
+            def batch_id = slide_list.name - '.slides.json'
+            new groovy.json.JsonSlurper().parseText(slide_list.text).collect { slide_id -> [slide_id, batch_id] }
+        }
+        .combine(ch_slides.map { meta, slide -> [meta.id, slide] }, by: 0)
+        .map { slide_id, batch_id, slide -> [batch_id, slide_id, slide] }
+        .groupTuple()
+        .map { batch_id, slide_ids, slides ->
+            def pairs = [slide_ids, slides].transpose().sort { pair -> pair[0] }
+            [batch_id, pairs.collect { pair -> pair[0] }, pairs.collect { pair -> pair[1] }]
+        }
+    SEGMENT(ch_batches.join(ch_batch_slides, failOnMismatch: true), ch_models)
 
     // GATHER reads each slide's plan (slide.json, tiles, tissue picture) from one folder.
     ch_plans = PLAN.out.plan

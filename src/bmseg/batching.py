@@ -1,7 +1,9 @@
 """BATCH: pool the tissue tiles of all slides, sample a fraction, cut GPU-sized batches.
 
 ``bmseg batch TILE_TABLES... --out DIR`` reads the ``{slide}.tiles.parquet`` tables of PLAN and
-writes ``batch_NNNN.parquet``: the tile columns plus ``batch`` and ``order``.
+writes ``batch_NNNN.parquet``: the tile columns plus ``batch`` and ``order``; beside each,
+``batch_NNNN.slides.json`` lists the batch's slide ids (sorted), so that the pipeline hands each
+SEGMENT task only the slides its batch reads.
 
 Sampling gives every tile a key from a hash of ``(seed, slide_id, tile_id)`` and keeps the
 ``round(fraction x tiles)`` tiles with the smallest keys. The sample therefore depends on the
@@ -94,6 +96,11 @@ def make_batches(tiles: pa.Table, fraction: float, seed: int, batch_size: int) -
     return batches
 
 
+def slide_list_path(batch_path: Path) -> Path:
+    """``batch_NNNN.slides.json`` beside ``batch_NNNN.parquet``: the batch's slide ids."""
+    return batch_path.with_suffix(".slides.json")
+
+
 def batch_tiles(
     tile_tables: list[Path],
     out_dir: Path,
@@ -102,8 +109,8 @@ def batch_tiles(
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> list[Path]:
-    """Write ``batch_NNNN.parquet`` files for the pooled tiles; return their paths."""
-    from bmseg.storage import write_parquet
+    """Write ``batch_NNNN.parquet`` files (and their slide lists); return the tables' paths."""
+    from bmseg.storage import write_json, write_parquet
 
     if not 0 < fraction <= 1:
         raise BmsegError(f"--fraction {fraction}: must lie in (0, 1], e.g. 0.1 for 10 % of tiles")
@@ -116,7 +123,9 @@ def batch_tiles(
     written = []
     for batch in batches:
         number = batch.column("batch")[0].as_py()
-        written.append(write_parquet(batch, Path(out_dir) / f"batch_{number:04d}.parquet"))
+        path = write_parquet(batch, Path(out_dir) / f"batch_{number:04d}.parquet")
+        write_json(sorted(set(batch.column("slide_id").to_pylist())), slide_list_path(path))
+        written.append(path)
     sampled = sum(b.num_rows for b in batches)
     log.info(
         "batch: %d tiles from %d tables (%d slides); sampled %d (fraction %g, seed %d); "

@@ -9,8 +9,10 @@ the Nextflow tests parse every process's command line with this very parser.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -39,6 +41,21 @@ def _versions_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def disable_progress_bars(args: argparse.Namespace) -> None:
+    """No tqdm bar in this process: every bar of bmseg and of the libraries it calls.
+
+    tqdm reads ``TQDM_*`` variables as its defaults when it is first imported, which the step
+    handlers do only after this; a step's own ``--no-progress`` is set too.
+    """
+    os.environ["TQDM_DISABLE"] = "1"
+    if "tqdm" in sys.modules:  # imported already (an embedding caller): patch the default
+        import tqdm
+
+        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
+    if hasattr(args, "no_progress"):
+        args.no_progress = True
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, every step's sub-command included."""
     parser = argparse.ArgumentParser(
@@ -47,7 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"bmseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="log warnings and errors only (no progress bars)"
+    )
+    parser.add_argument(
+        "--no-progress",
+        dest="progress_off",
+        action="store_true",
+        help="no progress bars (pipeline tasks: they would flood the task logs)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in STEP_MODULES:
         importlib.import_module(module_name).register(subparsers)
@@ -67,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.progress_off or args.quiet:
+        disable_progress_bars(args)
     try:
         return int(args.handler(args) or 0)
     except BmsegError as error:

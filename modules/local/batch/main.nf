@@ -1,6 +1,8 @@
 /*
  * BATCH: the tiles of every slide pooled, sampled (fraction, seed) and grouped into batches;
- * each batch_NNNN.parquet becomes one SEGMENT task.
+ * each batch_NNNN.parquet becomes one SEGMENT task, and batch_NNNN.slides.json names the
+ * slides it reads (so that task stages only those). No tissue tile in any slide stops the
+ * run here, with the reason, instead of a SEGMENT step with nothing to do.
  */
 process BATCH {
     tag "${tiles.size()} slides"
@@ -12,20 +14,29 @@ process BATCH {
 
     output:
     path 'batches/batch_*.parquet', emit: batches
+    path 'batches/batch_*.slides.json', emit: slide_lists
     path 'versions.yml', emit: versions
 
     script:
     def args = task.ext.args ?: ''
     """
-    bmseg batch ${tiles} ${args} --out batches
+    bmseg --no-progress batch ${tiles} ${args} --out batches
+    if ! ls batches/batch_*.parquet > /dev/null 2>&1; then
+        echo "BATCH: no slide has a tissue tile, so there is nothing to segment: look at plan/*.tissue.png, then lower --min_tissue_fraction or check the slides" >&2
+        exit 2
+    fi
 
     bmseg versions --process ${task.process} > versions.yml
     """
 
     stub:
+    // Both stub batches name every slide (PLAN's stub tables are named by slide id).
+    def slide_ids = tiles.collect { table -> '"' + (table.name - '.tiles.parquet') + '"' }.sort().join(', ')
     """
     mkdir -p batches
     touch batches/batch_0000.parquet batches/batch_0001.parquet
+    echo '[${slide_ids}]' > batches/batch_0000.slides.json
+    echo '[${slide_ids}]' > batches/batch_0001.slides.json
 
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":

@@ -23,7 +23,7 @@ process CALIBRATE {
         .collect { slide, size -> "--slide-pixel-size-um ${slide}=${size}" }
         .join(' ')
     """
-    bmseg calibrate-tissue ${slides} ${own_sizes} ${args} --out tissue_calibration.json
+    bmseg --no-progress calibrate-tissue ${slides} ${own_sizes} ${args} --out tissue_calibration.json
 
     bmseg versions --process ${task.process} > versions.yml
     """

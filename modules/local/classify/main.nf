@@ -21,7 +21,7 @@ process CLASSIFY {
     def args = task.ext.args ?: ''
     def labelled = labels ? "--labels ${labels}" : ''
     """
-    bmseg classify ${cells} --classifiers ${classifiers} ${labelled} ${args} --out classified
+    bmseg --no-progress classify ${cells} --classifiers ${classifiers} ${labelled} ${args} --out classified
 
     bmseg versions --process ${task.process} > versions.yml
     """

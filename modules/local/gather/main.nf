@@ -18,7 +18,7 @@ process GATHER {
     script:
     def args = task.ext.args ?: ''
     """
-    bmseg gather ${batch_dirs} --plans plans ${args} --out gathered
+    bmseg --no-progress gather ${batch_dirs} --plans plans ${args} --out gathered
 
     bmseg versions --process ${task.process} > versions.yml
     """

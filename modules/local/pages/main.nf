@@ -20,7 +20,7 @@ process PAGES {
     def args = task.ext.args ?: ''
     def ranked = ranking ? "--ranking ${ranking}" : ''
     """
-    bmseg pages ${cells} ${ranked} ${args} --out site
+    bmseg --no-progress pages ${cells} ${ranked} ${args} --out site
 
     bmseg versions --process ${task.process} > versions.yml
     """

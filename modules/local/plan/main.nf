@@ -23,7 +23,7 @@ process PLAN {
     def pixel_size = meta.pixel_size_um ? "--pixel-size-um ${meta.pixel_size_um}" : ''
     def shared_threshold = calibration ? "--calibration ${calibration}" : ''
     """
-    bmseg plan ${slide} --slide-id ${meta.id} ${pixel_size} ${shared_threshold} ${args} --out .
+    bmseg --no-progress plan ${slide} --slide-id ${meta.id} ${pixel_size} ${shared_threshold} ${args} --out .
 
     bmseg versions --process ${task.process} > versions.yml
     """

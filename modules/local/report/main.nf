@@ -19,7 +19,7 @@ process REPORT {
     script:
     def args = task.ext.args ?: ''
     """
-    bmseg report ${results} ${args} --out report.html
+    bmseg --no-progress report ${results} ${args} --out report.html
 
     bmseg versions --process ${task.process} > versions.yml
     """

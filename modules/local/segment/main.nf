@@ -1,9 +1,9 @@
 /*
  * SEGMENT: one batch of tiles through SAM2 (MKs), Cellpose-SAM + SAM2 (HSPCs) and ResNet-50
  * (embeddings) on one GPU. One task per batch, so a resumed run redoes only failed batches.
- * Every slide is staged (as a link) and bound to its slide id (ID=PATH), so slide ids that
- * differ from file names (samplesheet ids) still match; the command reads only the slides
- * its batch names.
+ * The slides its batch reads are staged (as links, in indexed folders: two may share a file
+ * name) and bound to their slide ids (ID=PATH), so slide ids that differ from file names
+ * (samplesheet ids) still match.
  * Without a models folder (an empty list) it uses the weights baked into the image.
  */
 process SEGMENT {
@@ -12,8 +12,7 @@ process SEGMENT {
     container 'ghcr.io/bmseg/bmseg:0.1.0-cuda'
 
     input:
-    tuple val(batch_id), path(batch)
-    tuple val(slide_ids), path(slides, arity: '1..*', stageAs: 'slides??/*')
+    tuple val(batch_id), path(batch), val(slide_ids), path(slides, arity: '1..*', stageAs: 'slides??/*')
     path models, stageAs: 'models'
 
     output:
@@ -25,7 +24,7 @@ process SEGMENT {
     def models_dir = models ?: '/opt/bmseg/models'
     def bindings = [slide_ids, slides].transpose().collect { slide_id, slide -> "${slide_id}=${slide}" }.join(' ')
     """
-    bmseg segment ${batch} --slides ${bindings} --models ${models_dir} ${args} --out ${batch_id}
+    bmseg --no-progress segment ${batch} --slides ${bindings} --models ${models_dir} ${args} --out ${batch_id}
 
     bmseg versions --process ${task.process} > versions.yml
     """

@@ -18,7 +18,7 @@ process SYNTH {
     script:
     def args = task.ext.args ?: ''
     """
-    bmseg synth ${slide_id}.czi --seed ${seed} ${args}
+    bmseg --no-progress synth ${slide_id}.czi --seed ${seed} ${args}
 
     bmseg versions --process ${task.process} > versions.yml
     """

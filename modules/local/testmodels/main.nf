@@ -14,7 +14,7 @@ process TESTMODELS {
     script:
     def args = task.ext.args ?: ''
     """
-    bmseg models make-test ${args} --dest models
+    bmseg --no-progress models make-test ${args} --dest models
 
     bmseg versions --process ${task.process} > versions.yml
     """

@@ -18,7 +18,7 @@ process TRAIN {
     script:
     def args = task.ext.args ?: ''
     """
-    bmseg train ${cells} ${labels} ${args} --out classifiers
+    bmseg --no-progress train ${cells} ${labels} ${args} --out classifiers
 
     bmseg versions --process ${task.process} > versions.yml
     """
