@@ -474,7 +474,7 @@ def test_tower_yml_lists_published_reports() -> None:
 
     tower = yaml.safe_load(read(REPO / "tower.yml"))
     reports = tower["reports"]
-    assert "report.html" in reports
+    assert "**/report.html" in reports
     for pattern, entry in reports.items():
         assert entry["display"], pattern
 
@@ -1192,6 +1192,64 @@ def test_segment_tasks_stage_only_their_batchs_slides() -> None:
     assert re.search(
         r"tuple val\(batch_id\), path\(batch\), val\(slide_ids\), path\(slides", inputs
     )
+
+
+# --- conventions ---------------------------------------------------------------------------------
+
+
+def test_tower_patterns_match_published_paths() -> None:
+    """Seqera matches the patterns against whole published paths: each needs a leading **/."""
+    import fnmatch
+
+    import yaml
+
+    published = [
+        "s3://lab/run/report.html",
+        "/ptmp/u/results/gathered/summary.csv",
+        "/ptmp/u/results/classified/summary.csv",
+        "/ptmp/u/results/plan/FGC1.tissue.png",
+        "/ptmp/u/results/classifiers/report.html",
+        "/ptmp/u/results/classifiers/metrics.json",
+        "/ptmp/u/results/pipeline_info/execution_report_2026-12-01_10-00-00.html",
+        "/ptmp/u/results/pipeline_info/execution_timeline_2026-12-01_10-00-00.html",
+    ]
+    for pattern in yaml.safe_load(read(REPO / "tower.yml"))["reports"]:
+        assert pattern.startswith("**/"), pattern
+        assert any(fnmatch.fnmatch(path, pattern) for path in published), pattern
+
+
+def test_manifest_follows_nextflow_26() -> None:
+    values = manifest()
+    assert re.fullmatch(r"'[\w.-]+/[\w.-]+'", values["name"]), "manifest.name is org/name"
+    assert "defaultBranch" not in values, "deprecated: Nextflow reads the default branch itself"
+
+
+def test_requires_python_matches_the_lock() -> None:
+    import tomllib
+
+    lock = read(REPO / "containers" / "requirements.lock")
+    major, minor = re.search(r"with Python (\d+)\.(\d+)", lock).groups()
+    project = tomllib.loads(read(REPO / "pyproject.toml"))["project"]
+    assert project["requires-python"] == f">={major}.{minor}"
+
+
+def test_samplesheet_slide_suffixes_in_any_case() -> None:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(
+        json.loads(read(REPO / "assets" / "schema_input.json"))
+    )
+    for path in ("slides/A.CZI", "b.Czi", "c.OME.TIFF", "d.ome.tif", "e.TIF", "f.tiff"):
+        assert not list(validator.iter_errors([{"slide_id": "s", "path": path}])), path
+    for path in ("a.png", "b.czi.bak", "with space.czi"):
+        assert list(validator.iter_errors([{"slide_id": "s", "path": path}])), path
+
+
+def test_segment_outputs_are_published_as_links() -> None:
+    """masks.h5 and crops.parquet are the largest files of a run: no second copy of them."""
+    blocks = named_blocks(read(REPO / "conf" / "modules.config"), r"withName:\s*'([^']+)'")
+    publish = blocks["SEGMENT"][blocks["SEGMENT"].index("publishDir") :]
+    assert re.search(r"mode:\s*'link'", publish)
 
 
 if __name__ == "__main__":
