@@ -1252,5 +1252,64 @@ def test_segment_outputs_are_published_as_links() -> None:
     assert re.search(r"mode:\s*'link'", publish)
 
 
+# --- the commands docs/pipeline.md gives ---------------------------------------------------
+
+
+def documented_runs() -> list[list[str]]:
+    """Every ``nextflow run .`` command in docs/pipeline.md's code blocks, as words."""
+    text = read(REPO / "docs" / "pipeline.md")
+    runs = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            command = line.split("#", 1)[0].strip()
+            if re.match(r"(\./)?nextflow run \.", command) and "..." not in command:
+                runs.append(shlex.split(command.replace("$USER", "user")))
+    return runs
+
+
+def run_params(words: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The profiles and the params (as the run sees them, CLI values cast) of a command."""
+    profiles = words[words.index("-profile") + 1].split(",") if "-profile" in words else []
+    params = profile_params("default")
+    for profile in profiles:
+        if (REPO / "conf" / f"{profile}.config").is_file():
+            params.update(param_values(REPO / "conf" / f"{profile}.config"))
+        for name, value in assignments(profile_body(profile)).items():
+            if name.startswith("params."):
+                params[name.removeprefix("params.")] = evaluate(value, {})
+    cli = {}
+    index = 0
+    while index < len(words):
+        if words[index].startswith("--"):
+            cli[words[index][2:]] = parse_cli_param(words[index + 1])
+            index += 1
+        index += 1
+    return profiles, {**params, **cli, "_cli": cli}
+
+
+def test_docs_commands_are_runs_the_checks_accept() -> None:
+    """The final run, the workstation run and the viper runs of docs/pipeline.md: real
+    profiles, declared params whose CLI values pass the schema after nf-schema's cast, and
+    everything main.nf asks at launch (input, weights)."""
+    import jsonschema
+
+    runs = documented_runs()
+    assert any("workstation" in " ".join(run) for run in runs)
+    assert any("viper" in " ".join(run) and "--sample_fraction" in run for run in runs)
+    validator = jsonschema.Draft202012Validator(schema())
+    properties = schema_properties()
+    for words in runs:
+        profiles, params = run_params(words)
+        cli = params.pop("_cli")
+        assert set(profiles) <= set(PROFILES), words
+        assert set(cli) <= set(properties), f"undeclared params in {words}"
+        errors = list(validator.iter_errors({k: v for k, v in params.items() if v is not None}))
+        assert not errors, (words, [e.message for e in errors])
+        if not params["synth_slides"]:
+            assert params["input"], words
+            assert params["models_dir"] or params["baked_models"], f"no weights: {words}"
+
+
 if __name__ == "__main__":
     sys.stdout.write(param_table() + "\n")
