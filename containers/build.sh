@@ -10,6 +10,9 @@
 #                sites without Docker: written into $NXF_APPTAINER_CACHEDIR under the name
 #                Nextflow gives the pulled image (ghcr.io-bmseg-bmseg-<version>-<flavour>.img),
 #                so a run with that apptainer.cacheDir (conf/viper.config) uses it, no pull
+#
+# TORCH_INDEX_URL in the environment replaces the ROCm image's PyTorch wheel index (the ROCm
+# release the cluster's driver supports; containers/Dockerfile.rocm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,17 +39,19 @@ done
 
 for flavour in "${flavours[@]}"; do
     tag="${registry}:${version}-${flavour}"
+    build_args=(--build-arg "BAKE_MODELS=${bake}")
+    if [[ "${flavour}" == rocm && -n "${TORCH_INDEX_URL:-}" ]]; then
+        build_args+=(--build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL}")
+    fi
     if [[ "${sif}" == true ]]; then
         cache="${NXF_APPTAINER_CACHEDIR:?build.sh --sif: set NXF_APPTAINER_CACHEDIR to the folder apptainer.cacheDir names}"
         image="${cache}/${tag//[:\/]/-}.img"
         mkdir -p "${cache}"
-        apptainer build --force --build-arg "BAKE_MODELS=${bake}" \
-            "${image}" "containers/bmseg-${flavour}.def"
+        apptainer build --force "${build_args[@]}" "${image}" "containers/bmseg-${flavour}.def"
         echo "built ${image}"
         continue
     fi
-    docker build --file "containers/Dockerfile.${flavour}" --build-arg "BAKE_MODELS=${bake}" \
-        --tag "${tag}" .
+    docker build --file "containers/Dockerfile.${flavour}" "${build_args[@]}" --tag "${tag}" .
     if [[ "${push}" == true ]]; then
         docker push "${tag}"
     fi

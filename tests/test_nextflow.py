@@ -955,7 +955,15 @@ def test_sif_build_lands_where_the_viper_run_looks(tmp_path: Path) -> None:
     expected = (
         tmp_path / "cache" / nextflow_cache_name(f"docker://ghcr.io/bmseg/bmseg:{__version__}-rocm")
     )
-    assert str(expected) in read(tmp_path / "log").split()
+    logged = read(tmp_path / "log").split()
+    assert str(expected) in logged
+    env["TORCH_INDEX_URL"] = "https://download.pytorch.org/whl/rocm6.4"
+    subprocess.run(
+        ["bash", str(REPO / "containers" / "build.sh"), "rocm", "--sif"], env=env, check=True
+    )
+    assert (
+        "TORCH_INDEX_URL=https://download.pytorch.org/whl/rocm6.4" in read(tmp_path / "log").split()
+    )
     viper = read(REPO / "conf" / "viper.config")
     assert "System.getenv('NXF_APPTAINER_CACHEDIR')" in viper
 
