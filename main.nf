@@ -28,6 +28,23 @@ def slideId(String name) {
     return stem.replaceAll('[^A-Za-z0-9._-]', '_') ?: 'slide'
 }
 
+/*
+ * Whether a slide's file name can stand on a task's command line as it is: tasks stage each
+ * slide under its own name, and a space, quote or shell character there would split or
+ * break the command.
+ */
+def safeFileName(String name) {
+    return name.matches('[A-Za-z0-9._+-]+')
+}
+
+/* The slides with names a command line cannot take, as one error naming them. */
+def refuseUnsafeNames(slides) {
+    def unsafe = slides.findAll { slide -> !safeFileName(slide.name) }
+    if (unsafe) {
+        error("${unsafe.size()} slide file names hold spaces or characters a task's command line cannot take, e.g. '${unsafe[0]}': rename them to letters, digits, '.', '_', '+' and '-'")
+    }
+}
+
 workflow {
     main:
     // Under the strict parser (the default since 26.04) CLI params arrive as strings: the cast
@@ -61,8 +78,10 @@ workflow {
         ch_versions = ch_versions.mix(SYNTH.out.versions, TESTMODELS.out.versions)
     } else {
         if (params.input.toString().endsWith('.csv')) {
+            def rows = samplesheetToList(params.input, "${projectDir}/assets/schema_input.json")
+            refuseUnsafeNames(rows.collect { row -> row[1] })
             ch_slides = channel
-                .fromList(samplesheetToList(params.input, "${projectDir}/assets/schema_input.json"))
+                .fromList(rows)
                 .map { meta, slide -> [meta + [pixel_size_um: meta.pixel_size_um ?: params.pixel_size_um], slide] }
         } else {
             // A glob: each file's id by bmseg's own rule, and no two files with one id (e.g.
@@ -71,6 +90,7 @@ workflow {
             if (!slides) {
                 error("--input ${params.input}: no slide matches; quote the glob, e.g. --input 'slides/*.czi'")
             }
+            refuseUnsafeNames(slides)
             def by_id = slides.groupBy { slide -> slideId(slide.name) }
             def shared = by_id.findAll { slide_id, same -> same.size() > 1 }
             if (shared) {

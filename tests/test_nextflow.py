@@ -1005,6 +1005,25 @@ def test_glob_slide_ids_follow_the_clis_rule(name: str) -> None:
     assert argv[argv.index("--slide-id") + 1] == slide_id, "one word on PLAN's command line"
 
 
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_slide_file_names_a_command_line_cannot_take_are_refused(name: str) -> None:
+    """Tasks stage a slide under its own name: main.nf lets through only names that stay
+    one word on PLAN's, CALIBRATE's and SEGMENT's command lines."""
+    safe = function(read(REPO / "main.nf"), "safeFileName")(name)
+    assert safe == (re.fullmatch(r"[A-Za-z0-9._+-]+", name) is not None), name
+    if safe:
+        assert shlex.quote(name) == name, "a shell reads it as one word, unquoted"
+        inputs = {**SAMPLE_INPUTS["PLAN"], "slide": name}
+        script = render_script("PLAN", profile_params("default"), inputs=inputs)
+        argv = next(a for a in bmseg_commands(script) if a[1] == "plan")
+        assert argv[2] == name
+
+
+def test_both_inputs_refuse_unsafe_file_names() -> None:
+    main = strip_comments(read(REPO / "main.nf"))
+    assert main.count("refuseUnsafeNames(") == 3, "defined once, called for a sheet and a glob"
+
+
 def test_glob_input_refuses_two_files_with_one_id() -> None:
     """data/*/slide.czi gives every file the id 'slide': the run stops at launch, naming them."""
     main = strip_comments(read(REPO / "main.nf"))
