@@ -29,6 +29,7 @@ from nextflow_text import (
     config_value,
     evaluate,
     function,
+    groovy_str,
     matching_brace,
     named_blocks,
     parse_cli_param,
@@ -698,15 +699,9 @@ def test_scripts_read_boolean_params_whatever_their_type() -> None:
             for use in re.finditer(rf"params\.{name}\b(\S*)", text):
                 assert use.group(1).startswith(".toString().toBoolean()"), f"{path.name}: {name}"
     typed = profile_params("default")
-    as_strings = {k: v if v is None else groovy_text(v) for k, v in typed.items()}
+    as_strings = {k: v if v is None else groovy_str(v) for k, v in typed.items()}
     for name in STEP_COMMANDS:
         assert render_script(name, as_strings) == render_script(name, typed), name
-
-
-def groovy_text(value: Any) -> str:
-    from nextflow_text import groovy_str
-
-    return groovy_str(value)
 
 
 # Inputs whose file names the user chooses (slides, label files): two may share a name.
