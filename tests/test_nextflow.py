@@ -1026,6 +1026,13 @@ def test_glob_input_refuses_two_files_with_one_id() -> None:
     assert "slideId(slide.name)" in glob_branch and "baseName" not in glob_branch
     assert re.search(r"groupBy \{ slide -> slideId\(slide\.name\) \}", glob_branch)
     assert re.search(r"same\.size\(\) > 1", glob_branch) and "error(" in glob_branch
+    # The pipeline spec's fixture: two files, one id; the spec expects main.nf's message.
+    slide_id = function(read(REPO / "main.nf"), "slideId")
+    fixture = sorted((REPO / "tests" / "data" / "same_name").glob("*/slide.czi"))
+    assert len(fixture) == 2 and len({slide_id(path.name) for path in fixture}) == 1
+    spec = read(REPO / "tests" / "main.nf.test")
+    expected = re.search(r'errorReport\.contains\("([^"]+)"\)', spec).group(1)
+    assert expected in glob_branch
 
 
 def test_samplesheet_ids_obey_the_same_rule_and_are_unique() -> None:
