@@ -921,6 +921,15 @@ def test_rocm_image_takes_torch_from_the_rocm_index_only(recipe: str) -> None:
     assert re.fullmatch(r"https://download\.pytorch\.org/whl/rocm\d+\.\d+", index)
 
 
+def test_cuda_image_refuses_a_driver_too_old_for_its_wheels() -> None:
+    """The NVIDIA runtime checks NVIDIA_REQUIRE_CUDA at start: the lock's CUDA major or newer."""
+    lock = read(REPO / "containers" / "requirements.lock")
+    major = re.search(r"^nvidia-cuda-runtime==(\d+)\.", lock, re.MULTILINE).group(1)
+    dockerfile = read(REPO / "containers" / "Dockerfile.cuda")
+    assert f'NVIDIA_REQUIRE_CUDA="cuda>={major}.0"' in dockerfile
+    assert f"CUDA {major}" in read(REPO / "docs" / "pipeline.md")
+
+
 def nextflow_cache_name(image: str) -> str:
     """The file name Nextflow's SingularityCache gives a pulled image (simpleName)."""
     return image.split("://")[-1].replace(":", "-").replace("/", "-") + ".img"
