@@ -1078,20 +1078,24 @@ def test_steps_show_no_progress_bars(name: str) -> None:
 
 
 def test_no_progress_turns_every_bar_off(tmp_path: Path) -> None:
-    """``bmseg --no-progress`` (and -q) disable tqdm for the whole process, libraries included."""
-    probe = (
-        "import sys, tqdm; from bmseg.cli import main; "
-        "main(sys.argv[1:]); bar = tqdm.tqdm(total=3); print('OFF' if bar.disable else 'ON')"
-    )
-    for flags, expected in ([[], "ON"], [["--no-progress"], "OFF"], [["-q"], "OFF"]):
-        run = subprocess.run(
-            [sys.executable, "-c", probe, *flags, "versions"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=tmp_path,
-        )
-        assert run.stdout.strip().endswith(expected), (flags, run.stdout)
+    """``bmseg --no-progress`` (and -q) disable tqdm for the whole process, libraries included,
+    whether tqdm is imported after the flag is read (the steps' way) or was before."""
+    check = "bar = tqdm.tqdm(total=3); print('OFF' if bar.disable else 'ON')"
+    run_main = "from bmseg.cli import main; main(sys.argv[1:])"
+    probes = {
+        "imported after": f"import sys; {run_main}; import tqdm; {check}",
+        "imported before": f"import sys, tqdm; {run_main}; {check}",
+    }
+    for probe in probes.values():
+        for flags, expected in ([[], "ON"], [["--no-progress"], "OFF"], [["-q"], "OFF"]):
+            run = subprocess.run(
+                [sys.executable, "-c", probe, *flags, "versions"],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=tmp_path,
+            )
+            assert run.stdout.strip().endswith(expected), (probe, flags, run.stdout)
 
 
 def test_segment_threads_follow_the_tasks_cpus() -> None:
