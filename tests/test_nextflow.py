@@ -1086,6 +1086,11 @@ def test_no_progress_turns_every_bar_off(tmp_path: Path) -> None:
         "imported after": f"import sys; {run_main}; import tqdm; {check}",
         "imported before": f"import sys, tqdm; {run_main}; {check}",
     }
+    import os
+
+    # A fresh process's environment: an in-process `bmseg -q` earlier in the session set
+    # TQDM_DISABLE for this one (it is process-wide by design).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
     for probe in probes.values():
         for flags, expected in ([[], "ON"], [["--no-progress"], "OFF"], [["-q"], "OFF"]):
             run = subprocess.run(
@@ -1094,6 +1099,7 @@ def test_no_progress_turns_every_bar_off(tmp_path: Path) -> None:
                 text=True,
                 check=True,
                 cwd=tmp_path,
+                env=env,
             )
             assert run.stdout.strip().endswith(expected), (probe, flags, run.stdout)
 
