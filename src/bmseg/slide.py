@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 SLIDE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 MODALITIES = ("brightfield", "fluorescence")
-MAX_PROJECTION = "max"  # --plane Z=max: the brightest value over that dimension's planes
+# --plane Z=max / Z=min: the brightest (fluorescence) or darkest (brightfield stain) value over
+# that dimension's planes
+PROJECTIONS = {"max": np.maximum, "min": np.minimum}
 MODALITY_PROBE_SIDE = 256  # px, longer side of the read that decides modality from the image
 IMAGE_TAIL_SHARE = 0.15  # a tissue tail spans at least 15 % of the background's brightness
 _WARNED: set[tuple[Path, str]] = set()  # (file, dimension) already warned about, once a process
@@ -129,7 +131,7 @@ class Slide:
     ``channels`` (what :meth:`read` returns, in order), ``bounds`` (box around all acquired
     pixels, slide coordinates), ``scenes`` (the acquired regions, one per scene, each inside
     ``bounds``), ``plane`` (index read along every other dimension, e.g. ``{"Z": 0, "T": 0}``,
-    or ``"max"`` for a maximum projection), ``modality`` (``"brightfield"`` or
+    or ``"max"`` / ``"min"`` for a projection), ``modality`` (``"brightfield"`` or
     ``"fluorescence"``) and ``modality_source`` (what decided it).
     """
 
@@ -183,17 +185,17 @@ class Slide:
                     f"(its dimensions: {have})"
                 )
             start, end = self._dimensions[dim]
-            if index != MAX_PROJECTION and not start <= int(index) < end:
+            if index not in PROJECTIONS and not start <= int(index) < end:
                 raise BmsegError(
                     f"--plane {dim}={index}: {self.path.name} has {dim} {start} to {end - 1}; "
-                    f"pick one of those or {dim}={MAX_PROJECTION}"
+                    f"pick one of those, {dim}=max or {dim}=min"
                 )
-            plane[dim] = index if index == MAX_PROJECTION else int(index)
+            plane[dim] = index if index in PROJECTIONS else int(index)
         for dim, (start, end) in self._dimensions.items():
             if end - start > 1 and dim not in requested and (self.path, dim) not in _WARNED:
                 _WARNED.add((self.path, dim))
                 log.warning(
-                    "%s: %s has %d planes; reading %s=%d (pass --plane %s=N or %s=%s)",
+                    "%s: %s has %d planes; reading %s=%d (pass --plane %s=N, %s=max or %s=min)",
                     self.path,
                     dim,
                     end - start,
@@ -201,7 +203,7 @@ class Slide:
                     start,
                     dim,
                     dim,
-                    MAX_PROJECTION,
+                    dim,
                 )
         self.plane = plane
 
@@ -345,14 +347,14 @@ class _CziSlide(Slide):
             for index, pixel_type in enumerate(self._pixel_types):
                 rgb = _CZI_PIXEL_TYPES[pixel_type][1] == 3
                 plane = None
-                for coordinates in self._plane_coordinates():
+                for coordinates, combine in self._plane_coordinates():
                     image = self._reader.read(
                         roi=(x, y, w, h),
                         plane={**coordinates, "C": index},
                         zoom=zoom,
                         background_pixel=fill,
                     )
-                    plane = image if plane is None else np.maximum(plane, image)
+                    plane = image if plane is None else combine(plane, image)
                 planes.append(plane[:, :, ::-1] if rgb else plane)
         except Exception as error:
             raise BmsegError(
@@ -361,13 +363,20 @@ class _CziSlide(Slide):
             ) from error
         return planes[0] if len(planes) == 1 else np.concatenate(planes, axis=2)
 
-    def _plane_coordinates(self) -> list[dict[str, int]]:
-        """The planes one read combines: one, or every index of the projected dimensions."""
-        combinations: list[dict[str, int]] = [{}]
-        for dim, index in self.plane.items():
-            indices = range(*self._dimensions[dim]) if index == MAX_PROJECTION else [index]
-            combinations = [{**c, dim: i} for c in combinations for i in indices]
-        return combinations
+    def _plane_coordinates(self) -> list[tuple[dict[str, int], np.ufunc]]:
+        """The planes one read combines, each with how it joins the others: one plane, or
+        every index of the projected dimension (one projection per read)."""
+        projected = [(d, i) for d, i in self.plane.items() if i in PROJECTIONS]
+        if len(projected) > 1:
+            raise BmsegError(
+                f"--plane: {self.path.name}: project one dimension at a time, not "
+                + " and ".join(d for d, _ in projected)
+            )
+        fixed = {d: int(i) for d, i in self.plane.items() if i not in PROJECTIONS}
+        if not projected:
+            return [(fixed, np.maximum)]
+        dim, kind = projected[0]
+        return [({**fixed, dim: i}, PROJECTIONS[kind]) for i in range(*self._dimensions[dim])]
 
     def close(self) -> None:
         reader, self._reader = getattr(self, "_reader", None), None
@@ -685,21 +694,21 @@ def _yxc_window(
     """Rows ``y0:y1``, columns ``x0:x1`` of an array in tifffile ``axes`` as (Y, X, C).
 
     Every axis other than Y, X, C and S at its ``plane`` index (0 if not named), or its maximum
-    over all indices where ``plane`` says ``"max"``; one slicing call, so a lazily read array
-    (zarr) reads only the chunks the window meets.
+    (minimum) over all indices where ``plane`` says ``"max"`` (``"min"``); one slicing call,
+    so a lazily read array (zarr) reads only the chunks the window meets.
     """
     plane = plane or {}
     spans = {"Y": slice(y0, y1), "X": slice(x0, x1), "C": slice(None), "S": slice(None)}
-    projected = [a for a in axes if a not in spans and plane.get(a) == MAX_PROJECTION]
+    projected = [a for a in axes if a not in spans and plane.get(a) in PROJECTIONS]
     index = tuple(
         spans.get(axis, slice(None) if axis in projected else int(plane.get(axis, 0)))
         for axis in axes
     )
     data = np.asarray(array[index])
     kept = [a for a in axes if a in spans or a in projected]
-    if projected:
-        data = data.max(axis=tuple(kept.index(a) for a in projected))
-        kept = [a for a in kept if a not in projected]
+    for axis in projected:
+        data = PROJECTIONS[str(plane[axis])].reduce(data, axis=kept.index(axis))
+        kept.remove(axis)
     order = [kept.index("Y"), kept.index("X")] + [kept.index(a) for a in "CS" if a in kept]
     data = np.transpose(data, order)
     return data.reshape(data.shape[0], data.shape[1], -1)
@@ -755,17 +764,18 @@ def _tiff_pixel_size_um(tiff) -> float | None:
 
 
 def parse_plane(text: str | None) -> dict[str, int | str]:
-    """``"Z=3,T=0"`` or ``"Z=max"`` (``--plane``) as ``{"Z": 3, "T": 0}``; ``None``: ``{}``."""
+    """``"Z=3,T=0"`` or ``"Z=max"`` / ``"Z=min"`` (``--plane``: a plane, or the brightest /
+    darkest value over a dimension) as ``{"Z": 3, "T": 0}``; ``None``: ``{}``."""
     plane: dict[str, int | str] = {}
     for part in filter(None, (text or "").replace(" ", "").split(",")):
         dim, _, index = part.partition("=")
         if not re.fullmatch(r"[A-Za-z]", dim) or not (
-            index == MAX_PROJECTION or re.fullmatch(r"\d+", index)
+            index in PROJECTIONS or re.fullmatch(r"\d+", index)
         ):
             raise BmsegError(
-                f"--plane {text!r}: write DIM=INDEX pairs such as Z=3,T=0 or Z={MAX_PROJECTION}"
+                f"--plane {text!r}: write DIM=INDEX pairs such as Z=3,T=0, or Z=max / Z=min"
             )
-        plane[dim.upper()] = index if index == MAX_PROJECTION else int(index)
+        plane[dim.upper()] = index if index in PROJECTIONS else int(index)
     return plane
 
 
