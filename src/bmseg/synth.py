@@ -485,9 +485,14 @@ def section_image(
     brightfield section, a dark one with brighter tissue a fluorescence (or dark-field) image.
     With ``channels=3`` the tissue is tinted (more red than blue), as stained tissue is.
     """
+    import cv2
+
     rng = np.random.default_rng(seed)
-    blobs = _smooth_noise((height, width), max(height, width) / 12, rng)
-    inside = blobs > np.quantile(blobs, 0.7)  # 30 % tissue
+    coarse = max(1, max(height, width) // 256)  # blobs drawn on a coarse grid, then enlarged
+    small = (max(2, -(-height // coarse)), max(2, -(-width // coarse)))
+    blobs = _smooth_noise(small, max(small) / 12, rng)
+    blobs = cv2.resize(blobs, (width, height), interpolation=cv2.INTER_LINEAR)
+    inside = blobs > np.quantile(blobs[:: max(1, coarse), :: max(1, coarse)], 0.7)  # 30 % tissue
     image = np.where(inside, tissue, background).astype(np.float32)
     image += rng.normal(0, 2, image.shape)
     if channels == 3:
