@@ -61,7 +61,7 @@ STEP_COMMANDS = {
 SAMPLE_INPUTS: dict[str, dict[str, Any]] = {
     "CALIBRATE": {"slides": PathList(["slides/S1.czi", "slides/S2.czi"])},
     "PLAN": {
-        "meta": {"id": "S1", "pixel_size_um": 0.1725},
+        "meta": {"id": "S1", "pixel_size_um": 0.1725, "modality": "brightfield"},
         "slide": "S1.czi",
         "calibration": "tissue_calibration.json",
     },
