@@ -455,3 +455,26 @@ def test_tiff_planes_and_projection(tmp_path):
         assert (slide.read(0, 0, 8, 8) == 100).all()
     with open_slide(path, pixel_size_um=0.5, plane={"Z": "max"}) as slide:
         assert (slide.read(0, 0, 8, 8) == 200).all()
+
+
+def test_an_undecodable_subblock_is_a_one_line_error(tmp_path):
+    """libCZI decodes every compression (zstd here, JPEG-XR on Axioscans); a subblock its
+    decoder refuses must still be one line naming the file, not a traceback."""
+    from pylibCZIrw import czi
+
+    path = tmp_path / "zstd.czi"
+    noise = np.random.default_rng(0).integers(0, 50, (256, 256, 1)).astype(np.uint8)
+    with czi.create_czi(str(path), exist_ok=True, compression_options="zstd1:ExplicitLevel=1") as w:
+        w.write(noise, location=(0, 0))
+        w.write_metadata(document_name="zstd", scale_x=1e-6, scale_y=1e-6)
+    data = bytearray(path.read_bytes())
+    frame = data.find(bytes([0x28, 0xB5, 0x2F, 0xFD]), data.find(b"ZISRAWSUBBLOCK"))
+    assert frame > 0  # the zstd frame of the one subblock
+    data[frame : frame + 4] = bytes(4)  # its magic number gone: the decoder gives up
+    damaged = tmp_path / "damaged.czi"
+    damaged.write_bytes(bytes(data))
+    with open_slide(path) as slide:
+        np.testing.assert_array_equal(slide.read(0, 0, 256, 256), noise)
+    with pytest.raises(BmsegError, match="cannot read pixels") as error, open_slide(damaged) as s:
+        s.read(0, 0, 256, 256)
+    assert "damaged.czi" in str(error.value) and "\n" not in str(error.value)

@@ -36,7 +36,9 @@ PICTURE_SIDE = 1400  # px, longer side of tissue.png (small slides are enlarged 
 PICTURE_MIN_WIDTH = 640  # px, so that the caption fits
 PANEL_LABEL_H = 22  # px, the strip above each scene's panel naming it
 PANEL_GAP = 8  # px between scene panels
-KEPT_WASH = 0.35  # opacity of the colour laid over kept cores
+# Opacity of the colour laid over kept cores: light on white glass, where the stain must stay
+# readable; stronger on black, where a light wash would vanish.
+KEPT_WASH = {"brightfield": 0.18, "fluorescence": 0.35}
 # Picture colours per modality: (tissue outline, kept cores, dropped cores), and their names.
 # The kept cores' wash is a saturated colour that stands out from the background of its
 # modality (blue on white glass; magenta on black, apart from the stains' blue and green),
@@ -274,7 +276,8 @@ def scene_panel(
     wash = image.copy()
     for index in np.flatnonzero(kept):
         cv2.rectangle(wash, (x0[index], y0[index]), (x1[index], y1[index]), kept_rgb, -1)
-    image = cv2.addWeighted(wash, KEPT_WASH, image, 1 - KEPT_WASH, 0)
+    opacity = KEPT_WASH[modality]
+    image = cv2.addWeighted(wash, opacity, image, 1 - opacity, 0)
     for index in np.flatnonzero(~kept):
         cv2.rectangle(image, (x0[index], y0[index]), (x1[index], y1[index]), dropped_rgb, 1)
     for index in np.flatnonzero(kept):
