@@ -478,3 +478,20 @@ def test_an_undecodable_subblock_is_a_one_line_error(tmp_path):
     with pytest.raises(BmsegError, match="cannot read pixels") as error, open_slide(damaged) as s:
         s.read(0, 0, 256, 256)
     assert "damaged.czi" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_image_decides_the_modality_once_per_file(tmp_path, monkeypatch):
+    """SEGMENT opens one Slide per reader thread: the probe read must not repeat."""
+    import bmseg.slide
+
+    calls = []
+    decide = bmseg.slide._modality_from_image
+    monkeypatch.setattr(
+        bmseg.slide, "_modality_from_image", lambda slide: calls.append(1) or decide(slide)
+    )
+    image = section_image(200, 240, 6, background=235, tissue=140)
+    path = _one_frame(tmp_path, "once.czi", image, None)
+    for _ in range(3):
+        with open_slide(path) as slide:
+            assert (slide.modality, slide.modality_source) == ("brightfield", "image")
+    assert len(calls) == 1

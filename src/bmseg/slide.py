@@ -46,6 +46,8 @@ PROJECTIONS = {"max": np.maximum, "min": np.minimum}
 MODALITY_PROBE_SIDE = 256  # px, longer side of the read that decides modality from the image
 IMAGE_TAIL_SHARE = 0.15  # a tissue tail spans at least 15 % of the background's brightness
 _WARNED: set[tuple[Path, str]] = set()  # (file, dimension) already warned about, once a process
+# Modality decided from the image, by (file, size, mtime, plane): decided once a process.
+_IMAGE_MODALITY: dict[tuple[Path, int, int, str], tuple[str, str]] = {}
 CZI_MAGIC = b"ZISRAWFILE"
 
 # libCZI pixel types: (numpy dtype, samples per pixel). Bgr* types come back as three channels.
@@ -153,8 +155,12 @@ class Slide:
         """``"brightfield"`` or ``"fluorescence"``; decided from the image on first use when
         neither the caller nor the metadata said (one small low-resolution read)."""
         if self._modality is None:
-            self._modality, self._modality_source = _modality_from_image(self)
-            log.info("%s: modality %s (from the %s)", self.path, *self._modality_decision())
+            stat = self.path.stat()
+            key = (self.path.resolve(), stat.st_size, stat.st_mtime_ns, str(self.plane))
+            if key not in _IMAGE_MODALITY:  # once per file and process, not per reader thread
+                _IMAGE_MODALITY[key] = _modality_from_image(self)
+                log.info("%s: modality %s (from the %s)", self.path, *_IMAGE_MODALITY[key])
+            self._modality, self._modality_source = _IMAGE_MODALITY[key]
         return self._modality
 
     @property
@@ -485,7 +491,8 @@ def modality_from_channel_metadata(channels: list[dict[str, str]]) -> tuple[str,
 
 
 def _modality_from_image(slide: Slide) -> tuple[str, str]:
-    """``(modality, source)`` from a small read of the largest scene: a bright background with
+    """``(modality, source)`` from a small read of the largest scene (its middle half, where
+    a section lies; files without a pyramid decode those subblocks): a bright background with
     a dark tail of tissue is brightfield, a dark background with a bright tail fluorescence.
 
     Compares the spread of the acquired pixels' brightness (mean over channels) below and
@@ -494,8 +501,10 @@ def _modality_from_image(slide: Slide) -> tuple[str, str]:
     decides (RGB: brightfield).
     """
     scene = max(slide.scenes, key=lambda r: r.w * r.h)
-    zoom = min(1.0, MODALITY_PROBE_SIDE / max(scene.w, scene.h))
-    thumbnail = slide.read(scene.x, scene.y, scene.w, scene.h, zoom)
+    # the middle half of its rows: glass and tissue both show, half the subblocks are read
+    band = Rect(scene.x, scene.y + scene.h // 4, scene.w, max(1, scene.h // 2))
+    zoom = min(1.0, MODALITY_PROBE_SIDE / max(band.w, band.h))
+    thumbnail = slide.read(band.x, band.y, band.w, band.h, zoom)
     pixels = thumbnail.reshape(-1, thumbnail.shape[2])
     if slide._fill_marks_gaps:  # leave out what was never acquired
         pixels = pixels[~np.all(pixels == slide.background.astype(pixels.dtype), axis=1)]
