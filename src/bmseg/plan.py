@@ -220,8 +220,8 @@ def display_image(thumbnail: np.ndarray, modality: str, fill: np.ndarray) -> np.
     """An 8-bit RGB view of a thumbnail: brightfield RGB as is, brightfield grey as grey,
     fluorescence as a false-colour composite; each channel stretched between percentiles of
     its acquired pixels (those that differ from the reader's ``fill``) where not RGB."""
-    if modality == "brightfield" and thumbnail.shape[2] == 3:
-        image = thumbnail.astype(np.float32)
+    if modality == "brightfield" and thumbnail.shape[2] >= 3:  # the first RGB triple
+        image = thumbnail[:, :, :3].astype(np.float32)
         if thumbnail.dtype != np.uint8:
             image *= 255.0 / max(float(np.iinfo(thumbnail.dtype).max), 1.0)
         return np.clip(image, 0, 255).astype(np.uint8)
@@ -483,9 +483,9 @@ def plan_slide(
             ],
         }
         scenes_text = f"  {len(slide.scenes)} scenes" if len(slide.scenes) > 1 else ""
+        found = f"tissue {_area_text(tissue_mm2)} mm2" if kept.any() else "NO TISSUE FOUND"
         caption = (
-            f"{slide.slide_id}  {slide.modality}{scenes_text}  "
-            f"tissue {_area_text(tissue_mm2)} mm2  "
+            f"{slide.slide_id}  {slide.modality}{scenes_text}  {found}  "
             f"tiles kept {info['tiles_kept']}/{info['tiles_total']}  "
             f"(core {tile_size} px, margin {margin} px)"
         )
