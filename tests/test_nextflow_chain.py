@@ -129,7 +129,7 @@ def test_test_profile_chain_runs_end_to_end(tmp_path: Path, monkeypatch) -> None
     slides, staged = stage_all("slides", [slide])
     calibration = runner.run("CALIBRATE", {"slides": slides}, staged) / "tissue_calibration.json"
 
-    meta = {"id": "synth1", "pixel_size_um": None}
+    meta = {"id": "synth1", "pixel_size_um": None, "modality": None}
     inputs = {"meta": meta, "slide": "synth1.czi", "calibration": "tissue_calibration.json"}
     staged = {"synth1.czi": slide, "tissue_calibration.json": calibration}
     plan = runner.run("PLAN", inputs, staged)
