@@ -1,11 +1,12 @@
 """PLAN: find the tissue of one slide and lay the grid of tiles that SEGMENT will read.
 
-``bmseg plan SLIDE --out DIR`` reads the slide once at low resolution (the pyramid where the
-file has one), detects tissue (:mod:`bmseg.tissue`), covers the slide's bounds with square tile
-*cores* and keeps the tiles whose core holds enough tissue. Each kept tile is read by SEGMENT as
+``bmseg plan SLIDE --out DIR`` reads each scene of the slide once at low resolution (the
+pyramid where the file has one), detects tissue (:mod:`bmseg.tissue`, one threshold for all
+scenes), covers the scenes with square tile *cores* of a grid anchored at the slide's bounds
+and keeps the tiles whose core holds enough tissue. Each kept tile is read by SEGMENT as
 its core plus a *margin*, so that every cell whose centroid lies in the core is seen whole
 (docs/tiles.md). Writes ``{slide}.tiles.parquet``, ``{slide}.slide.json`` and
-``{slide}.tissue.png`` (the thumbnail with the tissue outlined and the kept tiles drawn).
+``{slide}.tissue.png`` (a panel per scene with the tissue outlined and the kept tiles drawn).
 """
 
 from __future__ import annotations
@@ -225,7 +226,9 @@ def display_image(thumbnail: np.ndarray, modality: str, fill: np.ndarray) -> np.
         if thumbnail.dtype != np.uint8:
             image *= 255.0 / max(float(np.iinfo(thumbnail.dtype).max), 1.0)
         return np.clip(image, 0, 255).astype(np.uint8)
-    acquired = ~np.all(thumbnail == np.asarray(fill).astype(thumbnail.dtype), axis=2)
+    from bmseg.tissue import acquired_pixels
+
+    acquired = acquired_pixels(thumbnail, fill)
     sample = thumbnail[acquired] if acquired.any() else thumbnail.reshape(-1, thumbnail.shape[2])
     colours = np.array([[0, 0.55, 1], [0.2, 1, 0.2], [1, 0.25, 0.2], [1, 0.9, 0.1]], np.float32)
     if modality == "brightfield":  # grey (or several grey channels): the first, as grey

@@ -167,11 +167,8 @@ class Slide:
     def modality_source(self) -> str:
         """What decided :attr:`modality`: ``"override"``, ``"metadata"``, ``"image"`` or
         ``"pixel type"``."""
-        return self._modality_decision()[1]
-
-    def _modality_decision(self) -> tuple[str, str]:
-        """``(modality, source)``, deciding the modality first where still open."""
-        return self.modality, self._modality_source
+        _ = self.modality  # decided first where still open
+        return self._modality_source
 
     def set_modality(self, modality: str | None, source: str) -> None:
         """Fix the modality (``None`` leaves it to the image), recording what decided it."""

@@ -9,14 +9,18 @@ background, so that both modalities read "more tissue = larger value":
   background (1st percentile of acquired pixels per channel).
 
 Pixels equal to the reader's fill value in every channel were never acquired and take no part.
-The contrast is smoothed (Gaussian, 1.5 thumbnail px) and Otsu's threshold is taken on the
-histogram of its logarithm: on a log scale the faint tissue mode stays apart from the
-background mode even when a few very dark (or bright) cells stretch the linear range, which
-pulls a linear Otsu cut into the tissue. A slide without tissue has one mode, which Otsu still
-cuts in two; such a cut is rejected when the two classes lie fewer than ``MIN_SEPARATION``
-pooled standard deviations apart (log scale) or their mean contrasts differ by less than
-``MIN_CONTRAST``. Specks smaller than ``MIN_COMPONENT_UM2`` are dropped from the mask (dust),
-and pale holes inside tissue smaller than ``MAX_HOLE_UM2`` are filled in.
+The references are pooled over a slide's scenes. The contrast is smoothed (Gaussian, 1.5
+thumbnail px) and flat-fielded (a quadratic surface fitted to each scene's background is
+subtracted, so that uneven illumination does not spread the glass into a ramp). Otsu's
+threshold is taken on the histogram of its logarithm, pooled over the scenes: on a log scale
+the faint tissue mode stays apart from the background mode even when a few very dark (or
+bright) cells stretch the linear range, which pulls a linear Otsu cut into the tissue. A
+slide without tissue has one mode, which Otsu still cuts in two; such a cut is rejected when
+the two classes lie fewer than ``MIN_SEPARATION`` pooled standard deviations apart (log
+scale), their mean contrasts differ by less than ``MIN_CONTRAST``, or by less than
+``NOISE_SIGMAS`` times the glass's own noise. Specks smaller than ``MIN_COMPONENT_UM2`` are
+dropped from the mask (dust), and pale holes inside tissue smaller than ``MAX_HOLE_UM2`` are
+filled in.
 
 A *calibration* (JSON, made by ``bmseg calibrate-tissue``) fixes the threshold for a cohort:
 Otsu on the pooled contrast histograms of several slides of one modality, then used for each
@@ -134,11 +138,6 @@ def _per_value(channel: np.ndarray, function) -> np.ndarray:
     return function(channel.astype(np.float32)).astype(np.float32)
 
 
-def tissue_contrast(thumbnail: np.ndarray, modality: str, background: np.ndarray) -> np.ndarray:
-    """The smoothed, flat-fielded contrast of one thumbnail (see :func:`scene_contrasts`)."""
-    return scene_contrasts([thumbnail], modality, background)[0]
-
-
 def scene_contrasts(
     thumbnails: list[np.ndarray], modality: str, background: np.ndarray
 ) -> list[np.ndarray]:
@@ -202,7 +201,7 @@ def background_noise(contrasts: list[np.ndarray], threshold: float) -> float:
     contrast changes little from one pixel to the next); 0 when it cannot be measured."""
     if not np.isfinite(threshold):
         return 0.0
-    values = [c[:: NOISE_STRIDE, :: NOISE_STRIDE] for c in contrasts]
+    values = [c[::NOISE_STRIDE, ::NOISE_STRIDE] for c in contrasts]
     values = [v[np.isfinite(v)] for v in values]
     glass = np.concatenate([v[v <= threshold] for v in values])
     if glass.size == 0:
@@ -285,13 +284,6 @@ def otsu_split(counts: np.ndarray) -> Split:
         - np.sum(counts[low] * linear[low]) / weight0[cut]
     )
     return Split(float(np.exp(edges[cut + 1])), separation, difference)
-
-
-def detect_tissue(
-    contrast: np.ndarray, um_per_thumbnail_px: float, calibration: dict | None = None
-) -> TissueMask:
-    """Tissue mask from :func:`tissue_contrast`; a ``calibration`` fixes the threshold."""
-    return detect_scene_tissue([contrast], [um_per_thumbnail_px], calibration)[0]
 
 
 def detect_scene_tissue(
