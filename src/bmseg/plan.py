@@ -654,7 +654,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIM=N,...",
         help="plane of a Z stack, time series or Airyscan file to read, e.g. Z=3,T=0; Z=max "
         "(fluorescence) or Z=min (brightfield) projects over Z (default: index 0 of each, with "
-        "a warning); SEGMENT must read the same plane",
+        "a warning)",
     )
     parser.set_defaults(handler=_plan_command)
 
