@@ -10,6 +10,12 @@ without any tissue that it dropped.
 
     python benchmarks/plan.py                       # 40 000², cache in the temp folder
     python benchmarks/plan.py --size 20000 --cache /scratch/bmseg-bench --repeats 5
+    python benchmarks/plan.py --far-scenes          # two sections 200 000 px apart
+
+``--far-scenes`` plans a CZI of two tissue sections (scenes) 200 000 px apart in the same
+process twice: per scene (PLAN) and, as the baseline, as the one strip of their common
+bounds (what PLAN did before it read scenes), and prints the thumbnail pixels that show each
+section, the tiles laid, the tissue found against the planted area and the wall times.
 """
 
 from __future__ import annotations
@@ -27,9 +33,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+import bmseg.plan as plan_module
 from bmseg.plan import tile_grid
-from bmseg.slide import Rect, open_slide
-from bmseg.synth import PIXEL_SIZE_UM, SyntheticLayout, write_synthetic_slide
+from bmseg.slide import Rect, Slide, open_slide
+from bmseg.synth import (
+    PIXEL_SIZE_UM,
+    SyntheticLayout,
+    describe_channels,
+    section_image,
+    write_frames_czi,
+    write_synthetic_slide,
+)
 
 
 def synthetic(cache: Path, size: int, seed: int) -> tuple[Path, Path, float | None]:
@@ -95,6 +109,53 @@ def recall_and_drop(out: Path, slide: Path, truth: Path, size: int, seed: int) -
     }
 
 
+def far_scenes(cache: Path, gap: int = 200_000) -> None:
+    """Per-scene PLAN against the one-strip baseline on two sections ``gap`` px apart."""
+    sections = [
+        section_image(6000, 8000, 1, background=238, tissue=150, channels=3),
+        section_image(5000, 5000, 2, background=238, tissue=150, channels=3),
+    ]
+    planted = sum(float((s.mean(axis=2) < 194).sum()) for s in sections) * 0.25e-6
+    slide = cache / "far_scenes.czi"
+    if not slide.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        frames = [(0, 0, sections[0], {"C": 0}, 0), (gap, 4000, sections[1], {"C": 0}, 1)]
+        write_frames_czi(slide, frames, 0.5)
+        describe_channels(slide, [{"ContrastMethod": "Brightfield"}])
+    results = {}
+
+    def as_one_strip(*args, **kwargs) -> Slide:
+        opened = open_slide(*args, **kwargs)
+        opened.scenes = [opened.bounds]
+        return opened
+
+    for name, opener in (("per scene", open_slide), ("one strip", as_one_strip)):
+        plan_module.open_slide = opener
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                started = time.perf_counter()
+                info = plan_module.plan_slide(slide, tmp, tile_size=3000)
+                results[name] = (time.perf_counter() - started, info)
+        finally:
+            plan_module.open_slide = open_slide
+    for name, (seconds, info) in results.items():
+        factor = info["thumbnail_downsample"]
+        shown = [f"{round(s.shape[1] / factor)}x{round(s.shape[0] / factor)}" for s in sections]
+        print(
+            f"{name}: {seconds:.2f} s; thumbnail 1/{factor}, sections shown as "
+            f"{' and '.join(shown)} px; tiles {info['tiles_kept']} kept of "
+            f"{info['tiles_total']}; tissue {info['tissue_area_mm2']:.2f} mm² "
+            f"(planted {planted:.2f} mm²)"
+        )
+    strip, scenes = results["one strip"][1], results["per scene"][1]
+    tiles = strip["tiles_total"] / scenes["tiles_total"]
+    downsampling = strip["thumbnail_downsample"] / scenes["thumbnail_downsample"]
+    print(
+        f"ratio one strip / per scene: tiles laid {tiles:.1f}x, "
+        f"thumbnail downsampling {downsampling:.0f}x"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=40_000, help="slide side, px (40000)")
@@ -108,7 +169,13 @@ def main() -> None:
         help="folder keeping the synthetic slide between runs",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
+    parser.add_argument(
+        "--far-scenes", action="store_true", help="per-scene planning against one strip"
+    )
     args = parser.parse_args()
+    if args.far_scenes:
+        far_scenes(args.cache)
+        return
 
     slide, truth, made = synthetic(args.cache, args.size, args.seed)
     print(f"slide: {slide} ({slide.stat().st_size / 1e9:.2f} GB), cores: {os.cpu_count()}")

@@ -78,7 +78,7 @@ SAMPLE_INPUTS: dict[str, dict[str, Any]] = {
         "slides": PathList(["slides01/S1.czi", "slides02/S2.czi"]),
     },
     "PLAN": {
-        "meta": {"id": "S1", "pixel_size_um": 0.1725},
+        "meta": {"id": "S1", "pixel_size_um": 0.1725, "modality": "brightfield"},
         "slide": "S1.czi",
         "calibration": "tissue_calibration.json",
     },

@@ -137,7 +137,7 @@ def test_test_profile_chain_runs_end_to_end(tmp_path: Path, monkeypatch) -> None
     inputs = {"pixel_sizes": [None], "slides": slides}
     calibration = runner.run("CALIBRATE", inputs, staged) / "tissue_calibration.json"
 
-    meta = {"id": "synth1", "pixel_size_um": None}
+    meta = {"id": "synth1", "pixel_size_um": None, "modality": None}
     inputs = {"meta": meta, "slide": "synth1.czi", "calibration": "tissue_calibration.json"}
     staged = {"synth1.czi": slide, "tissue_calibration.json": calibration}
     plan = runner.run("PLAN", inputs, staged)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -13,9 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from bmseg.cli import main
-from bmseg.plan import default_margin, tile_grid
+from bmseg.plan import _area_text, default_margin, tile_grid
 from bmseg.slide import Rect
-from bmseg.synth import SyntheticLayout, write_synthetic_slide
+from bmseg.synth import (
+    SyntheticLayout,
+    blank_frame,
+    describe_channels,
+    section_image,
+    write_frames_czi,
+    write_synthetic_slide,
+)
 
 # docs/data.md, {slide}.tiles.parquet
 TILE_COLUMNS = {
@@ -269,3 +277,177 @@ def test_calibration_refuses_mixed_modalities(synthetic_slide, tmp_path, capsys)
     assert main(["calibrate-tissue", str(synthetic_slide[0]), str(fluo), "--out", str(out)]) == 2
     assert "calibrate each modality" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ------------------------------------------------ scenes, modality, blank frames, planes, picture
+
+
+def _section_czi(tmp_path, name, frames, channels=None):
+    path = write_frames_czi(tmp_path / name, frames, 0.5)
+    if channels:
+        describe_channels(path, channels)
+    return path
+
+
+def _planted_mm2(image: np.ndarray, background: float, tissue: float) -> float:
+    """Area (mm², at 0.5 µm/px) of the pixels drawn nearer the tissue grey than the glass."""
+    grey = image.mean(axis=2) if image.ndim == 3 else image.astype(np.float64)
+    return float((np.abs(grey - tissue) < np.abs(grey - background)).sum()) * 0.25 / 1e6
+
+
+def test_scenes_far_apart_are_planned_one_by_one(tmp_path):
+    first = section_image(1200, 1600, 11, background=238, tissue=150, channels=3)
+    second = section_image(900, 900, 12, background=238, tissue=150, channels=3)
+    frames = [(0, 0, first, {"C": 0}, 0), (200_000, 3_000, second, {"C": 0}, 1)]
+    path = _section_czi(tmp_path, "far.czi", frames, [{"ContrastMethod": "Brightfield"}])
+    table, info = _plan(path, tmp_path / "out", "--tile-size", 300, "--margin", 30)
+    # tiles over the two scenes only: 4 x 6 + 4 x 3 cores (the grid is anchored at the
+    # bounds' corner, so the second scene's 900 px meet 4 rows: y 3000-3900 -> rows 10-12
+    # plus the row it starts in), never the 200 000 px of stage between them
+    assert info["tiles_total"] <= 6 * 4 + 4 * 4
+    assert {s["index"] for s in info["scenes"]} == {0, 1}
+    assert [s["bounds"] for s in info["scenes"]] == [
+        {"x": 0, "y": 0, "w": 1600, "h": 1200},
+        {"x": 200_000, "y": 3_000, "w": 900, "h": 900},
+    ]
+    for scene, image in zip(info["scenes"], (first, second), strict=True):
+        assert scene["tissue_area_mm2"] == pytest.approx(_planted_mm2(image, 238, 150), rel=0.1)
+        assert scene["tiles_kept"] > 0
+    assert info["tissue_area_mm2"] == pytest.approx(
+        sum(s["tissue_area_mm2"] for s in info["scenes"]), rel=1e-6
+    )
+    cores = np.array(table.column("core_x"))
+    assert ((cores < 1600) | (cores >= 200_000 - 300)).all()
+    picture = cv2.imread(str(tmp_path / "out" / "far.tissue.png"))[:, :, ::-1]
+    green = (picture[:, :, 1] > 140) & (picture[:, :, 0] < 60) & (picture[:, :, 2] < 110)
+    half = picture.shape[1] // 2  # one panel per scene, side by side, each outlined
+    assert green[:, :half].sum() > 500 and green[:, half:].sum() > 500
+
+
+def test_real_file_with_three_scenes(shared_czi, tmp_path):
+    _, info = _plan(
+        shared_czi / "S3_1Pos_2Mosaic_T1_Z1_CH1.czi", tmp_path, "--tile-size", 128, "--margin", 16
+    )
+    assert [s["bounds"] for s in info["scenes"]] == [
+        {"x": 145, "y": 0, "w": 295, "h": 122},
+        {"x": 0, "y": 213, "w": 64, "h": 64},
+        {"x": 293, "y": 277, "w": 352, "h": 237},
+    ]
+    assert info["modality"] == "fluorescence" and info["modality_source"] == "metadata"
+    assert info["plane"] == {"T": 0, "Z": 0, "H": 0}
+    assert info["channels"] == [{"name": "DAPI", "dtype": "uint16"}]
+    # the 6 x 5 grid of 128 px over the bounds has 30 cores; the scenes meet 3 (row 0, columns
+    # 1-3), 2 (column 0, rows 1-2) and 12 (columns 2-5, rows 2-4) of them
+    assert info["tiles_total"] == 17
+    assert all(s["tissue_area_mm2"] > 0 for s in info["scenes"])
+
+
+@pytest.mark.parametrize(
+    ("name", "background", "tissue", "channels", "metadata", "modality", "source"),
+    [
+        ("grey_bf.czi", 235, 140, 1, "Brightfield", "brightfield", "metadata"),
+        ("grey_bf_silent.czi", 235, 140, 1, None, "brightfield", "image"),
+        ("dark_colour.czi", 10, 150, 3, "Fluorescence", "fluorescence", "metadata"),
+        ("dark_colour_silent.czi", 10, 150, 3, None, "fluorescence", "image"),
+    ],
+)
+def test_grey_brightfield_and_dark_colour_find_their_tissue(
+    tmp_path, name, background, tissue, channels, metadata, modality, source
+):
+    image = section_image(1500, 1500, 21, background=background, tissue=tissue, channels=channels)
+    described = [{"ContrastMethod": metadata}] if metadata else None
+    path = _section_czi(tmp_path, name, [(0, 0, image, {"C": 0}, 0)], described)
+    _, info = _plan(path, tmp_path / "out", "--tile-size", 500)
+    assert (info["modality"], info["modality_source"]) == (modality, source)
+    expected = _planted_mm2(image, background, tissue)
+    assert info["tissue_area_mm2"] == pytest.approx(expected, rel=0.1)
+
+
+def test_modality_flag_overrides_and_is_recorded(synthetic_slide, tmp_path):
+    _, info = _plan(synthetic_slide[0], tmp_path, "--modality", "fluorescence")
+    assert (info["modality"], info["modality_source"]) == ("fluorescence", "override")
+
+
+@pytest.mark.parametrize(("gradient", "noise"), [(60, 4), (45, 3), (80, 6), (100, 2), (30, 10)])
+def test_blank_frames_with_noise_and_illumination_gradients_hold_no_tissue(
+    tmp_path, gradient, noise
+):
+    frame = blank_frame(3000, 3000, gradient, level=235, gradient=gradient, noise=noise)
+    path = _section_czi(tmp_path, "blank.czi", [(0, 0, frame, {"C": 0}, 0)])
+    _, info = _plan(path, tmp_path / "out", "--tile-size", 500)
+    assert info["tissue_area_mm2"] == 0 and info["tiles_kept"] == 0
+    assert info["tissue_method"] == "none"
+
+
+def test_tissue_under_an_illumination_gradient_is_still_found(tmp_path):
+    section = section_image(2400, 2400, 31, background=235, tissue=150, channels=3)
+    shading = blank_frame(2400, 2400, 0, level=0, gradient=-60, noise=0).astype(np.int16)
+    shaded = np.clip(section.astype(np.int16) - shading, 0, 255).astype(np.uint8)
+    path = _section_czi(tmp_path, "shaded.czi", [(0, 0, shaded, {"C": 0}, 0)])
+    _, info = _plan(path, tmp_path / "out", "--tile-size", 600)
+    assert info["tissue_area_mm2"] == pytest.approx(_planted_mm2(section, 235, 150), rel=0.1)
+
+
+def _z_stack(tmp_path) -> Path:
+    """Three Z planes and two time points; tissue only in plane Z=2, T=1."""
+    section = section_image(800, 800, 41, background=240, tissue=140, channels=3)
+    empty = np.full_like(section, 240)
+    frames = [
+        (0, 0, section if (z, t) == (2, 1) else empty, {"Z": z, "T": t, "C": 0}, 0)
+        for z in range(3)
+        for t in range(2)
+    ]
+    return _section_czi(tmp_path, "stack.czi", frames, [{"ContrastMethod": "Brightfield"}])
+
+
+def test_plane_is_recorded_warned_about_and_chosen(tmp_path, caplog):
+    path = _z_stack(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        _, info = _plan(path, tmp_path / "first", "--tile-size", 400)
+    assert info["plane"] == {"T": 0, "Z": 0} and info["tissue_area_mm2"] == 0
+    assert "Z has 3 planes" in caplog.text and "T has 2 planes" in caplog.text
+    _, info = _plan(path, tmp_path / "chosen", "--tile-size", 400, "--plane", "Z=2,T=1")
+    assert info["plane"] == {"T": 1, "Z": 2} and info["tissue_area_mm2"] > 0.02
+    # brightfield stains darken: the minimum over Z shows what any plane shows
+    _, info = _plan(path, tmp_path / "projected", "--tile-size", 400, "--plane", "T=1,Z=min")
+    assert info["plane"] == {"T": 1, "Z": "min"} and info["tissue_area_mm2"] > 0.02
+
+
+def test_bad_plane_is_a_one_line_error(tmp_path, capsys):
+    assert "no Q dimension" in _bad_plan(tmp_path, capsys, _z_stack(tmp_path), "--plane", "Q=1")
+
+
+def test_areas_print_significant_digits():
+    assert [_area_text(a) for a in (0, 0.002134, 0.2134, 21.34, 1234.5)] == [
+        "0",
+        "0.00213",
+        "0.213",
+        "21.3",
+        "1234",
+    ]
+
+
+def test_fluorescence_picture_tells_kept_from_dropped_cores(tmp_path):
+    slide = tmp_path / "fluo.czi"
+    write_synthetic_slide(slide, 2400, 2000, seed=5, modality="fluorescence")
+    table, info = _plan(slide, tmp_path / "out", "--tile-size", 300, "--margin", 40)
+    picture = cv2.imread(str(tmp_path / "out" / "fluo.tissue.png"))[:, :, ::-1].astype(int)
+    scale = 1400 / 2400
+    image = picture[52:]  # below the caption
+    kept = set(zip(table.column("row").to_pylist(), table.column("col").to_pylist(), strict=True))
+    grid = tile_grid(Rect(**info["bounds"]), 300, 40)
+    kept_levels, dropped_levels = [], []
+    for i in range(grid["row"].size):
+        x0, y0 = (int(grid["core_x"][i] * scale) + 4, int(grid["core_y"][i] * scale) + 4)
+        x1 = int((grid["core_x"][i] + grid["core_w"][i]) * scale) - 4
+        y1 = int((grid["core_y"][i] + grid["core_h"][i]) * scale) - 4
+        inside = image[y0:y1, x0:x1]
+        red = inside[:, :, 0]  # the composite's stains (DAPI blue, CD41 green) hold little red
+        if (grid["row"][i], grid["col"][i]) in kept:
+            kept_levels.append(np.percentile(red, 10))
+        else:
+            dropped_levels.append(np.percentile(red, 90))
+    assert kept_levels and dropped_levels
+    # every pixel of a kept core, black glass included, is washed in a colour the stains do
+    # not have; a dropped core stays black
+    assert min(kept_levels) >= 60 and max(dropped_levels) <= 20

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
 from bmseg.errors import BmsegError
-from bmseg.slide import Channel, Rect, open_slide
+from bmseg.slide import Channel, Rect, open_slide, parse_plane
+from bmseg.synth import describe_channels, section_image, write_frames_czi
 
 # Bounds, pixel sizes, channels and pixel types as ../shared/czi/README.md lists them.
 REAL_FILES = {
@@ -271,3 +273,225 @@ def test_slide_ids(make_czi):
         assert slide.slide_id == "P7-B.2"
     with pytest.raises(BmsegError, match="--slide-id"):
         open_slide(path, slide_id="P7/B")
+
+
+# ------------------------------------------------------------- modality, names, scenes, planes
+
+REAL_MODALITIES = {
+    "RGB-multichannel.czi": "brightfield",  # ContrastMethod Brightfield (+ PolarizedLight)
+    "1_tileregion.czi": "fluorescence",
+    "S3_1Pos_2Mosaic_T1_Z1_CH1.czi": "fluorescence",
+    "tiles.czi": "fluorescence",  # confocal: Fluorescence + a transmitted PMT channel
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_MODALITIES))
+def test_real_zeiss_files_take_their_modality_from_the_metadata(shared_czi, name):
+    with open_slide(shared_czi / name) as slide:
+        assert (slide.modality, slide.modality_source) == (REAL_MODALITIES[name], "metadata")
+
+
+def _one_frame(tmp_path, name, image, channels, scene_gap=None):
+    frames = [(0, 0, image, {"C": 0}, 0)]
+    if scene_gap is not None:  # a second section: un-acquired area between the two
+        frames.append((image.shape[1] + scene_gap, 0, image, {"C": 0}, 1))
+    path = write_frames_czi(tmp_path / name, frames, 0.5)
+    if channels:
+        describe_channels(path, channels)
+    return path
+
+
+def test_grey_brightfield_by_its_metadata_reads_white_between_scenes(tmp_path):
+    grey = section_image(120, 160, 1, background=235, tissue=140)  # bright glass, dark tissue
+    path = _one_frame(tmp_path, "grey.czi", grey, [{"ContrastMethod": "Brightfield"}], 100)
+    with open_slide(path) as slide:
+        assert (slide.modality, slide.modality_source) == ("brightfield", "metadata")
+        assert slide.background.tolist() == [255]
+        assert (slide.read(170, 0, 80, 100) == 255).all()  # the gap between the sections
+
+
+def test_colour_fluorescence_by_its_metadata_reads_black_between_scenes(tmp_path):
+    dark = section_image(120, 160, 2, background=8, tissue=150, channels=3)
+    path = _one_frame(tmp_path, "dark.czi", dark, [{"ContrastMethod": "Fluorescence"}], 100)
+    with open_slide(path) as slide:
+        assert (slide.modality, slide.modality_source) == ("fluorescence", "metadata")
+        assert slide.background.tolist() == [0, 0, 0]
+        assert not slide.read(170, 0, 80, 100).any()
+
+
+@pytest.mark.parametrize(
+    ("name", "background", "tissue", "channels", "modality"),
+    [
+        ("grey_bright.czi", 235, 140, 1, "brightfield"),
+        ("colour_dark.czi", 8, 150, 3, "fluorescence"),
+        ("colour_bright.czi", 240, 150, 3, "brightfield"),
+        ("grey_dark.czi", 10, 120, 1, "fluorescence"),
+    ],
+)
+def test_silent_metadata_leaves_the_modality_to_the_background(
+    tmp_path, name, background, tissue, channels, modality
+):
+    image = section_image(200, 240, 3, background=background, tissue=tissue, channels=channels)
+    with open_slide(_one_frame(tmp_path, name, image, None)) as slide:
+        assert (slide.modality, slide.modality_source) == (modality, "image")
+
+
+def test_a_blank_flat_frame_falls_back_to_the_pixel_type(tmp_path):
+    flat = np.full((64, 64, 3), 128, np.uint8)
+    with open_slide(_one_frame(tmp_path, "flat.czi", flat, None)) as slide:
+        assert (slide.modality, slide.modality_source) == ("brightfield", "pixel type")
+
+
+def test_modality_override_beats_the_metadata(synthetic_slide):
+    with open_slide(synthetic_slide[0], modality="fluorescence") as slide:
+        assert (slide.modality, slide.modality_source) == ("fluorescence", "override")
+        assert not slide.background.any()
+    with pytest.raises(BmsegError, match="--modality"):
+        open_slide(synthetic_slide[0], modality="darkfield")
+
+
+def test_ome_contrast_method_decides_the_modality(tmp_path):
+    path = tmp_path / "grey_bf.ome.tif"
+    image = section_image(128, 128, 4, background=20, tissue=200)  # looks dark-field...
+    metadata = {"axes": "YX", "Channel": {"Name": ["TL"], "ContrastMethod": ["Brightfield"]}}
+    tifffile.imwrite(path, image, metadata=metadata)
+    with open_slide(path, pixel_size_um=0.5) as slide:  # ...but the metadata says brightfield
+        assert (slide.modality, slide.modality_source) == ("brightfield", "metadata")
+
+
+def test_channel_names_fall_back_through_the_display_settings(tmp_path):
+    frames = [(0, 0, np.full((32, 32), 9 * c, np.uint8), {"C": c}, 0) for c in range(4)]
+    path = write_frames_czi(tmp_path / "names.czi", frames, 0.5)
+    describe_channels(
+        path,
+        [
+            {"DisplayName": "DAPI"},
+            {"ShortName": "GFP", "DyeName": "EGFP"},
+            {"DyeName": "Cy5"},
+            {},
+        ],
+    )
+    with open_slide(path) as slide:
+        assert [c.name for c in slide.channels] == ["DAPI", "GFP", "Cy5", "C3"]
+
+
+def test_scenes_of_a_real_file_are_listed(shared_czi):
+    with open_slide(shared_czi / "S3_1Pos_2Mosaic_T1_Z1_CH1.czi") as slide:
+        assert slide.scenes == [
+            Rect(145, 0, 295, 122),
+            Rect(0, 213, 64, 64),
+            Rect(293, 277, 352, 237),
+        ]
+    with open_slide(shared_czi / "tiles.czi") as slide:  # no scene index: the whole bounds
+        assert slide.scenes == [slide.bounds]
+
+
+def test_scenes_200000_px_apart_read_without_a_crash(tmp_path):
+    section = section_image(300, 400, 5, background=235, tissue=140, channels=3)
+    frames = [(0, 0, section, {"C": 0}, 0), (200_000, 0, section, {"C": 0}, 1)]
+    path = write_frames_czi(tmp_path / "far.czi", frames, 0.5)
+    with open_slide(path) as slide:
+        assert slide.scenes == [Rect(0, 0, 400, 300), Rect(200_000, 0, 400, 300)]
+        thumbnail, _ = slide.thumbnail(256)  # a strip a fraction of a pixel tall
+        assert thumbnail.shape == (1, 256, 3)
+        assert slide.modality == "brightfield"
+
+
+def _stack(tmp_path, dims: dict[str, int]) -> tuple[Path, np.ndarray]:
+    """A 2-channel CZI whose pixel value encodes its plane: 10*Z + 40*T + channel."""
+    import itertools
+
+    frames, values = [], {}
+    for indices in itertools.product(*(range(n) for n in dims.values())):
+        plane = dict(zip(dims, indices, strict=True))
+        for c in range(2):
+            value = 10 * plane.get("Z", 0) + 40 * plane.get("T", 0) + c
+            values[(*indices, c)] = value
+            frames.append((0, 0, np.full((16, 16), value, np.uint8), {**plane, "C": c}, 0))
+    return write_frames_czi(tmp_path / "stack.czi", frames, 0.5), values
+
+
+def test_extra_planes_warn_once_and_are_recorded(tmp_path, caplog):
+    path, _ = _stack(tmp_path, {"Z": 3, "T": 2})
+    with caplog.at_level("WARNING"):
+        with open_slide(path) as slide:
+            assert slide.plane == {"T": 0, "Z": 0}
+            assert slide.read(0, 0, 16, 16)[0, 0].tolist() == [0, 1]
+        open_slide(path).close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2  # Z and T, once each although the file was opened twice
+    assert any("Z has 3 planes" in w for w in warnings)
+    assert any("T has 2 planes" in w for w in warnings)
+
+
+def test_plane_choice_and_maximum_projection(tmp_path):
+    path, _ = _stack(tmp_path, {"Z": 3, "T": 2})
+    with open_slide(path, plane=parse_plane("Z=2,T=1")) as slide:
+        assert slide.plane == {"T": 1, "Z": 2}
+        assert slide.read(0, 0, 16, 16)[0, 0].tolist() == [60, 61]
+    with open_slide(path, plane=parse_plane("Z=max")) as slide:
+        assert slide.plane == {"T": 0, "Z": "max"}
+        assert slide.read(0, 0, 16, 16)[0, 0].tolist() == [20, 21]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("Z=5", "Z 0 to 2"), ("Q=1", "no Q dimension"), ("Z=top", "DIM=INDEX"), ("Z", "DIM=INDEX")],
+)
+def test_bad_plane_choices_are_one_line_errors(tmp_path, text, message):
+    path, _ = _stack(tmp_path, {"Z": 3})
+    with pytest.raises(BmsegError, match=message) as error:
+        open_slide(path, plane=parse_plane(text))
+    assert "\n" not in str(error.value)
+
+
+def test_tiff_planes_and_projection(tmp_path):
+    data = np.arange(3, dtype=np.uint16)[:, None, None] * 100 + np.zeros((3, 32, 32), np.uint16)
+    path = tmp_path / "zstack.ome.tif"
+    tifffile.imwrite(path, data, metadata={"axes": "ZYX"})
+    with open_slide(path, pixel_size_um=0.5) as slide:
+        assert slide.plane == {"Z": 0} and slide.read(0, 0, 8, 8).max() == 0
+    with open_slide(path, pixel_size_um=0.5, plane={"Z": 1}) as slide:
+        assert (slide.read(0, 0, 8, 8) == 100).all()
+    with open_slide(path, pixel_size_um=0.5, plane={"Z": "max"}) as slide:
+        assert (slide.read(0, 0, 8, 8) == 200).all()
+
+
+def test_an_undecodable_subblock_is_a_one_line_error(tmp_path):
+    """libCZI decodes every compression (zstd here, JPEG-XR on Axioscans); a subblock its
+    decoder refuses must still be one line naming the file, not a traceback."""
+    from pylibCZIrw import czi
+
+    path = tmp_path / "zstd.czi"
+    noise = np.random.default_rng(0).integers(0, 50, (256, 256, 1)).astype(np.uint8)
+    with czi.create_czi(str(path), exist_ok=True, compression_options="zstd1:ExplicitLevel=1") as w:
+        w.write(noise, location=(0, 0))
+        w.write_metadata(document_name="zstd", scale_x=1e-6, scale_y=1e-6)
+    data = bytearray(path.read_bytes())
+    frame = data.find(bytes([0x28, 0xB5, 0x2F, 0xFD]), data.find(b"ZISRAWSUBBLOCK"))
+    assert frame > 0  # the zstd frame of the one subblock
+    data[frame : frame + 4] = bytes(4)  # its magic number gone: the decoder gives up
+    damaged = tmp_path / "damaged.czi"
+    damaged.write_bytes(bytes(data))
+    with open_slide(path) as slide:
+        np.testing.assert_array_equal(slide.read(0, 0, 256, 256), noise)
+    with pytest.raises(BmsegError, match="cannot read pixels") as error, open_slide(damaged) as s:
+        s.read(0, 0, 256, 256)
+    assert "damaged.czi" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_image_decides_the_modality_once_per_file(tmp_path, monkeypatch):
+    """SEGMENT opens one Slide per reader thread: the probe read must not repeat."""
+    import bmseg.slide
+
+    calls = []
+    decide = bmseg.slide._modality_from_image
+    monkeypatch.setattr(
+        bmseg.slide, "_modality_from_image", lambda slide: calls.append(1) or decide(slide)
+    )
+    image = section_image(200, 240, 6, background=235, tissue=140)
+    path = _one_frame(tmp_path, "once.czi", image, None)
+    for _ in range(3):
+        with open_slide(path) as slide:
+            assert (slide.modality, slide.modality_source) == ("brightfield", "image")
+    assert len(calls) == 1

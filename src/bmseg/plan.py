@@ -1,11 +1,12 @@
 """PLAN: find the tissue of one slide and lay the grid of tiles that SEGMENT will read.
 
-``bmseg plan SLIDE --out DIR`` reads the slide once at low resolution (the pyramid where the
-file has one), detects tissue (:mod:`bmseg.tissue`), covers the slide's bounds with square tile
-*cores* and keeps the tiles whose core holds enough tissue. Each kept tile is read by SEGMENT as
+``bmseg plan SLIDE --out DIR`` reads each scene of the slide once at low resolution (the
+pyramid where the file has one), detects tissue (:mod:`bmseg.tissue`, one threshold for all
+scenes), covers the scenes with square tile *cores* of a grid anchored at the slide's bounds
+and keeps the tiles whose core holds enough tissue. Each kept tile is read by SEGMENT as
 its core plus a *margin*, so that every cell whose centroid lies in the core is seen whole
 (docs/tiles.md). Writes ``{slide}.tiles.parquet``, ``{slide}.slide.json`` and
-``{slide}.tissue.png`` (the thumbnail with the tissue outlined and the kept tiles drawn).
+``{slide}.tissue.png`` (a panel per scene with the tissue outlined and the kept tiles drawn).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bmseg.errors import BmsegError
-from bmseg.slide import Rect, Slide, open_slide
+from bmseg.slide import MODALITIES, Rect, Slide, open_slide, parse_plane
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,18 @@ THUMBNAIL_SIDE = 2048  # px, longer side of the low-resolution read
 THUMBNAIL_BANDS = 8  # the low-resolution read is done in bands, for progress
 PICTURE_SIDE = 1400  # px, longer side of tissue.png (small slides are enlarged to it)
 PICTURE_MIN_WIDTH = 640  # px, so that the caption fits
+PANEL_LABEL_H = 22  # px, the strip above each scene's panel naming it
+PANEL_GAP = 8  # px between scene panels
+# Opacity of the colour laid over kept cores: light on white glass, where the stain must stay
+# readable; stronger on black, where a light wash would vanish.
+KEPT_WASH = {"brightfield": 0.18, "fluorescence": 0.35}
 # Picture colours per modality: (tissue outline, kept cores, dropped cores), and their names.
+# The kept cores' wash is a saturated colour that stands out from the background of its
+# modality (blue on white glass; magenta on black, apart from the stains' blue and green),
+# the dropped cores a faint grey frame.
 PICTURE_COLOURS = {
     "brightfield": ((0, 170, 60), (40, 90, 230), (175, 175, 175), "green", "blue"),
-    "fluorescence": ((255, 215, 0), (235, 235, 255), (90, 90, 90), "yellow", "white"),
+    "fluorescence": ((255, 215, 0), (255, 60, 220), (110, 110, 110), "yellow", "magenta"),
 }
 
 TILE_SCHEMA = pa.schema(
@@ -88,11 +97,33 @@ def check_tiling(tile_size: int, margin: int, min_tissue_fraction: float) -> Non
         )
 
 
-def tile_grid(bounds: Rect, tile_size: int, margin: int) -> dict[str, np.ndarray]:
-    """Cores covering ``bounds`` row by row (the last row/column clipped) and their read windows."""
+def tile_grid(
+    bounds: Rect, tile_size: int, margin: int, scenes: list[Rect] | None = None
+) -> dict[str, np.ndarray]:
+    """Cores covering ``bounds`` row by row (the last row/column clipped) and their read windows.
+
+    With ``scenes``, only the cores that meet a scene: the grid stays anchored at the bounds'
+    corner (so cores never overlap, even where scenes' boxes come close), but the empty
+    stage between scenes far apart gets no tiles.
+    """
     cols = -(-bounds.w // tile_size)
     rows = -(-bounds.h // tile_size)
-    row, col = np.divmod(np.arange(rows * cols, dtype=np.int64), cols)
+    if scenes is None:
+        row, col = np.divmod(np.arange(rows * cols, dtype=np.int64), cols)
+    else:
+        cells = set()
+        for scene in scenes:
+            first_col = (scene.x - bounds.x) // tile_size
+            first_row = (scene.y - bounds.y) // tile_size
+            last_col = (scene.right - 1 - bounds.x) // tile_size
+            last_row = (scene.bottom - 1 - bounds.y) // tile_size
+            cells.update(
+                (r, c)
+                for r in range(first_row, last_row + 1)
+                for c in range(first_col, last_col + 1)
+            )
+        ordered = np.array(sorted(cells), np.int64).reshape(-1, 2)
+        row, col = ordered[:, 0], ordered[:, 1]
     core_x = bounds.x + col * tile_size
     core_y = bounds.y + row * tile_size
     core_w = np.minimum(tile_size, bounds.right - core_x)
@@ -115,120 +146,217 @@ def tile_grid(bounds: Rect, tile_size: int, margin: int) -> dict[str, np.ndarray
     }
 
 
-def tissue_fractions(mask: np.ndarray, bounds: Rect, grid: dict[str, np.ndarray]) -> np.ndarray:
-    """Tissue share of each core, from the thumbnail mask via an integral image.
+def scene_tissue_px(mask: np.ndarray, scene: Rect, grid: dict[str, np.ndarray]) -> np.ndarray:
+    """Tissue area (full-resolution px) of one scene's thumbnail mask inside each core.
 
-    A core covers every thumbnail pixel it touches (floor/ceil), so a sliver of tissue at a
-    core's edge is never lost to rounding.
+    Counts the thumbnail pixels of the window covering the core's overlap with the scene,
+    every thumbnail pixel it touches (floor/ceil), so a sliver of tissue at a core's edge is
+    never lost to rounding; 0 for cores that miss the scene.
     """
     import cv2
 
     height, width = mask.shape
-    scale_x, scale_y = width / bounds.w, height / bounds.h
+    scale_x, scale_y = width / scene.w, height / scene.h
+    left = np.maximum(grid["core_x"], scene.x) - scene.x
+    top = np.maximum(grid["core_y"], scene.y) - scene.y
+    right = np.minimum(grid["core_x"] + grid["core_w"], scene.right) - scene.x
+    bottom = np.minimum(grid["core_y"] + grid["core_h"], scene.bottom) - scene.y
+    meets = (right > left) & (bottom > top)
     integral = cv2.integral(mask.astype(np.uint8), sdepth=cv2.CV_64F)
-    x0 = np.clip(np.floor((grid["core_x"] - bounds.x) * scale_x).astype(np.int64), 0, width - 1)
-    y0 = np.clip(np.floor((grid["core_y"] - bounds.y) * scale_y).astype(np.int64), 0, height - 1)
-    right = grid["core_x"] + grid["core_w"] - bounds.x
-    bottom = grid["core_y"] + grid["core_h"] - bounds.y
+    x0 = np.clip(np.floor(left * scale_x).astype(np.int64), 0, width - 1)
+    y0 = np.clip(np.floor(top * scale_y).astype(np.int64), 0, height - 1)
     x1 = np.clip(np.ceil(right * scale_x).astype(np.int64), x0 + 1, width)
     y1 = np.clip(np.ceil(bottom * scale_y).astype(np.int64), y0 + 1, height)
     tissue = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return (tissue / ((x1 - x0) * (y1 - y0))).astype(np.float32)
+    return np.where(meets, tissue / (scale_x * scale_y), 0.0)
 
 
-def read_thumbnail(slide: Slide, max_side: int = THUMBNAIL_SIDE) -> tuple[np.ndarray, int]:
-    """The whole slide downsampled by an integer factor, read in bands with progress."""
+def tissue_fractions(
+    masks: list[np.ndarray], scenes: list[Rect], grid: dict[str, np.ndarray]
+) -> np.ndarray:
+    """Tissue share of each core: the scenes' tissue inside it over the core's area."""
+    tissue = sum(
+        (scene_tissue_px(m, s, grid) for m, s in zip(masks, scenes, strict=True)),
+        np.zeros(grid["row"].size),
+    )
+    area = (grid["core_w"] * grid["core_h"]).astype(np.float64)
+    return np.clip(tissue / area, 0, 1).astype(np.float32)
+
+
+def thumbnail_factor(scenes: list[Rect], max_side: int = THUMBNAIL_SIDE) -> int:
+    """One integer downsampling for all scenes: the largest scene's longer side to at most
+    ``max_side`` px, and all scenes together to at most four such squares of pixels."""
+    longest = max(max(s.w, s.h) for s in scenes)
+    area = sum(s.w * s.h for s in scenes)
+    return max(1, math.ceil(longest / max_side), math.ceil(math.sqrt(area / 4) / max_side))
+
+
+def read_thumbnails(slide: Slide, max_side: int = THUMBNAIL_SIDE) -> tuple[list[np.ndarray], int]:
+    """Each scene downsampled by one integer factor, read in bands with progress (libCZI
+    takes the pyramid level that fits where the file has one)."""
     from tqdm import tqdm
 
-    bounds = slide.bounds
-    factor = max(1, math.ceil(max(bounds.w, bounds.h) / max_side))
-    band_h = factor * max(1, -(-bounds.h // (factor * THUMBNAIL_BANDS)))
-    bands = []
+    factor = thumbnail_factor(slide.scenes, max_side)
+    thumbnails = []
     with tqdm(
-        total=bounds.w * bounds.h / 1e6,
+        total=sum(s.w * s.h for s in slide.scenes) / 1e6,
         desc=f"plan {slide.slide_id}",
         unit="Mpx",
         unit_scale=False,
         leave=False,
         delay=1,
     ) as progress:
-        for y in range(bounds.y, bounds.bottom, band_h):
-            height = min(band_h, bounds.bottom - y)
-            bands.append(slide.read(bounds.x, y, bounds.w, height, zoom=1 / factor))
-            progress.update(bounds.w * height / 1e6)
-    return np.concatenate(bands, axis=0), factor
+        for scene in slide.scenes:
+            band_h = factor * max(1, -(-scene.h // (factor * THUMBNAIL_BANDS)))
+            bands = []
+            for y in range(scene.y, scene.bottom, band_h):
+                height = min(band_h, scene.bottom - y)
+                bands.append(slide.read(scene.x, y, scene.w, height, zoom=1 / factor))
+                progress.update(scene.w * height / 1e6)
+            thumbnails.append(np.concatenate(bands, axis=0))
+    return thumbnails, factor
 
 
-def display_image(thumbnail: np.ndarray, modality: str) -> np.ndarray:
-    """An 8-bit RGB view of a thumbnail: RGB as is, fluorescence as a false-colour composite."""
-    if modality == "brightfield" and thumbnail.shape[2] >= 3:
+def display_image(thumbnail: np.ndarray, modality: str, fill: np.ndarray) -> np.ndarray:
+    """An 8-bit RGB view of a thumbnail: brightfield RGB as is, brightfield grey as grey,
+    fluorescence as a false-colour composite; each channel stretched between percentiles of
+    its acquired pixels (those that differ from the reader's ``fill``) where not RGB."""
+    if modality == "brightfield" and thumbnail.shape[2] >= 3:  # the first RGB triple
         image = thumbnail[:, :, :3].astype(np.float32)
         if thumbnail.dtype != np.uint8:
             image *= 255.0 / max(float(np.iinfo(thumbnail.dtype).max), 1.0)
         return np.clip(image, 0, 255).astype(np.uint8)
+    from bmseg.tissue import acquired_pixels
+
+    acquired = acquired_pixels(thumbnail, fill)
+    sample = thumbnail[acquired] if acquired.any() else thumbnail.reshape(-1, thumbnail.shape[2])
     colours = np.array([[0, 0.55, 1], [0.2, 1, 0.2], [1, 0.25, 0.2], [1, 0.9, 0.1]], np.float32)
+    if modality == "brightfield":  # grey (or several grey channels): the first, as grey
+        colours = np.ones((1, 3), np.float32)
     rgb = np.zeros((*thumbnail.shape[:2], 3), np.float32)
-    for index in range(thumbnail.shape[2]):
+    for index in range(thumbnail.shape[2] if modality != "brightfield" else 1):
         channel = thumbnail[:, :, index].astype(np.float32)
-        low, high = np.percentile(channel, (1, 99.8))
+        low, high = np.percentile(
+            sample[:, index], (0.5, 99.8) if modality == "brightfield" else (1, 99.8)
+        )
         scaled = np.clip((channel - low) / max(high - low, 1e-6), 0, 1)
         rgb += scaled[..., None] * colours[index % len(colours)]
+    rgb[~acquired] = 1.0 if modality == "brightfield" else 0.0
     return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
-def tissue_picture(
+def _area_text(mm2: float) -> str:
+    """An area in mm² to three significant digits: 0.00213, 0.213, 21.3, 213."""
+    return "0" if mm2 == 0 else f"{mm2:.3g}" if mm2 < 1000 else f"{mm2:.0f}"
+
+
+def scene_panel(
     thumbnail: np.ndarray,
     modality: str,
+    fill: np.ndarray,
     mask: np.ndarray,
-    bounds: Rect,
+    scene: Rect,
     grid: dict[str, np.ndarray],
     kept: np.ndarray,
-    caption: str,
-) -> bytes:
-    """PNG bytes: the thumbnail with the tissue outlined, the kept tiles' cores washed and
-    framed, dropped ones framed faintly, and a caption with a legend."""
+    size: tuple[int, int],
+) -> np.ndarray:
+    """One scene's thumbnail scaled to ``size`` (w, h): the tissue outlined, the kept cores
+    washed and framed, the dropped cores framed faintly."""
     import cv2
 
-    tissue_rgb, kept_rgb, dropped_rgb, tissue_name, kept_name = PICTURE_COLOURS[modality]
-    legend = f"{tissue_name}: tissue outline   {kept_name}: kept tile cores"
-    image = display_image(thumbnail, modality)
-    scale = PICTURE_SIDE / max(image.shape[:2])
-    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    tissue_rgb, kept_rgb, dropped_rgb, _, _ = PICTURE_COLOURS[modality]
+    image = display_image(thumbnail, modality, fill)
+    scale = size[0] / image.shape[1]
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST
     image = np.ascontiguousarray(cv2.resize(image, size, interpolation=interpolation))
     small_mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
     contours, _ = cv2.findContours(small_mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-    px_x, px_y = size[0] / bounds.w, size[1] / bounds.h
-    x0 = np.round((grid["core_x"] - bounds.x) * px_x).astype(int)
-    y0 = np.round((grid["core_y"] - bounds.y) * px_y).astype(int)
-    x1 = np.round((grid["core_x"] + grid["core_w"] - bounds.x) * px_x).astype(int) - 1
-    y1 = np.round((grid["core_y"] + grid["core_h"] - bounds.y) * px_y).astype(int) - 1
+    px_x, px_y = size[0] / scene.w, size[1] / scene.h
+    x0 = np.round((grid["core_x"] - scene.x) * px_x).astype(int)
+    y0 = np.round((grid["core_y"] - scene.y) * px_y).astype(int)
+    x1 = np.round((grid["core_x"] + grid["core_w"] - scene.x) * px_x).astype(int) - 1
+    y1 = np.round((grid["core_y"] + grid["core_h"] - scene.y) * px_y).astype(int) - 1
     wash = image.copy()
     for index in np.flatnonzero(kept):
         cv2.rectangle(wash, (x0[index], y0[index]), (x1[index], y1[index]), kept_rgb, -1)
-    image = cv2.addWeighted(wash, 0.15, image, 0.85, 0)
+    opacity = KEPT_WASH[modality]
+    image = cv2.addWeighted(wash, opacity, image, 1 - opacity, 0)
     for index in np.flatnonzero(~kept):
         cv2.rectangle(image, (x0[index], y0[index]), (x1[index], y1[index]), dropped_rgb, 1)
     for index in np.flatnonzero(kept):
-        cv2.rectangle(image, (x0[index], y0[index]), (x1[index], y1[index]), kept_rgb, 1)
+        cv2.rectangle(image, (x0[index], y0[index]), (x1[index], y1[index]), kept_rgb, 2)
     cv2.drawContours(image, contours, -1, tissue_rgb, 2, lineType=cv2.LINE_AA)
-    if image.shape[1] < PICTURE_MIN_WIDTH:  # room for the caption beside a tall, narrow slide
-        pad = PICTURE_MIN_WIDTH - image.shape[1]
-        image = np.pad(image, ((0, 0), (0, pad), (0, 0)), constant_values=255)
-    bar = np.full((52, image.shape[1], 3), 255, np.uint8)
-    font_scale = 0.5 if image.shape[1] >= 700 else 0.4
+    return image
+
+
+def _text(image: np.ndarray, text: str, origin: tuple[int, int], scale: float) -> None:
+    import cv2
+
+    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), 1, cv2.LINE_AA)
+
+
+def panel_sizes(scenes: list[Rect]) -> tuple[int, list[tuple[int, int]]]:
+    """Columns of the picture's grid of scene panels and each panel's (w, h) in px.
+
+    One scene: its longer side at :data:`PICTURE_SIDE`. Several: a grid about as wide as
+    that, each panel fitted into its square cell, so that a small scene far from a large
+    one still shows at a readable size (each panel has its own scale, printed above it).
+    """
+    columns = math.ceil(math.sqrt(len(scenes)))
+    cell = (
+        PICTURE_SIDE if len(scenes) == 1 else (PICTURE_SIDE - PANEL_GAP * (columns - 1)) // columns
+    )
+    sizes = []
+    for scene in scenes:
+        scale = cell / max(scene.w, scene.h)
+        sizes.append((max(1, round(scene.w * scale)), max(1, round(scene.h * scale))))
+    return columns, sizes
+
+
+def tissue_picture(
+    thumbnails: list[np.ndarray],
+    modality: str,
+    fill: np.ndarray,
+    masks: list[np.ndarray],
+    scenes: list[Rect],
+    grid: dict[str, np.ndarray],
+    kept: np.ndarray,
+    caption: str,
+    labels: list[str],
+) -> bytes:
+    """PNG bytes: a caption with a legend over one panel per scene (:func:`scene_panel`),
+    each labelled (``labels``) when the slide has several scenes."""
+    _, _, _, tissue_name, kept_name = PICTURE_COLOURS[modality]
+    legend = f"{tissue_name}: tissue outline   {kept_name}: kept tile cores   grey: no tissue"
+    columns, sizes = panel_sizes(scenes)
+    label_h = PANEL_LABEL_H if len(scenes) > 1 else 0
+    panels = [
+        scene_panel(t, modality, fill, m, s, grid, kept, size)
+        for t, m, s, size in zip(thumbnails, masks, scenes, sizes, strict=True)
+    ]
+    rows = [panels[i : i + columns] for i in range(0, len(panels), columns)]
+    row_labels = [labels[i : i + columns] for i in range(0, len(labels), columns)]
+    width = max(
+        PICTURE_MIN_WIDTH,
+        max(sum(p.shape[1] for p in row) + PANEL_GAP * (len(row) - 1) for row in rows),
+    )
+    blocks = []
+    for row, names in zip(rows, row_labels, strict=True):
+        height = max(p.shape[0] for p in row) + label_h
+        block = np.full((height, width, 3), 255, np.uint8)
+        x = 0
+        for panel, name in zip(row, names, strict=True):
+            block[label_h : label_h + panel.shape[0], x : x + panel.shape[1]] = panel
+            if label_h:
+                _text(block, name, (x + 2, label_h - 6), 0.45)
+            x += panel.shape[1] + PANEL_GAP
+        blocks.append(block)
+        blocks.append(np.full((PANEL_GAP, width, 3), 255, np.uint8))
+    bar = np.full((52, width, 3), 255, np.uint8)
+    font_scale = 0.5 if width >= 700 else 0.4
     for line, text in enumerate((caption, legend)):
-        cv2.putText(
-            bar,
-            text,
-            (8, 20 + 22 * line),
-            cv2.FONT_HERSHEY_SIMPLEX,
-            font_scale,
-            (20, 20, 20),
-            1,
-            cv2.LINE_AA,
-        )
-    return _png(np.vstack([bar, image]))
+        _text(bar, text, (8, 20 + 22 * line), font_scale)
+    return _png(np.vstack([bar, *blocks[:-1]]))
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -276,32 +404,64 @@ def plan_slide(
     min_tissue_fraction: float = DEFAULT_MIN_TISSUE_FRACTION,
     mk_max_area_um2: float = DEFAULT_MK_MAX_AREA_UM2,
     calibration_path: str | Path | None = None,
+    modality: str | None = None,
+    plane: dict[str, int | str] | None = None,
 ) -> dict:
-    """Plan one slide; write its tile table, slide.json and tissue picture; return slide.json."""
+    """Plan one slide; write its tile table, slide.json and tissue picture; return slide.json.
+
+    Each scene is read and its tissue found on its own (one threshold for all of them); the
+    tiles cover the scenes only. ``modality`` overrides the metadata's, ``plane`` picks the
+    Z/T/... plane read (:func:`bmseg.slide.parse_plane`).
+    """
     from bmseg.storage import atomic_path
-    from bmseg.tissue import detect_tissue, load_calibration, tissue_contrast
+    from bmseg.tissue import detect_scene_tissue, load_calibration
 
     if not mk_max_area_um2 > 0:
         raise BmsegError(f"--mk-max-area-um2 {mk_max_area_um2}: must be a positive area in µm²")
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    with open_slide(slide_path, pixel_size_um=pixel_size_um, slide_id=slide_id) as slide:
+    with open_slide(
+        slide_path, pixel_size_um=pixel_size_um, slide_id=slide_id, modality=modality, plane=plane
+    ) as slide:
         if margin is None:
             margin = default_margin(slide.pixel_size_um, mk_max_area_um2)
         check_tiling(tile_size, margin, min_tissue_fraction)
+        log.info(
+            "%s: %s (from the %s), %d scene(s), plane %s",
+            slide.path,
+            slide.modality,
+            slide.modality_source,
+            len(slide.scenes),
+            _plane_text(slide.plane),
+        )
         calibration = (
             load_calibration(calibration_path, slide.modality) if calibration_path else None
         )
-        thumbnail, factor = read_thumbnail(slide)
+        thumbnails, contrasts, factor = scene_contrasts_of(slide)
         read_seconds = time.perf_counter() - started
-        um_per_px = slide.pixel_size_um * slide.bounds.w / thumbnail.shape[1]
-        contrast = tissue_contrast(thumbnail, slide.modality, slide.background)
-        tissue = detect_tissue(contrast, um_per_px, calibration)
-        grid = tile_grid(slide.bounds, tile_size, margin)
-        fractions = tissue_fractions(tissue.mask, slide.bounds, grid)
+        um_per_px = [
+            slide.pixel_size_um * s.w / t.shape[1]
+            for s, t in zip(slide.scenes, thumbnails, strict=True)
+        ]
+        tissue = detect_scene_tissue(contrasts, um_per_px, calibration)
+        masks = [t.mask for t in tissue]
+        grid = tile_grid(slide.bounds, tile_size, margin, slide.scenes)
+        fractions = tissue_fractions(masks, slide.scenes, grid)
         kept = fractions > min_tissue_fraction
-        um_y = slide.pixel_size_um * slide.bounds.h / thumbnail.shape[0]
-        tissue_mm2 = float(tissue.mask.sum()) * um_per_px * um_y / 1e6
+        scene_mm2 = [
+            float(m.sum())
+            * (slide.pixel_size_um**2)
+            * (s.w / m.shape[1])
+            * (s.h / m.shape[0])
+            / 1e6
+            for m, s in zip(masks, slide.scenes, strict=True)
+        ]
+        scene_kept = [
+            int((kept & (scene_tissue_px(m, s, grid) > 0)).sum())
+            for m, s in zip(masks, slide.scenes, strict=True)
+        ]
+        tissue_mm2 = sum(scene_mm2)
+        threshold = tissue[0].threshold
         info = {
             "slide_id": slide.slide_id,
             "source": slide.path.name,
@@ -309,22 +469,44 @@ def plan_slide(
             "channels": [{"name": c.name, "dtype": c.dtype} for c in slide.channels],
             "bounds": slide.bounds.as_dict(),
             "modality": slide.modality,
+            "modality_source": slide.modality_source,
+            "plane": slide.plane,
             "tissue_area_mm2": round(tissue_mm2, 6),
             "tile_size": tile_size,
             "margin": margin,
             "tiles_total": int(fractions.size),
             "tiles_kept": int(kept.sum()),
             "min_tissue_fraction": min_tissue_fraction,
-            "tissue_threshold": None if math.isnan(tissue.threshold) else tissue.threshold,
-            "tissue_method": tissue.method,
+            "tissue_threshold": None if math.isnan(threshold) else threshold,
+            "tissue_method": tissue[0].method,
+            "thumbnail_downsample": factor,
+            "scenes": [
+                {"index": i, "bounds": s.as_dict(), "tissue_area_mm2": round(a, 6), "tiles_kept": k}
+                for i, (s, a, k) in enumerate(zip(slide.scenes, scene_mm2, scene_kept, strict=True))
+            ],
         }
+        scenes_text = f"  {len(slide.scenes)} scenes" if len(slide.scenes) > 1 else ""
+        found = f"tissue {_area_text(tissue_mm2)} mm2" if kept.any() else "NO TISSUE FOUND"
         caption = (
-            f"{slide.slide_id}  {slide.modality}  tissue {tissue_mm2:.2f} mm2  "
+            f"{slide.slide_id}  {slide.modality}{scenes_text}  {found}  "
             f"tiles kept {info['tiles_kept']}/{info['tiles_total']}  "
             f"(core {tile_size} px, margin {margin} px)"
         )
+        labels = [
+            f"scene {i}: {_area_text(a)} mm2, {k} tiles, "
+            f"{slide.pixel_size_um * s.w / 1000:.3g} mm wide"
+            for i, (s, a, k) in enumerate(zip(slide.scenes, scene_mm2, scene_kept, strict=True))
+        ]
         picture = tissue_picture(
-            thumbnail, slide.modality, tissue.mask, slide.bounds, grid, kept, caption
+            thumbnails,
+            slide.modality,
+            slide.background,
+            masks,
+            slide.scenes,
+            grid,
+            kept,
+            caption,
+            labels,
         )
         table = tile_table(slide.slide_id, grid, fractions, kept, slide.pixel_size_um)
         if not kept.any():
@@ -340,17 +522,16 @@ def plan_slide(
         json_tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         png_tmp.write_bytes(picture)
     log.info(
-        "plan %s: read %dx%d thumbnail (1/%d, %.2f µm/px) in %.2f s; tissue %.3f mm² (%s, "
+        "plan %s: read %d scene(s) at 1/%d (%.2f µm/px) in %.2f s; tissue %s mm² (%s, "
         "threshold %.4g); kept %d of %d tiles (tile %d px, margin %d px); wrote %s in %.2f s",
         info["source"],
-        thumbnail.shape[1],
-        thumbnail.shape[0],
+        len(thumbnails),
         factor,
-        um_per_px,
+        um_per_px[0],
         read_seconds,
-        tissue_mm2,
-        tissue.method,
-        tissue.threshold,
+        _area_text(tissue_mm2),
+        info["tissue_method"],
+        threshold,
         info["tiles_kept"],
         info["tiles_total"],
         tile_size,
@@ -359,6 +540,18 @@ def plan_slide(
         time.perf_counter() - started,
     )
     return info
+
+
+def _plane_text(plane: dict[str, int | str]) -> str:
+    return ",".join(f"{dim}={index}" for dim, index in plane.items()) or "-"
+
+
+def scene_contrasts_of(slide: Slide) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """The slide's scene thumbnails, their tissue contrasts and the downsampling factor."""
+    from bmseg.tissue import scene_contrasts
+
+    thumbnails, factor = read_thumbnails(slide)
+    return thumbnails, scene_contrasts(thumbnails, slide.modality, slide.background), factor
 
 
 def calibrate_slides(
@@ -373,7 +566,7 @@ def calibrate_slides(
     wins over ``pixel_size_um``, the value for every other slide.
     """
     from bmseg.storage import write_json
-    from bmseg.tissue import calibrate, tissue_contrast
+    from bmseg.tissue import calibrate
 
     own_sizes = dict(slide_pixel_sizes or {})
     unknown = sorted(str(path) for path in set(own_sizes) - set(slide_paths))
@@ -385,8 +578,7 @@ def calibrate_slides(
     contrasts, modalities = [], set()
     for path in slide_paths:
         with open_slide(path, pixel_size_um=own_sizes.get(path, pixel_size_um)) as slide:
-            thumbnail, _ = read_thumbnail(slide)
-            contrasts.append(tissue_contrast(thumbnail, slide.modality, slide.background))
+            contrasts.append(scene_contrasts_of(slide)[1])
             modalities.add(slide.modality)
     if len(modalities) > 1:
         raise BmsegError(
@@ -414,6 +606,8 @@ def _plan_command(args: argparse.Namespace) -> int:
         min_tissue_fraction=args.min_tissue_fraction,
         mk_max_area_um2=args.mk_max_area_um2,
         calibration_path=args.calibration,
+        modality=args.modality,
+        plane=parse_plane(args.plane),
     )
     return 0
 
@@ -474,6 +668,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="FILE",
         help="shared tissue threshold from bmseg calibrate-tissue, instead of per-slide Otsu",
+    )
+    parser.add_argument(
+        "--modality",
+        choices=MODALITIES,
+        help="brightfield or fluorescence, overriding the metadata (default: the channels' "
+        "contrast method in the metadata, else the image's background)",
+    )
+    parser.add_argument(
+        "--plane",
+        metavar="DIM=N,...",
+        help="plane of a Z stack, time series or Airyscan file to read, e.g. Z=3,T=0; Z=max "
+        "(fluorescence) or Z=min (brightfield) projects over Z (default: index 0 of each, with "
+        "a warning)",
     )
     parser.set_defaults(handler=_plan_command)
 

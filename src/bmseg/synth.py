@@ -469,9 +469,108 @@ def write_synthetic_slide(
                 scale_x=PIXEL_SIZE_UM * 1e-6,  # libCZI stores metres
                 scale_y=PIXEL_SIZE_UM * 1e-6,
             )
+        contrast = "Brightfield" if modality == "brightfield" else "Fluorescence"
+        describe_channels(tmp, [{"ContrastMethod": contrast}] * len(names))
         write_parquet(truth_table(layout, slide_id), truth_path)
     log.info("wrote %s and %s", path, truth_path)
     return truth_path
+
+
+def section_image(
+    height: int, width: int, seed: int, *, background: float, tissue: float, channels: int = 1
+) -> np.ndarray:
+    """A small field with a few blobs of "tissue" on an even background, uint8 (h, w[, 3]).
+
+    ``background`` and ``tissue`` are grey levels: a bright background with darker tissue is a
+    brightfield section, a dark one with brighter tissue a fluorescence (or dark-field) image.
+    With ``channels=3`` the tissue is tinted (more red than blue), as stained tissue is.
+    """
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    coarse = max(1, max(height, width) // 256)  # blobs drawn on a coarse grid, then enlarged
+    small = (max(2, -(-height // coarse)), max(2, -(-width // coarse)))
+    blobs = _smooth_noise(small, max(small) / 12, rng)
+    blobs = cv2.resize(blobs, (width, height), interpolation=cv2.INTER_LINEAR)
+    inside = blobs > np.quantile(blobs[:: max(1, coarse), :: max(1, coarse)], 0.7)  # 30 % tissue
+    image = np.where(inside, tissue, background).astype(np.float32)
+    image += rng.normal(0, 2, image.shape)
+    if channels == 3:
+        tint = np.array([1.0, 0.8, 0.9], np.float32)
+        image = np.where(inside[..., None], image[..., None] * tint, image[..., None] * [1, 1, 1])
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def blank_frame(
+    height: int, width: int, seed: int, *, level: float, gradient: float, noise: float
+) -> np.ndarray:
+    """An empty field, uint8 (h, w, 3): ``level`` grey with an illumination fall-off of
+    ``gradient`` grey levels from one corner to the opposite one (the vignetting of a
+    widefield camera, a tilted lamp) and Gaussian camera noise of ``noise`` levels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    ramp = (xx / max(width - 1, 1) + yy / max(height - 1, 1)) / 2
+    radial = ((xx / width - 0.5) ** 2 + (yy / height - 0.5) ** 2) * 2
+    image = level - gradient * (0.7 * ramp + 0.3 * radial)
+    image = image[..., None] + rng.normal(0, noise, (height, width, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_frames_czi(
+    path: str | Path,
+    frames: list[tuple[int, int, np.ndarray, dict[str, int], int]],
+    pixel_size_um: float,
+) -> Path:
+    """Write a CZI of ``(x, y, array, plane, scene)`` subblocks: ``array`` (h, w) gray or
+    (h, w, 3) RGB (stored as Bgr24), at slide ``(x, y)``, plane e.g. ``{"Z": 2, "C": 0}``."""
+    from pylibCZIrw import czi
+
+    path = Path(path)
+    with czi.create_czi(str(path), exist_ok=True) as writer:
+        for x, y, array, plane, scene in frames:
+            data = array[:, :, ::-1] if array.ndim == 3 else array[:, :, None]
+            writer.write(np.ascontiguousarray(data), location=(x, y), plane=plane, scene=scene)
+        scale = pixel_size_um * 1e-6
+        writer.write_metadata(document_name=path.stem, scale_x=scale, scale_y=scale)
+    return path
+
+
+def describe_channels(path: str | Path, channels: list[dict[str, str | None]]) -> None:
+    """Edit the channel metadata of a CZI in place, as ZEN would have written it.
+
+    One dict per channel (in C order): ``Name`` (``None`` removes it), ``ContrastMethod``,
+    ``IlluminationType``, ``AcquisitionMode`` (child elements of
+    ``Information/Image/Dimensions/Channels/Channel``) and ``DisplayName``, ``ShortName``,
+    ``DyeName`` (of the channel's ``DisplaySetting/Channels/Channel``, made where given).
+    """
+    import xml.etree.ElementTree as ET
+
+    from pylibCZIrw import czi
+
+    with czi.edit_czi(str(path)) as editor:
+        root = ET.fromstring(editor.read_metadata_xml())
+        metadata = root.find("Metadata")
+        elements = root.findall("Metadata/Information/Image/Dimensions/Channels/Channel")
+        displays = None
+        for index, (element, fields) in enumerate(zip(elements, channels, strict=False)):
+            if "Name" in fields:
+                element.attrib.pop("Name", None)
+                if fields["Name"] is not None:
+                    element.set("Name", fields["Name"])
+            for tag in ("ContrastMethod", "IlluminationType", "AcquisitionMode"):
+                if fields.get(tag):
+                    ET.SubElement(element, tag).text = fields[tag]
+            shown = {k: fields[k] for k in ("DisplayName", "ShortName", "DyeName") if fields.get(k)}
+            if shown:
+                if displays is None:
+                    displays = ET.SubElement(ET.SubElement(metadata, "DisplaySetting"), "Channels")
+                display = ET.SubElement(displays, "Channel", Id=f"Channel:{index}")
+                if "DisplayName" in shown:
+                    display.set("Name", shown.pop("DisplayName"))
+                for tag, text in shown.items():
+                    ET.SubElement(display, tag).text = text
+        with editor.edit_session() as builder:
+            builder.set_xml(ET.tostring(root, encoding="unicode"))
 
 
 def _synth_command(args: argparse.Namespace) -> int:

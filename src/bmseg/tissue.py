@@ -9,14 +9,18 @@ background, so that both modalities read "more tissue = larger value":
   background (1st percentile of acquired pixels per channel).
 
 Pixels equal to the reader's fill value in every channel were never acquired and take no part.
-The contrast is smoothed (Gaussian, 1.5 thumbnail px) and Otsu's threshold is taken on the
-histogram of its logarithm: on a log scale the faint tissue mode stays apart from the
-background mode even when a few very dark (or bright) cells stretch the linear range, which
-pulls a linear Otsu cut into the tissue. A slide without tissue has one mode, which Otsu still
-cuts in two; such a cut is rejected when the two classes lie fewer than ``MIN_SEPARATION``
-pooled standard deviations apart (log scale) or their mean contrasts differ by less than
-``MIN_CONTRAST``. Specks smaller than ``MIN_COMPONENT_UM2`` are dropped from the mask (dust),
-and pale holes inside tissue smaller than ``MAX_HOLE_UM2`` are filled in.
+The references are pooled over a slide's scenes. The contrast is smoothed (Gaussian, 1.5
+thumbnail px) and flat-fielded (a quadratic surface fitted to each scene's background is
+subtracted, so that uneven illumination does not spread the glass into a ramp). Otsu's
+threshold is taken on the histogram of its logarithm, pooled over the scenes: on a log scale
+the faint tissue mode stays apart from the background mode even when a few very dark (or
+bright) cells stretch the linear range, which pulls a linear Otsu cut into the tissue. A
+slide without tissue has one mode, which Otsu still cuts in two; such a cut is rejected when
+the two classes lie fewer than ``MIN_SEPARATION`` pooled standard deviations apart (log
+scale), their mean contrasts differ by less than ``MIN_CONTRAST``, or by less than
+``NOISE_SIGMAS`` times the glass's own noise. Specks smaller than ``MIN_COMPONENT_UM2`` are
+dropped from the mask (dust), and pale holes inside tissue smaller than ``MAX_HOLE_UM2`` are
+filled in.
 
 A *calibration* (JSON, made by ``bmseg calibrate-tissue``) fixes the threshold for a cohort:
 Otsu on the pooled contrast histograms of several slides of one modality, then used for each
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +47,11 @@ LOG_RANGE = (float(np.log(0.005)), float(np.log(16.0)))  # contrast range of the
 MIN_COMPONENT_UM2 = 200.0  # smaller tissue specks are dust
 MAX_HOLE_UM2 = 2000.0  # smaller pale holes inside tissue count as tissue
 HISTOGRAM_BINS = 512  # log-spaced bins, 1.6 % wide
+NOISE_SIGMAS = 4.0  # tissue must stand above the glass by this many of its noise SDs
+FLAT_FIELD_MIN_PIXELS = 200  # fewer background pixels than this: no flat-field fit
+FLAT_FIELD_MIN_SHARE = 0.05  # nor when the background is under 5 % of the scene
+FLAT_FIELD_SAMPLE = 50_000  # background pixels the surface is fitted on, at most
+NOISE_STRIDE = 2  # the glass's noise is measured on every 2nd pixel of every 2nd row
 CALIBRATION_VERSION = 1
 
 
@@ -55,24 +64,59 @@ class TissueMask:
     method: str  # "otsu", "calibration" or "none"
 
 
-def contrast_image(thumbnail: np.ndarray, modality: str, background: np.ndarray) -> np.ndarray:
-    """The log-ratio-to-background contrast of a (h, w, C) thumbnail; NaN where not acquired."""
-    acquired = ~np.all(thumbnail == np.asarray(background).astype(thumbnail.dtype), axis=2)
-    if not acquired.any():
+def acquired_pixels(thumbnail: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Bool (h, w): pixels that differ from the reader's fill value in some channel."""
+    return ~np.all(thumbnail == np.asarray(background).astype(thumbnail.dtype), axis=2)
+
+
+def background_levels(
+    thumbnails: list[np.ndarray], modality: str, background: np.ndarray
+) -> np.ndarray:
+    """Per channel, the empty-glass reference of all scenes together: the 99th percentile of
+    the acquired pixels (brightfield white) or their 1st (fluorescence dark); NaN if none.
+
+    Pooled over scenes, so that a small scene lying wholly in tissue is compared with the
+    glass that the other scenes show.
+    """
+    channels = thumbnails[0].shape[2]
+    pooled = [
+        np.concatenate([t[:, :, c][acquired_pixels(t, background)] for t in thumbnails])
+        for c in range(channels)
+    ]
+    q = 99 if modality == "brightfield" else 1
+    return np.array([_percentile(v, q) if v.size else np.nan for v in pooled])
+
+
+def contrast_image(
+    thumbnail: np.ndarray,
+    modality: str,
+    background: np.ndarray,
+    levels: np.ndarray | None = None,
+) -> np.ndarray:
+    """The log-ratio-to-background contrast of a (h, w, C) thumbnail; NaN where not acquired.
+
+    ``levels`` are the per-channel references (:func:`background_levels`; by default those
+    of this thumbnail alone). Pixels brighter than white (darker than the dark reference) get
+    a negative contrast: the spread of the background around zero is what the no-tissue test
+    measures its noise on.
+    """
+    acquired = acquired_pixels(thumbnail, background)
+    if levels is None:
+        levels = background_levels([thumbnail], modality, background)
+    if not acquired.any() or not np.isfinite(levels).all():
         return np.full(thumbnail.shape[:2], np.nan, np.float32)
     brightfield = modality == "brightfield"
     planes = []
     for index in range(thumbnail.shape[2]):
         channel = thumbnail[:, :, index]
-        level = _percentile(channel[acquired], 99 if brightfield else 1)
+        level = float(levels[index])
         if brightfield:
             ratio = lambda v, level=level: np.log(max(level, 1) / np.maximum(v, 1))  # noqa: E731
         else:
             ratio = lambda v, level=level: np.log((v + 1) / (level + 1))  # noqa: E731
         planes.append(_per_value(channel, ratio))
     stack = np.stack(planes, axis=2)
-    contrast = stack.mean(axis=2) if brightfield else stack.max(axis=2)
-    contrast = np.maximum(contrast, 0).astype(np.float32)
+    contrast = (stack.mean(axis=2) if brightfield else stack.max(axis=2)).astype(np.float32)
     contrast[~acquired] = np.nan
     return contrast
 
@@ -94,9 +138,77 @@ def _per_value(channel: np.ndarray, function) -> np.ndarray:
     return function(channel.astype(np.float32)).astype(np.float32)
 
 
-def tissue_contrast(thumbnail: np.ndarray, modality: str, background: np.ndarray) -> np.ndarray:
-    """The smoothed contrast image that thresholds are computed on and applied to."""
-    return _smooth(contrast_image(thumbnail, modality, background))
+def scene_contrasts(
+    thumbnails: list[np.ndarray], modality: str, background: np.ndarray
+) -> list[np.ndarray]:
+    """The contrast images that thresholds are computed on and applied to, one per scene.
+
+    Contrast against the scenes' pooled glass reference, smoothed, then flat-fielded: a
+    quadratic surface fitted to each scene's background (the pixels below a first, pooled Otsu
+    cut) is subtracted, so that uneven illumination (vignetting, a tilted lamp) leaves the
+    glass at zero contrast everywhere instead of spreading it into a ramp that Otsu would cut.
+    """
+    levels = background_levels(thumbnails, modality, background)
+    contrasts = [_smooth(contrast_image(t, modality, background, levels)) for t in thumbnails]
+    first = otsu_split(sum(contrast_histogram(c) for c in contrasts))
+    if not np.isfinite(first.threshold):
+        return contrasts
+    return [_flatten(c, first.threshold) for c in contrasts]
+
+
+def _flatten(contrast: np.ndarray, threshold: float) -> np.ndarray:
+    """``contrast`` minus a quadratic surface fitted to its pixels at or below ``threshold``,
+    plus the surface's median there: the glass's level stays, its slope goes.
+
+    Fitted twice, the second time without the pixels whose residual exceeds 3 robust standard
+    deviations (tissue edges below the cut); left as it is where too little background shows
+    to fit a surface to (a scene lying wholly in tissue).
+    """
+    finite = np.isfinite(contrast)
+    with np.errstate(invalid="ignore"):
+        glass = finite & (contrast <= threshold)
+    if glass.sum() < max(FLAT_FIELD_MIN_PIXELS, FLAT_FIELD_MIN_SHARE * finite.sum()):
+        return contrast
+    height, width = contrast.shape
+    rows, cols = np.nonzero(glass)
+    step = max(1, rows.size // FLAT_FIELD_SAMPLE)
+    rows, cols = rows[::step], cols[::step]
+
+    def design(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        y = 2 * r / max(height - 1, 1) - 1
+        x = 2 * c / max(width - 1, 1) - 1
+        return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
+
+    a, values = design(rows, cols), contrast[rows, cols].astype(np.float64)
+    keep = np.ones(values.size, bool)
+    for _ in range(2):
+        coefficients, *_ = np.linalg.lstsq(a[keep], values[keep], rcond=None)
+        residual = values - a @ coefficients
+        spread = 1.4826 * np.median(np.abs(residual[keep] - np.median(residual[keep])))
+        keep = np.abs(residual) <= 3 * max(spread, 1e-6)
+    c0, cx, cy, cxx, cxy, cyy = coefficients.astype(np.float32)
+    x = (2 * np.arange(width, dtype=np.float32) / max(width - 1, 1) - 1)[None, :]
+    y = (2 * np.arange(height, dtype=np.float32) / max(height - 1, 1) - 1)[:, None]
+    surface = c0 + cx * x + cy * y + cxx * x * x + cxy * x * y + cyy * y * y  # broadcast (h, w)
+    level = float(np.median(a @ coefficients))  # the glass keeps its (positive) contrast level
+    return (contrast - surface + np.float32(level)).astype(np.float32)
+
+
+def background_noise(contrasts: list[np.ndarray], threshold: float) -> float:
+    """Robust standard deviation of the glass's contrast (the pixels at or below
+    ``threshold``), from the side away from tissue: ``1.4826 × median(m - c)`` over the glass
+    pixels ``c`` below the glass's median ``m`` (on a quarter of the pixels: the smoothed
+    contrast changes little from one pixel to the next); 0 when it cannot be measured."""
+    if not np.isfinite(threshold):
+        return 0.0
+    values = [c[::NOISE_STRIDE, ::NOISE_STRIDE] for c in contrasts]
+    values = [v[np.isfinite(v)] for v in values]
+    glass = np.concatenate([v[v <= threshold] for v in values])
+    if glass.size == 0:
+        return 0.0
+    middle = np.median(glass)
+    below = middle - glass[glass < middle]
+    return float(1.4826 * np.median(below)) if below.size else 0.0
 
 
 def _smooth(contrast: np.ndarray) -> np.ndarray:
@@ -128,11 +240,18 @@ class Split:
     threshold: float  # contrast, linear
     separation: float  # class means' difference over pooled standard deviation, log scale
     difference: float  # tissue class mean minus background class mean, linear contrast
+    noise: float = 0.0  # robust SD of the glass's contrast (0: not measured)
 
     @property
     def has_tissue(self) -> bool:
-        """Whether the split separates two real classes rather than cutting noise in two."""
-        return self.separation >= MIN_SEPARATION and self.difference >= MIN_CONTRAST
+        """Whether the split separates two real classes rather than cutting noise in two:
+        classes far apart on the log scale, tissue darker (brighter) than the glass by
+        ``MIN_CONTRAST`` and by ``NOISE_SIGMAS`` times the glass's noise."""
+        return (
+            self.separation >= MIN_SEPARATION
+            and self.difference >= MIN_CONTRAST
+            and self.difference >= NOISE_SIGMAS * self.noise
+        )
 
 
 def otsu_split(counts: np.ndarray) -> Split:
@@ -167,23 +286,37 @@ def otsu_split(counts: np.ndarray) -> Split:
     return Split(float(np.exp(edges[cut + 1])), separation, difference)
 
 
-def detect_tissue(
-    contrast: np.ndarray, um_per_thumbnail_px: float, calibration: dict | None = None
-) -> TissueMask:
-    """Tissue mask from :func:`tissue_contrast`; a ``calibration`` fixes the threshold."""
+def detect_scene_tissue(
+    contrasts: list[np.ndarray],
+    um_per_thumbnail_px: list[float],
+    calibration: dict | None = None,
+) -> list[TissueMask]:
+    """Tissue masks of a slide's scenes (:func:`scene_contrasts`), cut at one threshold:
+    Otsu's on their pooled histogram, or the ``calibration``'s."""
     if calibration is not None:
         threshold, method = float(calibration["threshold"]), "calibration"
     else:
-        split = otsu_split(contrast_histogram(contrast))
+        split = slide_split(contrasts)
         threshold, method = split.threshold, "otsu"
         if not split.has_tissue:
             log.debug("no tissue: %s", split)
-            return TissueMask(np.zeros(contrast.shape, bool), float("nan"), "none")
-    with np.errstate(invalid="ignore"):
-        mask = (contrast > threshold).astype(np.uint8)
-    pixel_um2 = um_per_thumbnail_px**2
-    mask = _fill_small_holes(_drop_small_components(mask, MIN_COMPONENT_UM2 / pixel_um2), pixel_um2)
-    return TissueMask(mask, threshold, method)
+            return [TissueMask(np.zeros(c.shape, bool), float("nan"), "none") for c in contrasts]
+    masks = []
+    for contrast, um_per_px in zip(contrasts, um_per_thumbnail_px, strict=True):
+        with np.errstate(invalid="ignore"):
+            mask = (contrast > threshold).astype(np.uint8)
+        pixel_um2 = um_per_px**2
+        mask = _drop_small_components(mask, MIN_COMPONENT_UM2 / pixel_um2)
+        masks.append(TissueMask(_fill_small_holes(mask, pixel_um2), threshold, method))
+    if method == "otsu" and not any(m.mask.any() for m in masks):  # only specks were above
+        return [TissueMask(m.mask, float("nan"), "none") for m in masks]
+    return masks
+
+
+def slide_split(contrasts: list[np.ndarray]) -> Split:
+    """Otsu's split of the scenes' pooled contrast, with the glass's noise measured on them."""
+    split = otsu_split(sum(contrast_histogram(c) for c in contrasts))
+    return replace(split, noise=background_noise(contrasts, split.threshold))
 
 
 def _drop_small_components(mask: np.ndarray, min_pixels: float) -> np.ndarray:
@@ -237,13 +370,16 @@ def load_calibration(path: str | Path, modality: str) -> dict:
     return data
 
 
-def calibrate(contrasts: list[np.ndarray], modality: str, sources: list[str]) -> dict:
-    """One Otsu threshold for several slides' contrast images, pooled (each slide weighs alike)."""
+def calibrate(contrasts: list[list[np.ndarray]], modality: str, sources: list[str]) -> dict:
+    """One Otsu threshold for several slides' scene contrasts, pooled (each slide weighs
+    alike)."""
     pooled = np.zeros(HISTOGRAM_BINS)
-    for contrast in contrasts:
-        counts = contrast_histogram(contrast).astype(np.float64)
+    for scenes in contrasts:
+        counts = sum(contrast_histogram(c) for c in scenes).astype(np.float64)
         pooled += counts / max(counts.sum(), 1)
     split = otsu_split(pooled)
+    noise = max(background_noise(scenes, split.threshold) for scenes in contrasts)
+    split = replace(split, noise=noise)
     if not split.has_tissue:
         raise BmsegError(
             "calibrate-tissue: the slides show no clear tissue/background split "

@@ -21,9 +21,10 @@ process PLAN {
     script:
     def args = task.ext.args ?: ''
     def pixel_size = meta.pixel_size_um ? "--pixel-size-um ${meta.pixel_size_um}" : ''
+    def modality = meta.modality ? "--modality ${meta.modality}" : ''
     def shared_threshold = calibration ? "--calibration ${calibration}" : ''
     """
-    bmseg --no-progress plan ${slide} --slide-id ${meta.id} ${pixel_size} ${shared_threshold} ${args} --out .
+    bmseg --no-progress plan ${slide} --slide-id ${meta.id} ${pixel_size} ${modality} ${shared_threshold} ${args} --out .
 
     bmseg versions --process ${task.process} > versions.yml
     """
