@@ -73,7 +73,7 @@ workflow {
         // -profile test: tiny synthetic slides and random-initialised checkpoints, no downloads.
         SYNTH(channel.of(1..n_synth).map { i -> ["synth${i}", i] })
         TESTMODELS()
-        ch_slides = SYNTH.out.slide.map { slide_id, czi -> [[id: slide_id, pixel_size_um: null], czi] }
+        ch_slides = SYNTH.out.slide.map { slide_id, czi -> [[id: slide_id, pixel_size_um: null, modality: null], czi] }
         ch_models = TESTMODELS.out.models
         ch_versions = ch_versions.mix(SYNTH.out.versions, TESTMODELS.out.versions)
     } else {
@@ -99,7 +99,7 @@ workflow {
             }
             ch_slides = channel
                 .fromList(slides)
-                .map { slide -> [[id: slideId(slide.name), pixel_size_um: params.pixel_size_um], slide] }
+                .map { slide -> [[id: slideId(slide.name), pixel_size_um: params.pixel_size_um, modality: null], slide] }
         }
         // An empty list stages nothing: SEGMENT then reads the image's baked-in weights.
         ch_models = params.models_dir
