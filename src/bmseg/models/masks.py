@@ -41,19 +41,35 @@ def filter_lowres(
 ) -> torch.Tensor:
     """Boolean keep-vector for (N, h, w) low-res ``logits`` with predicted IoUs ``iou_preds``.
 
-    The full-resolution area of a candidate is estimated as its low-res pixel count times
-    ``px_per_lowres_px`` (the upsampling factor squared); a 10 % margin either side keeps
-    candidates whose exact area is decided after upsampling, where it is checked again.
+    Predicted IoU as SAM2 filters it; the full-resolution area of a candidate is estimated as
+    its low-res pixel count times ``px_per_lowres_px`` (the upsampling factor squared), with
+    10 % slack either side: exact areas and the stability score are decided on the upsampled
+    logits (:func:`upsampled_stats`), where they are checked again.
     """
     keep = iou_preds > rules.pred_iou_thresh
-    if rules.stability_score_thresh > 0:
-        stability = calculate_stability_score(
-            logits, rules.mask_threshold, rules.stability_score_offset
-        )
-        keep &= stability >= rules.stability_score_thresh
     area = (logits > rules.mask_threshold).sum(dim=(-2, -1)).float() * px_per_lowres_px
     keep &= (area >= 0.9 * rules.min_area_px) & (area <= 1.1 * rules.max_area_px)
     return keep
+
+
+def upsampled_stats(
+    logits: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int], rules: LowResFilter
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stability score, area and inclusive box (x0, y0, x1, y1) of each upsampled mask.
+
+    The stability score is SAM2's (``calculate_stability_score`` on the logits upsampled to the
+    image: |logits > t + offset| / |logits > t − offset|), computed inside ``boxes``, which must
+    hold every pixel above ``t − offset`` (:func:`lowres_boxes` at that threshold does).
+    """
+    sampled, valid = sample_in_boxes(logits, boxes, out_hw)
+    sampled = torch.where(valid, sampled, torch.full_like(sampled, -torch.inf))
+    stability = calculate_stability_score(
+        sampled, rules.mask_threshold, rules.stability_score_offset
+    )
+    masks = sampled > rules.mask_threshold
+    area = masks.sum(dim=(1, 2))
+    tight = batched_mask_to_box(masks) + boxes[:, :2].repeat(1, 2)
+    return stability.nan_to_num(0.0), area, tight
 
 
 def lowres_boxes(
@@ -113,15 +129,15 @@ def _window_grid(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return rows, cols, valid
 
 
-def upsample_in_boxes(
-    logits: torch.Tensor, boxes: torch.Tensor, tile_hw: tuple[int, int], threshold: float
-) -> torch.Tensor:
-    """Binary masks (K, Hm, Wm) of (K, h, w) low-res ``logits`` upsampled inside ``boxes``.
+def sample_in_boxes(
+    logits: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upsampled logits (K, Hm, Wm) of (K, h, w) low-res ``logits`` inside ``boxes``, and validity.
 
-    Identical to bilinear ``F.interpolate(..., size=tile_hw, align_corners=False)`` of the whole
+    Identical to bilinear ``F.interpolate(..., size=out_hw, align_corners=False)`` of the whole
     logit map (SAM2's own postprocessing) followed by cropping, but only the box is computed.
     """
-    height, width = tile_hw
+    height, width = out_hw
     rows, cols, valid = _window_grid(boxes)
     grid_y = (rows.float() + 0.5) / height * 2 - 1
     grid_x = (cols.float() + 0.5) / width * 2 - 1
@@ -131,7 +147,72 @@ def upsample_in_boxes(
     sampled = F.grid_sample(
         logits[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False
     )[:, 0]
+    return sampled, valid
+
+
+def upsample_in_boxes(
+    logits: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int], threshold: float
+) -> torch.Tensor:
+    """Binary masks (K, Hm, Wm): :func:`sample_in_boxes` above ``threshold``."""
+    sampled, valid = sample_in_boxes(logits, boxes, out_hw)
     return (sampled > threshold) & valid
+
+
+def window_pixels(
+    boxes: torch.Tensor, windows: torch.Tensor, tile_hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat tile-pixel indices of the True pixels of box windows, and the mask each belongs to."""
+    k, dy, dx = torch.nonzero(windows, as_tuple=True)
+    return (boxes[k, 1] + dy) * tile_hw[1] + boxes[k, 0] + dx, k
+
+
+def pair_intersections(
+    flat: torch.Tensor, owner: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every ordered pair ``(i, j)`` of masks sharing pixels, and how many: three (P,) tensors.
+
+    Masks are pixel lists (``flat`` tile-pixel indices, ``owner`` mask index). Pixels are
+    sorted, so the owners of one pixel are neighbours; pairs at distance ``d = 1, 2, ...`` (up
+    to the deepest overlap) are collected, then counted with one ``unique``.
+    """
+    count = int(owner.max()) + 1 if len(owner) else 0
+    order = torch.argsort(flat * count + owner)
+    flat, owner = flat[order], owner[order]
+    keys = []
+    for distance in range(1, len(flat)):
+        same = flat[distance:] == flat[:-distance]
+        if not bool(same.any()):
+            break
+        a, b = owner[:-distance][same], owner[distance:][same]
+        keys += [a * count + b, b * count + a]
+    if not keys:
+        empty = owner.new_zeros(0)
+        return empty, empty, empty
+    pairs, shared = torch.unique(torch.cat(keys), return_counts=True)
+    return pairs // count, pairs % count, shared
+
+
+def nested_in_larger(
+    flat: torch.Tensor, owner: torch.Tensor, count: int, scores: torch.Tensor, thresh: float
+) -> torch.Tensor:
+    """Bool (count,): masks whose ``thresh`` share or more lies inside a larger mask.
+
+    Masks are given as pixel lists (``flat`` tile-pixel indices, ``owner`` mask index). For
+    masks ``i`` and ``j`` with ``|i ∩ j| ≥ thresh · min(|i|, |j|)`` the smaller one is nested
+    in the other and flagged; of two equal areas the lower score (then the later index) is
+    flagged. Every pair is judged on its own (a mask nested in a flagged mask is flagged too).
+    """
+    nested = torch.zeros(count, dtype=torch.bool, device=flat.device)
+    if count == 0:
+        return nested
+    area = torch.bincount(owner, minlength=count)
+    i, j, shared = pair_intersections(flat, owner)
+    larger = (area[i] > area[j]) | (
+        (area[i] == area[j]) & ((scores[i] > scores[j]) | ((scores[i] == scores[j]) & (i < j)))
+    )
+    flagged = larger & (shared.float() >= thresh * area[j].float())
+    nested[j[flagged]] = True
+    return nested
 
 
 def crop_labels(labels: torch.Tensor, boxes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -155,9 +236,12 @@ class Painter:
 
     def add(self, boxes: torch.Tensor, windows: torch.Tensor, priority: torch.Tensor) -> None:
         """Add masks ``windows`` at ``boxes`` with int64 ``priority`` (unique, ≥ 0)."""
-        k, dy, dx = torch.nonzero(windows, as_tuple=True)
-        flat = (boxes[k, 1] + dy) * self.tile_hw[1] + boxes[k, 0] + dx
-        self.winner.scatter_reduce_(0, flat, priority[k], reduce="amax")
+        flat, k = window_pixels(boxes, windows, self.tile_hw)
+        self.add_pixels(flat, priority[k])
+
+    def add_pixels(self, flat: torch.Tensor, priority: torch.Tensor) -> None:
+        """Add pixels ``flat`` (tile-pixel indices) each with its mask's ``priority``."""
+        self.winner.scatter_reduce_(0, flat, priority, reduce="amax")
 
     def labels(self, min_area_px: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(H, W) int32 labels 1..n in priority order (highest first) and the n priorities kept.
