@@ -18,7 +18,6 @@ from bmseg.models import (
     EmbedderSettings,
     HSPCSettings,
     MKSettings,
-    exclude_claimed,
     load_models,
     resolve_device,
 )
@@ -512,22 +511,6 @@ def test_hspc_segmentation_runs_cellpose_and_sam2(models) -> None:
     assert len(found) == 1 and found[0].labels.shape == (256, 256)
     areas = np.bincount(found[0].labels.ravel())[1:] * PIXEL_UM**2
     assert len(areas) == found[0].count and ((areas >= 20.0) & (areas <= 100.0)).all()
-
-
-def test_mk_pixels_excluded_from_hspcs() -> None:
-    mk = np.zeros((20, 20), np.int32)
-    mk[0:10, 0:10] = 1
-    hspc = np.zeros((20, 20), np.int32)
-    hspc[8:12, 8:12] = 1  # 16 px, 4 inside the MK: keeps 12
-    hspc[2:5, 2:5] = 2  # inside the MK: dropped
-    hspc[15:18, 15:18] = 3  # untouched
-    result = exclude_claimed(
-        Detections(mk, np.array([0.9], np.float32)),
-        Detections(hspc, np.array([0.5, 0.6, 0.7], np.float32)),
-    )
-    assert result.scores.tolist() == pytest.approx([0.5, 0.7])
-    assert int((result.labels == 1).sum()) == 12 and int((result.labels == 2).sum()) == 9
-    assert not ((result.labels > 0) & (mk > 0)).any()
 
 
 # --- embedder ----------------------------------------------------------------------------------

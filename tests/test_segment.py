@@ -28,6 +28,7 @@ from bmseg.models.base import Detections
 from bmseg.segment import (
     SegmentOptions,
     Tile,
+    hspc_rect,
     keep_owned,
     match_slides,
     read_batch_table,
@@ -90,6 +91,12 @@ class OracleSegmenter:
         return found
 
 
+def hspc_windows(tiles: Sequence[Tile], options: SegmentOptions) -> list[Rect]:
+    """The slide rectangles SEGMENT hands the HSPC segmenter: core + HSPC margin."""
+    rects = [hspc_rect(t, options.hspc_max_area_um2) for t in tiles]
+    return [Rect(t.read.x + r.x, t.read.y + r.y, r.w, r.h) for t, r in zip(tiles, rects)]
+
+
 class MeanColourEmbedder:
     """A cheap embedder: the crop's mean R, G, B, then zeros."""
 
@@ -118,10 +125,10 @@ def run_oracle(slide_path, truth, out_dir, batch_path, **option_args):
     """segment_batch with oracle segmenters over the tiles of the batch table at ``batch_path``."""
     number, tiles = read_batch_table(batch_path)
     paths = match_slides([t.slide_id for t in tiles], [str(slide_path)])
-    windows = [t.read for t in tiles]
-    mk, hspc = OracleSegmenter("MK", truth, windows), OracleSegmenter("HSPC", truth, windows)
-    embedder = MeanColourEmbedder()
     options = SegmentOptions(progress=False, **option_args)
+    mk = OracleSegmenter("MK", truth, [t.read for t in tiles])
+    hspc = OracleSegmenter("HSPC", truth, hspc_windows(tiles, options))
+    embedder = MeanColourEmbedder()
     summary = segment_batch(
         tiles, paths, mk, hspc, embedder, out_dir, options, {"batch": number, "device": "cpu"}
     )
@@ -278,8 +285,10 @@ def test_masks_crops_and_batch_record(oracle_run):
                 mine = [c for c in cells if c["tile_id"] == tile.tile_id]
                 counts = np.bincount(labels.ravel(), minlength=len(mine) + 1)
                 assert len(counts) == len(mine) + 1
+                hspc_counts = np.bincount(group["hspc_labels"][...].ravel(), minlength=len(mine) + 1)
                 for cell in mine:
-                    assert counts[cell["mask_label"]] == cell["area_px"]
+                    layer = counts if cell["cell_type"] == "MK" else hspc_counts
+                    assert layer[cell["mask_label"]] == cell["area_px"]
         crops = {r["cell_uid"]: r for r in pq.read_table(out / "crops.parquet").to_pylist()}
         assert set(crops) == {c["cell_uid"] for c in cells}
         for cell in cells:
@@ -348,28 +357,42 @@ def square_cells(*cells: tuple[str, int, int, int]) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
-def test_mk_pixels_win_and_swallowed_hspcs_go(slide, coarse_batch, tmp_path):
+def test_hspcs_under_an_mk_are_kept_whole_with_their_overlap(slide, coarse_batch, tmp_path):
+    # An MK-sized mask is not yet an MK (a cluster, a vessel, an adipocyte rim): HSPCs under it
+    # stay, each measured on its whole mask, and record how much of them it covers.
     slide_path, _ = slide
     table = one_tile_batch(coarse_batch, tmp_path / "one.parquet")
     _, (tile,) = read_batch_table(table)
     x, y = tile.core.x + 300, tile.core.y + 300
     truth = square_cells(
         ("MK", x, y, 100),
-        ("HSPC", x + 90, y + 20, 30),  # 10 of 30 columns under the MK: keeps 20 x 30 px
-        ("HSPC", x, y + 80, 30),  # 20 of 30 rows under the MK: dropped
+        ("HSPC", x + 90, y + 20, 30),  # 10 of 30 columns under the MK
+        ("HSPC", x + 40, y + 80, 30),  # 20 of 30 rows under the MK
+        ("HSPC", x + 30, y + 30, 30),  # wholly inside it
         ("HSPC", x + 300, y + 300, 30),  # untouched
     )
-    out = tmp_path / "exclusive"
+    out = tmp_path / "overlaps"
     summary, _, _ = run_oracle(slide_path, truth, out, table)
-    cells = pq.read_table(out / "cells.parquet", columns=["cell_type", "area_px", "mask_label"])
-    found = sorted((c["cell_type"], c["area_px"]) for c in cells.to_pylist())
-    assert found == [("HSPC", 600.0), ("HSPC", 900.0), ("MK", 10000.0)]
+    columns = ["cell_type", "area_px", "overlap_fraction", "mask_label"]
+    cells = pq.read_table(out / "cells.parquet", columns=columns).to_pylist()
+    found = sorted((c["cell_type"], c["area_px"], round(c["overlap_fraction"], 4)) for c in cells)
+    assert found == [
+        ("HSPC", 900.0, 0.0),
+        ("HSPC", 900.0, round(1 / 3, 4)),
+        ("HSPC", 900.0, round(2 / 3, 4)),
+        ("HSPC", 900.0, 1.0),
+        ("MK", 10000.0, round((300 + 600 + 900) / 10000, 4)),
+    ]
+    assert summary["cells"] == {"MK": 1, "HSPC": 4}
     with h5py.File(out / "masks.h5", "r") as masks:
         labels = masks[f"{tile.slide_id}/{tile.tile_id}/labels"][...]
-    mk_label = next(c["mask_label"] for c in cells.to_pylist() if c["cell_type"] == "MK")
+        hspc_labels = masks[f"{tile.slide_id}/{tile.tile_id}/hspc_labels"][...]
+    mk_label = next(c["mask_label"] for c in cells if c["cell_type"] == "MK")
     local_x, local_y = x - tile.read.x, y - tile.read.y
     assert (labels[local_y : local_y + 100, local_x : local_x + 100] == mk_label).all()
-    assert summary["cells"] == {"MK": 1, "HSPC": 2}
+    for cell in cells:  # each cell's layer holds its whole mask
+        layer = labels if cell["cell_type"] == "MK" else hspc_labels
+        assert int((layer == cell["mask_label"]).sum()) == cell["area_px"]
 
 
 def test_cells_rounding_to_one_centroid_pixel_get_distinct_uids(slide, coarse_batch, tmp_path):
@@ -575,7 +598,7 @@ def test_a_failed_batch_leaves_no_outputs(slide, coarse_batch, tmp_path):
             tiles,
             match_slides([t.slide_id for t in tiles], [str(slide_path)]),
             OracleSegmenter("MK", truth, windows),
-            FailingSegmenter("HSPC", truth, windows),
+            FailingSegmenter("HSPC", truth, hspc_windows(tiles, SegmentOptions())),
             MeanColourEmbedder(),
             out,
             SegmentOptions(progress=False),
@@ -622,7 +645,7 @@ def test_a_batch_spanning_two_slides(slide, tmp_path):
         tiles,
         match_slides([t.slide_id for t in tiles], [str(slide_path), str(twin)]),
         OracleSegmenter("MK", truth, windows),
-        OracleSegmenter("HSPC", truth, windows),
+        OracleSegmenter("HSPC", truth, hspc_windows(tiles, SegmentOptions())),
         MeanColourEmbedder(),
         out,
         SegmentOptions(progress=False, readers=3, gpu_batch_tiles=2),

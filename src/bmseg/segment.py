@@ -31,8 +31,14 @@ import pyarrow as pa
 
 from bmseg.errors import BmsegError
 from bmseg.flows import FLOWS_METHODS
-from bmseg.models.base import Detections, Embedder, Segmenter, exclude_claimed
-from bmseg.models.settings import DEVICE_CHOICES, EmbedderSettings, HSPCSettings, MKSettings
+from bmseg.models.base import Detections, Embedder, Segmenter
+from bmseg.models.settings import (
+    DEVICE_CHOICES,
+    EmbedderSettings,
+    HSPCSettings,
+    MKSettings,
+    hspc_margin_px,
+)
 from bmseg.slide import SLIDE_ID_PATTERN, Channel, Rect, Slide, default_slide_id, open_slide
 from bmseg.storage import (
     CROPS_SCHEMA,
@@ -48,8 +54,6 @@ from bmseg.storage import (
 log = logging.getLogger(__name__)
 
 CELL_TYPES = ("MK", "HSPC")
-HSPC_MAX_LOST_FRACTION = 0.5
-"""An HSPC that loses more than this share of its pixels to MKs is dropped (docs/cells.md)."""
 RGB_PERCENTILES = (1.0, 99.5)
 """Per-tile intensity range mapped to 0..255 for fluorescence channels shown to the models."""
 STAGES = ("read", "mk", "hspc", "features", "embed", "write")
@@ -351,6 +355,27 @@ def keep_owned(detections: Detections, tile: Tile) -> Detections:
     return _keep_labels(detections, owned)
 
 
+def hspc_rect(tile: Tile, hspc_max_area_um2: float) -> Rect:
+    """The part of a tile's read window the HSPC segmenter sees, in read-window px.
+
+    The core plus an HSPC margin (:func:`bmseg.models.settings.hspc_margin_px`), not the MK
+    margin: an owned HSPC lies wholly inside it, and Cellpose does a third of the work.
+    """
+    margin = hspc_margin_px(hspc_max_area_um2, tile.pixel_size_um)
+    core = tile.core
+    grown = Rect(core.x - margin, core.y - margin, core.w + 2 * margin, core.h + 2 * margin)
+    seen = grown.intersection(tile.read)
+    return Rect(seen.x - tile.read.x, seen.y - tile.read.y, seen.w, seen.h)
+
+
+def overlap_fraction(cells: Detections, others: np.ndarray) -> np.ndarray:
+    """Per cell, the share of its pixels where ``others`` (a label image) is non-zero."""
+    flat = cells.labels.ravel()
+    area = np.bincount(flat, minlength=cells.count + 1)[1:]
+    shared = np.bincount(flat[others.ravel() > 0], minlength=cells.count + 1)[1:]
+    return (shared / np.maximum(area, 1)).astype(np.float32)
+
+
 def cells_schema(channel_names: Sequence[str], embedding_dim: int) -> pa.Schema:
     """The ``cells.parquet`` schema (docs/data.md, docs/cells.md); embedding last."""
     from bmseg.features import intensity_columns
@@ -369,6 +394,7 @@ def cells_schema(channel_names: Sequence[str], embedding_dim: int) -> pa.Schema:
         *((name, float64) for name in SHAPE_COLUMNS),
         *((name, pa.float32()) for name in intensity_columns(channel_names)),
         ("score", pa.float32()),
+        ("overlap_fraction", pa.float32()),
         ("mask_label", pa.int32()),
         ("contour_x_px", pa.list_(pa.float32())),
         ("contour_y_px", pa.list_(pa.float32())),
@@ -383,6 +409,7 @@ class _TileCells:
 
     tile: Tile
     labels: np.ndarray
+    hspc_labels: np.ndarray
     columns: dict[str, Any]
     squares: np.ndarray
     sampler: Any
@@ -399,24 +426,31 @@ def _measure_tile(
     hspc: Detections,
     options: SegmentOptions,
 ) -> _TileCells:
-    """Area filter, exclusivity, ownership, then every per-cell column but the embedding."""
+    """Area filters, overlaps, ownership, then every per-cell column but the embedding.
+
+    MKs and HSPCs are two layers: an HSPC under an MK mask is kept whole and records the
+    overlap (docs/cells.md), so a classifier, not an unvalidated SAM2 mask, decides.
+    """
     from bmseg import features
 
-    mk = filter_area(mk, tile.pixel_size_um, options.mk_min_area_um2, options.mk_max_area_um2)
-    # Exclusivity before ownership: every MK in the window cuts the HSPCs, owned or not, so
-    # two tiles that both see a cell cut it the same way. The HSPC range applies to what is left.
-    hspc = exclude_claimed(mk, hspc, HSPC_MAX_LOST_FRACTION)
-    hspc = filter_area(
-        hspc, tile.pixel_size_um, options.hspc_min_area_um2, options.hspc_max_area_um2
-    )
-    hspc = keep_owned(hspc, tile)
-    mk = keep_owned(mk, tile)
-    labels = np.where(hspc.labels > 0, hspc.labels + mk.count, mk.labels).astype(np.uint32)
+    px = tile.pixel_size_um
+    mk = filter_area(mk, px, options.mk_min_area_um2, options.mk_max_area_um2)
+    hspc = filter_area(hspc, px, options.hspc_min_area_um2, options.hspc_max_area_um2)
+    # Overlaps against every cell of the other type in the window, owned or not, so two tiles
+    # that both see a pair record it the same way.
+    mk_all, hspc_all = mk.labels, hspc.labels
+    mk, hspc = keep_owned(mk, tile), keep_owned(hspc, tile)
+    overlaps = np.concatenate([overlap_fraction(mk, hspc_all), overlap_fraction(hspc, mk_all)])
+    hspc_layer = np.where(hspc.labels > 0, hspc.labels + mk.count, 0).astype(np.uint32)
+    labels = np.where(mk.labels > 0, mk.labels, hspc_layer).astype(np.uint32)
     count = mk.count + hspc.count
-    columns: dict[str, Any] = features.shape_features(
-        labels, count, tile.pixel_size_um, tile.read.x, tile.read.y
-    )
-    columns.update(features.intensity_stats(labels, pixels, [c.name for c in channels], count))
+    names = [c.name for c in channels]
+    columns: dict[str, Any] = {}
+    for layer, n in ((mk.labels, mk.count), (hspc.labels, hspc.count)):
+        measured = features.shape_features(layer, n, px, tile.read.x, tile.read.y)
+        measured.update(features.intensity_stats(layer, pixels, names, n))
+        for name, values in measured.items():
+            columns[name] = _concat(columns[name], values) if name in columns else values
     local_boxes = np.stack(
         [
             columns["bbox_x_px"] - tile.read.x,
@@ -438,6 +472,7 @@ def _measure_tile(
         "cell_type": cell_type.tolist(),
         **columns,
         "score": np.concatenate([mk.scores, hspc.scores]).astype(np.float32),
+        "overlap_fraction": overlaps,
         "mask_label": np.arange(1, count + 1, dtype=np.int32),
     }
     squares = features.crop_squares(local_boxes)
@@ -445,12 +480,20 @@ def _measure_tile(
     return _TileCells(
         tile=tile,
         labels=labels,
+        hspc_labels=hspc_layer,
         columns=columns,
         squares=squares,
         sampler=features.CropSampler(rgb, device=options.device),
         jpegs=jpegs,
         jpeg_sides=jpeg_sides,
     )
+
+
+def _concat(first: Any, second: Any) -> Any:
+    """Two tiles' worth of one column: arrays concatenated, lists joined."""
+    if isinstance(first, list):
+        return first + list(second)
+    return np.concatenate([first, second])
 
 
 def _embed(embedder: Embedder, tiles: Sequence[_TileCells], batch: int) -> list[np.ndarray]:
@@ -500,23 +543,47 @@ class _Finished:
 
 
 def _segment_group(
-    reads: list[_Read], segmenters: dict[str, Segmenter], timings: dict[str, float]
+    reads: list[_Read],
+    segmenters: dict[str, Segmenter],
+    timings: dict[str, float],
+    options: SegmentOptions,
 ) -> dict[str, list[Detections]]:
-    """Run each segmenter once on the group's RGB tiles; validated detections per stage."""
+    """Run each segmenter once on the group's RGB tiles; validated detections per stage.
+
+    The MK segmenter sees each whole read window; the HSPC segmenter its :func:`hspc_rect`,
+    whose labels are placed back into the read window.
+    """
     rgbs = [item[2] for item in reads]
+    rects = [hspc_rect(item[0], options.hspc_max_area_um2) for item in reads]
+    inputs = {
+        "mk": rgbs,
+        "hspc": [rgb[r.y : r.bottom, r.x : r.right] for rgb, r in zip(rgbs, rects, strict=True)],
+    }
     pixel_size = reads[0][0].pixel_size_um
     detected = {}
     for stage, segmenter in segmenters.items():
         start = time.perf_counter()
-        found = segmenter.segment(rgbs, pixel_size)
+        found = segmenter.segment(inputs[stage], pixel_size)
         if len(found) != len(rgbs):
             raise RuntimeError(f"{stage} segmenter returned {len(found)} results for {len(rgbs)}")
         detected[stage] = [
-            _checked(d, rgb.shape[:2], f"{stage} segmenter")
-            for d, rgb in zip(found, rgbs, strict=True)
+            _checked(d, image.shape[:2], f"{stage} segmenter")
+            for d, image in zip(found, inputs[stage], strict=True)
         ]
         timings[stage] += time.perf_counter() - start
+    detected["hspc"] = [
+        _placed(d, rgb.shape[:2], rect) for d, rgb, rect in zip(detected["hspc"], rgbs, rects, strict=True)
+    ]
     return detected
+
+
+def _placed(detections: Detections, shape: tuple[int, int], rect: Rect) -> Detections:
+    """Detections of a sub-rectangle placed into a zero label image of ``shape``."""
+    if detections.labels.shape == shape:
+        return detections
+    labels = np.zeros(shape, np.int32)
+    labels[rect.y : rect.bottom, rect.x : rect.right] = detections.labels
+    return Detections(labels=labels, scores=detections.scores)
 
 
 def _finish_group(
@@ -623,7 +690,7 @@ def segment_batch(
             for group in _groups(reads, options.gpu_batch_tiles):
                 stats.timings["read"] += sum(item[3] for item in group)
                 before = stats.timings["mk"] + stats.timings["hspc"]
-                detected = _segment_group(group, segmenters, stats.timings)
+                detected = _segment_group(group, segmenters, stats.timings, options)
                 segment_s = stats.timings["mk"] + stats.timings["hspc"] - before
                 future = workers.submit(
                     _finish_group, group, detected, channel_sets, embedder, options
@@ -651,7 +718,6 @@ def segment_batch(
             "mk_max_area_um2": options.mk_max_area_um2,
             "hspc_min_area_um2": options.hspc_min_area_um2,
             "hspc_max_area_um2": options.hspc_max_area_um2,
-            "hspc_max_lost_fraction": HSPC_MAX_LOST_FRACTION,
             "readers": options.readers,
             "workers": options.workers,
             "gpu_batch_tiles": options.gpu_batch_tiles,
@@ -709,7 +775,14 @@ def _write_tile(
             schema=CROPS_SCHEMA,
         )
     )
-    masks_out.add(tile.slide_id, tile.tile_id, cells.labels, tile.read.x, tile.read.y)
+    masks_out.add(
+        tile.slide_id,
+        tile.tile_id,
+        cells.labels,
+        tile.read.x,
+        tile.read.y,
+        hspc_labels=cells.hspc_labels,
+    )
 
 
 # ---------------------------------------------------------------------------------- command
@@ -777,13 +850,16 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         min_area_um2=args.mk_min_area_um2,
         max_area_um2=args.mk_max_area_um2,
         points_per_side=args.mk_points_per_side,
+        max_downsample=args.mk_max_downsample,
         pred_iou_thresh=args.mk_pred_iou_thresh,
     )
     hspc_settings = HSPCSettings(
         min_area_um2=args.hspc_min_area_um2,
         max_area_um2=args.hspc_max_area_um2,
         flows_method=args.hspc_flows_method,
+        refine=args.hspc_refine,
         refine_iou_thresh=args.hspc_refine_iou,
+        diameter_um=args.hspc_diameter_um,
     )
     embedder_settings = EmbedderSettings(batch_size=args.embed_batch)
     models = load_models(
@@ -809,7 +885,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "segment",
         help="segment one batch of tiles: cells.parquet, masks.h5, crops.parquet, batch.json",
         description=(
-            "Find MKs (SAM2) and HSPCs (Cellpose-SAM + SAM2) in every tile of a batch, keep the "
+            "Find MKs (SAM2) and HSPCs (Cellpose-SAM) in every tile of a batch, keep the "
             "cells whose centroid lies in the tile's core, measure and embed them."
         ),
     )
@@ -849,7 +925,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         type=int,
         default=MKSettings.points_per_side,
-        help="SAM2 point grid per side for MKs (%(default)s)",
+        help="SAM2 point grid per window side for MKs (default: one point per radius of the "
+        "smallest MK, 45 per 2048 px window at 0.1725 µm/px)",
+    )
+    parser.add_argument(
+        "--mk-max-downsample",
+        metavar="F",
+        type=float,
+        default=MKSettings.max_downsample,
+        help="largest downsampling SAM2 sees a tile at: windows of F x its input size "
+        "(%(default)s)",
     )
     parser.add_argument(
         "--mk-pred-iou-thresh",
@@ -880,11 +965,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how Cellpose flows become HSPC masks (%(default)s: the fast vectorised path)",
     )
     parser.add_argument(
+        "--hspc-refine",
+        action="store_true",
+        help="refine HSPC masks with SAM2 box prompts on native-resolution windows (off: "
+        "Cellpose's masks as they are; docs/models.md)",
+    )
+    parser.add_argument(
         "--hspc-refine-iou",
         metavar="IOU",
         type=float,
         default=HSPCSettings.refine_iou_thresh,
-        help="IoU with Cellpose's mask above which SAM2's refinement is kept (%(default)s)",
+        help="with --hspc-refine: IoU with Cellpose's mask above which SAM2's mask is kept "
+        "(%(default)s)",
+    )
+    parser.add_argument(
+        "--hspc-diameter-um",
+        metavar="UM",
+        type=float,
+        default=None,
+        help="typical HSPC diameter, µm: Cellpose rescales the image so it is 30 px (default: "
+        "no rescaling)",
     )
     parser.add_argument(
         "--readers", type=int, default=2, metavar="N", help="tile reader threads (2)"
