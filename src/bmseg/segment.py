@@ -926,7 +926,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=MKSettings.points_per_side,
         help="SAM2 point grid per window side for MKs (default: one point per radius of the "
-        "smallest MK, 45 per 2048 px window at 0.1725 µm/px)",
+        "smallest MK, 36 per 2048 px window at 0.1725 µm/px)",
     )
     parser.add_argument(
         "--mk-max-downsample",

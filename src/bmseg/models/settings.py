@@ -26,7 +26,7 @@ class MKSettings:
     Coverage by design (docs/models.md): SAM2 sees each tile in windows of at most
     ``max_downsample`` × its input size (2048 px for 1024), overlapping by 1.5 × the largest
     MK's diameter, and each window gets one point prompt every ``point_spacing_radii`` radii of
-    the smallest MK (a disc of ``min_area_um2``): 45 × 45 points per 2048 px window at
+    the smallest MK (a disc of ``min_area_um2``): 36 × 36 points per 2048 px window at
     0.1725 µm/px, so a 200 µm² MK always holds a prompt. ``points_per_side`` fixes the grid
     instead. ``containment_thresh``: a mask with at least this share of its pixels inside a
     larger mask is the same cell (a nucleus, a lobe, a second window's copy) and is dropped.
@@ -36,7 +36,7 @@ class MKSettings:
     min_area_um2: float = 200.0
     max_area_um2: float = 2000.0
     points_per_side: int | None = None
-    point_spacing_radii: float = 1.0
+    point_spacing_radii: float = 1.25
     max_downsample: float = 2.0
     points_per_batch: int = 256
     pred_iou_thresh: float = 0.5
