@@ -348,17 +348,20 @@ def test_one_mk_per_cell_nested_masks_suppressed_touching_kept() -> None:
 
 
 def test_nested_in_larger_judges_pairs_by_shared_share() -> None:
-    # Pixel lists: 0 = 100 px, 1 = 40 px of which 30 inside 0, 2 = 40 px of which 10 inside 0,
-    # 3 = an exact copy of 0 with a lower score.
+    # On a 10-px-wide tile: 0 = rows 0-9 (100 px); 1 = 40 px of which 30 inside 0; 2 = 40 px
+    # of which 5 inside 0 and 15 inside 1; 3 = an exact copy of 0 with a lower score; 4 = far away.
     big = torch.arange(100)
-    inside = torch.cat([torch.arange(70, 100), torch.arange(200, 210)])
-    edge = torch.cat([torch.arange(90, 100), torch.arange(300, 330)])
-    flat = torch.cat([big, inside, edge, big])
-    owner = torch.repeat_interleave(torch.arange(4), torch.tensor([100, 40, 40, 100]))
-    scores = torch.tensor([0.9, 0.95, 0.5, 0.8])
-    nested = nested_in_larger(flat, owner, 4, scores, 0.5)
-    assert nested.tolist() == [False, True, False, True]
-    assert nested_in_larger(flat, owner, 4, scores, 0.8).tolist() == [False, False, False, True]
+    inside = torch.arange(70, 110)
+    edge = torch.arange(95, 135)
+    far = torch.arange(500, 520)
+    flat = torch.cat([big, inside, edge, big, far])
+    owner = torch.repeat_interleave(torch.arange(5), torch.tensor([100, 40, 40, 100, 20]))
+    boxes = torch.tensor([[0, 0, 9, 9], [0, 7, 9, 10], [0, 9, 9, 13], [0, 0, 9, 9], [0, 50, 9, 51]])
+    scores = torch.tensor([0.9, 0.95, 0.5, 0.8, 0.1])
+    nested = nested_in_larger(flat, owner, boxes, 10, scores, 0.5)
+    assert nested.tolist() == [False, True, False, True, False]
+    strict = nested_in_larger(flat, owner, boxes, 10, scores, 0.8)
+    assert strict.tolist() == [False, False, False, True, False]
 
 
 def test_windows_overlap_by_the_largest_mk_and_cover_the_tile() -> None:

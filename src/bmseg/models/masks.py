@@ -167,46 +167,75 @@ def window_pixels(
 
 
 def pair_intersections(
-    flat: torch.Tensor, owner: torch.Tensor
+    flat: torch.Tensor, owner: torch.Tensor, boxes: torch.Tensor, tile_width: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every ordered pair ``(i, j)`` of masks sharing pixels, and how many: three (P,) tensors.
 
-    Masks are pixel lists (``flat`` tile-pixel indices, ``owner`` mask index). Pixels are
-    sorted, so the owners of one pixel are neighbours; pairs at distance ``d = 1, 2, ...`` (up
-    to the deepest overlap) are collected, then counted with one ``unique``.
+    Masks are pixel lists (``flat`` tile-pixel indices, ``owner`` mask index) with inclusive
+    ``boxes`` (K, 4). Masks whose boxes chain together form groups; each group's masks are
+    laid out densely over the group's box and intersected by one matrix product, so deep
+    overlaps (many masks over one pixel) cost a product, not a pass per depth.
     """
-    count = int(owner.max()) + 1 if len(owner) else 0
-    order = torch.argsort(flat * count + owner)
+    from scipy.sparse.csgraph import connected_components
+
+    count = len(boxes)
+    b = boxes.cpu().numpy()
+    meets = (
+        (b[:, None, 0] <= b[None, :, 2])
+        & (b[None, :, 0] <= b[:, None, 2])
+        & (b[:, None, 1] <= b[None, :, 3])
+        & (b[None, :, 1] <= b[:, None, 3])
+    )
+    _, group = connected_components(meets, directed=False)
+    group_t = torch.from_numpy(group).to(flat.device)
+    order = torch.argsort(group_t[owner], stable=True)
     flat, owner = flat[order], owner[order]
-    keys = []
-    for distance in range(1, len(flat)):
-        same = flat[distance:] == flat[:-distance]
-        if not bool(same.any()):
-            break
-        a, b = owner[:-distance][same], owner[distance:][same]
-        keys += [a * count + b, b * count + a]
-    if not keys:
+    pixel_group = group_t[owner].cpu().numpy()
+    sizes = np.bincount(group, minlength=group.max(initial=-1) + 1)
+    starts = np.searchsorted(pixel_group, np.arange(len(sizes) + 1))
+    rank = torch.zeros(count, dtype=torch.long, device=flat.device)
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for g in np.flatnonzero(sizes > 1):
+        members = torch.from_numpy(np.flatnonzero(group == g)).to(flat.device)
+        rank[members] = torch.arange(len(members), device=flat.device)
+        x0, y0 = (int(v) for v in b[members.cpu().numpy(), :2].min(axis=0))
+        x1, y1 = (int(v) + 1 for v in b[members.cpu().numpy(), 2:].max(axis=0))
+        pixels, owners = flat[starts[g] : starts[g + 1]], owner[starts[g] : starts[g + 1]]
+        local = (pixels // tile_width - y0) * (x1 - x0) + pixels % tile_width - x0
+        dense = torch.zeros((len(members), (y1 - y0) * (x1 - x0)), device=flat.device)
+        dense[rank[owners], local] = 1.0
+        shared = (dense @ dense.T).round().long()
+        shared.fill_diagonal_(0)
+        i, j = torch.nonzero(shared, as_tuple=True)
+        pairs.append((members[i], members[j], shared[i, j]))
+    if not pairs:
         empty = owner.new_zeros(0)
         return empty, empty, empty
-    pairs, shared = torch.unique(torch.cat(keys), return_counts=True)
-    return pairs // count, pairs % count, shared
+    return tuple(torch.cat(parts) for parts in zip(*pairs, strict=True))
 
 
 def nested_in_larger(
-    flat: torch.Tensor, owner: torch.Tensor, count: int, scores: torch.Tensor, thresh: float
+    flat: torch.Tensor,
+    owner: torch.Tensor,
+    boxes: torch.Tensor,
+    tile_width: int,
+    scores: torch.Tensor,
+    thresh: float,
 ) -> torch.Tensor:
-    """Bool (count,): masks whose ``thresh`` share or more lies inside a larger mask.
+    """Bool (K,): masks whose ``thresh`` share or more lies inside a larger mask.
 
-    Masks are given as pixel lists (``flat`` tile-pixel indices, ``owner`` mask index). For
-    masks ``i`` and ``j`` with ``|i ∩ j| ≥ thresh · min(|i|, |j|)`` the smaller one is nested
-    in the other and flagged; of two equal areas the lower score (then the later index) is
-    flagged. Every pair is judged on its own (a mask nested in a flagged mask is flagged too).
+    Masks are pixel lists (``flat`` tile-pixel indices, ``owner`` mask index) with inclusive
+    ``boxes`` (K, 4). For masks ``i`` and ``j`` with ``|i ∩ j| ≥ thresh · min(|i|, |j|)`` the
+    smaller one is nested in the other and flagged; of two equal areas the lower score (then
+    the later index) is flagged. Every pair is judged on its own (a mask nested in a flagged
+    mask is flagged too).
     """
+    count = len(boxes)
     nested = torch.zeros(count, dtype=torch.bool, device=flat.device)
     if count == 0:
         return nested
     area = torch.bincount(owner, minlength=count)
-    i, j, shared = pair_intersections(flat, owner)
+    i, j, shared = pair_intersections(flat, owner, boxes, tile_width)
     larger = (area[i] > area[j]) | (
         (area[i] == area[j]) & ((scores[i] > scores[j]) | ((scores[i] == scores[j]) & (i < j)))
     )

@@ -326,6 +326,18 @@ class Sam2MKSegmenter:
     def _segment_tile(
         self, features: list[WindowFeatures], tile_hw: tuple[int, int], pixel_size_um: float
     ) -> Detections:
+        masks = self.proposals(features, tile_hw, pixel_size_um)
+        if masks is None:
+            log.debug("MK: no candidate passed the filters")
+            return Detections(np.zeros(tile_hw, np.int32), np.zeros(0, np.float32))
+        rules = self._rules(pixel_size_um)
+        return paint_masks(masks, tile_hw, rules, self.settings.containment_thresh)
+
+    def proposals(
+        self, features: list[WindowFeatures], tile_hw: tuple[int, int], pixel_size_um: float
+    ) -> WindowMasks | None:
+        """What SAM2's automatic mask generator returns for the tile's windows: every window's
+        candidates through SAM2's filters, then one box NMS over all windows (None if none)."""
         s = self.settings
         rules = self._rules(pixel_size_um)
         per_side = derived_points_per_side(s, features[0].window.side, pixel_size_um)
@@ -333,15 +345,15 @@ class Sam2MKSegmenter:
         for window_features in features:
             logits, iou = self._candidates(window_features, per_side, rules)
             if len(logits):
-                found.append(WindowMasks.measure(logits, iou, window_features.window, tile_hw, rules))
+                window = window_features.window
+                found.append(WindowMasks.measure(logits, iou, window, tile_hw, rules))
         masks = WindowMasks.cat(found)
         if masks is None or not len(masks.iou):
-            log.debug("MK: no candidate passed the filters")
-            return Detections(np.zeros(tile_hw, np.int32), np.zeros(0, np.float32))
+            return None
         keep = batched_nms(
             masks.tight.float(), masks.iou, torch.zeros_like(masks.iou), s.box_nms_thresh
         )
-        return paint_masks(masks.select(keep), tile_hw, rules, s.containment_thresh)
+        return masks.select(keep)
 
 
 @dataclass
@@ -466,7 +478,7 @@ def paint_masks(
     a mask left below the minimum area by that is dropped.
     """
     flat, owner = masks.pixels(tile_hw, rules.mask_threshold)
-    nested = nested_in_larger(flat, owner, len(masks.iou), masks.iou, containment)
+    nested = nested_in_larger(flat, owner, masks.tight, tile_hw[1], masks.iou, containment)
     scores = masks.iou
     priority = score_priority(scores)
     painter = Painter(tile_hw, scores.device)
