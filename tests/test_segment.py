@@ -659,3 +659,34 @@ def test_a_batch_spanning_two_slides(slide, tmp_path):
     with h5py.File(out / "masks.h5", "r") as masks:
         assert set(masks) == {"synthetic", "twin"}
         assert sum(len(masks[s]) for s in masks) == len(tiles) == len(summary["tiles"])
+
+
+def test_marrow_density_slide_every_cell_once(tmp_path):
+    # `bmseg synth --density marrow`: cells packed as in marrow, touching, MKs among them.
+    from scipy import ndimage
+
+    slide_path = tmp_path / "marrow.czi"
+    assert cli.main(["-q", "synth", str(slide_path), "--width", "1600", "--height", "1600",
+                     "--seed", "3", "--density", "marrow"]) == 0  # fmt: skip
+    truth = pq.read_table(slide_path.with_name("marrow.truth.parquet"))
+    types = collections.Counter(truth["cell_type"].to_pylist())
+    assert types["MK"] >= 1 and types["HSPC"] >= 500
+    # Packed: per 3000² px of tissue as many cells as marrow holds (~7 000), and touching.
+    from bmseg.synth import SyntheticLayout
+
+    tissue = SyntheticLayout(1600, 1600, 3, density="marrow").tissue_mask(0, 0, 1600, 1600, 4)
+    per_tile = len(truth) / (tissue.mean() * 1600**2) * 3000**2
+    assert per_tile > 5000
+    labels = np.zeros((1600, 1600), np.int32)
+    for index, row in enumerate(truth.to_pylist(), start=1):
+        contour = np.stack([row["contour_x_px"], row["contour_y_px"]], axis=1).astype(np.int32)
+        cv2.drawContours(labels, [contour.reshape(-1, 1, 2)], -1, index, thickness=-1)
+    grown = ndimage.grey_dilation(labels, size=(5, 5))
+    touching = np.unique(grown[(labels > 0) & (grown != labels)])
+    assert len(touching) > 0.5 * len(truth)  # most cells lie within 2 px of a neighbour
+    (batch_path,) = plan_batches(slide_path, tmp_path, tile=800, batch_size=100)
+    out = tmp_path / "out"
+    summary, _, _ = run_oracle(slide_path, truth, out, batch_path, gpu_batch_tiles=2)
+    cells = pq.read_table(out / "cells.parquet", columns=["cell_uid", "area_px"])
+    assert sorted(cells["cell_uid"].to_pylist()) == sorted(truth["cell_uid"].to_pylist())
+    assert summary["cells"] == {"MK": types["MK"], "HSPC": types["HSPC"]}
