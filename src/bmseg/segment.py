@@ -17,6 +17,7 @@ import argparse
 import collections
 import itertools
 import logging
+import math
 import re
 import threading
 import time
@@ -718,6 +719,7 @@ def segment_batch(
             "mk_max_area_um2": options.mk_max_area_um2,
             "hspc_min_area_um2": options.hspc_min_area_um2,
             "hspc_max_area_um2": options.hspc_max_area_um2,
+            "hspc_margin_um": round(2 * math.sqrt(options.hspc_max_area_um2 / math.pi), 4),
             "readers": options.readers,
             "workers": options.workers,
             "gpu_batch_tiles": options.gpu_batch_tiles,
