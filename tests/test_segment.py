@@ -661,13 +661,20 @@ def test_a_batch_spanning_two_slides(slide, tmp_path):
         assert sum(len(masks[s]) for s in masks) == len(tiles) == len(summary["tiles"])
 
 
-def test_marrow_density_slide_every_cell_once(tmp_path):
+@pytest.fixture(scope="module")
+def marrow_slide(tmp_path_factory) -> Path:
+    """A 1600² synthetic slide at marrow density, by `bmseg synth --density marrow`."""
+    slide_path = tmp_path_factory.mktemp("marrow") / "marrow.czi"
+    assert cli.main(["-q", "synth", str(slide_path), "--width", "1600", "--height", "1600",
+                     "--seed", "3", "--density", "marrow"]) == 0  # fmt: skip
+    return slide_path
+
+
+def test_marrow_density_slide_every_cell_once(marrow_slide, tmp_path):
     # `bmseg synth --density marrow`: cells packed as in marrow, touching, MKs among them.
     from scipy import ndimage
 
-    slide_path = tmp_path / "marrow.czi"
-    assert cli.main(["-q", "synth", str(slide_path), "--width", "1600", "--height", "1600",
-                     "--seed", "3", "--density", "marrow"]) == 0  # fmt: skip
+    slide_path = marrow_slide
     truth = pq.read_table(slide_path.with_name("marrow.truth.parquet"))
     types = collections.Counter(truth["cell_type"].to_pylist())
     assert types["MK"] >= 1 and types["HSPC"] >= 500
@@ -690,3 +697,22 @@ def test_marrow_density_slide_every_cell_once(tmp_path):
     cells = pq.read_table(out / "cells.parquet", columns=["cell_uid", "area_px"])
     assert sorted(cells["cell_uid"].to_pylist()) == sorted(truth["cell_uid"].to_pylist())
     assert summary["cells"] == {"MK": types["MK"], "HSPC": types["HSPC"]}
+
+
+def test_segment_runs_on_a_marrow_density_tile_with_default_settings(
+    marrow_slide, test_models_dir, tmp_path
+):
+    # The real models (test checkpoints) at their default settings: windows, derived prompts.
+    (batch_path,) = plan_batches(marrow_slide, tmp_path, tile=600, batch_size=1000)
+    table = pq.read_table(batch_path)
+    busiest = int(np.argmax(table["tissue_fraction"].to_numpy()))
+    batch = write_parquet(table.slice(busiest, 1), tmp_path / "batch_0001.parquet")
+    out = tmp_path / "real"
+    args = [batch, "--slides", marrow_slide, "--models", test_models_dir, "--out", out]
+    assert run_cli(*args, "--device", "cpu", "--no-progress") == 0
+    record = json.loads((out / "batch.json").read_text())
+    assert record["models"]["mk"]["points_per_side"] is None  # derived from the smallest MK
+    assert record["models"]["hspc"]["refine"] is False
+    cells = pq.read_table(out / "cells.parquet")
+    assert cells.num_rows == sum(record["cells"].values())
+    assert "overlap_fraction" in cells.column_names
