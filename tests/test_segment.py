@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from bmseg import cli
+from bmseg.errors import BmsegError
 from bmseg.models.base import Detections
 from bmseg.segment import (
     SegmentOptions,
@@ -459,6 +460,46 @@ def test_fluorescence_channels_become_rgb():
     assert to_rgb8(brightfield.astype(np.uint16) * 257, "brightfield") == pytest.approx(brightfield)
 
 
+def test_brightfield_bit_depth_comes_from_the_metadata(shared_czi):
+    # A 14-bit scanner writes uint16 whose white is 16383: scaled by the dtype it is 4x dark.
+    from bmseg.slide import open_slide
+
+    white = np.full((4, 4, 3), 16383, np.uint16)
+    assert (to_rgb8(white, "brightfield", bit_depth=14) == 255).all()
+    assert (to_rgb8(white, "brightfield") == 64).all()  # the dtype's full scale, no metadata
+    assert (to_rgb8(white, "brightfield", bit_depth=16) == 64).all()
+    with open_slide(shared_czi / "1_tileregion.czi", pixel_size_um=0.5) as slide:
+        assert slide.bit_depth == 14  # ComponentBitCount in the Zeiss metadata
+
+
+def test_fluorescence_is_stretched_on_the_slide_range_from_plan(tmp_path):
+    # A tile with no CD41+ cell: stretched on its own it shows its noise at full contrast;
+    # on the slide's range (PLAN's low-resolution read, slide.json) it stays dark.
+    slide_path = tmp_path / "fluo.czi"
+    write_synthetic_slide(slide_path, 2000, 2000, seed=2, modality="fluorescence")
+    assert cli.main(["-q", "plan", str(slide_path), "--out", str(tmp_path)]) == 0
+    info = json.loads((tmp_path / "fluo.slide.json").read_text())
+    record = info["intensity"]
+    assert record["channels"] == ["DAPI", "CD41"] and len(record["low"]) == 2
+    assert record["high"][1] > 3000  # the MKs' CD41 sets the top of the range
+    rng = np.random.default_rng(0)
+    tissue_only = np.stack(
+        [rng.normal(900, 40, (64, 64)), rng.normal(260, 40, (64, 64))], axis=-1
+    ).astype(np.uint16)
+    per_tile = to_rgb8(tissue_only, "fluorescence")
+    per_slide = to_rgb8(tissue_only, "fluorescence", ranges=record)
+    assert per_tile[..., 1].max() == 255 and per_slide[..., 1].max() < 40
+    from bmseg.segment import read_intensity
+
+    assert read_intensity([str(tmp_path / "fluo.slide.json")], ["fluo"])["fluo"]["low"] == (
+        pytest.approx(record["low"])
+    )
+    bad = tmp_path / "bad.slide.json"
+    bad.write_text(json.dumps({**info, "intensity": {**record, "low": [0.0]}}))
+    with pytest.raises(BmsegError, match=r"bad\.slide\.json.*channels"):
+        read_intensity([str(bad)], ["fluo"])
+
+
 def run_cli(*args: str) -> int:
     return cli.main(["segment", *map(str, args)])
 
@@ -709,7 +750,8 @@ def test_segment_runs_on_a_marrow_density_tile_with_default_settings(
     batch = write_parquet(table.slice(busiest, 1), tmp_path / "batch_0001.parquet")
     out = tmp_path / "real"
     args = [batch, "--slides", marrow_slide, "--models", test_models_dir, "--out", out]
-    assert run_cli(*args, "--device", "cpu", "--no-progress") == 0
+    plans = ["--plans", tmp_path / "plans" / "marrow.slide.json"]
+    assert run_cli(*args, *plans, "--device", "cpu", "--no-progress") == 0
     record = json.loads((out / "batch.json").read_text())
     assert record["models"]["mk"]["points_per_side"] is None  # derived from the smallest MK
     assert record["models"]["hspc"]["refine"] is False

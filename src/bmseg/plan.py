@@ -159,6 +159,19 @@ def read_thumbnail(slide: Slide, max_side: int = THUMBNAIL_SIDE) -> tuple[np.nda
     return np.concatenate(bands, axis=0), factor
 
 
+def slide_intensity(slide: Slide, thumbnail: np.ndarray, tissue: np.ndarray) -> dict:
+    """slide.json ``intensity``: per-channel ranges of the tissue in the low-resolution read
+    and the file's bit depth; SEGMENT shows every tile of the slide to the models with them."""
+    from bmseg.slide import intensity_ranges
+
+    mask = tissue if tissue.shape == thumbnail.shape[:2] else None
+    return {
+        **intensity_ranges(thumbnail, mask),
+        "bit_depth": slide.bit_depth,
+        "channels": [c.name for c in slide.channels],
+    }
+
+
 def display_image(thumbnail: np.ndarray, modality: str) -> np.ndarray:
     """An 8-bit RGB view of a thumbnail: RGB as is, fluorescence as a false-colour composite."""
     if modality == "brightfield" and thumbnail.shape[2] >= 3:
@@ -317,6 +330,7 @@ def plan_slide(
             "min_tissue_fraction": min_tissue_fraction,
             "tissue_threshold": None if math.isnan(tissue.threshold) else tissue.threshold,
             "tissue_method": tissue.method,
+            "intensity": slide_intensity(slide, thumbnail, tissue.mask),
         }
         caption = (
             f"{slide.slide_id}  {slide.modality}  tissue {tissue_mm2:.2f} mm2  "

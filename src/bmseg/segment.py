@@ -40,7 +40,15 @@ from bmseg.models.settings import (
     MKSettings,
     hspc_margin_px,
 )
-from bmseg.slide import SLIDE_ID_PATTERN, Channel, Rect, Slide, default_slide_id, open_slide
+from bmseg.slide import (
+    SLIDE_ID_PATTERN,
+    Channel,
+    Rect,
+    Slide,
+    default_slide_id,
+    intensity_ranges,
+    open_slide,
+)
 from bmseg.storage import (
     CROPS_SCHEMA,
     EMBEDDING_COLUMN,
@@ -55,8 +63,6 @@ from bmseg.storage import (
 log = logging.getLogger(__name__)
 
 CELL_TYPES = ("MK", "HSPC")
-RGB_PERCENTILES = (1.0, 99.5)
-"""Per-tile intensity range mapped to 0..255 for fluorescence channels shown to the models."""
 STAGES = ("read", "mk", "hspc", "features", "embed", "write")
 GALLERY_CROP_PX = 128
 """Default largest side of a gallery JPEG (``--crop-px``); smaller crops keep full resolution."""
@@ -114,6 +120,8 @@ class SegmentOptions:
     crop_px: int = GALLERY_CROP_PX
     device: str = "cpu"
     progress: bool = True
+    intensity: dict[str, dict] = field(default_factory=dict)
+    """Per slide id, slide.json's ``intensity`` (``--plans``): the models' intensity scale."""
 
 
 @dataclass
@@ -238,22 +246,35 @@ def check_tiles(batch_path: Path, tiles: Sequence[Tile], slides: dict[str, Slide
 # ---------------------------------------------------------------------------------- pixels
 
 
-def to_rgb8(pixels: np.ndarray, modality: str) -> np.ndarray:
+def to_rgb8(
+    pixels: np.ndarray,
+    modality: str,
+    bit_depth: int | None = None,
+    ranges: dict | None = None,
+) -> np.ndarray:
     """The (H, W, 3) uint8 RGB image the models see.
 
-    Brightfield RGB is scaled from its dtype's full range (uint8 passes through untouched).
-    Fluorescence channels are stretched per tile from their 1st to 99.5th percentile to 0..255
-    and mapped to R, G, B in slide order: one channel is replicated to grey, two fill R and G,
-    more than three keep the first three.
+    Brightfield RGB is scaled from its full scale: ``2**bit_depth - 1`` when the file records
+    its bit depth (12- or 14-bit scanners writing uint16), else the dtype's maximum (uint8
+    passes through untouched). Fluorescence channels are stretched from the slide's
+    ``ranges`` (slide.json ``intensity``: ``low``, ``high`` per channel, from PLAN's
+    low-resolution read), or without them from the tile's own 1st to 99.5th percentile, to
+    0..255, and mapped to R, G, B in slide order: one channel is replicated to grey, two fill
+    R and G, more than three keep the first three.
     """
     if modality == "brightfield" and pixels.shape[-1] == 3:
         if pixels.dtype == np.uint8:
             return pixels
         full = 1.0 if pixels.dtype.kind == "f" else float(np.iinfo(pixels.dtype).max)
+        if bit_depth and pixels.dtype.kind in "ui" and 2**bit_depth - 1 < full:
+            full = float(2**bit_depth - 1)
         return np.clip(pixels.astype(np.float32) * (255.0 / full), 0, 255).round().astype(np.uint8)
     selected = pixels[..., :3].astype(np.float32)
-    sample = selected[::4, ::4].reshape(-1, selected.shape[-1])
-    low, high = np.percentile(sample, RGB_PERCENTILES, axis=0)
+    if ranges is None:
+        ranges = intensity_ranges(selected[::4, ::4])
+    count = selected.shape[-1]
+    low = np.asarray(ranges["low"][:count], np.float32)
+    high = np.asarray(ranges["high"][:count], np.float32)
     scale = 255.0 / np.maximum(high - low, 1e-6)
     stretched = np.clip((selected - low) * scale, 0, 255).round().astype(np.uint8)
     if stretched.shape[-1] == 1:
@@ -263,12 +284,61 @@ def to_rgb8(pixels: np.ndarray, modality: str) -> np.ndarray:
     return stretched
 
 
+def read_intensity(plan_paths: Sequence[str], slide_ids: Iterable[str]) -> dict[str, dict]:
+    """slide.json ``intensity`` records by slide id, validated; slides without one are absent.
+
+    SEGMENT then stretches those slides' tiles per tile (logged). A record that does not
+    match its slide's channels is an error naming the file.
+    """
+    import json
+
+    wanted, records = set(slide_ids), {}
+    for path_text in plan_paths:
+        path = Path(path_text)
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+            slide_id, record = info["slide_id"], info.get("intensity")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise BmsegError(
+                f"--plans {path}: not a readable slide.json ({error}); pass the files bmseg plan "
+                "wrote"
+            ) from error
+        if slide_id not in wanted or record is None:
+            continue
+        channels = len(info.get("channels") or [])
+        try:
+            low = [float(v) for v in record["low"]]
+            high = [float(v) for v in record["high"]]
+            bits = record.get("bit_depth")
+            bits = None if bits is None else int(bits)
+        except (KeyError, TypeError, ValueError) as error:
+            raise BmsegError(f"--plans {path}: bad intensity record ({error}); re-run bmseg plan")
+        if len(low) != len(high) or not np.isfinite(low + high).all() or (
+            channels and len(low) != channels
+        ):
+            raise BmsegError(
+                f"--plans {path}: intensity ranges do not match the slide's {channels} channels; "
+                "re-run bmseg plan"
+            )
+        records[slide_id] = {"low": low, "high": high, "bit_depth": bits}
+    for slide_id in sorted(wanted - set(records)):
+        log.info("slide %s: no slide.json intensity given (--plans): per-tile stretching", slide_id)
+    return records
+
+
 class TileReader:
     """Reads tiles on a pool of threads, one open :class:`Slide` per thread and slide."""
 
-    def __init__(self, paths: dict[str, Path], pixel_sizes: dict[str, float], threads: int):
+    def __init__(
+        self,
+        paths: dict[str, Path],
+        pixel_sizes: dict[str, float],
+        threads: int,
+        intensity: dict[str, dict] | None = None,
+    ):
         self._paths = paths
         self._pixel_sizes = pixel_sizes
+        self._intensity = intensity or {}
         self._local = threading.local()
         self._opened: list[Slide] = []
         self._lock = threading.Lock()
@@ -290,7 +360,9 @@ class TileReader:
         start = time.perf_counter()
         slide = self._slide(tile.slide_id)
         pixels = slide.read(tile.read.x, tile.read.y, tile.read.w, tile.read.h)
-        rgb = to_rgb8(pixels, slide.modality)
+        record = self._intensity.get(tile.slide_id)
+        bit_depth = slide.bit_depth if record is None or record["bit_depth"] is None else record["bit_depth"]
+        rgb = to_rgb8(pixels, slide.modality, bit_depth, record)
         return tile, pixels, rgb, time.perf_counter() - start
 
     def iter_read(self, tiles: Sequence[Tile], lookahead: int) -> Iterator[_Read]:
@@ -644,7 +716,7 @@ def segment_batch(
     schema = cells_schema(channel_names, embedder.dim)
     segmenters = {"mk": mk_segmenter, "hspc": hspc_segmenter}
     stats = _Stats()
-    reader = TileReader(slide_paths, pixel_sizes, options.readers)
+    reader = TileReader(slide_paths, pixel_sizes, options.readers, options.intensity)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
@@ -810,6 +882,7 @@ def _segment_command(args: argparse.Namespace) -> int:
     finally:
         for slide in slides.values():
             slide.close()
+    intensity = read_intensity(args.plans or [], slide_paths)
     log.info(
         "%s: batch %d, %d tiles of %d slide(s)", batch_path, number, len(tiles), len(slide_paths)
     )
@@ -828,6 +901,7 @@ def _segment_command(args: argparse.Namespace) -> int:
         crop_px=args.crop_px,
         device=str(models.device),
         progress=not args.no_progress,
+        intensity=intensity,
     )
     segment_batch(
         tiles,
@@ -901,6 +975,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "a file to an id explicitly",
     )
     parser.add_argument("--models", required=True, metavar="DIR", help="models directory")
+    parser.add_argument(
+        "--plans",
+        nargs="+",
+        metavar="SLIDE_JSON",
+        help="the slides' {slide}.slide.json from bmseg plan: fluorescence is shown to the models "
+        "on each slide's intensity range (default: each tile's own range)",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument(
         "--device",
