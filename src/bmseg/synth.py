@@ -16,10 +16,10 @@ Everything derives from ``--seed``:
 Mosaic tiles far from any tissue are not acquired, as a scanner's tile regions would leave them.
 The truth's areas and centroids are measured on the rasterised masks, not the parametric shapes.
 
-``--density marrow`` packs the tissue as marrow is packed (~7 000 cells per 3000² tile instead
+``--density marrow`` packs the tissue as marrow is packed (~6 000 cells per 3000² of tissue instead
 of ~120): MKs placed as above, then every free stretch of tissue tiled by small round-ish
-cells (the Voronoi cells of a jittered hexagonal grid, each shrunk by a pixel so neighbours
-touch without sharing a pixel), all planted as HSPC-like cells.
+cells (the Voronoi cells of a jittered hexagonal grid, each shrunk by 1.5 px so neighbours
+touch, 1–3 px apart, without sharing a pixel), all planted as HSPC-like cells.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ CELL_GAP_PX = 6  # minimum clearance between cells' bounding circles
 MODALITIES = ("brightfield", "fluorescence")
 DENSITIES = ("sparse", "marrow")
 MARROW_CELL_AREA_UM2 = 38.0
-"""Mean planted cell area at marrow density: ~7 000 cells per 3000² px tile at 0.1725 µm/px."""
+"""Mean planted cell area at marrow density: ~7 000 cells would fill a 3000² px tile of tissue."""
 MARROW_MK_PER_MM2 = 60.0
 FLUORESCENCE_CHANNELS = ("DAPI", "CD41")
 
@@ -568,7 +568,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--density",
         choices=DENSITIES,
         default="sparse",
-        help="sparse: ~120 cells per 3000² tile; marrow: packed and touching, ~7 000 per tile "
+        help="sparse: ~120 cells per 3000² tile; marrow: packed and touching, ~6 000 per 3000² "
         "(sparse)",
     )
     parser.set_defaults(handler=_synth_command)
