@@ -35,7 +35,9 @@ def mk_outlines(area_um2: float, pixel_size_um: float, count: int, rng: np.rando
     outlines = []
     for index in range(count):
         if index % 2:
-            theta, radius = _lobed_outline(1.0, int(rng.integers(2, 6)), rng.uniform(0.08, 0.18), rng)
+            theta, radius = _lobed_outline(
+                1.0, int(rng.integers(2, 6)), rng.uniform(0.08, 0.18), rng
+            )
         else:
             theta, radius = np.linspace(0, 2 * np.pi, 96, endpoint=False), np.ones(96)
         unit = np.column_stack([radius * np.cos(theta), radius * np.sin(theta)])

@@ -168,7 +168,7 @@ def main() -> None:
         "--points-per-side",
         type=int,
         default=None,
-        help="SAM2 point grid per window side for ours (default: MKSettings', from the smallest MK)",
+        help="SAM2 point grid per window side for ours (default: derived from the smallest MK)",
     )
     parser.add_argument(
         "--baseline-points-per-side", type=int, default=32, help="stock AMG grid side (32)"

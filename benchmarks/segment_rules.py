@@ -98,7 +98,9 @@ def refinement_errors(cells: int, rng: np.random.Generator) -> dict[float, tuple
         original = torch.from_numpy(truth)[None]
         for p in (3616 / 256, 8.0, 4.0):
             side = round(field / p)
-            occupancy = cv2.resize(truth.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA)
+            occupancy = cv2.resize(
+                truth.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA
+            )
             refined = upsample_in_boxes(
                 torch.from_numpy(occupancy - 0.5)[None],
                 torch.tensor([[0, 0, field, field]]),
@@ -108,7 +110,10 @@ def refinement_errors(cells: int, rng: np.random.Generator) -> dict[float, tuple
             fine = fine_enough(original.sum(dim=(1, 2)), p, settings.refine_min_logits_across)
             chosen, _ = choose_refined(refined, original, settings.refine_iou_thresh, fine)
             results.setdefault(p, []).append(
-                (boundary_error_px(refined[0].numpy(), truth), boundary_error_px(chosen[0].numpy(), truth))
+                (
+                    boundary_error_px(refined[0].numpy(), truth),
+                    boundary_error_px(chosen[0].numpy(), truth),
+                )
             )
     return {p: tuple(np.mean(v, axis=0)) for p, v in results.items()}
 

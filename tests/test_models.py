@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from bmseg.cli import main
 from bmseg.errors import BmsegError
 from bmseg.models import (
-    Detections,
     EmbedderSettings,
     HSPCSettings,
     MKSettings,
@@ -387,8 +386,11 @@ def test_edge_windows_are_padded_not_stretched() -> None:
     pad = (torch.tensor(PAD_RGB).view(3, 1, 1) / 255 - mean) / std
     assert torch.allclose(image[:, 21:], pad.expand(3, 43, 64), atol=1e-6)  # padding
     expected = F.interpolate(
-        torch.from_numpy(tile).permute(2, 0, 1)[None].float() / 255, size=(20, 64),
-        mode="bilinear", align_corners=False, antialias=True,
+        torch.from_numpy(tile).permute(2, 0, 1)[None].float() / 255,
+        size=(20, 64),
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
     )[0]
     assert torch.allclose(image[:, 2:18], ((expected - mean) / std)[:, 2:18], atol=0.02)
 
@@ -397,7 +399,10 @@ def test_default_prompts_reach_every_smallest_mk() -> None:
     # Discs of the smallest MK area anywhere in the production read window hold a prompt.
     settings, pixel_um, tile_hw = MKSettings(), 0.1725, (3616, 3616)
     points = torch.cat(
-        [window_points(w, n, torch.device("cpu")) for w, n in mk_prompts(tile_hw, settings, pixel_um, 1024)]
+        [
+            window_points(w, n, torch.device("cpu"))
+            for w, n in mk_prompts(tile_hw, settings, pixel_um, 1024)
+        ]
     )
     radius = np.sqrt(settings.min_area_um2 / np.pi) / pixel_um
     centres = torch.from_numpy(np.random.default_rng(0).uniform(radius, 3616 - radius, (5000, 2)))
@@ -473,11 +478,15 @@ def test_refinement_never_coarser_on_cells_of_known_outline() -> None:
         original = torch.from_numpy(truth)[None]
         for px_per_logit in (2.0, 4.0, 8.0, field / 28):
             side = round(field / px_per_logit)
-            occupancy = cv2.resize(truth.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA)
+            occupancy = cv2.resize(
+                truth.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA
+            )
             logits = torch.from_numpy(occupancy - 0.5)[None]
             box = torch.tensor([[0, 0, field, field]])
             refined = upsample_in_boxes(logits, box, (field, field), 0.0)
-            fine = fine_enough(original.sum(dim=(1, 2)), px_per_logit, HSPCSettings().refine_min_logits_across)
+            fine = fine_enough(
+                original.sum(dim=(1, 2)), px_per_logit, HSPCSettings().refine_min_logits_across
+            )
             chosen, replaced = choose_refined(refined, original, 0.5, fine)
             error = boundary_error_px(chosen[0].numpy(), truth)
             assert error <= 0.35, (px_per_logit, error)  # never coarser than a pixel's half

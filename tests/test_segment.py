@@ -95,7 +95,9 @@ class OracleSegmenter:
 def hspc_windows(tiles: Sequence[Tile], options: SegmentOptions) -> list[Rect]:
     """The slide rectangles SEGMENT hands the HSPC segmenter: core + HSPC margin."""
     rects = [hspc_rect(t, options.hspc_max_area_um2) for t in tiles]
-    return [Rect(t.read.x + r.x, t.read.y + r.y, r.w, r.h) for t, r in zip(tiles, rects)]
+    return [
+        Rect(t.read.x + r.x, t.read.y + r.y, r.w, r.h) for t, r in zip(tiles, rects, strict=True)
+    ]
 
 
 class MeanColourEmbedder:
@@ -286,7 +288,9 @@ def test_masks_crops_and_batch_record(oracle_run):
                 mine = [c for c in cells if c["tile_id"] == tile.tile_id]
                 counts = np.bincount(labels.ravel(), minlength=len(mine) + 1)
                 assert len(counts) == len(mine) + 1
-                hspc_counts = np.bincount(group["hspc_labels"][...].ravel(), minlength=len(mine) + 1)
+                hspc_counts = np.bincount(
+                    group["hspc_labels"][...].ravel(), minlength=len(mine) + 1
+                )
                 for cell in mine:
                     layer = counts if cell["cell_type"] == "MK" else hspc_counts
                     assert layer[cell["mask_label"]] == cell["area_px"]

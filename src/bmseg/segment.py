@@ -312,9 +312,13 @@ def read_intensity(plan_paths: Sequence[str], slide_ids: Iterable[str]) -> dict[
             bits = record.get("bit_depth")
             bits = None if bits is None else int(bits)
         except (KeyError, TypeError, ValueError) as error:
-            raise BmsegError(f"--plans {path}: bad intensity record ({error}); re-run bmseg plan")
-        if len(low) != len(high) or not np.isfinite(low + high).all() or (
-            channels and len(low) != channels
+            raise BmsegError(
+                f"--plans {path}: bad intensity record ({error}); re-run bmseg plan"
+            ) from error
+        if (
+            len(low) != len(high)
+            or not np.isfinite(low + high).all()
+            or (channels and len(low) != channels)
         ):
             raise BmsegError(
                 f"--plans {path}: intensity ranges do not match the slide's {channels} channels; "
@@ -361,7 +365,11 @@ class TileReader:
         slide = self._slide(tile.slide_id)
         pixels = slide.read(tile.read.x, tile.read.y, tile.read.w, tile.read.h)
         record = self._intensity.get(tile.slide_id)
-        bit_depth = slide.bit_depth if record is None or record["bit_depth"] is None else record["bit_depth"]
+        bit_depth = (
+            slide.bit_depth
+            if record is None or record["bit_depth"] is None
+            else record["bit_depth"]
+        )
         rgb = to_rgb8(pixels, slide.modality, bit_depth, record)
         return tile, pixels, rgb, time.perf_counter() - start
 
@@ -645,7 +653,8 @@ def _segment_group(
         ]
         timings[stage] += time.perf_counter() - start
     detected["hspc"] = [
-        _placed(d, rgb.shape[:2], rect) for d, rgb, rect in zip(detected["hspc"], rgbs, rects, strict=True)
+        _placed(d, rgb.shape[:2], rect)
+        for d, rgb, rect in zip(detected["hspc"], rgbs, rects, strict=True)
     ]
     return detected
 

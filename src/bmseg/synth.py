@@ -545,9 +545,7 @@ def write_synthetic_slide(
 
 
 def _synth_command(args: argparse.Namespace) -> int:
-    write_synthetic_slide(
-        args.out, args.width, args.height, args.seed, args.modality, args.density
-    )
+    write_synthetic_slide(args.out, args.width, args.height, args.seed, args.modality, args.density)
     return 0
 
 

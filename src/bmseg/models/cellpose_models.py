@@ -235,7 +235,9 @@ class CellposeHSPCSegmenter:
                 batch = members[start : start + s.refine_box_batch]
                 logits, _ = self.engine.decode(window_features, boxes=boxes[batch], multimask=False)
                 grown = grow_boxes(boxes[batch], REFINE_WINDOW_GROWTH, tile_hw)
-                grown = torch.minimum(torch.maximum(grown, limit[:2].repeat(2)), limit[2:].repeat(2))
+                grown = torch.minimum(
+                    torch.maximum(grown, limit[:2].repeat(2)), limit[2:].repeat(2)
+                )
                 local = grown - limit[:2].repeat(2)
                 px_per_logit = window.side / logits.shape[-1]
                 fine = fine_enough(area[batch], px_per_logit, s.refine_min_logits_across)

@@ -149,7 +149,9 @@ class Sam2Engine:
         ):
             return cached[2]
         with self.timer("sam2_encode"):
-            flat = [(tile, window) for tile, ws in zip(tiles, windows, strict=True) for window in ws]
+            flat = [
+                (tile, window) for tile, ws in zip(tiles, windows, strict=True) for window in ws
+            ]
             encoded: list[WindowFeatures] = []
             for start in range(0, len(flat), self.encode_batch):
                 encoded += self._encode(flat[start : start + self.encode_batch])
