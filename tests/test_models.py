@@ -346,6 +346,26 @@ def test_one_mk_per_cell_nested_masks_suppressed_touching_kept() -> None:
     assert split.segment([tile], pixel_um)[0].count == 4
 
 
+def test_cells_seen_by_several_windows_count_once() -> None:
+    # A 512 x 900 tile in three 512 px windows (starts 0, 194, 388): one cell inside two
+    # windows (a copy in each), one cut by the first window's edge and whole in the others.
+    twice, edges, pixel_um = (300, 250, 60), (480, 250, 60), 0.25
+    segmenter = disc_segmenter([twice, edges], [0.9, 0.8], size=512, max_downsample=1.0)
+    tile = np.zeros((512, 900, 3), np.uint8)
+    windows = segmenter.windows(tile.shape[:2], pixel_um)
+    assert [w.x for w in windows] == [0, 194, 388]
+    (found,) = segmenter.segment([tile], pixel_um)
+    assert found.count == 2
+    yy, xx = np.mgrid[:512, :900]
+    for x, y, r in (twice, edges):
+        disc = (xx - x) ** 2 + (yy - y) ** 2 < r**2
+        label = found.labels[y, x]
+        assert (
+            label > 0
+            and abs(int((found.labels == label).sum()) - int(disc.sum())) < 0.01 * disc.sum()
+        )
+
+
 def test_nested_in_larger_judges_pairs_by_shared_share() -> None:
     # On a 10-px-wide tile: 0 = rows 0-9 (100 px); 1 = 40 px of which 30 inside 0; 2 = 40 px
     # of which 5 inside 0 and 15 inside 1; 3 = an exact copy of 0 with a lower score; 4 = far away.
