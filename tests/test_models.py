@@ -29,6 +29,7 @@ from bmseg.models.masks import (
     label_boxes,
     lowres_boxes,
     nested_in_larger,
+    pair_intersections,
     score_priority,
     upsample_in_boxes,
     upsampled_stats,
@@ -381,6 +382,14 @@ def test_nested_in_larger_judges_pairs_by_shared_share() -> None:
     assert nested.tolist() == [False, True, False, True, False]
     strict = nested_in_larger(flat, owner, boxes, 10, scores, 0.8)
     assert strict.tolist() == [False, False, False, True, False]
+    dense = pair_intersections(flat, owner, boxes, 10)
+    sparse = pair_intersections(flat, owner, boxes, 10, budget=1)  # the long-chain path
+    assert [t.tolist() for t in dense] == [t.tolist() for t in sparse]
+    i, j, shared = (t.tolist() for t in dense)
+    assert dict(zip(zip(i, j, strict=True), shared, strict=True)) == {
+        **{(0, 1): 30, (0, 2): 5, (1, 2): 15, (0, 3): 100, (1, 3): 30, (2, 3): 5},
+        **{(1, 0): 30, (2, 0): 5, (2, 1): 15, (3, 0): 100, (3, 1): 30, (3, 2): 5},
+    }
 
 
 def test_windows_overlap_by_the_largest_mk_and_cover_the_tile() -> None:
@@ -538,11 +547,20 @@ def test_hspc_area_filter_and_fallback_to_cellpose(models) -> None:
     assert found.scores == pytest.approx([1 / (1 + np.exp(-3.0))] * 2, rel=1e-5)
 
 
-def test_hspc_segmentation_runs_cellpose_and_sam2(models) -> None:
-    found = models.hspc.segment([random_tile(256, 4)], PIXEL_UM)
-    assert len(found) == 1 and found[0].labels.shape == (256, 256)
+@pytest.mark.parametrize("refine", [False, True])
+def test_hspc_segmentation_runs_cellpose_and_sam2(models, refine: bool) -> None:
+    segmenter = type(models.hspc)(
+        models.hspc.cellpose,
+        models.hspc.engine,
+        HSPCSettings(min_area_um2=20.0, max_area_um2=100.0, refine=refine),
+        models.device,
+    )
+    found = segmenter.segment([random_tile(300, 4)], PIXEL_UM)  # refine: 2 x 2 windows
+    assert len(found) == 1 and found[0].labels.shape == (300, 300)
     areas = np.bincount(found[0].labels.ravel())[1:] * PIXEL_UM**2
     assert len(areas) == found[0].count and ((areas >= 20.0) & (areas <= 100.0)).all()
+    if refine:
+        assert len(segmenter.windows((300, 300), PIXEL_UM)) == 4
 
 
 # --- embedder ----------------------------------------------------------------------------------

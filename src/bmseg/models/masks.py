@@ -166,15 +166,34 @@ def window_pixels(
     return (boxes[k, 1] + dy) * tile_hw[1] + boxes[k, 0] + dx, k
 
 
+def _sparse_gram(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Dense ``A @ A.T`` of the 0/1 matrix with ones at (rows, cols), through sparse storage."""
+    import warnings
+
+    ones = torch.ones(len(rows), device=rows.device)
+    matrix = torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), ones, shape, check_invariants=False
+    ).coalesce()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return torch.sparse.mm(matrix, matrix.t()).to_dense()
+
+
 def pair_intersections(
-    flat: torch.Tensor, owner: torch.Tensor, boxes: torch.Tensor, tile_width: int
+    flat: torch.Tensor,
+    owner: torch.Tensor,
+    boxes: torch.Tensor,
+    tile_width: int,
+    budget: int = WINDOW_BUDGET,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every ordered pair ``(i, j)`` of masks sharing pixels, and how many: three (P,) tensors.
 
     Masks are pixel lists (``flat`` tile-pixel indices, ``owner`` mask index) with inclusive
     ``boxes`` (K, 4). Masks whose boxes chain together form groups; each group's masks are
     laid out densely over the group's box and intersected by one matrix product, so deep
-    overlaps (many masks over one pixel) cost a product, not a pass per depth.
+    overlaps (many masks over one pixel) cost a product, not a pass per depth; a group whose
+    dense layout would exceed ``budget`` entries (boxes chaining across a packed tile) is
+    multiplied in sparse storage instead.
     """
     from scipy.sparse.csgraph import connected_components
 
@@ -202,9 +221,13 @@ def pair_intersections(
         x1, y1 = (int(v) + 1 for v in b[members.cpu().numpy(), 2:].max(axis=0))
         pixels, owners = flat[starts[g] : starts[g + 1]], owner[starts[g] : starts[g + 1]]
         local = (pixels // tile_width - y0) * (x1 - x0) + pixels % tile_width - x0
-        dense = torch.zeros((len(members), (y1 - y0) * (x1 - x0)), device=flat.device)
-        dense[rank[owners], local] = 1.0
-        shared = (dense @ dense.T).round().long()
+        shape = (len(members), (y1 - y0) * (x1 - x0))
+        if shape[0] * shape[1] <= budget:
+            dense = torch.zeros(shape, device=flat.device)
+            dense[rank[owners], local] = 1.0
+            shared = (dense @ dense.T).round().long()
+        else:  # a long chain of boxes (a packed tile): overlaps are shallow, go sparse
+            shared = _sparse_gram(rank[owners], local, shape).round().long()
         shared.fill_diagonal_(0)
         i, j = torch.nonzero(shared, as_tuple=True)
         pairs.append((members[i], members[j], shared[i, j]))
