@@ -4,10 +4,11 @@ Tiles are synthetic brightfield marrow (bmseg.synth) at the production pixel siz
 run in the same process on the same loaded models, under the same precision (bf16 autocast on
 GPUs that support it):
 
-- ours: ``ModelSet.mk.segment`` (SAM2 encoded once per tile, candidates filtered at the
-  decoder's 256² resolution, survivors upsampled inside their boxes), ``ModelSet.hspc.segment``
-  (Cellpose-SAM network, bmseg.flows, SAM2 box refinement in batches) and one batched ResNet-50
-  pass over every planted cell's crop;
+- ours: ``ModelSet.mk.segment`` (SAM2 over windows at ≤ 2× downsampling encoded in batches,
+  prompts spaced from the smallest MK unless ``--points-per-side``, candidates pre-filtered at
+  the decoder's 256² resolution, survivors upsampled inside their boxes, nested masks
+  suppressed), ``ModelSet.hspc.segment`` (Cellpose-SAM network, bmseg.flows; SAM2 refinement
+  off, the default) and one batched ResNet-50 pass over every planted cell's crop;
 - baseline: the stock ``SAM2AutomaticMaskGenerator`` with binary masks and the same settings
   (32² points, pred_iou_thresh 0.5) followed by the area filter, ``CellposeModel.eval`` with its
   own post-processing, and one ResNet-50 forward per cell (the old script, without its per-cell
@@ -101,14 +102,11 @@ class GpuBusy:
 
 def run_ours(models, tiles, centres) -> tuple[dict[str, float], float]:
     """Segment and embed all tiles the bmseg way; per-stage seconds and the GPU busy share."""
-    from bmseg.models import exclude_claimed
-
     models.timer.take()
     with GpuBusy(models.device) as busy:
         start = time.perf_counter()
         mk = models.mk.segment(tiles, PIXEL_SIZE_UM)
         hspc = models.hspc.segment(tiles, PIXEL_SIZE_UM)
-        hspc = [exclude_claimed(m, h) for m, h in zip(mk, hspc, strict=True)]
         crops = np.concatenate([cut_crops(t, c) for t, c in zip(tiles, centres, strict=True)])
         models.embedder.embed(crops)
         total = time.perf_counter() - start
@@ -166,7 +164,15 @@ def main() -> None:
     parser.add_argument("--models", type=Path, help="models directory (default: random weights)")
     parser.add_argument("--tiles", type=int, default=2, help="tiles in the batch")
     parser.add_argument("--tile-size", type=int, default=3000, help="tile side, px")
-    parser.add_argument("--points-per-side", type=int, default=32, help="SAM2 point grid side")
+    parser.add_argument(
+        "--points-per-side",
+        type=int,
+        default=None,
+        help="SAM2 point grid per window side for ours (default: derived from the smallest MK)",
+    )
+    parser.add_argument(
+        "--baseline-points-per-side", type=int, default=32, help="stock AMG grid side (32)"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--seed", type=int, default=0, help="synthetic slide seed")
     parser.add_argument("--no-baseline", action="store_true", help="time ours only")
@@ -191,7 +197,8 @@ def main() -> None:
         )
     print(
         f"device {models.device}; {args.tiles} tiles of {args.tile_size}²; "
-        f"SAM2 {models.manifest.sam2_config}; {args.points_per_side}² points; "
+        f"SAM2 {models.manifest.sam2_config}; ours {args.points_per_side or 'derived'} points "
+        f"per window side, baseline {args.baseline_points_per_side}² per tile; "
         f"{'random' if models.manifest.random_init else 'real'} weights"
     )
     if not args.no_warmup:  # kernels, allocator, autotuning; a copy, so SAM2's cache misses
@@ -206,7 +213,7 @@ def main() -> None:
         "ours_gpu_busy_pct": ours_busy,
     }
     if not args.no_baseline:
-        base, base_busy = run_baseline(models, tiles, centres, args.points_per_side)
+        base, base_busy = run_baseline(models, tiles, centres, args.baseline_points_per_side)
         figures["baseline_s_per_tile"] = {k: v / args.tiles for k, v in base.items()}
         figures["baseline_gpu_busy_pct"] = base_busy
         figures["ratio"] = base["total"] / ours["total"]

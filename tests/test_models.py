@@ -14,25 +14,41 @@ import torch.nn.functional as F
 from bmseg.cli import main
 from bmseg.errors import BmsegError
 from bmseg.models import (
-    Detections,
     EmbedderSettings,
     HSPCSettings,
     MKSettings,
-    exclude_claimed,
     load_models,
     resolve_device,
 )
-from bmseg.models.cellpose_models import choose_refined
+from bmseg.models.cellpose_models import choose_refined, fine_enough
+from bmseg.models.device import StageTimer
 from bmseg.models.masks import (
     LowResFilter,
     Painter,
     filter_lowres,
     label_boxes,
     lowres_boxes,
+    nested_in_larger,
+    pair_intersections,
     score_priority,
     upsample_in_boxes,
+    upsampled_stats,
 )
-from bmseg.models.sam2_models import paint_lowres
+from bmseg.models.sam2_models import (
+    PAD_RGB,
+    SAM2_MEAN,
+    SAM2_STD,
+    Sam2Engine,
+    Sam2MKSegmenter,
+    Window,
+    WindowFeatures,
+    WindowMasks,
+    mk_prompts,
+    paint_masks,
+    tile_windows,
+    window_overlap_px,
+    window_points,
+)
 
 PIXEL_UM = 0.5  # 4 px per µm²: areas stay small on small test tiles
 
@@ -168,13 +184,33 @@ def test_lowres_filter_keeps_only_areas_in_range() -> None:
     assert keep.tolist() == [False, True, True, False, False]
 
 
-def test_lowres_filter_applies_iou_and_stability() -> None:
+def test_lowres_filter_applies_predicted_iou() -> None:
     sharp = disc_logits(8.0) * 10
-    soft = disc_logits(8.0) * 0.2  # the mask moves a lot when the cut-off shifts by ±1
-    logits = torch.stack([sharp, sharp, soft])
-    rules = LowResFilter(0.0, 0.5, 0.9, 1.0, min_area_px=1, max_area_px=1e9)
-    keep = filter_lowres(logits, torch.tensor([0.9, 0.3, 0.9]), 1.0, rules)
-    assert keep.tolist() == [True, False, False]
+    keep = filter_lowres(torch.stack([sharp, sharp]), torch.tensor([0.9, 0.3]), 1.0, RULES_ANY)
+    assert keep.tolist() == [True, False]
+
+
+RULES_ANY = LowResFilter(0.0, 0.5, 0.0, 1.0, min_area_px=1, max_area_px=1e9)
+
+
+def test_stability_is_sam2s_on_upsampled_logits() -> None:
+    # A 200 µm² disc at 0.1725 µm/px (radius 46 px) in a 3616 px tile seen whole: 14 px per
+    # low-res pixel, radius 3.3 low-res px; confident logits, +-5 inside and out.
+    from sam2.utils.amg import calculate_stability_score
+
+    tile_hw = (3616, 3616)
+    logits = (torch.sign(disc_logits(3.3, size=256, centre=(128, 128))) * 5.0)[None]
+    rules = LowResFilter(0.0, 0.0, 0.95, 1.0, min_area_px=1, max_area_px=1e9)
+    boxes = lowres_boxes(logits, -1.0, tile_hw)
+    stability, area, tight = upsampled_stats(logits, boxes, tile_hw, rules)
+    full = F.interpolate(logits[:, None], tile_hw, mode="bilinear", align_corners=False)[:, 0]
+    expected = calculate_stability_score(full, 0.0, 1.0)
+    assert float(stability[0]) == pytest.approx(float(expected[0]), abs=1e-6)
+    assert int(area[0]) == int((full[0] > 0).sum())
+    lowres = calculate_stability_score(logits, 0.0, 1.0)
+    assert float(lowres[0]) == 1.0 and float(stability[0]) < 0.95  # the old score let it pass
+    ys, xs = torch.nonzero(full[0] > 0, as_tuple=True)
+    assert tight[0].tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
 
 
 def test_upsample_in_boxes_equals_full_interpolation() -> None:
@@ -190,14 +226,15 @@ def test_upsample_in_boxes_equals_full_interpolation() -> None:
 
 
 def test_exact_area_decides_after_upsampling() -> None:
-    # Low-res 64² of a 256² tile (16 tile px per low-res px). Radii 6 and 9 low-res px give
+    # Low-res 64² of a 256² window (16 px per low-res px). Radii 6 and 9 low-res px give
     # ~113 and ~254 low-res px, i.e. ~1810 and ~4070 tile px; the range [1000, 3800] keeps
     # the first, and the second passes the low-res filter only through its 10 % slack.
     logits = torch.stack([disc_logits(6.0, centre=(16, 16)), disc_logits(9.0, centre=(44, 44))])
     rules = LowResFilter(0.0, 0.0, 0.0, 1.0, min_area_px=1000, max_area_px=3800)
     assert filter_lowres(logits, torch.ones(2), 16.0, rules).tolist() == [True, True]
-    boxes = lowres_boxes(logits, 0.0, (256, 256))
-    found = paint_lowres(logits, torch.tensor([0.7, 0.8]), boxes, (256, 256), rules)
+    window = Window(0, 0, 256, 256, 256)
+    masks = WindowMasks.measure(logits, torch.tensor([0.7, 0.8]), window, (256, 256), rules)
+    found = paint_masks(masks, (256, 256), rules, containment=0.5)
     full = F.interpolate(logits[:, None], (256, 256), mode="bilinear", align_corners=False)[:, 0]
     assert int((full[1] > 0).sum()) > 3800  # the exact area is out of range
     assert found.count == 1 and found.scores.tolist() == pytest.approx([0.7])
@@ -238,6 +275,179 @@ def test_label_boxes_match_scipy() -> None:
     assert boxes == expected
 
 
+class DiscDecoder:
+    """A stand-in for SAM2's decoder over hand-made cells: discs ``(x, y, radius)``, tile px.
+
+    A point prompt gets SAM2-like multimask output: the smallest disc holding the point (a
+    nucleus, say), the largest, and the next-largest, as sharp signed-distance logits on the
+    window's low-res grid, with fixed predicted IoUs per disc. Everything after the decoder is
+    the real segmenter: windows, filters, NMS, containment, painter.
+    """
+
+    def __init__(self, discs: list[tuple[float, float, float]], ious: list[float], size: int):
+        self.discs, self.ious = torch.tensor(discs, dtype=torch.float32), torch.tensor(ious)
+        self.device = torch.device("cpu")
+        self.timer = StageTimer(self.device)
+        self.image_size = size
+        self.decoded_points = 0
+
+    def encode(self, tiles, windows):
+        return [[WindowFeatures(None, [], window) for window in ws] for ws in windows]
+
+    def decode(self, features, points=None, boxes=None, multimask=True):
+        window = features.window
+        low = self.image_size // 4
+        step = window.side / low
+        centres = (torch.arange(low) + 0.5) * step - 0.5
+        x, y, r = (self.discs[:, i, None, None] for i in range(3))
+        gy, gx = centres[:, None] + window.y, centres[None, :] + window.x
+        logits = (r - torch.sqrt((gx - x) ** 2 + (gy - y) ** 2)) / step * 32  # (D, low, low)
+        inside = torch.cdist(points.float(), self.discs[:, :2]) < self.discs[:, 2]  # (N, D)
+        order = torch.argsort(self.discs[:, 2])  # small to large
+        out = torch.full((len(points), 3, low, low), -20.0)
+        iou = torch.zeros((len(points), 3))
+        self.decoded_points += len(points)
+        for n in range(len(points)):
+            holding = order[inside[n, order]]
+            for slot, d in enumerate([holding[:1], holding[-1:], holding[-2:-1]]):
+                if len(d):
+                    out[n, slot], iou[n, slot] = logits[d[0]], self.ious[d[0]]
+        return out, iou
+
+
+def disc_segmenter(discs, ious, size=512, **settings) -> Sam2MKSegmenter:
+    defaults = dict(points_per_side=32, min_area_um2=100.0, max_area_um2=3000.0)
+    return Sam2MKSegmenter(DiscDecoder(discs, ious, size), MKSettings(**{**defaults, **settings}))
+
+
+def test_one_mk_per_cell_nested_masks_suppressed_touching_kept() -> None:
+    # Pixel 0.25 µm: a 962 µm² cell (r 70 px) with a 240 µm² nucleus mask (r 35) that SAM2
+    # rates higher, a 491 µm² cell (r 50) touching it (4 px overlap), and a lone cell.
+    pixel_um = 0.25
+    cell, nucleus, touching, lone = (180, 250, 70), (185, 245, 35), (296, 250, 50), (400, 420, 45)
+    segmenter = disc_segmenter([cell, nucleus, touching, lone], [0.8, 0.95, 0.85, 0.9])
+    tile = np.zeros((512, 512, 3), np.uint8)
+    (found,) = segmenter.segment([tile], pixel_um)
+    assert found.count == 3  # the nucleus is not a second MK
+    yy, xx = np.mgrid[:512, :512]
+
+    def disc(c):
+        return (xx - c[0]) ** 2 + (yy - c[1]) ** 2 < c[2] ** 2
+
+    areas = np.bincount(found.labels.ravel())[1:]
+    label_at = {name: found.labels[c[1], c[0]] for name, c in (("cell", cell), ("touch", touching))}
+    assert found.labels[nucleus[1], nucleus[0]] == label_at["cell"]  # the whole cell kept
+    # Whole cells, less only the few pixels the higher-scored touching neighbour takes.
+    assert areas[label_at["cell"] - 1] == pytest.approx(disc(cell).sum(), rel=0.02)
+    assert areas[label_at["touch"] - 1] == pytest.approx(disc(touching).sum(), rel=0.01)
+    # Without containment suppression (threshold above 1 is impossible: use the painter alone)
+    # the nucleus splits the cell in two MKs sharing a centroid, as the old code did.
+    split = disc_segmenter([cell, nucleus, touching, lone], [0.8, 0.95, 0.85, 0.9])
+    object.__setattr__(split.settings, "containment_thresh", 1.0 + 1e-6)
+    assert split.segment([tile], pixel_um)[0].count == 4
+
+
+def test_cells_seen_by_several_windows_count_once() -> None:
+    # A 512 x 900 tile in three 512 px windows (starts 0, 194, 388): one cell inside two
+    # windows (a copy in each), one cut by the first window's edge and whole in the others.
+    twice, edges, pixel_um = (300, 250, 60), (480, 250, 60), 0.25
+    segmenter = disc_segmenter([twice, edges], [0.9, 0.8], size=512, max_downsample=1.0)
+    tile = np.zeros((512, 900, 3), np.uint8)
+    windows = segmenter.windows(tile.shape[:2], pixel_um)
+    assert [w.x for w in windows] == [0, 194, 388]
+    (found,) = segmenter.segment([tile], pixel_um)
+    assert found.count == 2
+    yy, xx = np.mgrid[:512, :900]
+    for x, y, r in (twice, edges):
+        disc = (xx - x) ** 2 + (yy - y) ** 2 < r**2
+        label = found.labels[y, x]
+        assert (
+            label > 0
+            and abs(int((found.labels == label).sum()) - int(disc.sum())) < 0.01 * disc.sum()
+        )
+
+
+def test_nested_in_larger_judges_pairs_by_shared_share() -> None:
+    # On a 10-px-wide tile: 0 = rows 0-9 (100 px); 1 = 40 px of which 30 inside 0; 2 = 40 px
+    # of which 5 inside 0 and 15 inside 1; 3 = an exact copy of 0 with a lower score; 4 = far away.
+    big = torch.arange(100)
+    inside = torch.arange(70, 110)
+    edge = torch.arange(95, 135)
+    far = torch.arange(500, 520)
+    flat = torch.cat([big, inside, edge, big, far])
+    owner = torch.repeat_interleave(torch.arange(5), torch.tensor([100, 40, 40, 100, 20]))
+    boxes = torch.tensor([[0, 0, 9, 9], [0, 7, 9, 10], [0, 9, 9, 13], [0, 0, 9, 9], [0, 50, 9, 51]])
+    scores = torch.tensor([0.9, 0.95, 0.5, 0.8, 0.1])
+    nested = nested_in_larger(flat, owner, boxes, 10, scores, 0.5)
+    assert nested.tolist() == [False, True, False, True, False]
+    strict = nested_in_larger(flat, owner, boxes, 10, scores, 0.8)
+    assert strict.tolist() == [False, False, False, True, False]
+    dense = pair_intersections(flat, owner, boxes, 10)
+    sparse = pair_intersections(flat, owner, boxes, 10, budget=1)  # the long-chain path
+    assert [t.tolist() for t in dense] == [t.tolist() for t in sparse]
+    i, j, shared = (t.tolist() for t in dense)
+    assert dict(zip(zip(i, j, strict=True), shared, strict=True)) == {
+        **{(0, 1): 30, (0, 2): 5, (1, 2): 15, (0, 3): 100, (1, 3): 30, (2, 3): 5},
+        **{(1, 0): 30, (2, 0): 5, (2, 1): 15, (3, 0): 100, (3, 1): 30, (3, 2): 5},
+    }
+
+
+def test_windows_overlap_by_the_largest_mk_and_cover_the_tile() -> None:
+    # The production read window (3000 + 2 x 308 px) at SAM2's 1024 px input, 2x at most.
+    overlap = window_overlap_px(2000.0, 0.1725)
+    windows = tile_windows((3616, 3616), 2048, overlap)
+    assert len(windows) == 4 and all(w.side == 2048 == w.width == w.height for w in windows)
+    assert windows[1].x == 3616 - 2048 and 2 * 2048 - 3616 >= overlap > 293 + 2 * 20
+    # An edge tile: never stretched, padded to the square window.
+    (*_, last) = edge = tile_windows((408, 3616), 2048, overlap)
+    assert len(edge) == 2 and (last.height, last.width, last.side) == (408, 2048, 2048)
+
+
+def test_edge_windows_are_padded_not_stretched() -> None:
+    from types import SimpleNamespace
+
+    engine = Sam2Engine(SimpleNamespace(image_size=64), torch.device("cpu"), None)
+    tile = np.random.default_rng(0).integers(0, 256, (40, 128, 3), dtype=np.uint8)
+    (window,) = tile_windows(tile.shape[:2], 128, 0)
+    image = engine.window_input(tile, window)[0]  # 128 px square -> 64 px: 2x
+    mean = torch.tensor(SAM2_MEAN).view(3, 1, 1)
+    std = torch.tensor(SAM2_STD).view(3, 1, 1)
+    pad = (torch.tensor(PAD_RGB).view(3, 1, 1) / 255 - mean) / std
+    assert torch.allclose(image[:, 21:], pad.expand(3, 43, 64), atol=1e-6)  # padding
+    expected = F.interpolate(
+        torch.from_numpy(tile).permute(2, 0, 1)[None].float() / 255,
+        size=(20, 64),
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+    )[0]
+    assert torch.allclose(image[:, 2:18], ((expected - mean) / std)[:, 2:18], atol=0.02)
+
+
+def test_default_prompts_reach_every_smallest_mk() -> None:
+    # Discs of the smallest MK area anywhere in the production read window hold a prompt.
+    settings, pixel_um, tile_hw = MKSettings(), 0.1725, (3616, 3616)
+    points = torch.cat(
+        [
+            window_points(w, n, torch.device("cpu"))
+            for w, n in mk_prompts(tile_hw, settings, pixel_um, 1024)
+        ]
+    )
+    radius = np.sqrt(settings.min_area_um2 / np.pi) / pixel_um
+    centres = torch.from_numpy(np.random.default_rng(0).uniform(radius, 3616 - radius, (5000, 2)))
+    nearest = torch.cdist(centres, points.double()).min(dim=1).values
+    assert bool((nearest < radius).all())
+    # The old single 32 x 32 grid over the tile left about half of them without one.
+    old = torch.cdist(centres, torch.from_numpy(build_grid(32)) * 3616).min(dim=1).values
+    assert 0.4 < float((old < radius).double().mean()) < 0.7
+
+
+def build_grid(n: int) -> np.ndarray:
+    from sam2.utils.amg import build_point_grid
+
+    return build_point_grid(n)
+
+
 def test_mk_segmentation_through_sam2(models) -> None:
     tiles = [random_tile(256, 1), random_tile(200, 2)]
     found = models.mk.segment(tiles, PIXEL_UM)
@@ -260,15 +470,63 @@ def test_refined_mask_kept_only_when_it_agrees() -> None:
     refined[0, 6:15, 5:15] = True  # IoU 0.9: agrees
     refined[1, 5:15, 10:20] = True  # IoU 50/150 = 0.33: disagrees
     refined[2, 5:15, 7:15] = True  # IoU 0.8: agrees at 0.5, not at 0.85
-    chosen, agree = choose_refined(refined, original, 0.5)
+    fine = torch.ones(3, dtype=torch.bool)
+    chosen, agree = choose_refined(refined, original, 0.5, fine)
     assert agree.tolist() == [True, False, True]
     assert torch.equal(chosen[0], refined[0]) and torch.equal(chosen[1], original[1])
-    assert choose_refined(refined, original, 0.85)[1].tolist() == [True, False, False]
+    assert choose_refined(refined, original, 0.85, fine)[1].tolist() == [True, False, False]
+    coarse = torch.tensor([True, True, False])
+    assert choose_refined(refined, original, 0.5, coarse)[1].tolist() == [True, False, False]
+
+
+def boundary_error_px(mask: np.ndarray, truth: np.ndarray) -> float:
+    """Mean distance (px) from the boundary pixels of ``mask`` to those of ``truth``."""
+    from scipy import ndimage
+
+    edge_truth = truth ^ ndimage.binary_erosion(truth)
+    edge_mask = mask ^ ndimage.binary_erosion(mask)
+    return float(ndimage.distance_transform_edt(~edge_truth)[edge_mask].mean())
+
+
+def test_refinement_never_coarser_on_cells_of_known_outline() -> None:
+    # Synthetic HSPCs (bmseg.synth's, 6.3-9.7 µm at 0.1725 µm/px) whose rasterised outline is
+    # the truth and Cellpose's mask. SAM2's best possible refinement at p px per decoder pixel:
+    # the truth area-averaged onto the decoder grid, upsampled bilinearly (SAM2's own way).
+    # p = 14.1: a 3616 px tile seen whole (the old refinement); 8: 2x windows; 4: native ones.
+    import cv2
+
+    from bmseg.synth import _cell_mask, _make_hspc
+
+    rng = np.random.default_rng(0)
+    field = 400
+    for _ in range(12):
+        cell = _make_hspc(200.0 + rng.uniform(), 200.0 + rng.uniform(), rng)
+        x0, y0, x1, y1 = cell.box
+        truth = np.zeros((field, field), bool)
+        truth[y0:y1, x0:x1] = _cell_mask(cell)
+        original = torch.from_numpy(truth)[None]
+        for px_per_logit in (2.0, 4.0, 8.0, field / 28):
+            side = round(field / px_per_logit)
+            occupancy = cv2.resize(
+                truth.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA
+            )
+            logits = torch.from_numpy(occupancy - 0.5)[None]
+            box = torch.tensor([[0, 0, field, field]])
+            refined = upsample_in_boxes(logits, box, (field, field), 0.0)
+            fine = fine_enough(
+                original.sum(dim=(1, 2)), px_per_logit, HSPCSettings().refine_min_logits_across
+            )
+            chosen, replaced = choose_refined(refined, original, 0.5, fine)
+            error = boundary_error_px(chosen[0].numpy(), truth)
+            assert error <= 0.35, (px_per_logit, error)  # never coarser than a pixel's half
+            assert bool(replaced[0]) == (px_per_logit <= 4.0)
+            if px_per_logit > 8:
+                assert boundary_error_px(refined[0].numpy(), truth) > error  # what was undone
 
 
 def test_hspc_area_filter_and_fallback_to_cellpose(models) -> None:
     tile = random_tile(256, 3)
-    features = models.hspc.engine.encode([tile])[0]
+    features = models.hspc.engine.encode([tile], [models.hspc.windows((256, 256), PIXEL_UM)])[0]
     cellpose_labels = np.zeros((256, 256), np.int32)
     cellpose_labels[10:20, 10:20] = 1  # 100 px = 25 µm²: an HSPC
     cellpose_labels[100:103, 100:103] = 2  # 2.25 µm²: too small
@@ -279,7 +537,7 @@ def test_hspc_area_filter_and_fallback_to_cellpose(models) -> None:
     strict = type(models.hspc)(
         models.hspc.cellpose,
         models.hspc.engine,
-        HSPCSettings(min_area_um2=20.0, max_area_um2=100.0, refine_iou_thresh=1.0),
+        HSPCSettings(min_area_um2=20.0, max_area_um2=100.0, refine=True, refine_iou_thresh=1.0),
         models.device,
     )
     found = strict.refine(cellpose_labels, cellprob, features, PIXEL_UM)
@@ -289,27 +547,20 @@ def test_hspc_area_filter_and_fallback_to_cellpose(models) -> None:
     assert found.scores == pytest.approx([1 / (1 + np.exp(-3.0))] * 2, rel=1e-5)
 
 
-def test_hspc_segmentation_runs_cellpose_and_sam2(models) -> None:
-    found = models.hspc.segment([random_tile(256, 4)], PIXEL_UM)
-    assert len(found) == 1 and found[0].labels.shape == (256, 256)
+@pytest.mark.parametrize("refine", [False, True])
+def test_hspc_segmentation_runs_cellpose_and_sam2(models, refine: bool) -> None:
+    segmenter = type(models.hspc)(
+        models.hspc.cellpose,
+        models.hspc.engine,
+        HSPCSettings(min_area_um2=20.0, max_area_um2=100.0, refine=refine),
+        models.device,
+    )
+    found = segmenter.segment([random_tile(300, 4)], PIXEL_UM)  # refine: 2 x 2 windows
+    assert len(found) == 1 and found[0].labels.shape == (300, 300)
     areas = np.bincount(found[0].labels.ravel())[1:] * PIXEL_UM**2
     assert len(areas) == found[0].count and ((areas >= 20.0) & (areas <= 100.0)).all()
-
-
-def test_mk_pixels_excluded_from_hspcs() -> None:
-    mk = np.zeros((20, 20), np.int32)
-    mk[0:10, 0:10] = 1
-    hspc = np.zeros((20, 20), np.int32)
-    hspc[8:12, 8:12] = 1  # 16 px, 4 inside the MK: keeps 12
-    hspc[2:5, 2:5] = 2  # inside the MK: dropped
-    hspc[15:18, 15:18] = 3  # untouched
-    result = exclude_claimed(
-        Detections(mk, np.array([0.9], np.float32)),
-        Detections(hspc, np.array([0.5, 0.6, 0.7], np.float32)),
-    )
-    assert result.scores.tolist() == pytest.approx([0.5, 0.7])
-    assert int((result.labels == 1).sum()) == 12 and int((result.labels == 2).sum()) == 9
-    assert not ((result.labels > 0) & (mk > 0)).any()
+    if refine:
+        assert len(segmenter.windows((300, 300), PIXEL_UM)) == 4
 
 
 # --- embedder ----------------------------------------------------------------------------------

@@ -1003,7 +1003,10 @@ def test_glob_slide_ids_follow_the_clis_rule(name: str) -> None:
     step = render_script(
         "PLAN",
         profile_params("default"),
-        inputs={**SAMPLE_INPUTS["PLAN"], "meta": {"id": slide_id, "pixel_size_um": None, "modality": None}},
+        inputs={
+            **SAMPLE_INPUTS["PLAN"],
+            "meta": {"id": slide_id, "pixel_size_um": None, "modality": None},
+        },
     )
     argv = next(a for a in bmseg_commands(step) if a[1] == "plan")
     assert argv[argv.index("--slide-id") + 1] == slide_id, "one word on PLAN's command line"

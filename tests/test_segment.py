@@ -24,10 +24,12 @@ import pytest
 import torch
 
 from bmseg import cli
+from bmseg.errors import BmsegError
 from bmseg.models.base import Detections
 from bmseg.segment import (
     SegmentOptions,
     Tile,
+    hspc_rect,
     keep_owned,
     match_slides,
     read_batch_table,
@@ -90,6 +92,14 @@ class OracleSegmenter:
         return found
 
 
+def hspc_windows(tiles: Sequence[Tile], options: SegmentOptions) -> list[Rect]:
+    """The slide rectangles SEGMENT hands the HSPC segmenter: core + HSPC margin."""
+    rects = [hspc_rect(t, options.hspc_max_area_um2) for t in tiles]
+    return [
+        Rect(t.read.x + r.x, t.read.y + r.y, r.w, r.h) for t, r in zip(tiles, rects, strict=True)
+    ]
+
+
 class MeanColourEmbedder:
     """A cheap embedder: the crop's mean R, G, B, then zeros."""
 
@@ -118,10 +128,10 @@ def run_oracle(slide_path, truth, out_dir, batch_path, **option_args):
     """segment_batch with oracle segmenters over the tiles of the batch table at ``batch_path``."""
     number, tiles = read_batch_table(batch_path)
     paths = match_slides([t.slide_id for t in tiles], [str(slide_path)])
-    windows = [t.read for t in tiles]
-    mk, hspc = OracleSegmenter("MK", truth, windows), OracleSegmenter("HSPC", truth, windows)
-    embedder = MeanColourEmbedder()
     options = SegmentOptions(progress=False, **option_args)
+    mk = OracleSegmenter("MK", truth, [t.read for t in tiles])
+    hspc = OracleSegmenter("HSPC", truth, hspc_windows(tiles, options))
+    embedder = MeanColourEmbedder()
     summary = segment_batch(
         tiles, paths, mk, hspc, embedder, out_dir, options, {"batch": number, "device": "cpu"}
     )
@@ -278,8 +288,12 @@ def test_masks_crops_and_batch_record(oracle_run):
                 mine = [c for c in cells if c["tile_id"] == tile.tile_id]
                 counts = np.bincount(labels.ravel(), minlength=len(mine) + 1)
                 assert len(counts) == len(mine) + 1
+                hspc_counts = np.bincount(
+                    group["hspc_labels"][...].ravel(), minlength=len(mine) + 1
+                )
                 for cell in mine:
-                    assert counts[cell["mask_label"]] == cell["area_px"]
+                    layer = counts if cell["cell_type"] == "MK" else hspc_counts
+                    assert layer[cell["mask_label"]] == cell["area_px"]
         crops = {r["cell_uid"]: r for r in pq.read_table(out / "crops.parquet").to_pylist()}
         assert set(crops) == {c["cell_uid"] for c in cells}
         for cell in cells:
@@ -348,28 +362,42 @@ def square_cells(*cells: tuple[str, int, int, int]) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
-def test_mk_pixels_win_and_swallowed_hspcs_go(slide, coarse_batch, tmp_path):
+def test_hspcs_under_an_mk_are_kept_whole_with_their_overlap(slide, coarse_batch, tmp_path):
+    # An MK-sized mask is not yet an MK (a cluster, a vessel, an adipocyte rim): HSPCs under it
+    # stay, each measured on its whole mask, and record how much of them it covers.
     slide_path, _ = slide
     table = one_tile_batch(coarse_batch, tmp_path / "one.parquet")
     _, (tile,) = read_batch_table(table)
     x, y = tile.core.x + 300, tile.core.y + 300
     truth = square_cells(
         ("MK", x, y, 100),
-        ("HSPC", x + 90, y + 20, 30),  # 10 of 30 columns under the MK: keeps 20 x 30 px
-        ("HSPC", x, y + 80, 30),  # 20 of 30 rows under the MK: dropped
+        ("HSPC", x + 90, y + 20, 30),  # 10 of 30 columns under the MK
+        ("HSPC", x + 40, y + 80, 30),  # 20 of 30 rows under the MK
+        ("HSPC", x + 30, y + 30, 30),  # wholly inside it
         ("HSPC", x + 300, y + 300, 30),  # untouched
     )
-    out = tmp_path / "exclusive"
+    out = tmp_path / "overlaps"
     summary, _, _ = run_oracle(slide_path, truth, out, table)
-    cells = pq.read_table(out / "cells.parquet", columns=["cell_type", "area_px", "mask_label"])
-    found = sorted((c["cell_type"], c["area_px"]) for c in cells.to_pylist())
-    assert found == [("HSPC", 600.0), ("HSPC", 900.0), ("MK", 10000.0)]
+    columns = ["cell_type", "area_px", "overlap_fraction", "mask_label"]
+    cells = pq.read_table(out / "cells.parquet", columns=columns).to_pylist()
+    found = sorted((c["cell_type"], c["area_px"], round(c["overlap_fraction"], 4)) for c in cells)
+    assert found == [
+        ("HSPC", 900.0, 0.0),
+        ("HSPC", 900.0, round(1 / 3, 4)),
+        ("HSPC", 900.0, round(2 / 3, 4)),
+        ("HSPC", 900.0, 1.0),
+        ("MK", 10000.0, round((300 + 600 + 900) / 10000, 4)),
+    ]
+    assert summary["cells"] == {"MK": 1, "HSPC": 4}
     with h5py.File(out / "masks.h5", "r") as masks:
         labels = masks[f"{tile.slide_id}/{tile.tile_id}/labels"][...]
-    mk_label = next(c["mask_label"] for c in cells.to_pylist() if c["cell_type"] == "MK")
+        hspc_labels = masks[f"{tile.slide_id}/{tile.tile_id}/hspc_labels"][...]
+    mk_label = next(c["mask_label"] for c in cells if c["cell_type"] == "MK")
     local_x, local_y = x - tile.read.x, y - tile.read.y
     assert (labels[local_y : local_y + 100, local_x : local_x + 100] == mk_label).all()
-    assert summary["cells"] == {"MK": 1, "HSPC": 2}
+    for cell in cells:  # each cell's layer holds its whole mask
+        layer = labels if cell["cell_type"] == "MK" else hspc_labels
+        assert int((layer == cell["mask_label"]).sum()) == cell["area_px"]
 
 
 def test_cells_rounding_to_one_centroid_pixel_get_distinct_uids(slide, coarse_batch, tmp_path):
@@ -434,6 +462,46 @@ def test_fluorescence_channels_become_rgb():
     brightfield = rng.integers(0, 255, size=(8, 8, 3)).astype(np.uint8)
     assert to_rgb8(brightfield, "brightfield") is brightfield
     assert to_rgb8(brightfield.astype(np.uint16) * 257, "brightfield") == pytest.approx(brightfield)
+
+
+def test_brightfield_bit_depth_comes_from_the_metadata(shared_czi):
+    # A 14-bit scanner writes uint16 whose white is 16383: scaled by the dtype it is 4x dark.
+    from bmseg.slide import open_slide
+
+    white = np.full((4, 4, 3), 16383, np.uint16)
+    assert (to_rgb8(white, "brightfield", bit_depth=14) == 255).all()
+    assert (to_rgb8(white, "brightfield") == 64).all()  # the dtype's full scale, no metadata
+    assert (to_rgb8(white, "brightfield", bit_depth=16) == 64).all()
+    with open_slide(shared_czi / "1_tileregion.czi", pixel_size_um=0.5) as slide:
+        assert slide.bit_depth == 14  # ComponentBitCount in the Zeiss metadata
+
+
+def test_fluorescence_is_stretched_on_the_slide_range_from_plan(tmp_path):
+    # A tile with no CD41+ cell: stretched on its own it shows its noise at full contrast;
+    # on the slide's range (PLAN's low-resolution read, slide.json) it stays dark.
+    slide_path = tmp_path / "fluo.czi"
+    write_synthetic_slide(slide_path, 2000, 2000, seed=2, modality="fluorescence")
+    assert cli.main(["-q", "plan", str(slide_path), "--out", str(tmp_path)]) == 0
+    info = json.loads((tmp_path / "fluo.slide.json").read_text())
+    record = info["intensity"]
+    assert record["channels"] == ["DAPI", "CD41"] and len(record["low"]) == 2
+    assert record["high"][1] > 3000  # the MKs' CD41 sets the top of the range
+    rng = np.random.default_rng(0)
+    tissue_only = np.stack(
+        [rng.normal(900, 40, (64, 64)), rng.normal(260, 40, (64, 64))], axis=-1
+    ).astype(np.uint16)
+    per_tile = to_rgb8(tissue_only, "fluorescence")
+    per_slide = to_rgb8(tissue_only, "fluorescence", ranges=record)
+    assert per_tile[..., 1].max() == 255 and per_slide[..., 1].max() < 40
+    from bmseg.segment import read_plans
+
+    assert read_plans([str(tmp_path / "fluo.slide.json")], ["fluo"]).intensity["fluo"]["low"] == (
+        pytest.approx(record["low"])
+    )
+    bad = tmp_path / "bad.slide.json"
+    bad.write_text(json.dumps({**info, "intensity": {**record, "low": [0.0]}}))
+    with pytest.raises(BmsegError, match=r"bad\.slide\.json.*channels"):
+        read_plans([str(bad)], ["fluo"])
 
 
 def run_cli(*args: str) -> int:
@@ -575,7 +643,7 @@ def test_a_failed_batch_leaves_no_outputs(slide, coarse_batch, tmp_path):
             tiles,
             match_slides([t.slide_id for t in tiles], [str(slide_path)]),
             OracleSegmenter("MK", truth, windows),
-            FailingSegmenter("HSPC", truth, windows),
+            FailingSegmenter("HSPC", truth, hspc_windows(tiles, SegmentOptions())),
             MeanColourEmbedder(),
             out,
             SegmentOptions(progress=False),
@@ -622,7 +690,7 @@ def test_a_batch_spanning_two_slides(slide, tmp_path):
         tiles,
         match_slides([t.slide_id for t in tiles], [str(slide_path), str(twin)]),
         OracleSegmenter("MK", truth, windows),
-        OracleSegmenter("HSPC", truth, windows),
+        OracleSegmenter("HSPC", truth, hspc_windows(tiles, SegmentOptions())),
         MeanColourEmbedder(),
         out,
         SegmentOptions(progress=False, readers=3, gpu_batch_tiles=2),
@@ -636,3 +704,92 @@ def test_a_batch_spanning_two_slides(slide, tmp_path):
     with h5py.File(out / "masks.h5", "r") as masks:
         assert set(masks) == {"synthetic", "twin"}
         assert sum(len(masks[s]) for s in masks) == len(tiles) == len(summary["tiles"])
+
+
+@pytest.fixture(scope="module")
+def marrow_slide(tmp_path_factory) -> Path:
+    """A 1600² synthetic slide at marrow density, by `bmseg synth --density marrow`."""
+    slide_path = tmp_path_factory.mktemp("marrow") / "marrow.czi"
+    assert cli.main(["-q", "synth", str(slide_path), "--width", "1600", "--height", "1600",
+                     "--seed", "3", "--density", "marrow"]) == 0  # fmt: skip
+    return slide_path
+
+
+def test_marrow_density_slide_every_cell_once(marrow_slide, tmp_path):
+    # `bmseg synth --density marrow`: cells packed as in marrow, touching, MKs among them.
+    from scipy import ndimage
+
+    slide_path = marrow_slide
+    truth = pq.read_table(slide_path.with_name("marrow.truth.parquet"))
+    types = collections.Counter(truth["cell_type"].to_pylist())
+    assert types["MK"] >= 1 and types["HSPC"] >= 500
+    # Packed: per 3000² px of tissue as many cells as marrow holds (~7 000), and touching.
+    from bmseg.synth import SyntheticLayout
+
+    tissue = SyntheticLayout(1600, 1600, 3, density="marrow").tissue_mask(0, 0, 1600, 1600, 4)
+    per_tile = len(truth) / (tissue.mean() * 1600**2) * 3000**2
+    assert per_tile > 5000
+    labels = np.zeros((1600, 1600), np.int32)
+    for index, row in enumerate(truth.to_pylist(), start=1):
+        contour = np.stack([row["contour_x_px"], row["contour_y_px"]], axis=1).astype(np.int32)
+        cv2.drawContours(labels, [contour.reshape(-1, 1, 2)], -1, index, thickness=-1)
+    grown = ndimage.grey_dilation(labels, size=(5, 5))
+    touching = np.unique(grown[(labels > 0) & (grown != labels)])
+    assert len(touching) > 0.5 * len(truth)  # most cells lie within 2 px of a neighbour
+    (batch_path,) = plan_batches(slide_path, tmp_path, tile=800, batch_size=100)
+    out = tmp_path / "out"
+    summary, _, _ = run_oracle(slide_path, truth, out, batch_path, gpu_batch_tiles=2)
+    cells = pq.read_table(out / "cells.parquet", columns=["cell_uid", "area_px"])
+    assert sorted(cells["cell_uid"].to_pylist()) == sorted(truth["cell_uid"].to_pylist())
+    assert summary["cells"] == {"MK": types["MK"], "HSPC": types["HSPC"]}
+
+
+def test_segment_runs_on_a_marrow_density_tile_with_default_settings(
+    marrow_slide, test_models_dir, tmp_path
+):
+    # The real models (test checkpoints) at their default settings: windows, derived prompts.
+    (batch_path,) = plan_batches(marrow_slide, tmp_path, tile=600, batch_size=1000)
+    table = pq.read_table(batch_path)
+    busiest = int(np.argmax(table["tissue_fraction"].to_numpy()))
+    batch = write_parquet(table.slice(busiest, 1), tmp_path / "batch_0001.parquet")
+    out = tmp_path / "real"
+    args = [batch, "--slides", marrow_slide, "--models", test_models_dir, "--out", out]
+    plans = ["--plans", tmp_path / "plans" / "marrow.slide.json"]
+    assert run_cli(*args, *plans, "--device", "cpu", "--no-progress") == 0
+    record = json.loads((out / "batch.json").read_text())
+    assert record["models"]["mk"]["points_per_side"] is None  # derived from the smallest MK
+    assert record["models"]["hspc"]["refine"] is False
+    cells = pq.read_table(out / "cells.parquet")
+    assert cells.num_rows == sum(record["cells"].values())
+    assert "overlap_fraction" in cells.column_names
+
+
+def test_segment_reads_the_plane_and_modality_plan_chose(tmp_path: Path) -> None:
+    """With --plans, SEGMENT's readers open each slide as PLAN did: the plane it read and the
+    modality it decided, not the first plane and a guess of their own."""
+    from bmseg.segment import TileReader, read_plans
+    from bmseg.synth import write_frames_czi
+
+    planes = [np.full((64, 64), value, np.uint8) for value in (10, 200)]
+    czi_path = write_frames_czi(
+        tmp_path / "stack.czi",
+        [(0, 0, image, {"Z": z, "C": 0}, 0) for z, image in enumerate(planes)],
+        pixel_size_um=0.5,
+    )
+    info = {"slide_id": "stack", "modality": "brightfield", "plane": {"Z": 1}}
+    (tmp_path / "stack.slide.json").write_text(json.dumps(info))
+    plans = read_plans([str(tmp_path / "stack.slide.json")], ["stack"])
+    assert plans.choices == {"stack": {"modality": "brightfield", "plane": {"Z": 1}}}
+
+    reader = TileReader({"stack": czi_path}, {"stack": 0.5}, 1, plans.intensity, plans.choices)
+    try:
+        slide = reader._slide("stack")
+        assert slide.modality == "brightfield"
+        assert int(slide.read(0, 0, 8, 8).max()) == 200, "the plane PLAN read (Z=1)"
+    finally:
+        reader.close()
+
+    bad = tmp_path / "bad.slide.json"
+    bad.write_text(json.dumps({**info, "plane": ["Z", 1]}))
+    with pytest.raises(BmsegError, match=r"bad\.slide\.json.*plane"):
+        read_plans([str(bad)], ["stack"])

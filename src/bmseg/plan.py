@@ -217,6 +217,29 @@ def read_thumbnails(slide: Slide, max_side: int = THUMBNAIL_SIDE) -> tuple[list[
     return thumbnails, factor
 
 
+def slide_intensity(slide: Slide, thumbnails: list[np.ndarray], masks: list[np.ndarray]) -> dict:
+    """slide.json ``intensity``: per-channel ranges of the tissue in the low-resolution read of
+    every scene and the file's bit depth; SEGMENT shows every tile of the slide to the models
+    with them."""
+    from bmseg.slide import intensity_ranges
+
+    channels = thumbnails[0].shape[-1]
+    pixels = np.concatenate([t.reshape(-1, 1, channels) for t in thumbnails])
+    where = np.concatenate(
+        [
+            m.reshape(-1, 1)
+            if m.shape == t.shape[:2]
+            else np.zeros((t.shape[0] * t.shape[1], 1), bool)
+            for t, m in zip(thumbnails, masks, strict=True)
+        ]
+    )
+    return {
+        **intensity_ranges(pixels, where),
+        "bit_depth": slide.bit_depth,
+        "channels": [c.name for c in slide.channels],
+    }
+
+
 def display_image(thumbnail: np.ndarray, modality: str, fill: np.ndarray) -> np.ndarray:
     """An 8-bit RGB view of a thumbnail: brightfield RGB as is, brightfield grey as grey,
     fluorescence as a false-colour composite; each channel stretched between percentiles of
@@ -484,6 +507,7 @@ def plan_slide(
                 {"index": i, "bounds": s.as_dict(), "tissue_area_mm2": round(a, 6), "tiles_kept": k}
                 for i, (s, a, k) in enumerate(zip(slide.scenes, scene_mm2, scene_kept, strict=True))
             ],
+            "intensity": slide_intensity(slide, thumbnails, masks),
         }
         scenes_text = f"  {len(slide.scenes)} scenes" if len(slide.scenes) > 1 else ""
         found = f"tissue {_area_text(tissue_mm2)} mm2" if kept.any() else "NO TISSUE FOUND"

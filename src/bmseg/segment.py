@@ -17,6 +17,7 @@ import argparse
 import collections
 import itertools
 import logging
+import math
 import re
 import threading
 import time
@@ -31,9 +32,24 @@ import pyarrow as pa
 
 from bmseg.errors import BmsegError
 from bmseg.flows import FLOWS_METHODS
-from bmseg.models.base import Detections, Embedder, Segmenter, exclude_claimed
-from bmseg.models.settings import DEVICE_CHOICES, EmbedderSettings, HSPCSettings, MKSettings
-from bmseg.slide import SLIDE_ID_PATTERN, Channel, Rect, Slide, default_slide_id, open_slide
+from bmseg.models.base import Detections, Embedder, Segmenter
+from bmseg.models.settings import (
+    DEVICE_CHOICES,
+    EmbedderSettings,
+    HSPCSettings,
+    MKSettings,
+    hspc_margin_px,
+)
+from bmseg.slide import (
+    MODALITIES,
+    SLIDE_ID_PATTERN,
+    Channel,
+    Rect,
+    Slide,
+    default_slide_id,
+    intensity_ranges,
+    open_slide,
+)
 from bmseg.storage import (
     CROPS_SCHEMA,
     EMBEDDING_COLUMN,
@@ -48,10 +64,6 @@ from bmseg.storage import (
 log = logging.getLogger(__name__)
 
 CELL_TYPES = ("MK", "HSPC")
-HSPC_MAX_LOST_FRACTION = 0.5
-"""An HSPC that loses more than this share of its pixels to MKs is dropped (docs/cells.md)."""
-RGB_PERCENTILES = (1.0, 99.5)
-"""Per-tile intensity range mapped to 0..255 for fluorescence channels shown to the models."""
 STAGES = ("read", "mk", "hspc", "features", "embed", "write")
 GALLERY_CROP_PX = 128
 """Default largest side of a gallery JPEG (``--crop-px``); smaller crops keep full resolution."""
@@ -109,6 +121,10 @@ class SegmentOptions:
     crop_px: int = GALLERY_CROP_PX
     device: str = "cpu"
     progress: bool = True
+    intensity: dict[str, dict] = field(default_factory=dict)
+    """Per slide id, slide.json's ``intensity`` (``--plans``): the models' intensity scale."""
+    slide_choices: dict[str, dict] = field(default_factory=dict)
+    """Per slide id, the modality and plane PLAN read (``--plans``), as open_slide keywords."""
 
 
 @dataclass
@@ -233,22 +249,35 @@ def check_tiles(batch_path: Path, tiles: Sequence[Tile], slides: dict[str, Slide
 # ---------------------------------------------------------------------------------- pixels
 
 
-def to_rgb8(pixels: np.ndarray, modality: str) -> np.ndarray:
+def to_rgb8(
+    pixels: np.ndarray,
+    modality: str,
+    bit_depth: int | None = None,
+    ranges: dict | None = None,
+) -> np.ndarray:
     """The (H, W, 3) uint8 RGB image the models see.
 
-    Brightfield RGB is scaled from its dtype's full range (uint8 passes through untouched).
-    Fluorescence channels are stretched per tile from their 1st to 99.5th percentile to 0..255
-    and mapped to R, G, B in slide order: one channel is replicated to grey, two fill R and G,
-    more than three keep the first three.
+    Brightfield RGB is scaled from its full scale: ``2**bit_depth - 1`` when the file records
+    its bit depth (12- or 14-bit scanners writing uint16), else the dtype's maximum (uint8
+    passes through untouched). Fluorescence channels are stretched from the slide's
+    ``ranges`` (slide.json ``intensity``: ``low``, ``high`` per channel, from PLAN's
+    low-resolution read), or without them from the tile's own 1st to 99.5th percentile, to
+    0..255, and mapped to R, G, B in slide order: one channel is replicated to grey, two fill
+    R and G, more than three keep the first three.
     """
     if modality == "brightfield" and pixels.shape[-1] == 3:
         if pixels.dtype == np.uint8:
             return pixels
         full = 1.0 if pixels.dtype.kind == "f" else float(np.iinfo(pixels.dtype).max)
+        if bit_depth and pixels.dtype.kind in "ui" and 2**bit_depth - 1 < full:
+            full = float(2**bit_depth - 1)
         return np.clip(pixels.astype(np.float32) * (255.0 / full), 0, 255).round().astype(np.uint8)
     selected = pixels[..., :3].astype(np.float32)
-    sample = selected[::4, ::4].reshape(-1, selected.shape[-1])
-    low, high = np.percentile(sample, RGB_PERCENTILES, axis=0)
+    if ranges is None:
+        ranges = intensity_ranges(selected[::4, ::4])
+    count = selected.shape[-1]
+    low = np.asarray(ranges["low"][:count], np.float32)
+    high = np.asarray(ranges["high"][:count], np.float32)
     scale = 255.0 / np.maximum(high - low, 1e-6)
     stretched = np.clip((selected - low) * scale, 0, 255).round().astype(np.uint8)
     if stretched.shape[-1] == 1:
@@ -258,12 +287,96 @@ def to_rgb8(pixels: np.ndarray, modality: str) -> np.ndarray:
     return stretched
 
 
+@dataclass(frozen=True)
+class PlanRecords:
+    """What SEGMENT takes from the slides' slide.json (``--plans``), by slide id."""
+
+    intensity: dict[str, dict]
+    """slide.json ``intensity``: the models' intensity scale (absent: per-tile stretching)."""
+    choices: dict[str, dict]
+    """``open_slide`` keywords PLAN decided: the ``modality`` and the ``plane`` it read."""
+
+
+def read_plans(plan_paths: Sequence[str], slide_ids: Iterable[str]) -> PlanRecords:
+    """slide.json records of the batch's slides, validated; slides without one are absent.
+
+    Slides without an ``intensity`` record have their tiles stretched per tile (logged); a
+    record that does not match its slide's channels, or a modality or plane that is not
+    one, is an error naming the file.
+    """
+    import json
+
+    wanted, records, choices = set(slide_ids), {}, {}
+    for path_text in plan_paths:
+        path = Path(path_text)
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+            slide_id, record = info["slide_id"], info.get("intensity")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise BmsegError(
+                f"--plans {path}: not a readable slide.json ({error}); pass the files bmseg plan "
+                "wrote"
+            ) from error
+        if slide_id not in wanted:
+            continue
+        choices[slide_id] = _plan_choices(path, info)
+        if record is None:
+            continue
+        channels = len(info.get("channels") or [])
+        try:
+            low = [float(v) for v in record["low"]]
+            high = [float(v) for v in record["high"]]
+            bits = record.get("bit_depth")
+            bits = None if bits is None else int(bits)
+        except (KeyError, TypeError, ValueError) as error:
+            raise BmsegError(
+                f"--plans {path}: bad intensity record ({error}); re-run bmseg plan"
+            ) from error
+        if (
+            len(low) != len(high)
+            or not np.isfinite(low + high).all()
+            or (channels and len(low) != channels)
+        ):
+            raise BmsegError(
+                f"--plans {path}: intensity ranges do not match the slide's {channels} channels; "
+                "re-run bmseg plan"
+            )
+        records[slide_id] = {"low": low, "high": high, "bit_depth": bits}
+    for slide_id in sorted(wanted - set(records)):
+        log.info("slide %s: no slide.json intensity given (--plans): per-tile stretching", slide_id)
+    return PlanRecords(records, choices)
+
+
+def _plan_choices(path: Path, info: dict) -> dict:
+    """slide.json's ``modality`` and ``plane``, checked, as :func:`open_slide` keywords."""
+    modality, plane = info.get("modality"), info.get("plane") or {}
+    plane_ok = isinstance(plane, dict) and all(
+        isinstance(dim, str) and (isinstance(index, str) or type(index) is int)
+        for dim, index in plane.items()
+    )
+    if modality not in (None, *MODALITIES) or not plane_ok:
+        raise BmsegError(
+            f"--plans {path}: modality {modality!r} or plane {plane!r} is not one bmseg plan "
+            "writes; re-run bmseg plan"
+        )
+    return {"modality": modality, "plane": plane or None}
+
+
 class TileReader:
     """Reads tiles on a pool of threads, one open :class:`Slide` per thread and slide."""
 
-    def __init__(self, paths: dict[str, Path], pixel_sizes: dict[str, float], threads: int):
+    def __init__(
+        self,
+        paths: dict[str, Path],
+        pixel_sizes: dict[str, float],
+        threads: int,
+        intensity: dict[str, dict] | None = None,
+        slide_choices: dict[str, dict] | None = None,
+    ):
         self._paths = paths
         self._pixel_sizes = pixel_sizes
+        self._intensity = intensity or {}
+        self._choices = slide_choices or {}
         self._local = threading.local()
         self._opened: list[Slide] = []
         self._lock = threading.Lock()
@@ -274,7 +387,10 @@ class TileReader:
         slides = self._local.__dict__.setdefault("slides", {})
         if slide_id not in slides:
             slide = open_slide(
-                self._paths[slide_id], pixel_size_um=self._pixel_sizes[slide_id], slide_id=slide_id
+                self._paths[slide_id],
+                pixel_size_um=self._pixel_sizes[slide_id],
+                slide_id=slide_id,
+                **self._choices.get(slide_id, {}),
             )
             slides[slide_id] = slide
             with self._lock:
@@ -285,7 +401,13 @@ class TileReader:
         start = time.perf_counter()
         slide = self._slide(tile.slide_id)
         pixels = slide.read(tile.read.x, tile.read.y, tile.read.w, tile.read.h)
-        rgb = to_rgb8(pixels, slide.modality)
+        record = self._intensity.get(tile.slide_id)
+        bit_depth = (
+            slide.bit_depth
+            if record is None or record["bit_depth"] is None
+            else record["bit_depth"]
+        )
+        rgb = to_rgb8(pixels, slide.modality, bit_depth, record)
         return tile, pixels, rgb, time.perf_counter() - start
 
     def iter_read(self, tiles: Sequence[Tile], lookahead: int) -> Iterator[_Read]:
@@ -351,6 +473,27 @@ def keep_owned(detections: Detections, tile: Tile) -> Detections:
     return _keep_labels(detections, owned)
 
 
+def hspc_rect(tile: Tile, hspc_max_area_um2: float) -> Rect:
+    """The part of a tile's read window the HSPC segmenter sees, in read-window px.
+
+    The core plus an HSPC margin (:func:`bmseg.models.settings.hspc_margin_px`), not the MK
+    margin: an owned HSPC lies wholly inside it, and Cellpose does a third of the work.
+    """
+    margin = hspc_margin_px(hspc_max_area_um2, tile.pixel_size_um)
+    core = tile.core
+    grown = Rect(core.x - margin, core.y - margin, core.w + 2 * margin, core.h + 2 * margin)
+    seen = grown.intersection(tile.read)
+    return Rect(seen.x - tile.read.x, seen.y - tile.read.y, seen.w, seen.h)
+
+
+def overlap_fraction(cells: Detections, others: np.ndarray) -> np.ndarray:
+    """Per cell, the share of its pixels where ``others`` (a label image) is non-zero."""
+    flat = cells.labels.ravel()
+    area = np.bincount(flat, minlength=cells.count + 1)[1:]
+    shared = np.bincount(flat[others.ravel() > 0], minlength=cells.count + 1)[1:]
+    return (shared / np.maximum(area, 1)).astype(np.float32)
+
+
 def cells_schema(channel_names: Sequence[str], embedding_dim: int) -> pa.Schema:
     """The ``cells.parquet`` schema (docs/data.md, docs/cells.md); embedding last."""
     from bmseg.features import intensity_columns
@@ -369,6 +512,7 @@ def cells_schema(channel_names: Sequence[str], embedding_dim: int) -> pa.Schema:
         *((name, float64) for name in SHAPE_COLUMNS),
         *((name, pa.float32()) for name in intensity_columns(channel_names)),
         ("score", pa.float32()),
+        ("overlap_fraction", pa.float32()),
         ("mask_label", pa.int32()),
         ("contour_x_px", pa.list_(pa.float32())),
         ("contour_y_px", pa.list_(pa.float32())),
@@ -383,6 +527,7 @@ class _TileCells:
 
     tile: Tile
     labels: np.ndarray
+    hspc_labels: np.ndarray
     columns: dict[str, Any]
     squares: np.ndarray
     sampler: Any
@@ -399,24 +544,31 @@ def _measure_tile(
     hspc: Detections,
     options: SegmentOptions,
 ) -> _TileCells:
-    """Area filter, exclusivity, ownership, then every per-cell column but the embedding."""
+    """Area filters, overlaps, ownership, then every per-cell column but the embedding.
+
+    MKs and HSPCs are two layers: an HSPC under an MK mask is kept whole and records the
+    overlap (docs/cells.md), so a classifier, not an unvalidated SAM2 mask, decides.
+    """
     from bmseg import features
 
-    mk = filter_area(mk, tile.pixel_size_um, options.mk_min_area_um2, options.mk_max_area_um2)
-    # Exclusivity before ownership: every MK in the window cuts the HSPCs, owned or not, so
-    # two tiles that both see a cell cut it the same way. The HSPC range applies to what is left.
-    hspc = exclude_claimed(mk, hspc, HSPC_MAX_LOST_FRACTION)
-    hspc = filter_area(
-        hspc, tile.pixel_size_um, options.hspc_min_area_um2, options.hspc_max_area_um2
-    )
-    hspc = keep_owned(hspc, tile)
-    mk = keep_owned(mk, tile)
-    labels = np.where(hspc.labels > 0, hspc.labels + mk.count, mk.labels).astype(np.uint32)
+    px = tile.pixel_size_um
+    mk = filter_area(mk, px, options.mk_min_area_um2, options.mk_max_area_um2)
+    hspc = filter_area(hspc, px, options.hspc_min_area_um2, options.hspc_max_area_um2)
+    # Overlaps against every cell of the other type in the window, owned or not, so two tiles
+    # that both see a pair record it the same way.
+    mk_all, hspc_all = mk.labels, hspc.labels
+    mk, hspc = keep_owned(mk, tile), keep_owned(hspc, tile)
+    overlaps = np.concatenate([overlap_fraction(mk, hspc_all), overlap_fraction(hspc, mk_all)])
+    hspc_layer = np.where(hspc.labels > 0, hspc.labels + mk.count, 0).astype(np.uint32)
+    labels = np.where(mk.labels > 0, mk.labels, hspc_layer).astype(np.uint32)
     count = mk.count + hspc.count
-    columns: dict[str, Any] = features.shape_features(
-        labels, count, tile.pixel_size_um, tile.read.x, tile.read.y
-    )
-    columns.update(features.intensity_stats(labels, pixels, [c.name for c in channels], count))
+    names = [c.name for c in channels]
+    columns: dict[str, Any] = {}
+    for layer, n in ((mk.labels, mk.count), (hspc.labels, hspc.count)):
+        measured = features.shape_features(layer, n, px, tile.read.x, tile.read.y)
+        measured.update(features.intensity_stats(layer, pixels, names, n))
+        for name, values in measured.items():
+            columns[name] = _concat(columns[name], values) if name in columns else values
     local_boxes = np.stack(
         [
             columns["bbox_x_px"] - tile.read.x,
@@ -438,6 +590,7 @@ def _measure_tile(
         "cell_type": cell_type.tolist(),
         **columns,
         "score": np.concatenate([mk.scores, hspc.scores]).astype(np.float32),
+        "overlap_fraction": overlaps,
         "mask_label": np.arange(1, count + 1, dtype=np.int32),
     }
     squares = features.crop_squares(local_boxes)
@@ -445,12 +598,20 @@ def _measure_tile(
     return _TileCells(
         tile=tile,
         labels=labels,
+        hspc_labels=hspc_layer,
         columns=columns,
         squares=squares,
         sampler=features.CropSampler(rgb, device=options.device),
         jpegs=jpegs,
         jpeg_sides=jpeg_sides,
     )
+
+
+def _concat(first: Any, second: Any) -> Any:
+    """Two tiles' worth of one column: arrays concatenated, lists joined."""
+    if isinstance(first, list):
+        return first + list(second)
+    return np.concatenate([first, second])
 
 
 def _embed(embedder: Embedder, tiles: Sequence[_TileCells], batch: int) -> list[np.ndarray]:
@@ -500,23 +661,48 @@ class _Finished:
 
 
 def _segment_group(
-    reads: list[_Read], segmenters: dict[str, Segmenter], timings: dict[str, float]
+    reads: list[_Read],
+    segmenters: dict[str, Segmenter],
+    timings: dict[str, float],
+    options: SegmentOptions,
 ) -> dict[str, list[Detections]]:
-    """Run each segmenter once on the group's RGB tiles; validated detections per stage."""
+    """Run each segmenter once on the group's RGB tiles; validated detections per stage.
+
+    The MK segmenter sees each whole read window; the HSPC segmenter its :func:`hspc_rect`,
+    whose labels are placed back into the read window.
+    """
     rgbs = [item[2] for item in reads]
+    rects = [hspc_rect(item[0], options.hspc_max_area_um2) for item in reads]
+    inputs = {
+        "mk": rgbs,
+        "hspc": [rgb[r.y : r.bottom, r.x : r.right] for rgb, r in zip(rgbs, rects, strict=True)],
+    }
     pixel_size = reads[0][0].pixel_size_um
     detected = {}
     for stage, segmenter in segmenters.items():
         start = time.perf_counter()
-        found = segmenter.segment(rgbs, pixel_size)
+        found = segmenter.segment(inputs[stage], pixel_size)
         if len(found) != len(rgbs):
             raise RuntimeError(f"{stage} segmenter returned {len(found)} results for {len(rgbs)}")
         detected[stage] = [
-            _checked(d, rgb.shape[:2], f"{stage} segmenter")
-            for d, rgb in zip(found, rgbs, strict=True)
+            _checked(d, image.shape[:2], f"{stage} segmenter")
+            for d, image in zip(found, inputs[stage], strict=True)
         ]
         timings[stage] += time.perf_counter() - start
+    detected["hspc"] = [
+        _placed(d, rgb.shape[:2], rect)
+        for d, rgb, rect in zip(detected["hspc"], rgbs, rects, strict=True)
+    ]
     return detected
+
+
+def _placed(detections: Detections, shape: tuple[int, int], rect: Rect) -> Detections:
+    """Detections of a sub-rectangle placed into a zero label image of ``shape``."""
+    if detections.labels.shape == shape:
+        return detections
+    labels = np.zeros(shape, np.int32)
+    labels[rect.y : rect.bottom, rect.x : rect.right] = detections.labels
+    return Detections(labels=labels, scores=detections.scores)
 
 
 def _finish_group(
@@ -569,14 +755,19 @@ def segment_batch(
     channel_sets: dict[str, list[Channel]] = {}
     for slide_id in pixel_sizes:
         with open_slide(
-            slide_paths[slide_id], pixel_size_um=pixel_sizes[slide_id], slide_id=slide_id
+            slide_paths[slide_id],
+            pixel_size_um=pixel_sizes[slide_id],
+            slide_id=slide_id,
+            **options.slide_choices.get(slide_id, {}),
         ) as slide:
             channel_sets[slide_id] = slide.channels
     channel_names = list(dict.fromkeys(c.name for cs in channel_sets.values() for c in cs))
     schema = cells_schema(channel_names, embedder.dim)
     segmenters = {"mk": mk_segmenter, "hspc": hspc_segmenter}
     stats = _Stats()
-    reader = TileReader(slide_paths, pixel_sizes, options.readers)
+    reader = TileReader(
+        slide_paths, pixel_sizes, options.readers, options.intensity, options.slide_choices
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
@@ -623,7 +814,7 @@ def segment_batch(
             for group in _groups(reads, options.gpu_batch_tiles):
                 stats.timings["read"] += sum(item[3] for item in group)
                 before = stats.timings["mk"] + stats.timings["hspc"]
-                detected = _segment_group(group, segmenters, stats.timings)
+                detected = _segment_group(group, segmenters, stats.timings, options)
                 segment_s = stats.timings["mk"] + stats.timings["hspc"] - before
                 future = workers.submit(
                     _finish_group, group, detected, channel_sets, embedder, options
@@ -651,7 +842,7 @@ def segment_batch(
             "mk_max_area_um2": options.mk_max_area_um2,
             "hspc_min_area_um2": options.hspc_min_area_um2,
             "hspc_max_area_um2": options.hspc_max_area_um2,
-            "hspc_max_lost_fraction": HSPC_MAX_LOST_FRACTION,
+            "hspc_margin_um": round(2 * math.sqrt(options.hspc_max_area_um2 / math.pi), 4),
             "readers": options.readers,
             "workers": options.workers,
             "gpu_batch_tiles": options.gpu_batch_tiles,
@@ -709,7 +900,14 @@ def _write_tile(
             schema=CROPS_SCHEMA,
         )
     )
-    masks_out.add(tile.slide_id, tile.tile_id, cells.labels, tile.read.x, tile.read.y)
+    masks_out.add(
+        tile.slide_id,
+        tile.tile_id,
+        cells.labels,
+        tile.read.x,
+        tile.read.y,
+        hspc_labels=cells.hspc_labels,
+    )
 
 
 # ---------------------------------------------------------------------------------- command
@@ -725,11 +923,15 @@ def _segment_command(args: argparse.Namespace) -> int:
         if getattr(args, option) < 1:
             flag = "--" + option.replace("_", "-")
             raise BmsegError(f"{flag} {getattr(args, option)}: must be at least 1")
+    plans = read_plans(args.plans or [], slide_paths)
     slides = {}
     try:
         for slide_id, path in slide_paths.items():
             slides[slide_id] = open_slide(
-                path, pixel_size_um=pixel_sizes[slide_id], slide_id=slide_id
+                path,
+                pixel_size_um=pixel_sizes[slide_id],
+                slide_id=slide_id,
+                **plans.choices.get(slide_id, {}),
             )
         check_tiles(batch_path, tiles, slides)
     finally:
@@ -753,6 +955,8 @@ def _segment_command(args: argparse.Namespace) -> int:
         crop_px=args.crop_px,
         device=str(models.device),
         progress=not args.no_progress,
+        intensity=plans.intensity,
+        slide_choices=plans.choices,
     )
     segment_batch(
         tiles,
@@ -777,13 +981,16 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         min_area_um2=args.mk_min_area_um2,
         max_area_um2=args.mk_max_area_um2,
         points_per_side=args.mk_points_per_side,
+        max_downsample=args.mk_max_downsample,
         pred_iou_thresh=args.mk_pred_iou_thresh,
     )
     hspc_settings = HSPCSettings(
         min_area_um2=args.hspc_min_area_um2,
         max_area_um2=args.hspc_max_area_um2,
         flows_method=args.hspc_flows_method,
+        refine=args.hspc_refine,
         refine_iou_thresh=args.hspc_refine_iou,
+        diameter_um=args.hspc_diameter_um,
     )
     embedder_settings = EmbedderSettings(batch_size=args.embed_batch)
     models = load_models(
@@ -809,7 +1016,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "segment",
         help="segment one batch of tiles: cells.parquet, masks.h5, crops.parquet, batch.json",
         description=(
-            "Find MKs (SAM2) and HSPCs (Cellpose-SAM + SAM2) in every tile of a batch, keep the "
+            "Find MKs (SAM2) and HSPCs (Cellpose-SAM) in every tile of a batch, keep the "
             "cells whose centroid lies in the tile's core, measure and embed them."
         ),
     )
@@ -823,6 +1030,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "a file to an id explicitly",
     )
     parser.add_argument("--models", required=True, metavar="DIR", help="models directory")
+    parser.add_argument(
+        "--plans",
+        nargs="+",
+        metavar="SLIDE_JSON",
+        help="the slides' {slide}.slide.json from bmseg plan: the modality and plane PLAN read, "
+        "and each slide's intensity range for the models (default: the slide's own metadata, "
+        "the first plane, each tile's own range)",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument(
         "--device",
@@ -849,7 +1064,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         type=int,
         default=MKSettings.points_per_side,
-        help="SAM2 point grid per side for MKs (%(default)s)",
+        help="SAM2 point grid per window side for MKs (default: one point per radius of the "
+        "smallest MK, 36 per 2048 px window at 0.1725 µm/px)",
+    )
+    parser.add_argument(
+        "--mk-max-downsample",
+        metavar="F",
+        type=float,
+        default=MKSettings.max_downsample,
+        help="largest downsampling SAM2 sees a tile at: windows of F x its input size "
+        "(%(default)s)",
     )
     parser.add_argument(
         "--mk-pred-iou-thresh",
@@ -880,11 +1104,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how Cellpose flows become HSPC masks (%(default)s: the fast vectorised path)",
     )
     parser.add_argument(
+        "--hspc-refine",
+        action="store_true",
+        help="refine HSPC masks with SAM2 box prompts on native-resolution windows (off: "
+        "Cellpose's masks as they are; docs/models.md)",
+    )
+    parser.add_argument(
         "--hspc-refine-iou",
         metavar="IOU",
         type=float,
         default=HSPCSettings.refine_iou_thresh,
-        help="IoU with Cellpose's mask above which SAM2's refinement is kept (%(default)s)",
+        help="with --hspc-refine: IoU with Cellpose's mask above which SAM2's mask is kept "
+        "(%(default)s)",
+    )
+    parser.add_argument(
+        "--hspc-diameter-um",
+        metavar="UM",
+        type=float,
+        default=None,
+        help="typical HSPC diameter, µm: Cellpose rescales the image so it is 30 px (default: "
+        "no rescaling)",
     )
     parser.add_argument(
         "--readers", type=int, default=2, metavar="N", help="tile reader threads (2)"

@@ -104,6 +104,23 @@ def _white(dtype: str) -> float:
     return 1.0 if dtype.startswith("float") else float(np.iinfo(dtype).max)
 
 
+INTENSITY_PERCENTILES = (1.0, 99.5)
+"""Intensity range (per channel) fluorescence is stretched from to the models' 0..255."""
+
+
+def intensity_ranges(pixels: np.ndarray, where: np.ndarray | None = None) -> dict[str, list]:
+    """Per channel, the :data:`INTENSITY_PERCENTILES` of ``pixels`` (H, W, C) where ``where``.
+
+    PLAN computes it once per slide from its low-resolution read (slide.json ``intensity``),
+    so every tile of a slide is shown to the models on one scale.
+    """
+    values = pixels.reshape(-1, pixels.shape[-1]).astype(np.float64)
+    if where is not None and where.any():
+        values = values[where.reshape(-1)]
+    low, high = np.percentile(values, INTENSITY_PERCENTILES, axis=0)
+    return {"low": [float(v) for v in low], "high": [float(v) for v in high]}
+
+
 def default_slide_id(path: str | Path) -> str:
     """The file stem (``.ome`` dropped) with characters outside ``[A-Za-z0-9._-]`` replaced."""
     stem = Path(path).name
@@ -144,6 +161,8 @@ class Slide:
     bounds: Rect
     scenes: list[Rect]
     plane: dict[str, int | str]
+    bit_depth: int | None = None
+    """Significant bits per sample the scanner wrote (12, 14 in a uint16), when the file says."""
     _modality: str | None = None  # None until the image decides (see :attr:`modality`)
     _modality_source: str = ""
     _rgb: bool = False  # whether the file stores RGB pixels (the last-resort modality)
@@ -342,6 +361,7 @@ class _CziSlide(Slide):
             if dim not in ("X", "Y", "C")
         }
         self.plane = {dim: start for dim, (start, _) in self._dimensions.items()}
+        self.bit_depth = _czi_bit_depth(metadata)
 
     def _read(self, x: int, y: int, w: int, h: int, zoom: float) -> np.ndarray:
         planes = []
@@ -553,6 +573,26 @@ def merge_overlapping(boxes: list[Rect]) -> list[Rect]:
             if changed:
                 break
     return merged
+
+
+def _czi_bit_depth(metadata: dict) -> int | None:
+    """``ComponentBitCount`` of the image (the largest over its channels), or None."""
+    try:
+        image = metadata["ImageDocument"]["Metadata"]["Information"]["Image"]
+        channels = (image.get("Dimensions") or {}).get("Channels", {}).get("Channel") or []
+    except (KeyError, TypeError, AttributeError):
+        return None
+    channels = [channels] if isinstance(channels, dict) else channels
+    values = [c.get("ComponentBitCount") for c in channels if isinstance(c, dict)]
+    values.append(image.get("ComponentBitCount"))
+    bits = []
+    for value in values:
+        try:
+            bits.append(int(value))
+        except (TypeError, ValueError):
+            continue
+    bits = [b for b in bits if 1 <= b <= 32]
+    return max(bits) if bits else None
 
 
 def _czi_pixel_size_um(metadata: dict) -> float | None:

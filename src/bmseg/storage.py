@@ -184,17 +184,28 @@ class MaskWriter:
     def __init__(self, h5file: Any) -> None:
         self._file = h5file
 
-    def add(self, slide_id: str, tile_id: str, labels: Any, read_x: int, read_y: int) -> None:
-        """Store ``labels`` (uint32, the tile's read window) as ``/{slide_id}/{tile_id}/labels``."""
+    def add(
+        self,
+        slide_id: str,
+        tile_id: str,
+        labels: Any,
+        read_x: int,
+        read_y: int,
+        hspc_labels: Any = None,
+    ) -> None:
+        """Store ``labels`` (uint32, the tile's read window) as ``/{slide_id}/{tile_id}/labels``,
+        and ``hspc_labels`` (the whole HSPC layer, same shape) beside it when given."""
         import hdf5plugin
 
         group = self._file.require_group(slide_id).create_group(tile_id)
         group.attrs["read_x"] = int(read_x)
         group.attrs["read_y"] = int(read_y)
         chunks = (min(512, labels.shape[0]), min(512, labels.shape[1])) if labels.size else None
-        group.create_dataset(
-            "labels", data=labels.astype("uint32", copy=False), chunks=chunks, **hdf5plugin.LZ4()
-        )
+        layers = {"labels": labels, "hspc_labels": hspc_labels}
+        for name, layer in layers.items():
+            if layer is not None:
+                data = layer.astype("uint32", copy=False)
+                group.create_dataset(name, data=data, chunks=chunks, **hdf5plugin.LZ4())
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from bmseg.models.base import Detections, Embedder, Segmenter, exclude_claimed
+from bmseg.models.base import Detections, Embedder, Segmenter
 from bmseg.models.settings import EmbedderSettings, HSPCSettings, MKSettings
 
 _LAZY = {
@@ -27,7 +27,6 @@ __all__ = [
     "MKSettings",
     "ModelSet",
     "Segmenter",
-    "exclude_claimed",
     "load_models",
     "resolve_device",
 ]

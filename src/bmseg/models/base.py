@@ -51,27 +51,3 @@ class Embedder(Protocol):
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """Embed (N, crop_size, crop_size, 3) uint8 crops into an (N, dim) float32 array."""
         ...
-
-
-def exclude_claimed(claimed: Detections, other: Detections, max_lost: float = 0.5) -> Detections:
-    """``other`` without the pixels ``claimed`` already owns: the rule between cell types.
-
-    SEGMENT applies it as ``exclude_claimed(mk, hspc)``: MKs keep every pixel they segmented
-    (they are the larger, rarer cells, and an HSPC-sized blob inside an MK is usually one of
-    its nuclear lobes). A cell of ``other`` that loses more than ``max_lost`` of its area is
-    dropped; the rest keep their remaining pixels. Labels are renumbered 1..n in the original
-    order and scores follow them.
-    """
-    if claimed.labels.shape != other.labels.shape:
-        raise ValueError(f"label images differ: {claimed.labels.shape} vs {other.labels.shape}")
-    count = other.count
-    flat = other.labels.ravel()
-    lost = claimed.labels.ravel() > 0
-    area = np.bincount(flat, minlength=count + 1)[1:]
-    lost_area = np.bincount(flat[lost], minlength=count + 1)[1:]
-    keep = lost_area <= max_lost * area
-    lookup = np.zeros(count + 1, dtype=np.int32)
-    lookup[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    labels = lookup[other.labels]
-    labels[claimed.labels > 0] = 0
-    return Detections(labels=labels, scores=other.scores[keep])

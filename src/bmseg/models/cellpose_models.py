@@ -1,8 +1,14 @@
-"""HSPCs: Cellpose-SAM flows → masks, an area filter, then SAM2 box-prompted refinement.
+"""HSPCs: Cellpose-SAM flows → masks, an area filter, then optional SAM2 box refinement.
 
-Input is the (H, W, 3) uint8 RGB tile SEGMENT hands every segmenter; Cellpose-SAM takes up
-to three channels in any order, so the RGB planes go in as they are, each normalised to its
-1st–99th percentile (Cellpose's own normalisation).
+Input is the (H, W, 3) uint8 RGB image SEGMENT hands the segmenter (the tile's core plus an
+HSPC margin); Cellpose-SAM takes up to three channels in any order, so the RGB planes go in
+as they are, each normalised to its 1st–99th percentile (Cellpose's own normalisation).
+
+Refinement is off by default: SAM2's decoder draws masks on a grid 4× coarser than its
+input, so on a tile seen whole an 8 µm HSPC is a ~3 px blob. When on, it runs on windows at
+``refine_max_downsample`` (native resolution by default) and a refined mask replaces
+Cellpose's only where the cell spans enough decoder pixels to be drawn no coarser
+(:func:`choose_refined`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,14 @@ from bmseg.models.masks import (
     upsample_in_boxes,
     window_chunks,
 )
-from bmseg.models.sam2_models import Sam2Engine, TileFeatures
+from bmseg.models.sam2_models import (
+    Sam2Engine,
+    Window,
+    WindowFeatures,
+    tile_windows,
+    window_overlap_px,
+    window_side,
+)
 from bmseg.models.settings import HSPCSettings, area_px
 
 log = logging.getLogger(__name__)
@@ -67,20 +80,39 @@ def sam_encoder_as(width: int, depth: int, heads: int, global_blocks: list[int])
 
 
 def choose_refined(
-    refined: torch.Tensor, original: torch.Tensor, iou_thresh: float
+    refined: torch.Tensor, original: torch.Tensor, iou_thresh: float, fine: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per mask, SAM2's ``refined`` window where its IoU with ``original`` ≥ ``iou_thresh``.
+    """Per mask, SAM2's ``refined`` window where it may replace Cellpose's ``original``.
 
-    Returns the chosen (K, Hm, Wm) windows and the (K,) bool agreement vector.
+    The rule: IoU(refined, original) ≥ ``iou_thresh`` (both outline the same cell) and ``fine``
+    (the cell spans enough decoder pixels that the refined outline is no coarser than
+    Cellpose's native-resolution one, see :func:`fine_enough`). Returns the chosen (K, Hm, Wm)
+    windows and the (K,) bool vector of masks replaced.
     """
     inter = (refined & original).sum(dim=(1, 2)).float()
     union = (refined | original).sum(dim=(1, 2)).float()
-    agree = inter >= iou_thresh * union.clamp(min=1)
+    agree = (inter >= iou_thresh * union.clamp(min=1)) & fine
     return torch.where(agree[:, None, None], refined, original), agree
 
 
+def fine_enough(area_px: torch.Tensor, px_per_logit: float, min_across: float) -> torch.Tensor:
+    """Whether a cell of ``area_px`` spans ≥ ``min_across`` decoder pixels of ``px_per_logit``."""
+    diameter_px = 2 * torch.sqrt(area_px.float() / torch.pi)
+    return diameter_px >= min_across * px_per_logit
+
+
+def home_windows(boxes: torch.Tensor, windows: Sequence[Window]) -> torch.Tensor:
+    """For each half-open box, the window whose part inside the tile holds it farthest from
+    its edges (the window in which SAM2 sees the cell with the most context)."""
+    crops = boxes.new_tensor([w.crop_box for w in windows])  # (W, 4)
+    clearance = torch.minimum(
+        boxes[:, None, :2] - crops[None, :, :2], crops[None, :, 2:] - boxes[:, None, 2:]
+    ).amin(dim=-1)
+    return clearance.argmax(dim=1)
+
+
 class CellposeHSPCSegmenter:
-    """HSPCs by Cellpose-SAM, each refined by SAM2 prompted with its box."""
+    """HSPCs by Cellpose-SAM, optionally refined by SAM2 prompted with their boxes."""
 
     cell_type = "HSPC"
 
@@ -92,28 +124,41 @@ class CellposeHSPCSegmenter:
         self.settings = settings
         self.device = device
 
+    def windows(self, tile_hw: tuple[int, int], pixel_size_um: float) -> list[Window]:
+        """The SAM2 windows refinement encodes for a tile of this size."""
+        s = self.settings
+        side = window_side(tile_hw, self.engine.image_size, s.refine_max_downsample)
+        return tile_windows(tile_hw, side, window_overlap_px(s.max_area_um2, pixel_size_um))
+
     def segment(self, tiles: Sequence[np.ndarray], pixel_size_um: float) -> list[Detections]:
         """One :class:`Detections` per tile; scores are Cellpose's mean cell probability."""
         if not tiles:
             return []
-        features = self.engine.encode(tiles) if self.settings.refine else [None] * len(tiles)
+        features: list = [None] * len(tiles)
+        if self.settings.refine:
+            windows = [self.windows(tile.shape[:2], pixel_size_um) for tile in tiles]
+            features = self.engine.encode(tiles, windows)
         results = []
         timer = self.engine.timer
         for tile, tile_features in zip(tiles, features, strict=True):
             with timer("cellpose_net"):
                 d_p, cellprob = self.flows(tile, pixel_size_um)
             with timer("hspc_flows_to_masks"):
-                labels = self.masks(d_p, cellprob)
+                labels = self.masks(d_p, cellprob, pixel_size_um)
             with timer("hspc_refine"):
                 results.append(self.refine(labels, cellprob, tile_features, pixel_size_um))
         return results
 
+    def rescale(self, pixel_size_um: float) -> float | None:
+        """Cellpose's resize factor to 30 px cells for ``diameter_um``; None without it."""
+        if not self.settings.diameter_um:
+            return None
+        return CELLPOSE_DIAMETER_PX * pixel_size_um / self.settings.diameter_um
+
     def flows(self, tile: np.ndarray, pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:
         """Cellpose-SAM's flows (2, H, W) and cell probability logits (H, W) for one tile."""
         image = transforms.normalize_img(tile[np.newaxis].astype(np.float32), normalize=True)
-        rescale = None
-        if self.settings.diameter_um:
-            rescale = CELLPOSE_DIAMETER_PX * pixel_size_um / self.settings.diameter_um
+        rescale = self.rescale(pixel_size_um)
         with inference(self.device):
             net_out, _ = core.run_net(
                 self.cellpose.net,
@@ -128,7 +173,14 @@ class CellposeHSPCSegmenter:
             net_out = transforms.resize_image(net_out, tile.shape[0], tile.shape[1])
         return net_out[..., :2].transpose(2, 0, 1), net_out[..., 2]
 
-    def masks(self, d_p: np.ndarray, cellprob: np.ndarray) -> np.ndarray:
+    def niter(self, pixel_size_um: float) -> int:
+        """Flow iterations: the setting, or Cellpose's ``int(200 / rescale)`` (200 unscaled)."""
+        if self.settings.niter:
+            return self.settings.niter
+        rescale = self.rescale(pixel_size_um)
+        return 200 if rescale is None else int(200 / rescale)
+
+    def masks(self, d_p: np.ndarray, cellprob: np.ndarray, pixel_size_um: float) -> np.ndarray:
         """Label image from flows, through :func:`bmseg.flows.flows_to_masks`."""
         from bmseg.flows import flows_to_masks
 
@@ -139,7 +191,7 @@ class CellposeHSPCSegmenter:
             method=s.flows_method,
             cellprob_threshold=s.cellprob_threshold,
             flow_threshold=s.flow_threshold,
-            niter=s.niter,
+            niter=self.niter(pixel_size_um),
             device=self.device,
         )
 
@@ -147,10 +199,11 @@ class CellposeHSPCSegmenter:
         self,
         labels: np.ndarray,
         cellprob: np.ndarray,
-        features: TileFeatures | None,
+        features: list[WindowFeatures] | None,
         pixel_size_um: float,
     ) -> Detections:
-        """Area-filter Cellpose's cells, refine them with SAM2, and paint one label image."""
+        """Area-filter Cellpose's cells, refine them with SAM2 if given ``features`` (the
+        tile's windows), and paint one label image."""
         s = self.settings
         tile_hw = (int(labels.shape[0]), int(labels.shape[1]))
         min_px = area_px(s.min_area_um2, pixel_size_um)
@@ -163,24 +216,39 @@ class CellposeHSPCSegmenter:
         scores = torch.bincount(flat, weights=prob, minlength=count + 1)[1:] / area.clamp(min=1)
         keep = torch.nonzero((area > 0) & (area >= min_px) & (area <= max_px)).flatten()
         log.debug("HSPC: %d Cellpose cells, %d within the area range", count, len(keep))
-        ids, scores = keep + 1, scores[keep]
+        ids, scores, area = keep + 1, scores[keep], area[keep]
         boxes = label_boxes(labels_t, count)[keep]
         priority = score_priority(scores)
         painter = Painter(tile_hw, self.device)
+        if features is None:
+            for chunk in window_chunks(boxes):
+                chosen = crop_labels(labels_t, boxes[chunk], ids[chunk])
+                painter.add(boxes[chunk], chosen, priority[chunk])
+            return painter.detections(scores, priority, min_px)
+        home = home_windows(boxes, [f.window for f in features])
         refined_count = 0
-        for start in range(0, len(ids), s.refine_box_batch):
-            batch = slice(start, start + s.refine_box_batch)
-            if features is None:
-                windows_at, logits = boxes[batch], None
-            else:
-                windows_at = grow_boxes(boxes[batch], REFINE_WINDOW_GROWTH, tile_hw)
-                logits, _ = self.engine.decode(features, boxes=boxes[batch], multimask=False)
-            for chunk in window_chunks(windows_at):
-                chosen = crop_labels(labels_t, windows_at[chunk], ids[batch][chunk])
-                if logits is not None:
-                    refined = upsample_in_boxes(logits[chunk, 0], windows_at[chunk], tile_hw, 0.0)
-                    chosen, agree = choose_refined(refined, chosen, s.refine_iou_thresh)
+        for w, window_features in enumerate(features):
+            window = window_features.window
+            members = torch.nonzero(home == w).flatten()
+            limit = boxes.new_tensor(window.crop_box)
+            for start in range(0, len(members), s.refine_box_batch):
+                batch = members[start : start + s.refine_box_batch]
+                logits, _ = self.engine.decode(window_features, boxes=boxes[batch], multimask=False)
+                grown = grow_boxes(boxes[batch], REFINE_WINDOW_GROWTH, tile_hw)
+                grown = torch.minimum(
+                    torch.maximum(grown, limit[:2].repeat(2)), limit[2:].repeat(2)
+                )
+                local = grown - limit[:2].repeat(2)
+                px_per_logit = window.side / logits.shape[-1]
+                fine = fine_enough(area[batch], px_per_logit, s.refine_min_logits_across)
+                side = (window.side, window.side)
+                for chunk in window_chunks(grown):
+                    original = crop_labels(labels_t, grown[chunk], ids[batch][chunk])
+                    refined = upsample_in_boxes(logits[chunk, 0], local[chunk], side, 0.0)
+                    chosen, agree = choose_refined(
+                        refined, original, s.refine_iou_thresh, fine[chunk]
+                    )
                     refined_count += int(agree.sum())
-                painter.add(windows_at[chunk], chosen, priority[batch][chunk])
+                    painter.add(grown[chunk], chosen, priority[batch][chunk])
         log.debug("HSPC: %d of %d masks refined by SAM2", refined_count, len(ids))
         return painter.detections(scores, priority, min_px)

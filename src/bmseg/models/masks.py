@@ -41,19 +41,35 @@ def filter_lowres(
 ) -> torch.Tensor:
     """Boolean keep-vector for (N, h, w) low-res ``logits`` with predicted IoUs ``iou_preds``.
 
-    The full-resolution area of a candidate is estimated as its low-res pixel count times
-    ``px_per_lowres_px`` (the upsampling factor squared); a 10 % margin either side keeps
-    candidates whose exact area is decided after upsampling, where it is checked again.
+    Predicted IoU as SAM2 filters it; the full-resolution area of a candidate is estimated as
+    its low-res pixel count times ``px_per_lowres_px`` (the upsampling factor squared), with
+    10 % slack either side: exact areas and the stability score are decided on the upsampled
+    logits (:func:`upsampled_stats`), where they are checked again.
     """
     keep = iou_preds > rules.pred_iou_thresh
-    if rules.stability_score_thresh > 0:
-        stability = calculate_stability_score(
-            logits, rules.mask_threshold, rules.stability_score_offset
-        )
-        keep &= stability >= rules.stability_score_thresh
     area = (logits > rules.mask_threshold).sum(dim=(-2, -1)).float() * px_per_lowres_px
     keep &= (area >= 0.9 * rules.min_area_px) & (area <= 1.1 * rules.max_area_px)
     return keep
+
+
+def upsampled_stats(
+    logits: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int], rules: LowResFilter
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stability score, area and inclusive box (x0, y0, x1, y1) of each upsampled mask.
+
+    The stability score is SAM2's (``calculate_stability_score`` on the logits upsampled to the
+    image: |logits > t + offset| / |logits > t − offset|), computed inside ``boxes``, which must
+    hold every pixel above ``t − offset`` (:func:`lowres_boxes` at that threshold does).
+    """
+    sampled, valid = sample_in_boxes(logits, boxes, out_hw)
+    sampled = torch.where(valid, sampled, torch.full_like(sampled, -torch.inf))
+    stability = calculate_stability_score(
+        sampled, rules.mask_threshold, rules.stability_score_offset
+    )
+    masks = sampled > rules.mask_threshold
+    area = masks.sum(dim=(1, 2))
+    tight = batched_mask_to_box(masks) + boxes[:, :2].repeat(1, 2)
+    return stability.nan_to_num(0.0), area, tight
 
 
 def lowres_boxes(
@@ -113,15 +129,15 @@ def _window_grid(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return rows, cols, valid
 
 
-def upsample_in_boxes(
-    logits: torch.Tensor, boxes: torch.Tensor, tile_hw: tuple[int, int], threshold: float
-) -> torch.Tensor:
-    """Binary masks (K, Hm, Wm) of (K, h, w) low-res ``logits`` upsampled inside ``boxes``.
+def sample_in_boxes(
+    logits: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upsampled logits (K, Hm, Wm) of (K, h, w) low-res ``logits`` inside ``boxes``, and validity.
 
-    Identical to bilinear ``F.interpolate(..., size=tile_hw, align_corners=False)`` of the whole
+    Identical to bilinear ``F.interpolate(..., size=out_hw, align_corners=False)`` of the whole
     logit map (SAM2's own postprocessing) followed by cropping, but only the box is computed.
     """
-    height, width = tile_hw
+    height, width = out_hw
     rows, cols, valid = _window_grid(boxes)
     grid_y = (rows.float() + 0.5) / height * 2 - 1
     grid_x = (cols.float() + 0.5) / width * 2 - 1
@@ -131,7 +147,124 @@ def upsample_in_boxes(
     sampled = F.grid_sample(
         logits[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False
     )[:, 0]
+    return sampled, valid
+
+
+def upsample_in_boxes(
+    logits: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int], threshold: float
+) -> torch.Tensor:
+    """Binary masks (K, Hm, Wm): :func:`sample_in_boxes` above ``threshold``."""
+    sampled, valid = sample_in_boxes(logits, boxes, out_hw)
     return (sampled > threshold) & valid
+
+
+def window_pixels(
+    boxes: torch.Tensor, windows: torch.Tensor, tile_hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat tile-pixel indices of the True pixels of box windows, and the mask each belongs to."""
+    k, dy, dx = torch.nonzero(windows, as_tuple=True)
+    return (boxes[k, 1] + dy) * tile_hw[1] + boxes[k, 0] + dx, k
+
+
+def _sparse_gram(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Dense ``A @ A.T`` of the 0/1 matrix with ones at (rows, cols), through sparse storage."""
+    import warnings
+
+    ones = torch.ones(len(rows), device=rows.device)
+    matrix = torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), ones, shape, check_invariants=False
+    ).coalesce()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return torch.sparse.mm(matrix, matrix.t()).to_dense()
+
+
+def pair_intersections(
+    flat: torch.Tensor,
+    owner: torch.Tensor,
+    boxes: torch.Tensor,
+    tile_width: int,
+    budget: int = WINDOW_BUDGET,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every ordered pair ``(i, j)`` of masks sharing pixels, and how many: three (P,) tensors.
+
+    Masks are pixel lists (``flat`` tile-pixel indices, ``owner`` mask index) with inclusive
+    ``boxes`` (K, 4). Masks whose boxes chain together form groups; each group's masks are
+    laid out densely over the group's box and intersected by one matrix product, so deep
+    overlaps (many masks over one pixel) cost a product, not a pass per depth; a group whose
+    dense layout would exceed ``budget`` entries (boxes chaining across a packed tile) is
+    multiplied in sparse storage instead.
+    """
+    from scipy.sparse.csgraph import connected_components
+
+    count = len(boxes)
+    b = boxes.cpu().numpy()
+    meets = (
+        (b[:, None, 0] <= b[None, :, 2])
+        & (b[None, :, 0] <= b[:, None, 2])
+        & (b[:, None, 1] <= b[None, :, 3])
+        & (b[None, :, 1] <= b[:, None, 3])
+    )
+    _, group = connected_components(meets, directed=False)
+    group_t = torch.from_numpy(group).to(flat.device)
+    order = torch.argsort(group_t[owner], stable=True)
+    flat, owner = flat[order], owner[order]
+    pixel_group = group_t[owner].cpu().numpy()
+    sizes = np.bincount(group, minlength=group.max(initial=-1) + 1)
+    starts = np.searchsorted(pixel_group, np.arange(len(sizes) + 1))
+    rank = torch.zeros(count, dtype=torch.long, device=flat.device)
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for g in np.flatnonzero(sizes > 1):
+        members = torch.from_numpy(np.flatnonzero(group == g)).to(flat.device)
+        rank[members] = torch.arange(len(members), device=flat.device)
+        x0, y0 = (int(v) for v in b[members.cpu().numpy(), :2].min(axis=0))
+        x1, y1 = (int(v) + 1 for v in b[members.cpu().numpy(), 2:].max(axis=0))
+        pixels, owners = flat[starts[g] : starts[g + 1]], owner[starts[g] : starts[g + 1]]
+        local = (pixels // tile_width - y0) * (x1 - x0) + pixels % tile_width - x0
+        shape = (len(members), (y1 - y0) * (x1 - x0))
+        if shape[0] * shape[1] <= budget:
+            dense = torch.zeros(shape, device=flat.device)
+            dense[rank[owners], local] = 1.0
+            shared = (dense @ dense.T).round().long()
+        else:  # a long chain of boxes (a packed tile): overlaps are shallow, go sparse
+            shared = _sparse_gram(rank[owners], local, shape).round().long()
+        shared.fill_diagonal_(0)
+        i, j = torch.nonzero(shared, as_tuple=True)
+        pairs.append((members[i], members[j], shared[i, j]))
+    if not pairs:
+        empty = owner.new_zeros(0)
+        return empty, empty, empty
+    return tuple(torch.cat(parts) for parts in zip(*pairs, strict=True))
+
+
+def nested_in_larger(
+    flat: torch.Tensor,
+    owner: torch.Tensor,
+    boxes: torch.Tensor,
+    tile_width: int,
+    scores: torch.Tensor,
+    thresh: float,
+) -> torch.Tensor:
+    """Bool (K,): masks whose ``thresh`` share or more lies inside a larger mask.
+
+    Masks are pixel lists (``flat`` tile-pixel indices, ``owner`` mask index) with inclusive
+    ``boxes`` (K, 4). For masks ``i`` and ``j`` with ``|i ∩ j| ≥ thresh · min(|i|, |j|)`` the
+    smaller one is nested in the other and flagged; of two equal areas the lower score (then
+    the later index) is flagged. Every pair is judged on its own (a mask nested in a flagged
+    mask is flagged too).
+    """
+    count = len(boxes)
+    nested = torch.zeros(count, dtype=torch.bool, device=flat.device)
+    if count == 0:
+        return nested
+    area = torch.bincount(owner, minlength=count)
+    i, j, shared = pair_intersections(flat, owner, boxes, tile_width)
+    larger = (area[i] > area[j]) | (
+        (area[i] == area[j]) & ((scores[i] > scores[j]) | ((scores[i] == scores[j]) & (i < j)))
+    )
+    flagged = larger & (shared.float() >= thresh * area[j].float())
+    nested[j[flagged]] = True
+    return nested
 
 
 def crop_labels(labels: torch.Tensor, boxes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -155,9 +288,12 @@ class Painter:
 
     def add(self, boxes: torch.Tensor, windows: torch.Tensor, priority: torch.Tensor) -> None:
         """Add masks ``windows`` at ``boxes`` with int64 ``priority`` (unique, ≥ 0)."""
-        k, dy, dx = torch.nonzero(windows, as_tuple=True)
-        flat = (boxes[k, 1] + dy) * self.tile_hw[1] + boxes[k, 0] + dx
-        self.winner.scatter_reduce_(0, flat, priority[k], reduce="amax")
+        flat, k = window_pixels(boxes, windows, self.tile_hw)
+        self.add_pixels(flat, priority[k])
+
+    def add_pixels(self, flat: torch.Tensor, priority: torch.Tensor) -> None:
+        """Add pixels ``flat`` (tile-pixel indices) each with its mask's ``priority``."""
+        self.winner.scatter_reduce_(0, flat, priority, reduce="amax")
 
     def labels(self, min_area_px: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(H, W) int32 labels 1..n in priority order (highest first) and the n priorities kept.
