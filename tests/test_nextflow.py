@@ -88,6 +88,7 @@ SAMPLE_INPUTS: dict[str, dict[str, Any]] = {
         "batch": "batch_0001.parquet",
         "slide_ids": ["S1", "S2"],
         "slides": PathList(["slides01/S1.czi", "slides02/S2.czi"]),
+        "plans": PathList(["plans/S1.slide.json", "plans/S2.slide.json"]),
         "models": "models",
     },
     "GATHER": {
@@ -845,6 +846,19 @@ def profile_body(name: str) -> str:
 def whitelist(text: str, engine: str) -> set[str]:
     value = assignments(text).get(f"{engine}.envWhitelist") or ""
     return set(evaluate(value, {}).split(",")) if value else set()
+
+
+def test_segment_reads_each_slide_as_plan_did() -> None:
+    """SEGMENT gets its slides' slide.json (modality, plane, intensity range) beside them."""
+    argv = next(
+        a
+        for a in bmseg_commands(render_script("SEGMENT", profile_params("default")))
+        if a[1] == "segment"
+    )
+    start = argv.index("--plans") + 1
+    assert argv[start : start + 2] == ["plans/S1.slide.json", "plans/S2.slide.json"]
+    workflow = strip_comments(read(REPO / "workflows" / "bmseg.nf"))
+    assert "join(PLAN.out.plan" in workflow, "each slide joined to its own PLAN record"
 
 
 @pytest.mark.parametrize("profile", ["cuda", "rocm"])

@@ -153,14 +153,16 @@ def test_test_profile_chain_runs_end_to_end(tmp_path: Path, monkeypatch) -> None
         slide_ids = json.loads(batch.with_suffix(".slides.json").read_text(encoding="utf-8"))
         assert slide_ids == ["synth1"]
         slides, staged = stage_all("SEGMENT", "slides", [slide])
+        plans, plan_staged = stage_all("SEGMENT", "plans", [plan / "synth1.slide.json"])
         inputs = {
             "batch_id": batch.stem,
             "batch": batch.name,
             "slide_ids": slide_ids,
             "slides": slides,
+            "plans": plans,
             "models": "models",
         }
-        staged |= {batch.name: batch, "models": models}
+        staged |= plan_staged | {batch.name: batch, "models": models}
         batch_dirs.append(runner.run("SEGMENT", inputs, staged) / batch.stem)
 
     batch_names, staged = stage_all("GATHER", "batch_dirs", batch_dirs)

@@ -44,9 +44,14 @@ workflow BMSEG {
 
     BATCH(PLAN.out.tiles.map { meta, tiles -> tiles }.collect(sort: { tiles -> tiles.name }))
 
+    // Each slide beside its PLAN record (slide.json), by id.
+    ch_slides_planned = ch_slides
+        .map { meta, slide -> [meta.id, slide] }
+        .join(PLAN.out.plan.map { meta, plan -> [meta.id, plan] }, failOnMismatch: true)
+
     // One SEGMENT task per batch table, keyed by its name (batch_0000, ...): a failed batch is
     // the only task a resumed run redoes. Each task stages only the slides its batch reads
-    // (BATCH's batch_NNNN.slides.json), each with its id, sorted by id: a task downloads no
+    // (BATCH's batch_NNNN.slides.json), each with its id and slide.json, sorted by id: a task downloads no
     // other slide, and a changed slide redoes only the batches that read it.
     ch_batches = BATCH.out.batches
         .flatten()
@@ -57,12 +62,12 @@ workflow BMSEG {
             def batch_id = slide_list.name - '.slides.json'
             new groovy.json.JsonSlurper().parseText(slide_list.text).collect { slide_id -> [slide_id, batch_id] }
         }
-        .combine(ch_slides.map { meta, slide -> [meta.id, slide] }, by: 0)
-        .map { slide_id, batch_id, slide -> [batch_id, slide_id, slide] }
+        .combine(ch_slides_planned, by: 0)
+        .map { slide_id, batch_id, slide, plan -> [batch_id, slide_id, slide, plan] }
         .groupTuple()
-        .map { batch_id, slide_ids, slides ->
-            def pairs = [slide_ids, slides].transpose().sort { pair -> pair[0] }
-            [batch_id, pairs.collect { pair -> pair[0] }, pairs.collect { pair -> pair[1] }]
+        .map { batch_id, slide_ids, slides, plans ->
+            def rows = [slide_ids, slides, plans].transpose().sort { row -> row[0] }
+            [batch_id, rows.collect { row -> row[0] }, rows.collect { row -> row[1] }, rows.collect { row -> row[2] }]
         }
     SEGMENT(ch_batches.join(ch_batch_slides, failOnMismatch: true), ch_models)
 

@@ -3,7 +3,8 @@
  * (embeddings) on one GPU. One task per batch, so a resumed run redoes only failed batches.
  * The slides its batch reads are staged (as links, in indexed folders: two may share a file
  * name) and bound to their slide ids (ID=PATH), so slide ids that differ from file names
- * (samplesheet ids) still match.
+ * (samplesheet ids) still match. Their PLAN records (slide.json: the modality and plane PLAN
+ * read, the intensity range) come along, so every tile is read and scaled as PLAN saw it.
  * Without a models folder (an empty list) it uses the weights baked into the image.
  */
 process SEGMENT {
@@ -12,7 +13,7 @@ process SEGMENT {
     container 'ghcr.io/bmseg/bmseg:0.1.0-cuda'
 
     input:
-    tuple val(batch_id), path(batch), val(slide_ids), path(slides, arity: '1..*', stageAs: 'slides??/*')
+    tuple val(batch_id), path(batch), val(slide_ids), path(slides, arity: '1..*', stageAs: 'slides??/*'), path(plans, arity: '1..*', stageAs: 'plans/*')
     path models, stageAs: 'models'
 
     output:
@@ -24,7 +25,7 @@ process SEGMENT {
     def models_dir = models ?: '/opt/bmseg/models'
     def bindings = [slide_ids, slides].transpose().collect { slide_id, slide -> "${slide_id}=${slide}" }.join(' ')
     """
-    bmseg --no-progress segment ${batch} --slides ${bindings} --models ${models_dir} ${args} --out ${batch_id}
+    bmseg --no-progress segment ${batch} --slides ${bindings} --plans ${plans} --models ${models_dir} ${args} --out ${batch_id}
 
     bmseg versions --process ${task.process} > versions.yml
     """
