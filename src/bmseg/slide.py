@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bmseg.errors import BmsegError
+from bmseg.errors import BmsegError, check_id
 
 if TYPE_CHECKING:
     import zarr
@@ -98,17 +98,12 @@ def default_slide_id(path: str | Path) -> str:
             break
     else:
         stem = Path(stem).stem
-    return re.sub(r"[^A-Za-z0-9._-]", "_", stem) or "slide"
+    return re.sub(r"^[._-]", "_", re.sub(r"[^A-Za-z0-9._-]", "_", stem)) or "slide"
 
 
-def check_slide_id(slide_id: str) -> str:
-    """Return ``slide_id`` if it only uses ``[A-Za-z0-9._-]``, else raise a BmsegError."""
-    if not SLIDE_ID_PATTERN.match(slide_id):
-        raise BmsegError(
-            f"--slide-id {slide_id!r}: use only letters, digits, '.', '_' and '-' "
-            "(slide ids name files and table rows)"
-        )
-    return slide_id
+def check_slide_id(slide_id: str, where: str = "--slide-id") -> str:
+    """Return ``slide_id`` if it is a valid id (:func:`bmseg.errors.check_id`), else BmsegError."""
+    return check_id(slide_id, where)
 
 
 class Slide:
@@ -506,7 +501,9 @@ def open_slide(
                 "%s: pixel size %g µm overrides the metadata's %g µm", path, pixel_size_um, native
             )
         slide.pixel_size_um = float(pixel_size_um if pixel_size_um is not None else native)
-        slide.slide_id = slide_id if slide_id is not None else default_slide_id(path)
+        if slide_id is None:
+            slide_id = check_slide_id(default_slide_id(path), f"{path}: the slide id from its name (or pass --slide-id)")
+        slide.slide_id = slide_id
     except BaseException:
         slide.close()
         raise
