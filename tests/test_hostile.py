@@ -86,3 +86,47 @@ def test_ids_that_would_leave_their_folder_or_hide_are_refused(bad):
 def test_good_ids_pass():
     for good in ("s1", "BM_2024-05.scan2", "r0000c0001", "x" * MAX_ID_LENGTH):
         assert check_id(good, "where") == good
+
+
+def _shown_images_match_their_uids(site: Path, gathered: Path) -> int:
+    """Every gallery card's image is the thumbnail of its own uid's crop; returns cards seen."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bmseg.pages import make_thumbnail
+    from test_pages import all_cells
+
+    crops = pa.concat_tables(pq.read_table(f) for f in gathered.glob("*.crops.parquet"))
+    by_uid = {row["cell_uid"]: row for row in crops.to_pylist()}
+    seen = 0
+    for name, cells in all_cells(site).items():
+        for cell in cells:
+            crop = by_uid[cell["u"]]
+            expected, _, _ = make_thumbnail(crop["image"], crop["width"], crop["height"], 160)
+            assert (site / name.split("/")[0] / cell["i"]).read_bytes() == expected, cell["u"]
+            seen += 1
+    return seen
+
+
+def test_an_interrupted_pages_rebuild_never_pairs_a_uid_with_another_cells_image(
+    tmp_path, monkeypatch
+):
+    import bmseg.pages
+    from pages_synth import make_gathered
+
+    gathered = make_gathered(tmp_path / "g", {"S1": {"HSPC": 12, "MK": 5}})
+    site = tmp_path / "site"
+    bmseg.pages.build_site([gathered], site, per_page=4, seed=0)
+    real = bmseg.pages.write_galleries
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if stopped after the crops were rendered
+
+    monkeypatch.setattr(bmseg.pages, "write_galleries", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bmseg.pages.build_site([gathered], site, per_page=4, seed=1)
+    assert _shown_images_match_their_uids(site, gathered) == 17
+    monkeypatch.setattr(bmseg.pages, "write_galleries", real)
+    bmseg.pages.build_site([gathered], site, per_page=6, seed=1)
+    assert _shown_images_match_their_uids(site, gathered) == 17
+    assert not list(site.glob(".bmseg-staging-*"))
