@@ -130,3 +130,111 @@ def test_an_interrupted_pages_rebuild_never_pairs_a_uid_with_another_cells_image
     bmseg.pages.build_site([gathered], site, per_page=6, seed=1)
     assert _shown_images_match_their_uids(site, gathered) == 17
     assert not list(site.glob(".bmseg-staging-*"))
+
+
+# ---- the label server -------------------------------------------------------------------------
+def _label(uid: str, label: str = "yes", time: str = "2026-11-21T10:00:00Z") -> dict:
+    return {"cell_uid": uid, "label": label, "annotator": "ada", "time": time}
+
+
+@pytest.fixture()
+def label_server(tmp_path):
+    import threading
+
+    from bmseg.annotate import make_server
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<!doctype html><title>i</title>")
+    (site / ".secret").write_text("hidden")
+    httpd = make_server(site, tmp_path / "labels.json", "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd.server_address[:2], tmp_path / "labels.json"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _post(address, body: bytes) -> tuple[int, dict]:
+    import http.client
+
+    connection = http.client.HTTPConnection(*address, timeout=10)
+    connection.request("POST", "/api/labels", body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    reply = json.loads(response.read())
+    connection.close()
+    return response.status, reply
+
+
+def test_one_overlong_uid_refuses_that_record_only_and_says_so(label_server):
+    from bmseg.annotate import load_labels
+
+    address, labels = label_server
+    post = [_label("S:MK:1:1"), _label("S" * 5000 + ":MK:2:2"), _label("S:MK:3:3", "maybe")]
+    status, reply = _post(address, json.dumps({"version": 1, "labels": post}).encode())
+    assert status == 200 and reply["saved"] == 1
+    assert [r["status"] for r in reply["results"]] == ["saved", "refused", "refused"]
+    assert "longer than" in reply["results"][1]["error"]
+    assert [r["cell_uid"] for r in load_labels(labels)] == ["S:MK:1:1"]
+
+
+def test_an_older_label_is_answered_superseded_not_saved(label_server):
+    from bmseg.annotate import load_labels
+
+    address, labels = label_server
+    newer = _label("S:MK:1:1", "no", time="2026-11-21T10:00:09Z")
+    _post(address, json.dumps({"version": 1, "labels": [newer]}).encode())
+    status, reply = _post(
+        address, json.dumps({"version": 1, "labels": [_label("S:MK:1:1", "yes")]}).encode()
+    )
+    assert status == 200 and reply["saved"] == 0
+    assert reply["results"] == [{"status": "superseded", "by": newer}]
+    assert load_labels(labels) == [newer]
+
+
+def test_a_second_server_on_the_same_labels_file_is_refused(label_server, tmp_path, capsys):
+    from bmseg.cli import main
+
+    _, labels = label_server
+    code = main(["annotate", "serve", str(tmp_path / "site"), "--labels", str(labels), "--port", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "another bmseg annotate serve" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("path", ["/%2esecret", "/%2Esecret", "/.%73ecret", "/x/..%2f.secret"])
+def test_percent_encoded_hidden_files_are_not_served(label_server, path):
+    import http.client
+
+    connection = http.client.HTTPConnection(*label_server[0], timeout=10)
+    connection.request("GET", path)
+    response = connection.getresponse()
+    assert response.status == 404 and b"hidden" not in response.read()
+    connection.close()
+
+
+def test_deeply_nested_json_and_version_true_are_a_400_not_a_dropped_connection(label_server):
+    address, labels = label_server
+    status, reply = _post(address, b'{"version": 1, "labels": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+    assert status == 400 and "malformed" in reply["error"]
+    status, reply = _post(address, json.dumps({"version": True, "labels": [_label("u")]}).encode())
+    assert status == 400 and "version" in reply["error"]
+    assert not labels.exists()
+
+
+def test_a_body_shorter_than_its_content_length_frees_the_thread(label_server, monkeypatch):
+    import socket
+    import time
+
+    from bmseg.annotate import SiteHandler
+
+    monkeypatch.setattr(SiteHandler, "timeout", 1.0)
+    sock = socket.create_connection(label_server[0], timeout=10)
+    sock.sendall(
+        b"POST /api/labels HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n{\"version\": 1"
+    )
+    start = time.monotonic()
+    assert sock.recv(100) == b""  # the server gave up on the body and closed the connection
+    assert time.monotonic() - start < 8
+    sock.close()
