@@ -38,6 +38,7 @@ from bmseg.gather import (
     summarise,
 )
 from bmseg.labels import LabelReport, merge_labels, read_label_file
+from bmseg.report import CSP as REPORT_CSP
 from bmseg.report import img_tag
 from bmseg.storage import (
     EMBEDDING_COLUMN,
@@ -553,21 +554,32 @@ img{max-width:100%}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}.muted{co
 """
 
 
+def _status(value: Any) -> str:
+    """PASS or FAIL, whatever a metrics file says: the value becomes a CSS class."""
+    return "PASS" if value == "PASS" else "FAIL"
+
+
 def metrics_tables(cell_type: str, entry: dict) -> str:
-    """HTML for one cell type's candidates and confusion matrix (shared with bmseg report)."""
+    """HTML for one cell type's candidates and confusion matrix (shared with bmseg report).
+
+    Every value is converted (``float``, ``int``, PASS/FAIL) or escaped: ``entry`` may come from
+    a metrics.json on disk. A value of the wrong type raises ValueError, TypeError or KeyError.
+    """
     esc = html.escape
+    chosen = str(entry["chosen"])
     rows = "".join(
-        f"<tr><td>{esc(name)}{' (chosen)' if name == entry['chosen'] else ''}</td>"
-        + "".join(f"<td>{m[k]:.3f}</td>" for k in ("accuracy", "precision", "recall", "f1"))
-        + f"<td>{m['roc_auc']:.3f}</td><td><span class='{m['status']}'>{m['status']}</span></td>"
-        "</tr>"
+        f"<tr><td>{esc(str(name))}{' (chosen)' if name == chosen else ''}</td>"
+        + "".join(f"<td>{float(m[k]):.3f}</td>" for k in ("accuracy", "precision", "recall", "f1"))
+        + f"<td>{float(m['roc_auc']):.3f}</td>"
+        f"<td><span class='{_status(m['status'])}'>{_status(m['status'])}</span></td></tr>"
         for name, m in entry["candidates"].items()
     )
-    (tn, fp), (fn, tp) = entry["candidates"][entry["chosen"]]["confusion_matrix"]
+    (tn, fp), (fn, tp) = (map(int, row) for row in entry["candidates"][chosen]["confusion_matrix"])
+    status = _status(entry["status"])
     return (
-        f"<h3>{esc(cell_type)} <span class='{entry['status']}'>{entry['status']}</span></h3>"
-        f"<p>{entry['counts']['yes']} yes, {entry['counts']['no']} no labels; model "
-        f"<code>{esc(entry['model'])}</code></p>"
+        f"<h3>{esc(str(cell_type))} <span class='{status}'>{status}</span></h3>"
+        f"<p>{int(entry['counts']['yes'])} yes, {int(entry['counts']['no'])} no labels; model "
+        f"<code>{esc(str(entry['model']))}</code></p>"
         "<table><tr><th>model</th><th>accuracy</th><th>precision</th><th>recall</th><th>F1</th>"
         f"<th>ROC-AUC</th><th>acceptance</th></tr>{rows}</table>"
         "<table><tr><th>chosen model</th><th>predicted no</th><th>predicted yes</th></tr>"
@@ -577,22 +589,24 @@ def metrics_tables(cell_type: str, entry: dict) -> str:
 
 
 def label_summary_html(labels: dict) -> str:
-    """HTML list of what label merging did (shared with bmseg report)."""
+    """HTML list of what label merging did (shared with bmseg report); counts are ``int``-ed and
+    text escaped, as ``labels`` may come from a metrics.json on disk."""
     esc = html.escape
+    count = {key: int(labels[key]) for key in (
+        "entries", "superseded", "cells_labelled", "unsure", "disagreements", "ties_left_out",
+        "not_found",
+    )}  # fmt: skip
+    examples = [str(uid) for uid in labels["not_found_examples"][:3]]
     items = [
-        f"{len(labels['files'])} file(s), {labels['entries']} entries, "
-        f"{labels['superseded']} superseded by a later label of the same annotator",
-        f"{labels['cells_labelled']} cells labelled, {labels['unsure']} only unsure (left out)",
-        f"{labels['disagreements']} cells with disagreeing annotators "
-        f"({labels['ties_left_out']} ties left out, the rest decided by majority)",
-        f"{labels['not_found']} labelled cells not in the cell tables (left out)"
-        + (
-            f": e.g. {esc(', '.join(labels['not_found_examples'][:3]))}"
-            if labels["not_found"]
-            else ""
-        ),
+        f"{len(labels['files'])} file(s), {count['entries']} entries, "
+        f"{count['superseded']} superseded by a later label of the same annotator",
+        f"{count['cells_labelled']} cells labelled, {count['unsure']} only unsure (left out)",
+        f"{count['disagreements']} cells with disagreeing annotators "
+        f"({count['ties_left_out']} ties left out, the rest decided by majority)",
+        f"{count['not_found']} labelled cells not in the cell tables (left out)"
+        + (f": e.g. {esc(', '.join(examples))}" if count["not_found"] else ""),
     ]
-    files = "".join(f"<li><code>{esc(f)}</code></li>" for f in labels["files"])
+    files = "".join(f"<li><code>{esc(str(f))}</code></li>" for f in labels["files"])
     return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + f"</ul><ul>{files}</ul>"
 
 
@@ -611,7 +625,7 @@ def training_report(trained: list[TrainedType], report: LabelReport, features: l
         }
         sections.append(metrics_tables(t.cell_type, entry) + img_tag(_curves_png(t), t.cell_type))
     return (
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'>{REPORT_CSP}"
         f"<title>bmseg classifiers</title><style>{REPORT_STYLE}</style></head><body>"
         "<h1>bmseg classifiers</h1>"
         f"<p>Stratified cross-validation, out-of-fold predictions at threshold 0.5. Acceptance: "

@@ -1,7 +1,10 @@
 """The one exception type users see (a one-line message naming the file or flag and the fix),
 and the one validation of ids."""
 
+import contextlib
 import re
+from collections.abc import Iterator
+from pathlib import Path
 
 
 class BmsegError(Exception):
@@ -38,3 +41,27 @@ def check_id(value: object, where: str) -> str:
             f"{MAX_ID_LENGTH}"
         )
     return value
+
+
+DAMAGED_FILE_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, RecursionError)
+"""What reading a damaged or foreign file raises: I/O errors, bad JSON or Parquet (pyarrow's
+errors derive from ValueError and OSError), fields of the wrong type or missing."""
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, fix: str) -> Iterator[None]:
+    """Turn an error raised while reading and using ``path`` into a one-line BmsegError.
+
+    For code that parses a file's content: ``with reading(path, "re-run bmseg train"): ...``
+    makes a damaged, truncated or foreign file end in ``"{path}: {what went wrong}; {fix}"``
+    instead of a traceback. BmsegErrors pass through unchanged.
+    """
+    try:
+        yield
+    except BmsegError:
+        raise
+    except DAMAGED_FILE_ERRORS as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if isinstance(error, (KeyError, IndexError)):
+            reason = f"{type(error).__name__} {reason}"
+        raise BmsegError(f"{path}: unreadable or not as bmseg writes it ({reason}); {fix}") from error
