@@ -58,7 +58,9 @@ def test_a_model_file_holding_a_numpy_function_is_refused(tmp_path):
 
 def test_a_damaged_or_odd_bundle_is_one_line(tmp_path):
     rng = np.random.default_rng(0)
-    model = _candidates(0, 3, 1)["random_forest"](8).fit(rng.normal(size=(40, 8)), np.arange(40) % 2)
+    model = _candidates(0, 3, 1)["random_forest"](8).fit(
+        rng.normal(size=(40, 8)), np.arange(40) % 2
+    )
     bundle = _bundle(model)
     bundle["features"] = "area_um2"
     save_model(bundle, tmp_path / "odd.skops")
@@ -196,7 +198,9 @@ def test_a_second_server_on_the_same_labels_file_is_refused(label_server, tmp_pa
     from bmseg.cli import main
 
     _, labels = label_server
-    code = main(["annotate", "serve", str(tmp_path / "site"), "--labels", str(labels), "--port", "0"])
+    code = main(
+        ["annotate", "serve", str(tmp_path / "site"), "--labels", str(labels), "--port", "0"]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "another bmseg annotate serve" in err and len(err.strip().splitlines()) == 1
@@ -215,7 +219,9 @@ def test_percent_encoded_hidden_files_are_not_served(label_server, path):
 
 def test_deeply_nested_json_and_version_true_are_a_400_not_a_dropped_connection(label_server):
     address, labels = label_server
-    status, reply = _post(address, b'{"version": 1, "labels": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+    status, reply = _post(
+        address, b'{"version": 1, "labels": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    )
     assert status == 400 and "malformed" in reply["error"]
     status, reply = _post(address, json.dumps({"version": True, "labels": [_label("u")]}).encode())
     assert status == 400 and "version" in reply["error"]
@@ -232,9 +238,127 @@ def test_a_body_shorter_than_its_content_length_frees_the_thread(label_server, m
     sock = socket.create_connection(label_server[0], timeout=10)
     sock.sendall(
         b"POST /api/labels HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 1000\r\n\r\n{\"version\": 1"
+        b'Content-Length: 1000\r\n\r\n{"version": 1'
     )
     start = time.monotonic()
     assert sock.recv(100) == b""  # the server gave up on the body and closed the connection
     assert time.monotonic() - start < 8
     sock.close()
+
+
+# ---- ids read from files, and outputs as one set ----------------------------------------------
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def _labels_file(path: Path, uids: list[str], truth) -> Path:
+    labels = [
+        {
+            "cell_uid": u,
+            "label": "yes" if t else "no",
+            "annotator": "a",
+            "time": "2026-01-01T00:00Z",
+        }
+        for u, t in zip(uids, truth, strict=True)
+    ]
+    path.write_text(json.dumps({"version": 1, "labels": labels}), encoding="utf-8")
+    return path
+
+
+def _train_inputs(root: Path, cell_types: list[str]):
+    """A cell table with 40 labelled cells of each of ``cell_types`` (separable) and labels."""
+    from bmseg.fake_cells import cells_table
+    from bmseg.storage import write_parquet
+
+    n = 40 * len(cell_types)
+    truth = np.arange(n) % 2 == 0
+    table = cells_table(
+        np.arange(n) * 200.0 + 100,
+        np.full(n, 500.0),
+        np.full(n, 20.0),
+        slide_id="s1",
+        tile_id="r0000c0000",
+        cell_type=[t for t in cell_types for _ in range(40)],
+        signal=truth.astype(float),
+        embedding_dim=16,
+        seed=1,
+    )
+    cells = write_parquet(table, root / "s1.cells.parquet")
+    labels = _labels_file(root / "labels.json", table["cell_uid"].to_pylist(), truth)
+    return cells, labels
+
+
+def test_a_cell_type_that_climbs_out_of_out_is_refused_and_nothing_is_written(tmp_path, capsys):
+    from bmseg.cli import main
+
+    cells, labels = _train_inputs(tmp_path, ["HSPC", "../../x"])
+    out = tmp_path / "deep" / "er" / "models"
+    code = main(["train", str(cells), str(labels), "--out", str(out), "--folds", "2"])
+    assert code == 2
+    assert "not a valid id" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.skops")) and not out.exists()
+
+
+def test_a_train_crash_on_the_second_cell_type_leaves_no_model(tmp_path, monkeypatch):
+    """classify must never find the first type's model of a run that failed."""
+    import bmseg.classifiers
+    from bmseg.cli import main
+
+    cells, labels = _train_inputs(tmp_path, ["HSPC", "MK"])
+    real = bmseg.classifiers.train_cell_type
+
+    def crash_on_mk(cell_type, *args, **kwargs):
+        if cell_type == "MK":
+            raise MemoryError("killed while training MK")
+        return real(cell_type, *args, **kwargs)
+
+    monkeypatch.setattr(bmseg.classifiers, "train_cell_type", crash_on_mk)
+    out = tmp_path / "models"
+    flags = ["--folds", "2", "--pca-components", "2"]
+    with pytest.raises(MemoryError):
+        main(["train", str(cells), str(labels), "--out", str(out), *flags])
+    assert not out.exists() or not list(out.glob("*.skops"))
+
+
+def test_a_rerun_into_a_used_folder_leaves_only_its_own_files(tmp_path):
+    from bmseg.cli import main
+    from bmseg.fake_cells import cells_table, write_batch, write_plan
+
+    def gathered(slides: list[str]) -> set[str]:
+        tables = [
+            cells_table([100.0], [100.0], [10.0], slide_id=s, tile_id="r0000c0000",
+                        cell_type="HSPC", embedding_dim=8)
+            for s in slides
+        ]  # fmt: skip
+        batch = tmp_path / f"batch-{len(slides)}"
+        write_batch(batch, tables)
+        for slide in slides:
+            write_plan(tmp_path / "plans", slide, tissue_area_mm2=1.0)
+        args = ["gather", str(batch), "--plans", str(tmp_path / "plans")]
+        assert main([*args, "--out", str(tmp_path / "g")]) == 0
+        return {n for n in _files(tmp_path / "g") if n.endswith((".parquet", ".geojson"))}
+
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "notes.txt").write_text("the user's")
+    first = gathered(["a", "b"])
+    assert {n.split(".")[0] for n in first} == {"a", "b"} and len(first) == 6
+    assert gathered(["a"]) == {"a.cells.parquet", "a.crops.parquet", "a.cells.geojson"}
+    assert (tmp_path / "g" / "notes.txt").read_text() == "the user's"
+
+
+def test_a_slide_id_that_climbs_out_in_a_batch_record_is_refused(tmp_path, capsys):
+    from bmseg.cli import main
+    from bmseg.fake_cells import cells_table, write_batch, write_plan
+
+    table = cells_table([100.0], [100.0], [10.0], slide_id="s1", tile_id="r0000c0000",
+                        cell_type="HSPC", embedding_dim=8)  # fmt: skip
+    batch = write_batch(tmp_path / "b", [table])
+    write_plan(tmp_path / "plans", "s1", tissue_area_mm2=1.0)
+    record_path = tmp_path / "b" / "batch.json"
+    record = json.loads(record_path.read_text())
+    record["tiles"][0]["slide_id"] = "../x"
+    record_path.write_text(json.dumps(record))
+    args = ["gather", str(batch), "--plans", str(tmp_path / "plans"), "--out", str(tmp_path / "g")]
+    assert main(args) == 2
+    assert "batch.json: slide_id '../x': not a valid id" in capsys.readouterr().err
+    assert not (tmp_path / "x.cells.parquet").exists() and not (tmp_path / "g").exists()

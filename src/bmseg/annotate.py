@@ -128,6 +128,7 @@ class LabelBook:
                 self._write(merged)
                 self.records = merged
             return newer, len(self.records)
+
     def _write(self, records: dict[tuple[str, str], dict[str, str]]) -> None:
         lines = ",\n".join(json.dumps(record, ensure_ascii=False) for record in records.values())
         # one label a line: diff-friendly

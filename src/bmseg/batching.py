@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from bmseg.errors import BmsegError
+from bmseg.storage import writes_output_set
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ def batch_tiles(
     return written
 
 
+@writes_output_set
 def _batch_command(args: argparse.Namespace) -> int:
     batch_tiles(
         args.tile_tables,

@@ -48,6 +48,7 @@ from bmseg.storage import (
     write_bytes,
     write_json,
     write_parquet,
+    writes_output_set,
 )
 from bmseg.versions import package_versions
 
@@ -446,6 +447,7 @@ def check_bundle(path: Path, bundle: dict) -> None:
     check_id(bundle["cell_type"], f"{path}: cell_type")
 
 
+@writes_output_set
 def run_train(args: argparse.Namespace) -> int:
     """``bmseg train``: validate labels and counts, then train and report per cell type."""
     if args.folds < 2:
@@ -745,6 +747,7 @@ def uncertainty_ranking(cells: pd.DataFrame, exclude: set[str]) -> pa.Table:
     )
 
 
+@writes_output_set
 def run_classify(args: argparse.Namespace) -> int:
     """``bmseg classify``: validate, stream every table through the models, rewrite summary."""
     import pandas as pd
@@ -760,9 +763,10 @@ def run_classify(args: argparse.Namespace) -> int:
     label_paths = [Path(p) for p in args.labels or ()]
     exclude = labelled_uids(label_paths)
     out = Path(args.out)
-    if not args.keep_embedding and any(p.parent.resolve() == out.resolve() for p in files):
+    final = Path(args.final_out)
+    if not args.keep_embedding and any(p.parent.resolve() == final.resolve() for p in files):
         raise BmsegError(
-            f"--out {out}: holds the input tables, whose embeddings classify leaves out; "
+            f"--out {final}: holds the input tables, whose embeddings classify leaves out; "
             "pass another --out or --keep-embedding"
         )
     kept_columns = ["cell_uid", "slide_id", "cell_type", "area_um2"]

@@ -64,4 +64,6 @@ def reading(path: str | Path, fix: str) -> Iterator[None]:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         if isinstance(error, (KeyError, IndexError)):
             reason = f"{type(error).__name__} {reason}"
-        raise BmsegError(f"{path}: unreadable or not as bmseg writes it ({reason}); {fix}") from error
+        raise BmsegError(
+            f"{path}: unreadable or not as bmseg writes it ({reason}); {fix}"
+        ) from error

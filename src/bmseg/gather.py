@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bmseg.errors import BmsegError
+from bmseg.errors import BmsegError, check_id
 from bmseg.storage import (
     EMBEDDING_COLUMN,
     atomic_path,
@@ -32,6 +32,7 @@ from bmseg.storage import (
     unique_cell_uids,
     write_bytes,
     write_json,
+    writes_output_set,
 )
 from bmseg.versions import package_versions
 
@@ -140,7 +141,11 @@ def read_batch_inputs(directories: Sequence[Path]) -> list[BatchInput]:
                 raise BmsegError(f"{required}: missing; pass SEGMENT output directories")
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
-            tiles = [(t["slide_id"], t["tile_id"]) for t in record["tiles"]]
+            tiles = [
+                (check_id(t["slide_id"], f"{record_path}: slide_id"),
+                 check_id(t["tile_id"], f"{record_path}: tile_id"))
+                for t in record["tiles"]
+            ]  # fmt: skip
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise BmsegError(
                 f"{record_path}: not a SEGMENT batch record ({error}); re-run SEGMENT"
@@ -634,6 +639,7 @@ def write_geojson(
         handle.write(b"\n]}\n")
 
 
+@writes_output_set
 def run_gather(args: argparse.Namespace) -> int:
     """``bmseg gather``: validate everything, then write per-slide tables and run summaries."""
     if not 0.0 < args.min_overlap <= 1.0:

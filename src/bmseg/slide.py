@@ -502,7 +502,9 @@ def open_slide(
             )
         slide.pixel_size_um = float(pixel_size_um if pixel_size_um is not None else native)
         if slide_id is None:
-            slide_id = check_slide_id(default_slide_id(path), f"{path}: the slide id from its name (or pass --slide-id)")
+            slide_id = check_slide_id(
+                default_slide_id(path), f"{path}: the slide id from its name (or pass --slide-id)"
+            )
         slide.slide_id = slide_id
     except BaseException:
         slide.close()
