@@ -78,7 +78,7 @@ def test_a_damaged_or_odd_bundle_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad", ["..", ".hidden", "../x", "a/b", "", "a b", "x" * (MAX_ID_LENGTH + 1), 7, None]
+    "bad", ["..", ".hidden", "-x", "../x", "a/b", "", "a b", "x" * (MAX_ID_LENGTH + 1), 7, None]
 )
 def test_ids_that_would_leave_their_folder_or_hide_are_refused(bad):
     with pytest.raises(BmsegError, match="where"):
@@ -86,7 +86,7 @@ def test_ids_that_would_leave_their_folder_or_hide_are_refused(bad):
 
 
 def test_good_ids_pass():
-    for good in ("s1", "BM_2024-05.scan2", "r0000c0001", "x" * MAX_ID_LENGTH):
+    for good in ("s1", "BM_2024-05.scan2", "r0000c0001", "_", "x" * MAX_ID_LENGTH):
         assert check_id(good, "where") == good
 
 
@@ -362,3 +362,48 @@ def test_a_slide_id_that_climbs_out_in_a_batch_record_is_refused(tmp_path, capsy
     assert main(args) == 2
     assert "batch.json: slide_id '../x': not a valid id" in capsys.readouterr().err
     assert not (tmp_path / "x.cells.parquet").exists() and not (tmp_path / "g").exists()
+
+
+@pytest.fixture(scope="module")
+def small_slide(tmp_path_factory) -> Path:
+    """A small synthetic CZI (the pixel size comes from its metadata)."""
+    from bmseg.synth import write_synthetic_slide
+
+    path = tmp_path_factory.mktemp("slide") / "small.czi"
+    write_synthetic_slide(path, 1200, 1200, seed=3)
+    return path
+
+
+def test_two_slide_files_mapping_to_one_id_are_refused_naming_both(small_slide, tmp_path, capsys):
+    import shutil
+
+    from bmseg.cli import main
+
+    for name in ("a b.czi", "a_b.czi", "é.czi", "ü.czi"):
+        shutil.copy(small_slide, tmp_path / name)
+    plans = tmp_path / "plans"
+    assert main(["plan", str(tmp_path / "a b.czi"), "--out", str(plans)]) == 0
+    before = (plans / "a_b.slide.json").read_bytes()
+    assert main(["plan", str(tmp_path / "a_b.czi"), "--out", str(plans)]) == 2
+    err = capsys.readouterr().err
+    assert "a_b.czi" in err and "a b.czi" in err and "--slide-id" in err
+    assert (plans / "a_b.slide.json").read_bytes() == before
+    assert main(["plan", str(tmp_path / "a b.czi"), "--out", str(plans)]) == 0  # a rerun may
+    assert main(["plan", str(tmp_path / "é.czi"), "--out", str(plans)]) == 0
+    assert main(["plan", str(tmp_path / "ü.czi"), "--out", str(plans)]) == 2
+    assert "é.czi" in capsys.readouterr().err
+
+
+def test_file_names_that_make_hidden_or_overlong_ids(small_slide, tmp_path, capsys):
+    import shutil
+
+    from bmseg.cli import main
+
+    shutil.copy(small_slide, tmp_path / ".hidden.czi")
+    assert main(["plan", str(tmp_path / ".hidden.czi"), "--out", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / "_hidden.slide.json").is_file()  # no dot-file the next step skips
+    long_name = tmp_path / ("x" * 200 + ".czi")
+    shutil.copy(small_slide, long_name)
+    assert main(["plan", str(long_name), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "--slide-id" in err and len(err.strip().splitlines()) == 1

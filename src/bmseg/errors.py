@@ -16,7 +16,7 @@ class BmsegError(Exception):
     """
 
 
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 MAX_ID_LENGTH = 100
 """Longest slide, tile or cell-type id: with a temporary prefix and suffix a file named by it
 stays under NAME_MAX (255 bytes), and a cell uid built from it under the label server's cap."""
@@ -27,13 +27,13 @@ def check_id(value: object, where: str) -> str:
 
     The one rule for every id that names a file, folder, HDF5 group or table row (slide ids,
     tile ids, cell types), checked wherever an id is read, not only where it is made:
-    1 to :data:`MAX_ID_LENGTH` characters of ``[A-Za-z0-9._-]``, the first a letter or digit,
-    so no id is ``..``, starts a hidden file or leaves its folder.
+    1 to :data:`MAX_ID_LENGTH` characters of ``[A-Za-z0-9._-]``, the first not ``.`` or ``-``,
+    so no id is ``..``, starts a hidden file, leaves its folder or reads as a flag.
     """
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise BmsegError(
             f"{where} {value!r}: not a valid id; use letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit"
+            "not starting with '.' or '-'"
         )
     if len(value) > MAX_ID_LENGTH:
         raise BmsegError(

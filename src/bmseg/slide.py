@@ -90,7 +90,8 @@ def _white(dtype: str) -> float:
 
 
 def default_slide_id(path: str | Path) -> str:
-    """The file stem (``.ome`` dropped) with characters outside ``[A-Za-z0-9._-]`` replaced."""
+    """The file stem (``.ome`` dropped), characters outside ``[A-Za-z0-9._-]`` and a leading
+    ``.`` or ``-`` replaced by ``_`` (no hidden files, no flag-like ids)."""
     stem = Path(path).name
     for suffix in (".ome.tiff", ".ome.tif"):
         if stem.lower().endswith(suffix):
@@ -98,7 +99,7 @@ def default_slide_id(path: str | Path) -> str:
             break
     else:
         stem = Path(stem).stem
-    return re.sub(r"^[._-]", "_", re.sub(r"[^A-Za-z0-9._-]", "_", stem)) or "slide"
+    return re.sub(r"^[.-]", "_", re.sub(r"[^A-Za-z0-9._-]", "_", stem)) or "slide"
 
 
 def check_slide_id(slide_id: str, where: str = "--slide-id") -> str:
