@@ -407,3 +407,61 @@ def test_file_names_that_make_hidden_or_overlong_ids(small_slide, tmp_path, caps
     assert main(["plan", str(long_name), "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "--slide-id" in err and len(err.strip().splitlines()) == 1
+
+
+# ---- one line, exit 2, for what escaped a step's own checks -----------------------------------
+def _one_line(capsys, *words: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def test_an_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    from bmseg.cli import main
+    from bmseg.fake_cells import cells_table, write_batch, write_plan
+
+    table = cells_table([100.0], [100.0], [10.0], slide_id="s1", tile_id="r0000c0000",
+                        cell_type="HSPC", embedding_dim=8)  # fmt: skip
+    write_batch(tmp_path / "b", [table])
+    write_plan(tmp_path / "plans", "s1", tissue_area_mm2=1.0)
+    (tmp_path / "file").write_text("x")
+    args = ["gather", str(tmp_path / "b"), "--plans", str(tmp_path / "plans")]
+    assert main([*args, "--out", str(tmp_path / "file")]) == 2
+    _one_line(capsys, "is a file")
+    assert main([*args, "--out", str(tmp_path / "file" / "under")]) == 2
+    _one_line(capsys, str(tmp_path / "file"))
+
+
+def test_a_damaged_cell_table_given_to_classify_is_one_line_naming_it(tmp_path, capsys):
+    from bmseg.cli import main
+
+    cells, labels = _train_inputs(tmp_path, ["HSPC"])
+    models = tmp_path / "models"
+    flags = ["--folds", "2", "--pca-components", "2"]
+    assert main(["train", str(cells), str(labels), "--out", str(models), *flags]) == 0
+    data = cells.read_bytes()
+    damaged = tmp_path / "in" / "s1.cells.parquet"
+    damaged.parent.mkdir()
+    damaged.write_bytes(data[:100] + data[-2000:])
+    code = main(
+        ["classify", str(damaged), "--classifiers", str(models), "--out", str(tmp_path / "c")]
+    )
+    assert code == 2
+    _one_line(capsys, "s1.cells.parquet")
+    assert not (tmp_path / "c").exists()
+
+
+def test_nulls_in_a_tile_table_are_one_line(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bmseg.cli import main
+    from bmseg.plan import TILE_SCHEMA
+
+    rows = {name: [None] for name in TILE_SCHEMA.names}
+    table = pa.table(rows, schema=TILE_SCHEMA)
+    pq.write_table(table, tmp_path / "s1.tiles.parquet")
+    assert main(["batch", str(tmp_path / "s1.tiles.parquet"), "--out", str(tmp_path / "b")]) == 2
+    _one_line(capsys, "s1.tiles.parquet")

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bmseg.errors import BmsegError, check_id
+from bmseg.errors import BmsegError, check_id, reading
 from bmseg.gather import (
     CELL_TYPES,
     SUMMARY_FILE,
@@ -156,7 +156,8 @@ def cell_files(paths: Sequence[Path]) -> list[Path]:
         else:
             raise BmsegError(f"{path}: no such file or directory; pass gathered cell tables")
     for path in files:
-        names = pq.read_schema(path).names
+        with reading(path, "pass the cell tables bmseg gather wrote"):
+            names = pq.read_schema(path).names
         missing = [c for c in ("cell_uid", "cell_type", EMBEDDING_COLUMN) if c not in names]
         if missing:
             raise BmsegError(f"{path}: columns {', '.join(missing)} missing; not a cell table")
@@ -774,13 +775,14 @@ def run_classify(args: argparse.Namespace) -> int:
     total = sum(map(_rows, files))
     with tqdm(total=total, unit="cells", desc="classify") as progress:
         for path in files:
-            tables = _classified_row_groups(pq.ParquetFile(path), bundles, args.keep_embedding)
-            first = next(tables)
-            with parquet_writer(out / path.name, first.schema) as writer:
-                for table in itertools.chain([first], tables):
-                    writer.write_table(table)
-                    frames.append(_classified_frame(table, kept_columns, bundles))
-                    progress.update(table.num_rows)
+            with reading(path, "pass the cell tables bmseg gather wrote"):
+                tables = _classified_row_groups(pq.ParquetFile(path), bundles, args.keep_embedding)
+                first = next(tables)
+                with parquet_writer(out / path.name, first.schema) as writer:
+                    for table in itertools.chain([first], tables):
+                        writer.write_table(table)
+                        frames.append(_classified_frame(table, kept_columns, bundles))
+                        progress.update(table.num_rows)
     cells = pd.concat(frames, ignore_index=True)
     # a slide without cells has an empty table, named {slide}.cells.parquet by gather
     empty = [p.name.removesuffix(".cells.parquet") for p in files if not _rows(p)]

@@ -2,6 +2,7 @@
 and the one validation of ids."""
 
 import contextlib
+import errno
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,10 @@ DAMAGED_FILE_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, Rec
 errors derive from ValueError and OSError), fields of the wrong type or missing."""
 
 
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOMEM)
+"""OSErrors that blame the machine (space, permissions), never the file being read."""
+
+
 @contextlib.contextmanager
 def reading(path: str | Path, fix: str) -> Iterator[None]:
     """Turn an error raised while reading and using ``path`` into a one-line BmsegError.
@@ -60,6 +65,10 @@ def reading(path: str | Path, fix: str) -> Iterator[None]:
         yield
     except BmsegError:
         raise
+    except OSError as error:
+        if error.errno in ENVIRONMENT_ERRNOS or error.filename not in (None, str(path)):
+            raise  # a full disk or another file: not this file's fault (the CLI names it)
+        raise BmsegError(f"{path}: unreadable ({error}); {fix}") from error
     except DAMAGED_FILE_ERRORS as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         if isinstance(error, (KeyError, IndexError)):
