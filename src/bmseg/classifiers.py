@@ -43,6 +43,7 @@ from bmseg.report import img_tag
 from bmseg.storage import (
     EMBEDDING_COLUMN,
     atomic_path,
+    check_complete,
     embeddings_to_numpy,
     parquet_writer,
     write_bytes,
@@ -147,6 +148,7 @@ def cell_files(paths: Sequence[Path]) -> list[Path]:
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
+            check_complete(path)
             found = sorted(path.glob("*.cells.parquet"))
             if not found:
                 raise BmsegError(f"{path}: no *.cells.parquet; pass the directory gather wrote")
@@ -643,6 +645,7 @@ def load_classifiers(directory: Path) -> list[dict]:
     """Every model bundle in ``directory``, one per cell type."""
     if not directory.is_dir():
         raise BmsegError(f"--classifiers {directory}: no such directory; pass bmseg train's --out")
+    check_complete(directory)
     paths = sorted(directory.glob(f"*{MODEL_SUFFIX}"))
     if not paths:
         raise BmsegError(f"--classifiers {directory}: no *{MODEL_SUFFIX} models; run bmseg train")

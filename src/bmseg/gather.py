@@ -28,6 +28,7 @@ from bmseg.errors import BmsegError, check_id
 from bmseg.storage import (
     EMBEDDING_COLUMN,
     atomic_path,
+    check_complete,
     parquet_writer,
     unique_cell_uids,
     write_bytes,
@@ -134,6 +135,7 @@ def read_batch_inputs(directories: Sequence[Path]) -> list[BatchInput]:
     if len(set(map(Path.resolve, directories))) != len(directories):
         raise BmsegError("BATCH_DIRS: a directory is given twice; pass each batch output once")
     for directory in directories:
+        check_complete(directory)
         cells = directory / CELLS_FILE
         record_path = directory / BATCH_FILE
         for required in (cells, record_path):

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from bmseg.errors import BmsegError
 from bmseg.gather import flat_contours
-from bmseg.storage import atomic_path, output_set, write_bytes
+from bmseg.storage import atomic_path, check_complete, output_set, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def find_sources(inputs: list[Path]) -> list[CellSource]:
     sources: list[CellSource] = []
     for item in inputs:
         if item.is_dir():
+            check_complete(item)
             tables = sorted(item.glob("*cells.parquet"))
             if not tables:
                 raise BmsegError(
