@@ -465,3 +465,49 @@ def test_nulls_in_a_tile_table_are_one_line(tmp_path, capsys):
     pq.write_table(table, tmp_path / "s1.tiles.parquet")
     assert main(["batch", str(tmp_path / "s1.tiles.parquet"), "--out", str(tmp_path / "b")]) == 2
     _one_line(capsys, "s1.tiles.parquet")
+
+
+# ---- pixel sizes ------------------------------------------------------------------------------
+def _ome_tiff(path: Path, physical_size_x: str) -> Path:
+    import tifffile
+
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/'
+        'OME/2016-06"><Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" '
+        'Type="uint8" SizeX="256" SizeY="256" SizeC="3" SizeZ="1" SizeT="1" '
+        f'PhysicalSizeX="{physical_size_x}"><Channel ID="Channel:0" SamplesPerPixel="3"/>'
+        "<TiffData/></Pixels></Image></OME>"
+    )
+    data = np.full((256, 256, 3), 200, np.uint8)
+    tifffile.imwrite(path, data, description=xml, photometric="rgb", metadata=None)
+    return path
+
+
+@pytest.mark.parametrize("value", ["abc", "NaN", "0", "-0.5", "inf", "1e-310", "5e6"])
+def test_a_bad_pixel_size_in_ome_metadata_is_one_line_blaming_the_metadata(value, tmp_path, capsys):
+    from bmseg.cli import main
+
+    slide = _ome_tiff(tmp_path / "s.ome.tif", value)
+    assert main(["plan", str(slide), "--out", str(tmp_path / "p")]) == 2
+    err = _one_line(capsys, "s.ome.tif", "metadata", "--pixel-size-um")
+    assert "--margin" not in err
+    assert not (tmp_path / "p" / "s.slide.json").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1", "1e-310", "1e9"])
+def test_a_bad_pixel_size_flag_is_one_line_blaming_the_flag(value, tmp_path, capsys):
+    from bmseg.cli import main
+
+    slide = _ome_tiff(tmp_path / "s.ome.tif", "0.5")
+    code = main(["plan", str(slide), f"--pixel-size-um={value}", "--out", str(tmp_path / "p")])
+    assert code == 2
+    _one_line(capsys, "--pixel-size-um", "not a usable pixel size")
+    assert not (tmp_path / "p").exists() or not list((tmp_path / "p").iterdir())
+
+
+def test_json_outputs_never_hold_infinity(tmp_path):
+    from bmseg.storage import write_json
+
+    with pytest.raises(ValueError):
+        write_json({"pixel_size_um": float("inf")}, tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()

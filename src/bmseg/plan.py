@@ -355,7 +355,7 @@ def plan_slide(
         atomic_path(paths[2]) as png_tmp,
     ):
         pq.write_table(table, tiles_tmp, compression="zstd")
-        json_tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        json_tmp.write_text(json.dumps(info, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         png_tmp.write_bytes(picture)
     log.info(
         "plan %s: read %dx%d thumbnail (1/%d, %.2f µm/px) in %.2f s; tissue %.3f mm² (%s, "

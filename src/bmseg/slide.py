@@ -15,6 +15,7 @@ directory and the metadata are read).
 from __future__ import annotations
 
 import logging
+import math
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -100,6 +101,24 @@ def default_slide_id(path: str | Path) -> str:
     else:
         stem = Path(stem).stem
     return re.sub(r"^[.-]", "_", re.sub(r"[^A-Za-z0-9._-]", "_", stem)) or "slide"
+
+
+MIN_PIXEL_SIZE_UM = 0.01
+MAX_PIXEL_SIZE_UM = 100.0
+"""Pixel sizes outside these bounds (µm per full-resolution pixel) are not a microscope's: a
+damaged or unit-confused value, refused before it becomes tile sizes, margins or areas."""
+
+
+def check_pixel_size(value: float, where: str) -> float:
+    """``value`` if it is a finite pixel size within the bounds above, else a BmsegError that
+    blames ``where`` (the flag or the file's metadata)."""
+    if not (math.isfinite(value) and MIN_PIXEL_SIZE_UM <= value <= MAX_PIXEL_SIZE_UM):
+        raise BmsegError(
+            f"{where} {value:g} µm per pixel is not a usable pixel size (expected "
+            f"{MIN_PIXEL_SIZE_UM:g} to {MAX_PIXEL_SIZE_UM:g}); pass --pixel-size-um with the "
+            "scanner's µm per pixel"
+        )
+    return value
 
 
 def check_slide_id(slide_id: str, where: str = "--slide-id") -> str:
@@ -447,7 +466,11 @@ def _tiff_pixel_size_um(tiff) -> float | None:
         for element in root.iter() if root is not None else ():
             if element.tag.endswith("}Pixels") and element.get("PhysicalSizeX"):
                 unit = element.get("PhysicalSizeXUnit", "µm")
-                return float(element.get("PhysicalSizeX")) * _UNIT_TO_UM.get(unit, 1.0)
+                try:
+                    size = float(element.get("PhysicalSizeX"))
+                except ValueError:  # "abc": refused with the file named by open_slide
+                    return math.nan
+                return size * _UNIT_TO_UM.get(unit, 1.0)
     page = tiff.pages.first
     tag = page.tags.get("XResolution")
     if tag is None:
@@ -474,8 +497,8 @@ def open_slide(
     path = Path(path)
     if slide_id is not None:
         check_slide_id(slide_id)
-    if pixel_size_um is not None and not pixel_size_um > 0:
-        raise BmsegError(f"--pixel-size-um {pixel_size_um}: must be a positive number of µm")
+    if pixel_size_um is not None:
+        check_pixel_size(float(pixel_size_um), "--pixel-size-um")
     if not path.is_file():
         raise BmsegError(f"{path}: no such slide file; check the path")
     with path.open("rb") as handle:
@@ -501,6 +524,8 @@ def open_slide(
             log.info(
                 "%s: pixel size %g µm overrides the metadata's %g µm", path, pixel_size_um, native
             )
+        if pixel_size_um is None:
+            check_pixel_size(float(native), f"{path}: the metadata's pixel size")
         slide.pixel_size_um = float(pixel_size_um if pixel_size_um is not None else native)
         if slide_id is None:
             slide_id = check_slide_id(

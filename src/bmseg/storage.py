@@ -187,9 +187,11 @@ def write_parquet(table: pa.Table, path: str | os.PathLike[str], **kwargs: Any) 
 
 
 def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``data`` as indented JSON to ``path`` atomically."""
+    """Write ``data`` as indented JSON to ``path`` atomically; NaN and infinities are refused
+    (ValueError): JSON has no such numbers, and a reader would take ``Infinity`` for one."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False)
+        tmp.write_text(text + "\n", encoding="utf-8")
     return Path(path)
 
 
