@@ -511,3 +511,39 @@ def test_json_outputs_never_hold_infinity(tmp_path):
     with pytest.raises(ValueError):
         write_json({"pixel_size_um": float("inf")}, tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_tile_table_with_a_tile_twice_is_refused(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bmseg.cli import main
+    from bmseg.plan import TILE_SCHEMA
+
+    row = {name: [0] for name in TILE_SCHEMA.names}
+    row.update(slide_id=["s1"], tile_id=["r0000c0000"], pixel_size_um=[0.5])
+    row.update({name: [0.5] for name in TILE_SCHEMA.names if name == "tissue_fraction"})
+    one = pa.table(row).cast(TILE_SCHEMA)
+    pq.write_table(pa.concat_tables([one, one]), tmp_path / "s1.tiles.parquet")
+    assert main(["batch", str(tmp_path / "s1.tiles.parquet"), "--out", str(tmp_path / "b")]) == 2
+    _one_line(capsys, "s1.tiles.parquet", "s1/r0000c0000", "more than once")
+
+
+def test_deeply_nested_labels_given_to_train_are_one_line(tmp_path, capsys):
+    from bmseg.cli import main
+
+    cells, _ = _train_inputs(tmp_path, ["HSPC"])
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    out = tmp_path / "m"
+    assert main(["train", str(cells), str(tmp_path / "deep.json"), "--out", str(out)]) == 2
+    _one_line(capsys, "deep.json")
+
+
+def test_a_slide_id_too_long_for_a_file_name_is_refused_where_it_is_given(
+    small_slide, tmp_path, capsys
+):
+    from bmseg.cli import main
+
+    args = ["plan", str(small_slide), "--slide-id", "s" * 300, "--out", str(tmp_path / "p")]
+    assert main(args) == 2
+    _one_line(capsys, "--slide-id", "at most")

@@ -63,6 +63,14 @@ def read_tile_tables(paths: list[Path]) -> pa.Table:
         for column in ("slide_id", "tile_id"):
             for value in pc.unique(table.column(column)).to_pylist():
                 check_id(value, f"{path}: {column}")
+        keys = pc.binary_join_element_wise(table["slide_id"], table["tile_id"], "/")
+        if len(pc.unique(keys)) != table.num_rows:
+            counts = pc.value_counts(keys).to_pylist()
+            twice = sorted(c["values"] for c in counts if c["counts"] > 1)
+            raise BmsegError(
+                f"{path}: tile ids listed more than once ({', '.join(twice[:3])}); "
+                "re-run bmseg plan for this slide"
+            )
         for slide_id in sorted(set(table.column("slide_id").to_pylist())):
             if slide_id in owner:
                 raise BmsegError(
