@@ -547,3 +547,30 @@ def test_a_slide_id_too_long_for_a_file_name_is_refused_where_it_is_given(
     args = ["plan", str(small_slide), "--slide-id", "s" * 300, "--out", str(tmp_path / "p")]
     assert main(args) == 2
     _one_line(capsys, "--slide-id", "at most")
+
+
+def test_nulls_in_a_batch_table_and_a_cell_table_are_one_line(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from bmseg.cli import main
+    from bmseg.fake_cells import cells_table, write_batch, write_plan
+    from bmseg.segment import BATCH_COLUMNS
+
+    batch = pa.table({name: pa.array([None], pa.int64()) for name in BATCH_COLUMNS})
+    batch = batch.append_column("batch", pa.array([0])).append_column("order", pa.array([0]))
+    pq.write_table(batch, tmp_path / "batch_0000.parquet")
+    args = ["segment", str(tmp_path / "batch_0000.parquet"), "--slides", "x.czi"]
+    assert main([*args, "--models", str(tmp_path), "--out", str(tmp_path / "seg")]) == 2
+    _one_line(capsys, "batch_0000.parquet", "nulls")
+
+    table = cells_table([100.0], [100.0], [10.0], slide_id="s1", tile_id="r0000c0000",
+                        cell_type="HSPC", embedding_dim=8)  # fmt: skip
+    index = table.schema.get_field_index("area_um2")
+    table = table.set_column(index, "area_um2", pc.if_else(True, None, table["area_um2"]))
+    write_batch(tmp_path / "b", [table])
+    write_plan(tmp_path / "plans", "s1", tissue_area_mm2=1.0)
+    args = ["gather", str(tmp_path / "b"), "--plans", str(tmp_path / "plans")]
+    assert main([*args, "--out", str(tmp_path / "g")]) == 2
+    _one_line(capsys, "cells.parquet", "area_um2")

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bmseg.errors import BmsegError, check_id
-from bmseg.storage import writes_output_set
+from bmseg.storage import check_no_nulls, writes_output_set
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,7 @@ def read_tile_tables(paths: list[Path]) -> pa.Table:
                 "pass the .tiles.parquet files of bmseg plan"
             )
         table = table.select(TILE_SCHEMA.names).cast(TILE_SCHEMA)
-        with_nulls = [name for name in table.column_names if table.column(name).null_count]
-        if with_nulls:
-            raise BmsegError(
-                f"{path}: nulls in column {', '.join(with_nulls)}; re-run bmseg plan for this slide"
-            )
+        check_no_nulls(table, table.column_names, path, "re-run bmseg plan for this slide")
         for column in ("slide_id", "tile_id"):
             for value in pc.unique(table.column(column)).to_pylist():
                 check_id(value, f"{path}: {column}")

@@ -73,6 +73,15 @@ _OS_FIXES = {
 }
 
 
+def is_environment_error(error: BaseException) -> bool:
+    """An OSError, ValueError or RecursionError, or any of pyarrow's errors (a table of the
+    wrong types): what a bad input or a bad machine raises, not a bug of bmseg."""
+    if isinstance(error, (OSError, ValueError, RecursionError)):
+        return True
+    pyarrow = sys.modules.get("pyarrow")  # never imported here: the parser stays cheap
+    return pyarrow is not None and isinstance(error, pyarrow.ArrowException)
+
+
 def environment_error(error: BaseException) -> str:
     """One line for an error that escaped the steps' own checks: a full disk, a read-only or
     missing path, an unreadable file (``OSError``, named by its file), or a value a library
@@ -108,7 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BmsegError as error:
         sys.stderr.write(f"bmseg {args.command}: error: {error}\n")
         return 2
-    except (OSError, ValueError, RecursionError) as error:  # pyarrow's errors derive from these
+    except Exception as error:
+        if not is_environment_error(error):
+            raise  # a bug: keep the traceback
         log.debug("the error below ends bmseg %s", args.command, exc_info=True)
         sys.stderr.write(f"bmseg {args.command}: error: {environment_error(error)}\n")
         return 2

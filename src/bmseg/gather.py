@@ -24,11 +24,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bmseg.errors import BmsegError, check_id
+from bmseg.errors import BmsegError, check_id, reading
 from bmseg.storage import (
     EMBEDDING_COLUMN,
     atomic_path,
     check_complete,
+    check_no_nulls,
     parquet_writer,
     unique_cell_uids,
     write_bytes,
@@ -222,8 +223,10 @@ def read_cell_metadata(cells_files: Sequence[Path]) -> pa.Table:
     """Every column but the embedding of all files, in file and row order."""
     tables = []
     for path in cells_files:
-        names = [n for n in pq.read_schema(path).names if n != EMBEDDING_COLUMN]
-        tables.append(pq.read_table(path, columns=names))
+        with reading(path, "re-run SEGMENT for this batch"):
+            names = [n for n in pq.read_schema(path).names if n != EMBEDDING_COLUMN]
+            tables.append(pq.read_table(path, columns=names))
+        check_no_nulls(tables[-1], REQUIRED_COLUMNS, path, "re-run SEGMENT for this batch")
     try:
         return pa.concat_tables(tables, promote_options="default").combine_chunks()
     except pa.ArrowInvalid as error:

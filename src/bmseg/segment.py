@@ -37,6 +37,7 @@ from bmseg.slide import SLIDE_ID_PATTERN, Channel, Rect, Slide, default_slide_id
 from bmseg.storage import (
     CROPS_SCHEMA,
     EMBEDDING_COLUMN,
+    check_no_nulls,
     embedding_array,
     embedding_type,
     masks_writer,
@@ -142,6 +143,7 @@ def read_batch_table(path: Path) -> tuple[int, list[Tile]]:
         raise BmsegError(
             f"{path}: batch table lacks columns {missing}; pass a table written by bmseg batch"
         )
+    check_no_nulls(table, [*BATCH_COLUMNS, "batch", "order"], path, "re-run bmseg batch")
     if table.num_rows:
         table = table.sort_by("order")
     rows = table.select([*BATCH_COLUMNS, "batch"]).to_pylist()

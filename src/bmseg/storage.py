@@ -178,6 +178,13 @@ def check_complete(folder: Path) -> None:
         )
 
 
+def check_no_nulls(table: pa.Table, columns: Sequence[str], path: Path, fix: str) -> None:
+    """BmsegError naming ``path`` and the columns of ``columns`` that hold nulls."""
+    with_nulls = [name for name in columns if table.column(name).null_count]
+    if with_nulls:
+        raise BmsegError(f"{path}: nulls in column {', '.join(with_nulls)}; {fix}")
+
+
 def write_parquet(table: pa.Table, path: str | os.PathLike[str], **kwargs: Any) -> Path:
     """Write ``table`` to ``path`` atomically (zstd-compressed Parquet)."""
     kwargs.setdefault("compression", "zstd")
