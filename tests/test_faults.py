@@ -237,3 +237,21 @@ def test_a_full_disk_while_writing_a_site_is_one_line(gather_inputs, tmp_path):
     mount = tmp_path / "small"
     run = bmseg_on_tmpfs(["pages", str(gathered), "--out", str(mount / "site")], mount, "24k")
     _one_line_exit_2(run, "No space left on device")
+
+
+@needs_mounts
+def test_a_full_disk_in_segment_is_one_line_not_a_crash(tmp_path, test_models_dir):
+    """HDF5 meeting a full disk mid-file crashed the process on close (exit 139)."""
+    from bmseg.cli import main
+    from bmseg.synth import write_synthetic_slide
+
+    slide = tmp_path / "s1.czi"
+    write_synthetic_slide(slide, 1200, 1200, seed=1)
+    assert main(["plan", str(slide), "--out", str(tmp_path / "plans")]) == 0
+    tiles = tmp_path / "plans" / "s1.tiles.parquet"
+    assert main(["batch", str(tiles), "--out", str(tmp_path / "batches")]) == 0
+    mount = tmp_path / "small"
+    args = ["segment", str(tmp_path / "batches" / "batch_0000.parquet"), "--slides", str(slide)]
+    args += ["--models", str(test_models_dir), "--device", "cpu", "--no-progress"]
+    run = bmseg_on_tmpfs([*args, "--out", str(mount / "seg")], mount, "24k")
+    _one_line_exit_2(run, "No space left on device", str(mount / "seg"))

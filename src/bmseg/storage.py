@@ -37,7 +37,8 @@ _FLOAT16_LE = np.dtype("<f2")
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it to ``path`` when the block succeeds.
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    On any exception the temporary file is removed and ``path`` is left untouched; an
+    OSError that names no file (a write meeting a full disk) is given ``path`` as its file.
     The temporary name keeps the suffix, so libraries that pick a format by extension work.
     """
     final = Path(path)
@@ -46,8 +47,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(final)  # a failed write(2) names no file: name the output
         raise
 
 
@@ -202,7 +205,7 @@ def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
-def write_bytes(data: bytes, path: str | os.PathLike[str]) -> Path:
+def write_bytes(data: bytes | memoryview, path: str | os.PathLike[str]) -> Path:
     """Write raw bytes (a PNG, an HTML page) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -345,8 +348,18 @@ class MaskWriter:
 
 @contextlib.contextmanager
 def masks_writer(path: str | os.PathLike[str]) -> Iterator[MaskWriter]:
-    """Open ``masks.h5`` for writing tile label images (LZ4); it appears only when complete."""
+    """Open ``masks.h5`` for writing tile label images (LZ4); it appears only when complete.
+
+    The HDF5 file is built in memory (the masks compress to a small share of the batch) and
+    written out in one go: HDF5 meeting a full disk mid-file leaves its library in a state in
+    which closing the file crashes the process (exit 139, which Nextflow retries); a plain
+    write meets it as an OSError, reported as one line.
+    """
+    import io
+
     import h5py
 
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5file:
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5file:
         yield MaskWriter(h5file)
+    write_bytes(buffer.getbuffer(), path)
