@@ -195,3 +195,22 @@ def test_a_metrics_json_with_fields_of_the_wrong_type_is_one_line(results, tmp_p
     path.write_text("[" * 100000)
     assert main(["report", str(copy), "--out", str(tmp_path / "r.html")]) == 2
     assert str(path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["summary.csv", "cells"])
+def test_a_damaged_result_file_is_one_line_naming_it(results, tmp_path, capsys, damage):
+    copy = tmp_path / "results"
+    shutil.copytree(results / "results", copy)
+    if damage == "summary.csv":
+        victim = copy / "gathered" / "summary.csv"
+        victim.write_bytes(b'slide_id,"unclosed\n' + bytes(range(256)))
+    else:
+        victim = sorted((copy / "gathered").glob("*.cells.parquet"))[0]
+        victim.write_bytes(victim.read_bytes()[:300])
+    for other in copy.rglob(victim.name):
+        if other != victim:
+            other.unlink()
+    assert main(["report", str(copy), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert victim.name in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "r.html").exists()

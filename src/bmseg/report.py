@@ -108,7 +108,10 @@ def _load_summary(roots: Sequence[Path]) -> tuple[pd.DataFrame, Path]:
         raise BmsegError(
             f"{roots[0]}: no summary.csv found; pass the directories gather (and classify) wrote"
         )
-    frames = [(pd.read_csv(p, dtype={"slide_id": str}), p) for p in paths]
+    frames = []
+    for path in paths:
+        with reading(path, "re-run bmseg gather or classify, which write it"):
+            frames.append((pd.read_csv(path, dtype={"slide_id": str}), path))
     frames.sort(key=lambda item: any(c.endswith("_accepted") for c in item[0].columns))
     return frames[-1]
 
@@ -122,10 +125,10 @@ def _cell_areas(roots: Sequence[Path]) -> pd.DataFrame | None:
     by_name = {p.name: p for p in tables}
     if not by_name:
         return None
-    frames = [
-        pq.read_table(path, columns=["cell_type", "area_um2"]).to_pandas()
-        for path in by_name.values()
-    ]
+    frames = []
+    for path in by_name.values():
+        with reading(path, "re-run bmseg gather, which writes it"):
+            frames.append(pq.read_table(path, columns=["cell_type", "area_um2"]).to_pandas())
     return pd.concat(frames, ignore_index=True)
 
 
