@@ -68,6 +68,18 @@ def digest(folder: Path) -> dict[str, str]:
     }
 
 
+def _tile_table(path: Path, tiles: int = 5) -> Path:
+    """A tile table of ``tiles`` tiles of slide t1, in PLAN's schema."""
+    import pyarrow as pa
+
+    from bmseg.plan import TILE_SCHEMA
+
+    columns = {name: list(range(tiles)) for name in TILE_SCHEMA.names}
+    columns.update(slide_id=["t1"] * tiles, tile_id=[f"r0000c{i:04d}" for i in range(tiles)])
+    pq.write_table(pa.table(columns).cast(TILE_SCHEMA), path)
+    return path
+
+
 def batch_dir(root: Path, slides: list[str], cells_each: int = 3) -> Path:
     """A SEGMENT output with ``cells_each`` HSPCs on each of ``slides``, and their plans."""
     tables = []
@@ -135,7 +147,8 @@ def test_a_gather_killed_mid_write_leaves_the_old_set_or_a_folder_marked_incompl
 
 
 def test_every_step_killed_at_its_first_rename_keeps_its_previous_set(tmp_path):
-    """batch, train, classify and pages: a kill before the commit changes nothing visible."""
+    """batch, train, classify and pages: a kill before the commit changes nothing visible, a
+    kill during it is refused by the readers until a rerun repairs it."""
     from bmseg.cli import main
 
     batch = batch_dir(tmp_path, ["p", "q"], cells_each=30)
@@ -150,6 +163,7 @@ def test_every_step_killed_at_its_first_rename_keeps_its_previous_set(tmp_path):
     ]
     labels.write_text(json.dumps({"version": 1, "labels": records}))
     steps = {
+        "batch": ["batch", str(_tile_table(tmp_path / "t1.tiles.parquet")), "--batch-size", "2"],
         "train": ["train", str(gathered), str(labels), "--folds", "2", "--pca-components", "2"],
         "pages": ["pages", str(gathered)],
     }
