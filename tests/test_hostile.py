@@ -574,3 +574,21 @@ def test_nulls_in_a_batch_table_and_a_cell_table_are_one_line(tmp_path, capsys):
     args = ["gather", str(tmp_path / "b"), "--plans", str(tmp_path / "plans")]
     assert main([*args, "--out", str(tmp_path / "g")]) == 2
     _one_line(capsys, "cells.parquet", "area_um2")
+
+
+def test_a_bit_flipped_checkpoint_is_refused_not_loaded_silently(test_models_dir, tmp_path):
+    import shutil
+
+    from bmseg.models import load_models
+    from bmseg.models.layout import read_manifest
+
+    flipped = tmp_path / "models"
+    shutil.copytree(test_models_dir, flipped)
+    manifest = read_manifest(flipped)
+    assert manifest.sha256 and set(manifest.sha256) == set(manifest.files().values())
+    victim = flipped / manifest.resnet50_weights
+    data = bytearray(victim.read_bytes())
+    data[len(data) - 100] ^= 0x01  # inside the last tensor's bytes: still loads
+    victim.write_bytes(bytes(data))
+    with pytest.raises(BmsegError, match=r"resnet50.*sha256"):
+        load_models(flipped, "cpu")
