@@ -269,3 +269,23 @@ def test_a_full_disk_in_segment_is_one_line_not_a_crash(tmp_path, test_models_di
     args += ["--models", str(test_models_dir), "--device", "cpu", "--no-progress"]
     run = bmseg_on_tmpfs([*args, "--out", str(mount / "seg")], mount, "24k")
     _one_line_exit_2(run, "No space left on device", str(mount / "seg"))
+
+
+def test_a_killed_segment_rerun_keeps_the_earlier_set_whole(tmp_path, test_models_dir):
+    """The earlier batch.json is never left beside a rerun's half-written tables."""
+    from bmseg.cli import main
+    from bmseg.synth import write_synthetic_slide
+
+    slide = tmp_path / "s1.czi"
+    write_synthetic_slide(slide, 1200, 1200, seed=2)
+    assert main(["plan", str(slide), "--out", str(tmp_path / "plans")]) == 0
+    tiles = tmp_path / "plans" / "s1.tiles.parquet"
+    assert main(["batch", str(tiles), "--out", str(tmp_path / "batches")]) == 0
+    args = ["segment", str(tmp_path / "batches" / "batch_0000.parquet"), "--slides", str(slide)]
+    args += ["--models", str(test_models_dir), "--device", "cpu", "--no-progress"]
+    out = tmp_path / "seg"
+    assert main([*args, "--out", str(out)]) == 0
+    before = digest(out)
+    assert bmseg_killed([*args, "--out", str(out)], 2, "write") == -signal.SIGKILL
+    assert digest(out) == before
+    check_complete(out)
