@@ -363,3 +363,42 @@ def test_300_cell_page_weight_budget_and_time_to_interactive(browser, tmp_path, 
         shutil.copy(screenshot, target)
     assert watch.clean(), (watch.dialogs, watch.errors)
     context.close()
+
+
+def test_a_label_the_server_refuses_is_shown_refused_not_saved(browser, site, tmp_path):
+    """The server answers per label; the page must not count a refused one as saved."""
+    served = tmp_path / "site"
+    shutil.copytree(site, served)
+    labels = tmp_path / "labels.json"
+    process, port = start_server(served, labels, 0)
+    context = browser.new_context()
+    watch = Watch(context)
+    try:
+        page = watch.open(f"http://127.0.0.1:{port}/MK/page-0001.html")
+        page.wait_for_selector("#sync[data-state='saved']")
+        # a name longer than the server keeps (past the field's maxlength, as an import can be)
+        page.eval_on_selector("#annotator", "(field) => { field.value = 'A'.repeat(300); }")
+        page.press("#annotator", "Enter")
+        page.keyboard.press("y")
+        page.wait_for_selector("#sync[data-state='refused']", timeout=15000)
+        assert "refused" in page.inner_text("#notice")
+        assert not labels.exists() or validate_labels(json.loads(labels.read_text())) == []
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']")
+        page.wait_for_selector("#sync[data-state='refused']", timeout=15000)  # not "saving" forever
+        sign_in(page, "Ada")
+        page.keyboard.press("n")
+        page.wait_for_function(
+            "() => !document.querySelector('#sync').textContent.startsWith('Saving')"
+        )
+        for _ in range(100):  # the page posts asynchronously
+            if labels.exists() and validate_labels(json.loads(labels.read_text())):
+                break
+            page.wait_for_timeout(100)
+        records = validate_labels(json.loads(labels.read_text()))
+        assert [(r["annotator"], r["label"]) for r in records] == [("Ada", "no")]
+        assert watch.clean("400 (Bad Request)"), watch.errors
+    finally:
+        context.close()
+        process.kill()
+        process.wait(timeout=10)

@@ -152,3 +152,65 @@ def test_models_are_one_line_of_names_and_test_weights_are_flagged(results, tmp_
     assert "stability_score_thresh" not in page and "flow_threshold" not in page
     assert f"{len(record['batches'])} of {len(record['batches'])} batches ran" in page
     assert "random-initialised test checkpoints" not in (results / "report.html").read_text()
+
+
+def _with_metrics(results: Path, tmp_path: Path, change) -> tuple[Path, Path]:
+    """A copy of the run's results whose classifiers/metrics.json ``change`` edited in place."""
+    copy = tmp_path / "results"
+    shutil.copytree(results / "results", copy)
+    path = copy / "classifiers" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    change(metrics["cell_types"]["HSPC"])
+    path.write_text(json.dumps(metrics))
+    return copy, path
+
+
+def test_fields_of_metrics_json_cannot_put_script_in_the_page(results, tmp_path):
+    def hostile(entry: dict) -> None:
+        entry["status"] = "PASS'><script>alert(1)</script>"
+        entry["model"] = HOSTILE
+        chosen = entry["candidates"][entry["chosen"]]
+        chosen["status"] = "<img src=x onerror=alert(2)>"
+        entry["candidates"] = {HOSTILE: chosen}
+        entry["chosen"] = HOSTILE
+
+    copy, _ = _with_metrics(results, tmp_path, hostile)
+    assert main(["report", str(copy), "--out", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "<script" not in page.lower() and "<img src=x" not in page
+    assert "Content-Security-Policy" in page and "script-src" not in page  # default-src 'none'
+    training = (results / "results" / "classifiers" / "report.html").read_text(encoding="utf-8")
+    assert "Content-Security-Policy" in training
+
+
+def test_a_metrics_json_with_fields_of_the_wrong_type_is_one_line(results, tmp_path, capsys):
+    def wrong(entry: dict) -> None:
+        entry["counts"]["yes"] = "<img src=x onerror=alert(1)>"
+
+    copy, path = _with_metrics(results, tmp_path, wrong)
+    assert main(["report", str(copy), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.html").exists()
+    path.write_text("[" * 100000)
+    assert main(["report", str(copy), "--out", str(tmp_path / "r.html")]) == 2
+    assert str(path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["summary.csv", "cells"])
+def test_a_damaged_result_file_is_one_line_naming_it(results, tmp_path, capsys, damage):
+    copy = tmp_path / "results"
+    shutil.copytree(results / "results", copy)
+    if damage == "summary.csv":
+        victim = copy / "gathered" / "summary.csv"
+        victim.write_bytes(b'slide_id,"unclosed\n' + bytes(range(256)))
+    else:
+        victim = sorted((copy / "gathered").glob("*.cells.parquet"))[0]
+        victim.write_bytes(victim.read_bytes()[:300])
+    for other in copy.rglob(victim.name):
+        if other != victim:
+            other.unlink()
+    assert main(["report", str(copy), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert victim.name in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "r.html").exists()

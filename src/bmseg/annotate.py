@@ -5,12 +5,17 @@ they also POST each label to ``/api/labels``. The server merges it into one labe
 schema TRAIN reads (docs/data.md), written atomically and fsynced before the browser is told
 "saved", so a crash or ``kill -9`` never loses an acknowledged label. Labels are keyed by
 (cell_uid, annotator): two people on one server keep each other's labels; for one key the
-newest ``time`` wins. Standard library only (``http.server``).
+newest ``time`` wins. Every record of a post gets its own answer: ``saved`` (kept, on disk),
+``superseded`` (the file holds a newer label for that cell and annotator, returned with it) or
+``refused`` (off the schema, with the reason), so the page never takes a dropped label for a
+kept one. One server per labels file: a lock beside it refuses a second. Standard library only
+(``http.server``).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -20,10 +25,17 @@ from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from bmseg.errors import BmsegError
-from bmseg.labels import LABEL_VERSION, parse_time, read_label_file, validate_labels
+from bmseg.labels import (
+    LABEL_VERSION,
+    LabelFormatError,
+    label_entries,
+    parse_time,
+    read_label_file,
+    validate_record,
+)
 from bmseg.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -33,6 +45,8 @@ MAX_POST_BYTES = 2 * 1024 * 1024
 MAX_TEXT = 200
 """Longest cell_uid, annotator, label or time a post may hold."""
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+REQUEST_TIMEOUT_S = 30.0
+"""A client that stops sending (a body shorter than its Content-Length) frees its thread then."""
 
 
 def load_labels(path: Path) -> list[dict[str, str]]:
@@ -49,41 +63,71 @@ def load_labels(path: Path) -> list[dict[str, str]]:
 
 
 class LabelBook:
-    """The labels file and its in-memory copy; every change is on disk before it is reported."""
+    """The labels file and its in-memory copy; every change is on disk before it is reported.
+
+    Holds an exclusive lock on ``.{name}.lock`` beside the file for its lifetime: a second
+    server on the same file would overwrite the first one's labels with its own copy.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock = threading.Lock()
+        self._lock_file = self._take_file_lock(path)
         self.records: dict[tuple[str, str], dict[str, str]] = {}
         if path.exists():
-            self.records = self._merged({}, load_labels(path))
+            self.records = self._merged({}, load_labels(path))[0]
         log.info("labels file %s: %d labels", path, len(self.records))
+
+    @staticmethod
+    def _take_file_lock(path: Path) -> Any:
+        lock_path = path.with_name(f".{path.name}.lock")
+        handle = lock_path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise BmsegError(
+                f"{path}: another bmseg annotate serve is saving labels to this file; use that "
+                "server or pass another --labels"
+            ) from None
+        return handle
+
+    def close(self) -> None:
+        """Release the file lock."""
+        self._lock_file.close()
 
     @staticmethod
     def _merged(
         current: dict[tuple[str, str], dict[str, str]], records: list[dict[str, str]]
-    ) -> dict[tuple[str, str], dict[str, str]]:
+    ) -> tuple[dict[tuple[str, str], dict[str, str]], list[dict[str, str] | None]]:
+        """``current`` with ``records`` merged (newest time wins), and per record ``None`` if
+        it was kept or the newer stored record that supersedes it."""
         merged = dict(current)
+        newer: list[dict[str, str] | None] = []
         for record in records:
             key = (record["cell_uid"], record["annotator"])
             old = merged.get(key)
             if old is None or parse_time(record["time"]) >= parse_time(old["time"]):
                 merged[key] = record
-        return merged
+                newer.append(None)
+            else:
+                newer.append(old)
+        return merged, newer
 
     def document(self) -> dict[str, Any]:
         """The labels as the schema's JSON document."""
         with self.lock:
             return {"version": LABEL_VERSION, "labels": list(self.records.values())}
 
-    def add(self, records: list[dict[str, str]]) -> int:
-        """Merge ``records``, write the file durably, and return how many labels it holds."""
+    def add(self, records: list[dict[str, str]]) -> tuple[list[dict[str, str] | None], int]:
+        """Merge ``records`` and write the file durably; return, per record, ``None`` if it
+        was kept or the stored record that supersedes it, and how many labels the file holds."""
         with self.lock:
-            merged = self._merged(self.records, records)
+            merged, newer = self._merged(self.records, records)
             if merged != self.records or not self.path.exists():
                 self._write(merged)
                 self.records = merged
-            return len(self.records)
+            return newer, len(self.records)
 
     def _write(self, records: dict[tuple[str, str], dict[str, str]]) -> None:
         lines = ",\n".join(json.dumps(record, ensure_ascii=False) for record in records.values())
@@ -105,6 +149,7 @@ class SiteHandler(SimpleHTTPRequestHandler):
     """Static files from the site folder (nothing outside it) plus the labels API."""
 
     server_version = "bmseg-annotate"
+    timeout = REQUEST_TIMEOUT_S
 
     def __init__(
         self, *args: Any, book: LabelBook, site: Path, loopback: bool, **kwargs: Any
@@ -194,24 +239,60 @@ class SiteHandler(SimpleHTTPRequestHandler):
             )
             return
         try:
-            records = validate_labels(json.loads(self.rfile.read(length)), MAX_TEXT)
-        except ValueError as error:  # bad JSON, bad UTF-8 or a record off the schema
-            self.send_json(HTTPStatus.BAD_REQUEST, {"error": f"malformed labels: {error}"})
+            body = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            return
+        if len(body) < length:  # the client closed before sending its whole body
+            self.close_connection = True
             return
         try:
-            total = self.book.add(records)
+            entries = label_entries(json.loads(body))
+        except (ValueError, RecursionError) as error:  # bad JSON or UTF-8, too deep, off schema
+            self.send_json(HTTPStatus.BAD_REQUEST, {"error": f"malformed labels: {error}"})
+            return
+        self.save_records(entries)
+
+    def save_records(self, entries: list[Any]) -> None:
+        """Save the valid records of a post; answer per record saved, superseded or refused."""
+        results: list[dict[str, Any]] = [{} for _ in entries]
+        valid: list[tuple[int, dict[str, str]]] = []
+        for index, entry in enumerate(entries):
+            try:
+                valid.append((index, validate_record(entry, f"labels[{index}]", MAX_TEXT)))
+            except LabelFormatError as error:
+                results[index] = {"status": "refused", "error": str(error)}
+        refused = len(entries) - len(valid)
+        if not valid:
+            first = results[0]["error"] if results else "no labels in the post"
+            self.send_json(
+                HTTPStatus.BAD_REQUEST, {"error": f"malformed labels: {first}", "results": results}
+            )
+            return
+        try:
+            newer, total = self.book.add([record for _, record in valid])
         except OSError as error:
             log.error("could not write %s: %s", self.book.path, error)
             self.send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "labels not saved"})
             return
-        log.info("saved %d label(s); %d in %s", len(records), total, self.book.path)
-        self.send_json(HTTPStatus.OK, {"ok": True, "saved": len(records), "total": total})
+        for (index, _), stored in zip(valid, newer, strict=True):
+            results[index] = (
+                {"status": "saved"} if stored is None else {"status": "superseded", "by": stored}
+            )
+        saved = sum(stored is None for stored in newer)
+        log.info(
+            "saved %d label(s), %d superseded, %d refused; %d in %s",
+            saved, len(newer) - saved, refused, total, self.book.path,
+        )  # fmt: skip
+        self.send_json(
+            HTTPStatus.OK, {"ok": True, "saved": saved, "total": total, "results": results}
+        )
 
     def send_head(self) -> Any:
         """Serve only regular files inside the site, no dot-files and no directory listings."""
-        route = self._route()
+        route = unquote(self._route())  # as translate_path decodes it: "%2e" is a dot
         target = Path(self.translate_path(self.path)).resolve()
-        hidden = any(part.startswith(".") for part in route.split("/") if part)
+        hidden = any(part.startswith(".") for part in route.replace("\\", "/").split("/") if part)
         if hidden or not target.is_relative_to(self.site) or not target.exists():
             self.send_error(HTTPStatus.NOT_FOUND, "not found")
             return None
@@ -221,7 +302,21 @@ class SiteHandler(SimpleHTTPRequestHandler):
         return super().send_head()
 
 
-def make_server(site: Path, labels: Path, host: str, port: int) -> ThreadingHTTPServer:
+class LabelServer(ThreadingHTTPServer):
+    """The threaded server; closing it releases the labels file's lock."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: Any, book: LabelBook) -> None:
+        self.book = book
+        super().__init__(address, handler)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.book.close()
+
+
+def make_server(site: Path, labels: Path, host: str, port: int) -> LabelServer:
     """A threaded HTTP server for ``site`` writing labels to ``labels`` (validated first)."""
     site = site.resolve()
     if not (site / "index.html").is_file():
@@ -231,12 +326,12 @@ def make_server(site: Path, labels: Path, host: str, port: int) -> ThreadingHTTP
     book = LabelBook(labels.resolve())
     handler = partial(SiteHandler, book=book, site=site, loopback=host in LOOPBACK_NAMES)
     try:
-        server = ThreadingHTTPServer((host, port), handler)
+        server = LabelServer((host, port), handler, book)
     except OSError as error:
+        book.close()
         raise BmsegError(
             f"--host {host} --port {port}: cannot listen ({error}); pick another --port"
         ) from error
-    server.daemon_threads = True
     return server
 
 

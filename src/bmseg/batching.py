@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from bmseg.errors import BmsegError
+from bmseg.errors import BmsegError, check_id
+from bmseg.storage import check_no_nulls, writes_output_set
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,18 @@ def read_tile_tables(paths: list[Path]) -> pa.Table:
                 "pass the .tiles.parquet files of bmseg plan"
             )
         table = table.select(TILE_SCHEMA.names).cast(TILE_SCHEMA)
+        check_no_nulls(table, table.column_names, path, "re-run bmseg plan for this slide")
+        for column in ("slide_id", "tile_id"):
+            for value in pc.unique(table.column(column)).to_pylist():
+                check_id(value, f"{path}: {column}")
+        keys = pc.binary_join_element_wise(table["slide_id"], table["tile_id"], "/")
+        if len(pc.unique(keys)) != table.num_rows:
+            counts = pc.value_counts(keys).to_pylist()
+            twice = sorted(c["values"] for c in counts if c["counts"] > 1)
+            raise BmsegError(
+                f"{path}: tile ids listed more than once ({', '.join(twice[:3])}); "
+                "re-run bmseg plan for this slide"
+            )
         for slide_id in sorted(set(table.column("slide_id").to_pylist())):
             if slide_id in owner:
                 raise BmsegError(
@@ -143,6 +157,7 @@ def batch_tiles(
     return written
 
 
+@writes_output_set
 def _batch_command(args: argparse.Namespace) -> int:
     batch_tiles(
         args.tile_tables,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import html
 import itertools
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bmseg.errors import BmsegError
+from bmseg.errors import BmsegError, check_id, reading
 from bmseg.gather import (
     CELL_TYPES,
     SUMMARY_FILE,
@@ -37,15 +38,18 @@ from bmseg.gather import (
     summarise,
 )
 from bmseg.labels import LabelReport, merge_labels, read_label_file
+from bmseg.report import CSP as REPORT_CSP
 from bmseg.report import img_tag
 from bmseg.storage import (
     EMBEDDING_COLUMN,
     atomic_path,
+    check_complete,
     embeddings_to_numpy,
     parquet_writer,
     write_bytes,
     write_json,
     write_parquet,
+    writes_output_set,
 )
 from bmseg.versions import package_versions
 
@@ -61,7 +65,65 @@ REPORT_FILE = "report.html"
 RANKING_FILE = "ranking.parquet"
 CLASSIFY_RECORD = "classify.json"
 ACCEPTANCE = {"accuracy": 0.75, "precision": 0.70, "recall": 0.70}
-TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.")
+MODEL_TYPES = frozenset(
+    {
+        "builtins.dict",
+        "builtins.list",
+        "builtins.slice",
+        "builtins.str",
+        "builtins.int",
+        "builtins.float",
+        "builtins.bool",
+        "builtins.tuple",
+        "numpy.ndarray",
+        "numpy.bool",
+        "numpy.float16",
+        "numpy.float32",
+        "numpy.float64",
+        "numpy.int8",
+        "numpy.int16",
+        "numpy.int32",
+        "numpy.int64",
+        "numpy.uint8",
+        "numpy.uint16",
+        "numpy.uint32",
+        "numpy.uint64",
+        "numpy.random._generator.Generator",
+        "sklearn._loss._loss.CyHalfBinomialLoss",
+        "sklearn._loss.link.Interval",
+        "sklearn._loss.link.LogitLink",
+        "sklearn._loss.loss.HalfBinomialLoss",
+        "sklearn.compose._column_transformer.ColumnTransformer",
+        "sklearn.decomposition._pca.PCA",
+        "sklearn.ensemble._forest.RandomForestClassifier",
+        "sklearn.ensemble._hist_gradient_boosting.binning._BinMapper",
+        "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingClassifier",
+        "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+        "sklearn.pipeline.Pipeline",
+        "sklearn.preprocessing._function_transformer.FunctionTransformer",
+        "sklearn.preprocessing._label.LabelEncoder",
+        "sklearn.tree._classes.DecisionTreeClassifier",
+        "sklearn.tree._tree.Tree",
+    }
+)
+"""Every type a model bundle of ``bmseg train`` holds; :func:`load_model` loads nothing else."""
+MODEL_LOADERS = frozenset(
+    {
+        "DictNode",
+        "ListNode",
+        "SliceNode",
+        "JsonNode",
+        "TypeNode",
+        "TupleNode",
+        "NdArrayNode",
+        "RandomGeneratorNode",
+        "LossNode",
+        "ObjectNode",
+        "TreeNode",
+    }
+)
+"""skops node kinds of those types: no function, method or partial nodes, so no callable."""
+MAX_SCHEMA_BYTES = 64 * 1024 * 1024
 TISSUE_COLUMNS = (
     "pixel_size_um",
     "tissue_area_mm2",
@@ -86,6 +148,7 @@ def cell_files(paths: Sequence[Path]) -> list[Path]:
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
+            check_complete(path)
             found = sorted(path.glob("*.cells.parquet"))
             if not found:
                 raise BmsegError(f"{path}: no *.cells.parquet; pass the directory gather wrote")
@@ -95,7 +158,8 @@ def cell_files(paths: Sequence[Path]) -> list[Path]:
         else:
             raise BmsegError(f"{path}: no such file or directory; pass gathered cell tables")
     for path in files:
-        names = pq.read_schema(path).names
+        with reading(path, "pass the cell tables bmseg gather wrote"):
+            names = pq.read_schema(path).names
         missing = [c for c in ("cell_uid", "cell_type", EMBEDDING_COLUMN) if c not in names]
         if missing:
             raise BmsegError(f"{path}: columns {', '.join(missing)} missing; not a cell table")
@@ -293,28 +357,68 @@ def save_model(bundle: dict, path: Path) -> None:
         skops.io.dump(bundle, tmp)
 
 
-def load_model(path: Path) -> dict:
-    """Load a bundle written by :func:`save_model`, trusting only scikit-learn/NumPy types.
+def model_file_types(path: Path) -> set[str]:
+    """``module.Class`` of every node in a skops file, or ``module.Class (as Loader)`` of a node
+    whose kind is not one :data:`MODEL_LOADERS` lists; read without constructing anything.
 
-    A file holding other types, another bundle format or a scikit-learn of another minor
+    Walks the file's ``schema.json`` with a stack, so a deeply nested file cannot exhaust
+    the recursion limit. ValueError if the file is not a skops archive.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo("schema.json")
+            if info.file_size > MAX_SCHEMA_BYTES:
+                raise ValueError(f"schema.json of {info.file_size} bytes")
+            schema = json.loads(archive.read(info))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(str(error)) from error
+    except RecursionError:
+        raise ValueError("schema.json nested too deeply") from None
+    found: set[str] = set()
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if "__class__" in node or "__loader__" in node:
+                name = f"{node.get('__module__')}.{node.get('__class__')}"
+                loader = node.get("__loader__")
+                found.add(name if loader in MODEL_LOADERS else f"{name} (as {loader})")
+            stack.extend(node.values())
+    return found
+
+
+def load_model(path: Path) -> dict:
+    """Load a bundle written by :func:`save_model`; refuse any type ``bmseg train`` never writes.
+
+    The file's types are checked against :data:`MODEL_TYPES` before skops constructs anything,
+    so a file naming a function (``numpy.testing...runstring``, which executes a string) is
+    refused instead of run. A file of another bundle format or a scikit-learn of another minor
     version than the installed one is refused with the fix in the message.
     """
     import skops.io
     from sklearn import __version__ as installed_sklearn
 
     try:
-        untrusted = skops.io.get_untrusted_types(file=path)
-    except Exception as error:
+        types = model_file_types(path)
+    except (OSError, ValueError) as error:
         raise BmsegError(f"{path}: not a skops model file ({error}); re-run bmseg train") from error
-    refused = [t for t in untrusted if not t.startswith(TRUSTED_PREFIXES)]
+    refused = sorted(types - MODEL_TYPES)
     if refused:
         raise BmsegError(
             f"{path}: holds untrusted types {', '.join(refused[:3])}; only bmseg train "
             "models are loaded"
         )
-    bundle = skops.io.load(path, trusted=untrusted)
+    try:
+        bundle = skops.io.load(path, trusted=sorted(types))
+    except Exception as error:  # a damaged archive fails anywhere inside skops
+        raise BmsegError(f"{path}: damaged model file ({error}); re-run bmseg train") from error
     if not isinstance(bundle, dict) or bundle.get("format") != MODEL_FORMAT:
         raise BmsegError(f"{path}: not a bmseg model bundle (format {MODEL_FORMAT}); retrain")
+    check_bundle(path, bundle)
     saved = bundle["versions"].get("scikit-learn", "?")
     if saved.split(".")[:2] != installed_sklearn.split(".")[:2]:
         raise BmsegError(
@@ -324,6 +428,29 @@ def load_model(path: Path) -> dict:
     return bundle
 
 
+def check_bundle(path: Path, bundle: dict) -> None:
+    """The bundle's fields have the types :func:`train_cell_type` writes, or BmsegError."""
+    expected = {
+        "cell_type": str,
+        "features": list,
+        "embedding_dim": int,
+        "threshold": float,
+        "versions": dict,
+    }
+    wrong = [key for key, kind in expected.items() if not isinstance(bundle.get(key), kind)]
+    if not wrong and not all(isinstance(f, str) for f in bundle["features"]):
+        wrong = ["features"]
+    if not wrong and not all(isinstance(v, str) for v in bundle["versions"].values()):
+        wrong = ["versions"]
+    if wrong or not hasattr(bundle.get("pipeline"), "predict_proba"):
+        raise BmsegError(
+            f"{path}: model bundle field {(wrong or ['pipeline'])[0]!r} is missing or of the "
+            "wrong type; re-run bmseg train"
+        )
+    check_id(bundle["cell_type"], f"{path}: cell_type")
+
+
+@writes_output_set
 def run_train(args: argparse.Namespace) -> int:
     """``bmseg train``: validate labels and counts, then train and report per cell type."""
     if args.folds < 2:
@@ -341,6 +468,7 @@ def run_train(args: argparse.Namespace) -> int:
     min_per_class = max(args.min_per_class, args.folds)
     plans = []
     for cell_type in sorted(set(table["cell_type"].to_pylist())):
+        check_id(cell_type, f"{args.cells}: cell_type")
         rows = table.filter(pc.equal(table["cell_type"], cell_type))
         truth = np.array([merged[u] for u in rows["cell_uid"].to_pylist()], bool)
         found = {"yes": int(truth.sum()), "no": int((~truth).sum())}
@@ -431,21 +559,32 @@ img{max-width:100%}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}.muted{co
 """
 
 
+def _status(value: Any) -> str:
+    """PASS or FAIL, whatever a metrics file says: the value becomes a CSS class."""
+    return "PASS" if value == "PASS" else "FAIL"
+
+
 def metrics_tables(cell_type: str, entry: dict) -> str:
-    """HTML for one cell type's candidates and confusion matrix (shared with bmseg report)."""
+    """HTML for one cell type's candidates and confusion matrix (shared with bmseg report).
+
+    Every value is converted (``float``, ``int``, PASS/FAIL) or escaped: ``entry`` may come from
+    a metrics.json on disk. A value of the wrong type raises ValueError, TypeError or KeyError.
+    """
     esc = html.escape
+    chosen = str(entry["chosen"])
     rows = "".join(
-        f"<tr><td>{esc(name)}{' (chosen)' if name == entry['chosen'] else ''}</td>"
-        + "".join(f"<td>{m[k]:.3f}</td>" for k in ("accuracy", "precision", "recall", "f1"))
-        + f"<td>{m['roc_auc']:.3f}</td><td><span class='{m['status']}'>{m['status']}</span></td>"
-        "</tr>"
+        f"<tr><td>{esc(str(name))}{' (chosen)' if name == chosen else ''}</td>"
+        + "".join(f"<td>{float(m[k]):.3f}</td>" for k in ("accuracy", "precision", "recall", "f1"))
+        + f"<td>{float(m['roc_auc']):.3f}</td>"
+        f"<td><span class='{_status(m['status'])}'>{_status(m['status'])}</span></td></tr>"
         for name, m in entry["candidates"].items()
     )
-    (tn, fp), (fn, tp) = entry["candidates"][entry["chosen"]]["confusion_matrix"]
+    (tn, fp), (fn, tp) = (map(int, row) for row in entry["candidates"][chosen]["confusion_matrix"])
+    status = _status(entry["status"])
     return (
-        f"<h3>{esc(cell_type)} <span class='{entry['status']}'>{entry['status']}</span></h3>"
-        f"<p>{entry['counts']['yes']} yes, {entry['counts']['no']} no labels; model "
-        f"<code>{esc(entry['model'])}</code></p>"
+        f"<h3>{esc(str(cell_type))} <span class='{status}'>{status}</span></h3>"
+        f"<p>{int(entry['counts']['yes'])} yes, {int(entry['counts']['no'])} no labels; model "
+        f"<code>{esc(str(entry['model']))}</code></p>"
         "<table><tr><th>model</th><th>accuracy</th><th>precision</th><th>recall</th><th>F1</th>"
         f"<th>ROC-AUC</th><th>acceptance</th></tr>{rows}</table>"
         "<table><tr><th>chosen model</th><th>predicted no</th><th>predicted yes</th></tr>"
@@ -455,22 +594,24 @@ def metrics_tables(cell_type: str, entry: dict) -> str:
 
 
 def label_summary_html(labels: dict) -> str:
-    """HTML list of what label merging did (shared with bmseg report)."""
+    """HTML list of what label merging did (shared with bmseg report); counts are ``int``-ed and
+    text escaped, as ``labels`` may come from a metrics.json on disk."""
     esc = html.escape
+    count = {key: int(labels[key]) for key in (
+        "entries", "superseded", "cells_labelled", "unsure", "disagreements", "ties_left_out",
+        "not_found",
+    )}  # fmt: skip
+    examples = [str(uid) for uid in labels["not_found_examples"][:3]]
     items = [
-        f"{len(labels['files'])} file(s), {labels['entries']} entries, "
-        f"{labels['superseded']} superseded by a later label of the same annotator",
-        f"{labels['cells_labelled']} cells labelled, {labels['unsure']} only unsure (left out)",
-        f"{labels['disagreements']} cells with disagreeing annotators "
-        f"({labels['ties_left_out']} ties left out, the rest decided by majority)",
-        f"{labels['not_found']} labelled cells not in the cell tables (left out)"
-        + (
-            f": e.g. {esc(', '.join(labels['not_found_examples'][:3]))}"
-            if labels["not_found"]
-            else ""
-        ),
+        f"{len(labels['files'])} file(s), {count['entries']} entries, "
+        f"{count['superseded']} superseded by a later label of the same annotator",
+        f"{count['cells_labelled']} cells labelled, {count['unsure']} only unsure (left out)",
+        f"{count['disagreements']} cells with disagreeing annotators "
+        f"({count['ties_left_out']} ties left out, the rest decided by majority)",
+        f"{count['not_found']} labelled cells not in the cell tables (left out)"
+        + (f": e.g. {esc(', '.join(examples))}" if count["not_found"] else ""),
     ]
-    files = "".join(f"<li><code>{esc(f)}</code></li>" for f in labels["files"])
+    files = "".join(f"<li><code>{esc(str(f))}</code></li>" for f in labels["files"])
     return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + f"</ul><ul>{files}</ul>"
 
 
@@ -489,7 +630,7 @@ def training_report(trained: list[TrainedType], report: LabelReport, features: l
         }
         sections.append(metrics_tables(t.cell_type, entry) + img_tag(_curves_png(t), t.cell_type))
     return (
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'>{REPORT_CSP}"
         f"<title>bmseg classifiers</title><style>{REPORT_STYLE}</style></head><body>"
         "<h1>bmseg classifiers</h1>"
         f"<p>Stratified cross-validation, out-of-fold predictions at threshold 0.5. Acceptance: "
@@ -504,6 +645,7 @@ def load_classifiers(directory: Path) -> list[dict]:
     """Every model bundle in ``directory``, one per cell type."""
     if not directory.is_dir():
         raise BmsegError(f"--classifiers {directory}: no such directory; pass bmseg train's --out")
+    check_complete(directory)
     paths = sorted(directory.glob(f"*{MODEL_SUFFIX}"))
     if not paths:
         raise BmsegError(f"--classifiers {directory}: no *{MODEL_SUFFIX} models; run bmseg train")
@@ -609,6 +751,7 @@ def uncertainty_ranking(cells: pd.DataFrame, exclude: set[str]) -> pa.Table:
     )
 
 
+@writes_output_set
 def run_classify(args: argparse.Namespace) -> int:
     """``bmseg classify``: validate, stream every table through the models, rewrite summary."""
     import pandas as pd
@@ -624,9 +767,10 @@ def run_classify(args: argparse.Namespace) -> int:
     label_paths = [Path(p) for p in args.labels or ()]
     exclude = labelled_uids(label_paths)
     out = Path(args.out)
-    if not args.keep_embedding and any(p.parent.resolve() == out.resolve() for p in files):
+    final = Path(args.final_out)
+    if not args.keep_embedding and any(p.parent.resolve() == final.resolve() for p in files):
         raise BmsegError(
-            f"--out {out}: holds the input tables, whose embeddings classify leaves out; "
+            f"--out {final}: holds the input tables, whose embeddings classify leaves out; "
             "pass another --out or --keep-embedding"
         )
     kept_columns = ["cell_uid", "slide_id", "cell_type", "area_um2"]
@@ -634,13 +778,14 @@ def run_classify(args: argparse.Namespace) -> int:
     total = sum(map(_rows, files))
     with tqdm(total=total, unit="cells", desc="classify") as progress:
         for path in files:
-            tables = _classified_row_groups(pq.ParquetFile(path), bundles, args.keep_embedding)
-            first = next(tables)
-            with parquet_writer(out / path.name, first.schema) as writer:
-                for table in itertools.chain([first], tables):
-                    writer.write_table(table)
-                    frames.append(_classified_frame(table, kept_columns, bundles))
-                    progress.update(table.num_rows)
+            with reading(path, "pass the cell tables bmseg gather wrote"):
+                tables = _classified_row_groups(pq.ParquetFile(path), bundles, args.keep_embedding)
+                first = next(tables)
+                with parquet_writer(out / path.name, first.schema) as writer:
+                    for table in itertools.chain([first], tables):
+                        writer.write_table(table)
+                        frames.append(_classified_frame(table, kept_columns, bundles))
+                        progress.update(table.num_rows)
     cells = pd.concat(frames, ignore_index=True)
     # a slide without cells has an empty table, named {slide}.cells.parquet by gather
     empty = [p.name.removesuffix(".cells.parquet") for p in files if not _rows(p)]

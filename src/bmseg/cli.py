@@ -9,6 +9,7 @@ the Nextflow tests parse every process's command line with this very parser.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import importlib
 import logging
@@ -84,8 +85,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OS_FIXES = {
+    errno.ENOSPC: "free space on that disk or pass another --out",
+    errno.EDQUOT: "free space on that disk or pass another --out",
+    errno.EROFS: "that file system is read-only; pass another --out",
+    errno.EACCES: "check its permissions or pass another path",
+    errno.EPERM: "check its permissions or pass another path",
+    errno.ENAMETOOLONG: "use a shorter name (a shorter --slide-id or folder)",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; check the path",
+    errno.EISDIR: "it is a folder; pass a file",
+}
+
+
+def is_environment_error(error: BaseException) -> bool:
+    """An OSError, ValueError or RecursionError, or any of pyarrow's errors (a table of the
+    wrong types): what a bad input or a bad machine raises, not a bug of bmseg."""
+    if isinstance(error, (OSError, ValueError, RecursionError)):
+        return True
+    pyarrow = sys.modules.get("pyarrow")  # never imported here: the parser stays cheap
+    return pyarrow is not None and isinstance(error, pyarrow.ArrowException)
+
+
+def environment_error(error: BaseException) -> str:
+    """One line for an error that escaped the steps' own checks: a full disk, a read-only or
+    missing path, an unreadable file (``OSError``, named by its file), or a value a library
+    refused (``ValueError``, pyarrow's ``ArrowInvalid``). ``-v`` logs the traceback."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and error.filename is not None:
+        reason = error.strerror or text
+        fix = _OS_FIXES.get(error.errno or 0, "check the file")
+        return f"{error.filename}: {reason}; {fix}"
+    if isinstance(error, OSError) and error.errno in _OS_FIXES:
+        return f"{text}; {_OS_FIXES[error.errno]}"
+    if isinstance(error, RecursionError):
+        return f"{text}: an input nests too deeply; pass a file written by bmseg"
+    return f"{text} (run with -v for details); check the inputs named above"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``bmseg``; user errors print one line and exit 2, bugs keep their traceback."""
+    """Run ``bmseg``; user errors print one line and exit 2, bugs keep their traceback.
+
+    The error boundary: a BmsegError is the step's own one-line message; an OSError,
+    ValueError (pyarrow's errors included) or RecursionError that escaped the steps' checks
+    becomes one line naming the file where the error names one (:func:`environment_error`).
+    Exit 2 tells Nextflow not to retry: a retry meets the same input.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
@@ -98,6 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except BmsegError as error:
         sys.stderr.write(f"bmseg {args.command}: error: {error}\n")
+        return 2
+    except Exception as error:
+        if not is_environment_error(error):
+            raise  # a bug: keep the traceback
+        log.debug("the error below ends bmseg %s", args.command, exc_info=True)
+        sys.stderr.write(f"bmseg {args.command}: error: {environment_error(error)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"bmseg {args.command}: interrupted\n")

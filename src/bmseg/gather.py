@@ -24,14 +24,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bmseg.errors import BmsegError
+from bmseg.errors import BmsegError, check_id, reading
 from bmseg.storage import (
     EMBEDDING_COLUMN,
     atomic_path,
+    check_complete,
+    check_no_nulls,
     parquet_writer,
     unique_cell_uids,
     write_bytes,
     write_json,
+    writes_output_set,
 )
 from bmseg.versions import package_versions
 
@@ -133,6 +136,7 @@ def read_batch_inputs(directories: Sequence[Path]) -> list[BatchInput]:
     if len(set(map(Path.resolve, directories))) != len(directories):
         raise BmsegError("BATCH_DIRS: a directory is given twice; pass each batch output once")
     for directory in directories:
+        check_complete(directory)
         cells = directory / CELLS_FILE
         record_path = directory / BATCH_FILE
         for required in (cells, record_path):
@@ -140,7 +144,11 @@ def read_batch_inputs(directories: Sequence[Path]) -> list[BatchInput]:
                 raise BmsegError(f"{required}: missing; pass SEGMENT output directories")
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
-            tiles = [(t["slide_id"], t["tile_id"]) for t in record["tiles"]]
+            tiles = [
+                (check_id(t["slide_id"], f"{record_path}: slide_id"),
+                 check_id(t["tile_id"], f"{record_path}: tile_id"))
+                for t in record["tiles"]
+            ]  # fmt: skip
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise BmsegError(
                 f"{record_path}: not a SEGMENT batch record ({error}); re-run SEGMENT"
@@ -215,8 +223,10 @@ def read_cell_metadata(cells_files: Sequence[Path]) -> pa.Table:
     """Every column but the embedding of all files, in file and row order."""
     tables = []
     for path in cells_files:
-        names = [n for n in pq.read_schema(path).names if n != EMBEDDING_COLUMN]
-        tables.append(pq.read_table(path, columns=names))
+        with reading(path, "re-run SEGMENT for this batch"):
+            names = [n for n in pq.read_schema(path).names if n != EMBEDDING_COLUMN]
+            tables.append(pq.read_table(path, columns=names))
+        check_no_nulls(tables[-1], REQUIRED_COLUMNS, path, "re-run SEGMENT for this batch")
     try:
         return pa.concat_tables(tables, promote_options="default").combine_chunks()
     except pa.ArrowInvalid as error:
@@ -634,6 +644,7 @@ def write_geojson(
         handle.write(b"\n]}\n")
 
 
+@writes_output_set
 def run_gather(args: argparse.Namespace) -> int:
     """``bmseg gather``: validate everything, then write per-slide tables and run summaries."""
     if not 0.0 < args.min_overlap <= 1.0:

@@ -73,59 +73,68 @@ def parse_time(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+def label_entries(document: Any) -> list[Any]:
+    """The ``labels`` list of a parsed labels document, its envelope checked (no record yet)."""
+    if not isinstance(document, dict) or "labels" not in document:
+        raise LabelFormatError(
+            f'expected {{"version": {LABEL_VERSION}, "labels": [...]}}; not a label file'
+        )
+    version = document.get("version")
+    if isinstance(version, bool) or version != LABEL_VERSION:  # True == 1 in Python
+        raise LabelFormatError(
+            f"label schema version {version!r}, this bmseg reads version {LABEL_VERSION}"
+        )
+    entries = document["labels"]
+    if not isinstance(entries, list):
+        raise LabelFormatError("'labels' must be a list of label records")
+    return entries
+
+
+def validate_record(entry: Any, where: str, max_text: int | None = None) -> dict[str, str]:
+    """One label record checked against the schema, with only its keys, the annotator stripped.
+
+    Raises LabelFormatError naming ``where`` and the first problem (one line).
+    """
+    if not isinstance(entry, dict):
+        raise LabelFormatError(f"{where}: must be an object")
+    missing = [key for key in LABEL_KEYS if key not in entry]
+    if missing:
+        raise LabelFormatError(f"{where}: missing {', '.join(missing)}")
+    for key in LABEL_KEYS:
+        value = entry[key]
+        if not isinstance(value, str) or not value.strip():
+            raise LabelFormatError(f"{where}: {key!r} must be a non-empty string")
+        if max_text is not None and len(value) > max_text:
+            raise LabelFormatError(f"{where}: {key!r} is longer than {max_text} characters")
+    if entry["label"] not in LABEL_VALUES:
+        raise LabelFormatError(
+            f"{where}: label {entry['label']!r} is not one of {', '.join(LABEL_VALUES)}"
+        )
+    try:
+        parse_time(entry["time"])
+    except ValueError:
+        raise LabelFormatError(f"{where}: time {entry['time']!r} is not ISO-8601") from None
+    return {
+        "cell_uid": entry["cell_uid"],
+        "label": entry["label"],
+        "annotator": entry["annotator"].strip(),
+        "time": entry["time"],
+    }
+
+
 def validate_labels(document: Any, max_text: int | None = None) -> list[dict[str, str]]:
     """The records of a parsed labels document, checked against the schema of docs/data.md.
 
     The one schema check for every reader and writer of labels (TRAIN's files, the annotation
     server's posts): ``{"version": 1, "labels": [record...]}`` where each record has a
     non-empty ``cell_uid`` and ``annotator``, a ``label`` of yes/no/unsure and an ISO-8601
-    ``time``. ``max_text`` caps the length of each of these strings (the server's guard
-    against oversized posts). Returns the records with only those keys, the annotator stripped
-    of surrounding blanks; raises LabelFormatError naming the first problem (one line).
+    ``time`` (:func:`validate_record`). ``max_text`` caps the length of each of these strings.
+    Raises LabelFormatError naming the first problem (one line).
     """
-    if not isinstance(document, dict) or "labels" not in document:
-        raise LabelFormatError(
-            f'expected {{"version": {LABEL_VERSION}, "labels": [...]}}; not a label file'
-        )
-    if document.get("version") != LABEL_VERSION:
-        raise LabelFormatError(
-            f"label schema version {document.get('version')!r}, this bmseg reads "
-            f"version {LABEL_VERSION}"
-        )
-    entries = document["labels"]
-    if not isinstance(entries, list):
-        raise LabelFormatError("'labels' must be a list of label records")
-    records = []
-    for index, entry in enumerate(entries):
-        where = f"labels[{index}]"
-        if not isinstance(entry, dict):
-            raise LabelFormatError(f"{where}: must be an object")
-        missing = [key for key in LABEL_KEYS if key not in entry]
-        if missing:
-            raise LabelFormatError(f"{where}: missing {', '.join(missing)}")
-        for key in LABEL_KEYS:
-            value = entry[key]
-            if not isinstance(value, str) or not value.strip():
-                raise LabelFormatError(f"{where}: {key!r} must be a non-empty string")
-            if max_text is not None and len(value) > max_text:
-                raise LabelFormatError(f"{where}: {key!r} is longer than {max_text} characters")
-        if entry["label"] not in LABEL_VALUES:
-            raise LabelFormatError(
-                f"{where}: label {entry['label']!r} is not one of {', '.join(LABEL_VALUES)}"
-            )
-        try:
-            parse_time(entry["time"])
-        except ValueError:
-            raise LabelFormatError(f"{where}: time {entry['time']!r} is not ISO-8601") from None
-        records.append(
-            {
-                "cell_uid": entry["cell_uid"],
-                "label": entry["label"],
-                "annotator": entry["annotator"].strip(),
-                "time": entry["time"],
-            }
-        )
-    return records
+    return [
+        validate_record(entry, f"labels[{index}]", max_text)
+        for index, entry in enumerate(label_entries(document))
+    ]
 
 
 def read_label_file(path: Path, file_index: int = 0) -> list[Label]:
@@ -134,7 +143,7 @@ def read_label_file(path: Path, file_index: int = 0) -> list[Label]:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as error:
         raise BmsegError(f"{path}: no such label file; check the LABELS arguments") from error
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise BmsegError(
             f"{path}: not valid JSON ({error}); re-export the labels from the gallery"
         ) from error

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from bmseg.errors import BmsegError
 from bmseg.gather import flat_contours
-from bmseg.storage import atomic_path, write_bytes
+from bmseg.storage import atomic_path, check_complete, output_set, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def find_sources(inputs: list[Path]) -> list[CellSource]:
     sources: list[CellSource] = []
     for item in inputs:
         if item.is_dir():
+            check_complete(item)
             tables = sorted(item.glob("*cells.parquet"))
             if not tables:
                 raise BmsegError(
@@ -280,9 +281,13 @@ class Layout:
     slot_of: np.ndarray  # 0-based position within the page
     pages: dict[str, int]  # cell type -> number of pages
 
-    def image_name(self, row: int) -> str:
-        """The crop file of ``row``, relative to its gallery page."""
-        return f"p{self.page_of[row]:04d}/{self.slot_of[row]:03d}.jpg"
+    def image_name(self, row: int, uid: str) -> str:
+        """The crop file of ``row`` (cell ``uid``), relative to its gallery page.
+
+        Named by the uid, not by the slot: a page left from an earlier run can never show
+        another cell's picture under its uid.
+        """
+        return f"p{self.page_of[row]:04d}/{hashlib.sha1(uid.encode()).hexdigest()[:16]}.jpg"
 
 
 def plan_layout(cells: pa.Table, order: np.ndarray, per_page: int) -> Layout:
@@ -325,6 +330,7 @@ def render_crops(
         um_per_slide_px = np.sqrt(area_um2 / area_px)
     source_of = cells["source"].to_numpy()
     types = cells["cell_type"].to_numpy(zero_copy_only=False)
+    uids = cells["cell_uid"].to_numpy(zero_copy_only=False)
     with tqdm(total=rows, desc="crops", unit="cell", unit_scale=True) as progress:
         for index, source in enumerate(sources):
             in_source = np.flatnonzero(source_of == index)
@@ -338,7 +344,9 @@ def render_crops(
                 for name in ("x", "y", "scale", "width", "height")
             }
             images = crops["image"].take(pa.array(crop_rows))
-            targets = [site / layout.type_dirs[types[r]] / layout.image_name(r) for r in in_source]
+            targets = [
+                site / layout.type_dirs[types[r]] / layout.image_name(r, uids[r]) for r in in_source
+            ]
             # Pillow releases the GIL while decoding and encoding: threads use every core.
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
                 sizes = pool.map(
@@ -424,7 +432,7 @@ def write_galleries(
                         "u": uids[r],
                         "s": slides[r],
                         "a": finite(areas[r], 1),
-                        "i": layout.image_name(r),
+                        "i": layout.image_name(r, uids[r]),
                         "w": int(thumbs["w"][r]),
                         "h": int(thumbs["h"][r]),
                         "c": thumbs["path"][r],
@@ -443,29 +451,6 @@ def write_galleries(
             )
             write_bytes(text.encode(), site / layout.type_dirs[cell_type] / f"page-{page:04d}.html")
         log.info("wrote %d %s gallery page(s)", pages, cell_type)
-
-
-def remove_stale(cells: pa.Table, layout: Layout, site: Path) -> None:
-    """Delete pages and crops an earlier, larger run left in this site's cell-type folders."""
-    types = cells["cell_type"].to_numpy(zero_copy_only=False)
-    removed = 0
-    for cell_type, pages in layout.pages.items():
-        folder = site / layout.type_dirs[cell_type]
-        kept = {layout.image_name(row) for row in np.flatnonzero(types == cell_type)}
-        for page in folder.glob("page-*.html"):
-            number = page.stem.removeprefix("page-")
-            if number.isdigit() and int(number) > pages:
-                page.unlink()
-                removed += 1
-        for image in folder.glob("p[0-9][0-9][0-9][0-9]/[0-9][0-9][0-9].jpg"):
-            if f"{image.parent.name}/{image.name}" not in kept:
-                image.unlink()
-                removed += 1
-        for image_dir in folder.glob("p[0-9][0-9][0-9][0-9]"):
-            if image_dir.is_dir() and not any(image_dir.iterdir()):
-                image_dir.rmdir()
-    if removed:
-        log.info("removed %d stale page and crop files of an earlier run", removed)
 
 
 def write_index(cells: pa.Table, layout: Layout, site: Path, site_key: str) -> None:
@@ -560,12 +545,11 @@ def build_site(
     uncertainty = load_uncertainty(cells, ranking_path) if order == "uncertainty" else None
     layout = plan_layout(cells, page_order(cells, order, seed, uncertainty), per_page)
     site_key = site_id(cells)
-    site.mkdir(parents=True, exist_ok=True)
-    copy_assets(site)
-    thumbs = render_crops(cells, sources, layout, site, image_size)
-    write_galleries(cells, layout, thumbs, site, site_key)
-    remove_stale(cells, layout, site)
-    write_index(cells, layout, site, site_key)  # last: a site with an index is complete
+    with output_set(site) as staging:  # a new site beside the old, renamed into place
+        copy_assets(staging)
+        thumbs = render_crops(cells, sources, layout, staging, image_size)
+        write_galleries(cells, layout, thumbs, staging, site_key)
+        write_index(cells, layout, staging, site_key)
     log.info("wrote site %s: %d cells, pages %s", site, len(cells), layout.pages)
     return layout.pages
 

@@ -416,6 +416,23 @@ def tile_table(
     )
 
 
+def check_id_is_free(slide_json: Path, info: dict) -> None:
+    """Refuse to overwrite the plan of another slide file that maps to the same slide id.
+
+    ``a b.czi`` and ``a_b.czi`` (or two non-ASCII names) both become ``a_b``: the second plan
+    would silently replace the first. A plan of the same file (a rerun) may be replaced.
+    """
+    try:
+        earlier = json.loads(slide_json.read_text(encoding="utf-8")).get("source")
+    except (OSError, ValueError, AttributeError):
+        return  # no plan there yet, or a damaged one: nothing of another slide to keep
+    if isinstance(earlier, str) and earlier != info["source"]:
+        raise BmsegError(
+            f"{info['source']}: its slide id {info['slide_id']!r} is already the id of "
+            f"{earlier} ({slide_json}); pass --slide-id to give one of them another id"
+        )
+
+
 def plan_slide(
     slide_path: str | Path,
     out_dir: str | Path,
@@ -537,13 +554,14 @@ def plan_slide(
             log.warning("%s: no tissue found; the tile table is empty", slide.path)
     stem = out_dir / info["slide_id"]
     paths = [Path(f"{stem}.tiles.parquet"), Path(f"{stem}.slide.json"), Path(f"{stem}.tissue.png")]
+    check_id_is_free(paths[1], info)
     with (
         atomic_path(paths[0]) as tiles_tmp,
         atomic_path(paths[1]) as json_tmp,
         atomic_path(paths[2]) as png_tmp,
     ):
         pq.write_table(table, tiles_tmp, compression="zstd")
-        json_tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        json_tmp.write_text(json.dumps(info, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         png_tmp.write_bytes(picture)
     log.info(
         "plan %s: read %d scene(s) at 1/%d (%.2f µm/px) in %.2f s; tissue %s mm² (%s, "

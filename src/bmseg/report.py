@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bmseg import __version__
-from bmseg.errors import BmsegError
+from bmseg.errors import BmsegError, reading
 from bmseg.storage import write_bytes
 from bmseg.versions import package_versions
 
@@ -56,6 +56,14 @@ background:#fff}
 code{background:#f3f4f6;padding:0 .25em;border-radius:3px}
 .warning{background:#fff4e5;border:1px solid #f0b429;border-radius:6px;padding:.6em 1em}
 """
+
+
+CSP = (
+    '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+    "style-src 'unsafe-inline'; img-src data:\">"
+)
+"""Content-Security-Policy of bmseg's self-contained HTML reports: no script runs at all, so a
+value that slipped past escaping still cannot act."""
 
 
 def _esc(value: object) -> str:
@@ -100,7 +108,10 @@ def _load_summary(roots: Sequence[Path]) -> tuple[pd.DataFrame, Path]:
         raise BmsegError(
             f"{roots[0]}: no summary.csv found; pass the directories gather (and classify) wrote"
         )
-    frames = [(pd.read_csv(p, dtype={"slide_id": str}), p) for p in paths]
+    frames = []
+    for path in paths:
+        with reading(path, "re-run bmseg gather or classify, which write it"):
+            frames.append((pd.read_csv(path, dtype={"slide_id": str}), path))
     frames.sort(key=lambda item: any(c.endswith("_accepted") for c in item[0].columns))
     return frames[-1]
 
@@ -114,10 +125,10 @@ def _cell_areas(roots: Sequence[Path]) -> pd.DataFrame | None:
     by_name = {p.name: p for p in tables}
     if not by_name:
         return None
-    frames = [
-        pq.read_table(path, columns=["cell_type", "area_um2"]).to_pandas()
-        for path in by_name.values()
-    ]
+    frames = []
+    for path in by_name.values():
+        with reading(path, "re-run bmseg gather, which writes it"):
+            frames.append(pq.read_table(path, columns=["cell_type", "area_um2"]).to_pandas())
     return pd.concat(frames, ignore_index=True)
 
 
@@ -233,14 +244,17 @@ def _classifier_section(roots: Sequence[Path]) -> str:
         return "<p class='muted'>No classifiers were trained in this run.</p>"
     parts = []
     for path in paths:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-        criteria = ", ".join(f"{k} ≥ {v:.2f}" for k, v in metrics["acceptance"].items())
-        parts.append(
-            f"<p class='muted'>{_esc(path.parent.name)}: {metrics['folds']}-fold stratified "
-            f"cross-validation; acceptance {_esc(criteria)}.</p>"
-        )
-        parts += [metrics_tables(t, entry) for t, entry in metrics["cell_types"].items()]
-        parts.append("<h3>Labels</h3>" + label_summary_html(metrics["labels"]))
+        with reading(path, "re-run bmseg train, which writes it"):
+            metrics = json.loads(path.read_text(encoding="utf-8"))
+            criteria = ", ".join(
+                f"{_esc(k)} ≥ {float(v):.2f}" for k, v in metrics["acceptance"].items()
+            )
+            parts.append(
+                f"<p class='muted'>{_esc(path.parent.name)}: {int(metrics['folds'])}-fold "
+                f"stratified cross-validation; acceptance {criteria}.</p>"
+            )
+            parts += [metrics_tables(t, entry) for t, entry in metrics["cell_types"].items()]
+            parts.append("<h3>Labels</h3>" + label_summary_html(metrics["labels"]))
     return "".join(parts)
 
 
@@ -248,7 +262,14 @@ def _timing_section(roots: Sequence[Path]) -> tuple[str, list[dict]]:
     """Per-stage seconds summed over batches, devices, and a per-batch table."""
     records = []
     for path in _find(roots, "batches.json"):
-        records += json.loads(path.read_text(encoding="utf-8"))["batches"]
+        with reading(path, "re-run bmseg gather, which writes it"):
+            found = json.loads(path.read_text(encoding="utf-8"))["batches"]
+            for record in found:  # the fields the tables below use, of the types they need
+                float(record["wall_s"])
+                [float(s) for s in dict(record.get("timings_s", {})).values()]
+                [int(n) for n in dict(record.get("cells", {})).values()]
+                len(list(record.get("tiles", [])))
+            records += found
     if not records:
         return "<p class='muted'>No batch records found.</p>", []
     stages: dict[str, float] = {}
@@ -367,7 +388,7 @@ def build_report(roots: Sequence[Path]) -> str:
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sources = ", ".join(f"<code>{_esc(r)}</code>" for r in roots)
     return (
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'>{CSP}"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>bmseg run report</title><style>{STYLE}</style></head><body>"
         "<h1>bmseg run report</h1>"

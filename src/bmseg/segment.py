@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from bmseg.errors import BmsegError
+from bmseg.errors import BmsegError, check_id
 from bmseg.flows import FLOWS_METHODS
 from bmseg.models.base import Detections, Embedder, Segmenter
 from bmseg.models.settings import (
@@ -53,12 +53,14 @@ from bmseg.slide import (
 from bmseg.storage import (
     CROPS_SCHEMA,
     EMBEDDING_COLUMN,
+    check_no_nulls,
     embedding_array,
     embedding_type,
     masks_writer,
     parquet_writer,
     unique_cell_uids,
     write_json,
+    writes_output_set,
 )
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,7 @@ def read_batch_table(path: Path) -> tuple[int, list[Tile]]:
         raise BmsegError(
             f"{path}: batch table lacks columns {missing}; pass a table written by bmseg batch"
         )
+    check_no_nulls(table, [*BATCH_COLUMNS, "batch", "order"], path, "re-run bmseg batch")
     if table.num_rows:
         table = table.sort_by("order")
     rows = table.select([*BATCH_COLUMNS, "batch"]).to_pylist()
@@ -170,8 +173,8 @@ def read_batch_table(path: Path) -> tuple[int, list[Tile]]:
         number = int(digits[-1]) if digits else 0
     tiles = [
         Tile(
-            slide_id=str(row["slide_id"]),
-            tile_id=str(row["tile_id"]),
+            slide_id=check_id(row["slide_id"], f"{path}: slide_id"),
+            tile_id=check_id(row["tile_id"], f"{path}: tile_id"),
             core=Rect(row["core_x"], row["core_y"], row["core_w"], row["core_h"]),
             read=Rect(row["read_x"], row["read_y"], row["read_w"], row["read_h"]),
             pixel_size_um=float(row["pixel_size_um"]),
@@ -913,6 +916,7 @@ def _write_tile(
 # ---------------------------------------------------------------------------------- command
 
 
+@writes_output_set
 def _segment_command(args: argparse.Namespace) -> int:
     """``bmseg segment``: validate everything, load the models once, run the batch."""
     batch_path = Path(args.batch)

@@ -21,6 +21,7 @@ scanners) are listed in :attr:`Slide.scenes`; the plane read (Z, T, Airyscan pha
 from __future__ import annotations
 
 import logging
+import math
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bmseg.errors import BmsegError
+from bmseg.errors import BmsegError, check_id
 
 if TYPE_CHECKING:
     import zarr
@@ -122,7 +123,8 @@ def intensity_ranges(pixels: np.ndarray, where: np.ndarray | None = None) -> dic
 
 
 def default_slide_id(path: str | Path) -> str:
-    """The file stem (``.ome`` dropped) with characters outside ``[A-Za-z0-9._-]`` replaced."""
+    """The file stem (``.ome`` dropped), characters outside ``[A-Za-z0-9._-]`` and a leading
+    ``.`` or ``-`` replaced by ``_`` (no hidden files, no flag-like ids)."""
     stem = Path(path).name
     for suffix in (".ome.tiff", ".ome.tif"):
         if stem.lower().endswith(suffix):
@@ -130,17 +132,30 @@ def default_slide_id(path: str | Path) -> str:
             break
     else:
         stem = Path(stem).stem
-    return re.sub(r"[^A-Za-z0-9._-]", "_", stem) or "slide"
+    return re.sub(r"^[.-]", "_", re.sub(r"[^A-Za-z0-9._-]", "_", stem)) or "slide"
 
 
-def check_slide_id(slide_id: str) -> str:
-    """Return ``slide_id`` if it only uses ``[A-Za-z0-9._-]``, else raise a BmsegError."""
-    if not SLIDE_ID_PATTERN.match(slide_id):
+MIN_PIXEL_SIZE_UM = 0.01
+MAX_PIXEL_SIZE_UM = 100.0
+"""Pixel sizes outside these bounds (µm per full-resolution pixel) are not a microscope's: a
+damaged or unit-confused value, refused before it becomes tile sizes, margins or areas."""
+
+
+def check_pixel_size(value: float, where: str) -> float:
+    """``value`` if it is a finite pixel size within the bounds above, else a BmsegError that
+    blames ``where`` (the flag or the file's metadata)."""
+    if not (math.isfinite(value) and MIN_PIXEL_SIZE_UM <= value <= MAX_PIXEL_SIZE_UM):
         raise BmsegError(
-            f"--slide-id {slide_id!r}: use only letters, digits, '.', '_' and '-' "
-            "(slide ids name files and table rows)"
+            f"{where} {value:g} µm per pixel is not a usable pixel size (expected "
+            f"{MIN_PIXEL_SIZE_UM:g} to {MAX_PIXEL_SIZE_UM:g}); pass --pixel-size-um with the "
+            "scanner's µm per pixel"
         )
-    return slide_id
+    return value
+
+
+def check_slide_id(slide_id: str, where: str = "--slide-id") -> str:
+    """Return ``slide_id`` if it is a valid id (:func:`bmseg.errors.check_id`), else BmsegError."""
+    return check_id(slide_id, where)
 
 
 class Slide:
@@ -793,7 +808,11 @@ def _tiff_pixel_size_um(tiff) -> float | None:
         for element in root.iter() if root is not None else ():
             if element.tag.endswith("}Pixels") and element.get("PhysicalSizeX"):
                 unit = element.get("PhysicalSizeXUnit", "µm")
-                return float(element.get("PhysicalSizeX")) * _UNIT_TO_UM.get(unit, 1.0)
+                try:
+                    size = float(element.get("PhysicalSizeX"))
+                except ValueError:  # "abc": refused with the file named by open_slide
+                    return math.nan
+                return size * _UNIT_TO_UM.get(unit, 1.0)
     page = tiff.pages.first
     tag = page.tags.get("XResolution")
     if tag is None:
@@ -843,8 +862,8 @@ def open_slide(
     path = Path(path)
     if slide_id is not None:
         check_slide_id(slide_id)
-    if pixel_size_um is not None and not pixel_size_um > 0:
-        raise BmsegError(f"--pixel-size-um {pixel_size_um}: must be a positive number of µm")
+    if pixel_size_um is not None:
+        check_pixel_size(float(pixel_size_um), "--pixel-size-um")
     if not path.is_file():
         raise BmsegError(f"{path}: no such slide file; check the path")
     with path.open("rb") as handle:
@@ -870,8 +889,14 @@ def open_slide(
             log.info(
                 "%s: pixel size %g µm overrides the metadata's %g µm", path, pixel_size_um, native
             )
+        if pixel_size_um is None:
+            check_pixel_size(float(native), f"{path}: the metadata's pixel size")
         slide.pixel_size_um = float(pixel_size_um if pixel_size_um is not None else native)
-        slide.slide_id = slide_id if slide_id is not None else default_slide_id(path)
+        if slide_id is None:
+            slide_id = check_slide_id(
+                default_slide_id(path), f"{path}: the slide id from its name (or pass --slide-id)"
+            )
+        slide.slide_id = slide_id
         if modality is not None:
             if slide._modality not in (None, modality):
                 log.info(

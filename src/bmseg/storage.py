@@ -1,21 +1,31 @@
 """Writing outputs safely: every file appears under its final name only once it is complete.
 
 A step that fails half-way must leave nothing that a resumed run (Nextflow ``-resume``, a retry)
-could mistake for a finished output, so every writer here goes through :func:`atomic_path`.
+could mistake for a finished output, so every writer here goes through :func:`atomic_path`, and
+a step's whole ``--out`` folder goes through :func:`output_set` (all files or none; a rerun
+leaves only its own).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import json
+import logging
 import os
-from collections.abc import Iterator, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from bmseg.errors import BmsegError
+
+log = logging.getLogger(__name__)
 
 EMBEDDING_COLUMN = "embedding"
 EMBEDDING_DIM = 2048
@@ -27,7 +37,8 @@ _FLOAT16_LE = np.dtype("<f2")
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it to ``path`` when the block succeeds.
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    On any exception the temporary file is removed and ``path`` is left untouched; an
+    OSError that names no file (a write meeting a full disk) is given ``path`` as its file.
     The temporary name keeps the suffix, so libraries that pick a format by extension work.
     """
     final = Path(path)
@@ -36,9 +47,145 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(final)  # a failed write(2) names no file: name the output
         raise
+
+
+MANIFEST = ".bmseg-outputs.json"
+"""Lists the files of the last output set written to a folder, and whether it is complete."""
+STAGING_PREFIX = ".bmseg-staging-"
+
+
+@contextlib.contextmanager
+def output_set(out: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a hidden staging folder inside ``out``; on success its files become ``out``'s.
+
+    Write every output of a step below the yielded folder. When the block succeeds, the files
+    are renamed into ``out`` (web pages last, ``index.html`` the very last), the files of the
+    previous set that this one lacks are deleted, and :data:`MANIFEST` lists the new set. On any
+    exception the staging folder is deleted and ``out`` keeps the previous set untouched. Files
+    in ``out`` that no bmseg set listed (a user's notes, ``labels.json``) are left alone.
+    While the renames run the manifest says ``"complete": false``, so a reader calling
+    :func:`check_complete` refuses a folder a kill left half-renamed. One run per folder at a
+    time: staging folders of earlier, killed runs are deleted first.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BmsegError(f"--out {out}: is a file, not a folder; pass a folder")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = out / f"{STAGING_PREFIX}{os.getpid()}"
+    staging.mkdir()
+    try:
+        yield staging
+        _commit(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a failed first run leaves no empty folder behind
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def writes_output_set(
+    handler: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """Run a step handler with ``args.out`` pointing into :func:`output_set` of ``--out``.
+
+    The handler writes as before; its outputs reach ``--out`` only when it returns, all at
+    once. ``args.final_out`` holds the real ``--out`` for checks that need it.
+    """
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        final = Path(args.out)
+        with output_set(final) as staging:
+            args.out, args.final_out = staging, final
+            try:
+                return handler(args)
+            finally:
+                args.out = final
+
+    return run
+
+
+def _commit_order(name: str) -> tuple[int, str]:
+    """Data first, then pages, then ``index.html``: a page is never ahead of its images."""
+    rank = 2 if name == "index.html" else 1 if name.endswith(".html") else 0
+    return rank, name
+
+
+def _commit(staging: Path, out: Path) -> None:
+    new = sorted(
+        (path.relative_to(staging).as_posix() for path in staging.rglob("*") if not path.is_dir()),
+        key=_commit_order,
+    )
+    old = set(read_manifest(out)["files"])
+    write_json({"complete": False, "files": sorted(old | set(new))}, out / MANIFEST)
+    for name in new:
+        target = out / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+    for name in sorted(old - set(new)):
+        (out / name).unlink(missing_ok=True)
+        for parent in (out / name).parents:
+            if parent == out or any(parent.iterdir()):
+                break
+            parent.rmdir()
+    write_json({"complete": True, "files": sorted(new)}, out / MANIFEST)
+    if old - set(new):
+        log.info("removed %d file(s) of the previous run in %s", len(old - set(new)), out)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """``{"complete": bool, "files": [...]}`` of ``folder``'s last output set (none: complete).
+
+    Entries that could name a file outside ``folder`` (absolute, ``..``, through a symbolic
+    link) are dropped: a hostile manifest must not make a rerun delete anything else.
+    """
+    path = folder / MANIFEST
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {"complete": True, "files": []}
+    except (OSError, ValueError, RecursionError):
+        return {"complete": False, "files": []}
+    if not isinstance(document, dict) or not isinstance(document.get("files"), list):
+        return {"complete": False, "files": []}
+    root = folder.resolve()
+    files = [
+        name
+        for name in document["files"]
+        if isinstance(name, str)
+        and name
+        and not Path(name).is_absolute()
+        and ".." not in Path(name).parts
+        and (root / name).resolve().is_relative_to(root)
+    ]
+    return {"complete": document.get("complete") is True, "files": files}
+
+
+def check_complete(folder: Path) -> None:
+    """BmsegError if a bmseg run was killed while it renamed its outputs into ``folder``."""
+    if not read_manifest(folder)["complete"]:
+        raise BmsegError(
+            f"{folder}: an interrupted bmseg run left this folder half-written "
+            f"({MANIFEST} says incomplete); rerun the step that writes it"
+        )
+
+
+def check_no_nulls(table: pa.Table, columns: Sequence[str], path: Path, fix: str) -> None:
+    """BmsegError naming ``path`` and the columns of ``columns`` that hold nulls."""
+    with_nulls = [name for name in columns if table.column(name).null_count]
+    if with_nulls:
+        raise BmsegError(f"{path}: nulls in column {', '.join(with_nulls)}; {fix}")
 
 
 def write_parquet(table: pa.Table, path: str | os.PathLike[str], **kwargs: Any) -> Path:
@@ -50,13 +197,15 @@ def write_parquet(table: pa.Table, path: str | os.PathLike[str], **kwargs: Any) 
 
 
 def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``data`` as indented JSON to ``path`` atomically."""
+    """Write ``data`` as indented JSON to ``path`` atomically; NaN and infinities are refused
+    (ValueError): JSON has no such numbers, and a reader would take ``Infinity`` for one."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False)
+        tmp.write_text(text + "\n", encoding="utf-8")
     return Path(path)
 
 
-def write_bytes(data: bytes, path: str | os.PathLike[str]) -> Path:
+def write_bytes(data: bytes | memoryview, path: str | os.PathLike[str]) -> Path:
     """Write raw bytes (a PNG, an HTML page) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -210,8 +359,18 @@ class MaskWriter:
 
 @contextlib.contextmanager
 def masks_writer(path: str | os.PathLike[str]) -> Iterator[MaskWriter]:
-    """Open ``masks.h5`` for writing tile label images (LZ4); it appears only when complete."""
+    """Open ``masks.h5`` for writing tile label images (LZ4); it appears only when complete.
+
+    The HDF5 file is built in memory (the masks compress to a small share of the batch) and
+    written out in one go: HDF5 meeting a full disk mid-file leaves its library in a state in
+    which closing the file crashes the process (exit 139, which Nextflow retries); a plain
+    write meets it as an OSError, reported as one line.
+    """
+    import io
+
     import h5py
 
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5file:
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5file:
         yield MaskWriter(h5file)
+    write_bytes(buffer.getbuffer(), path)

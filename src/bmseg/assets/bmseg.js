@@ -7,6 +7,7 @@
   const LABELS = ["yes", "no", "unsure"];
   const KEY_LABELS = "bmseg:" + data.site + ":labels";
   const KEY_PENDING = "bmseg:" + data.site + ":pending";
+  const KEY_REFUSED = "bmseg:" + data.site + ":refused";
   const KEY_ANNOTATOR = "bmseg:annotator";
   const KEY_CONTOURS = "bmseg:contours";
   const SEP = "\u001f";
@@ -32,10 +33,12 @@
   const store = {
     records: readJSON(KEY_LABELS, {}),
     pending: readJSON(KEY_PENDING, {}), // key -> time of the record the server has not acknowledged
+    refused: readJSON(KEY_REFUSED, {}), // key -> the server's reason; kept here, not retried
     save() {
       try {
         localStorage.setItem(KEY_LABELS, JSON.stringify(this.records));
         localStorage.setItem(KEY_PENDING, JSON.stringify(this.pending));
+        localStorage.setItem(KEY_REFUSED, JSON.stringify(this.refused));
         return true;
       } catch (error) {
         notice("This browser's storage is full: export your labels now.", true);
@@ -45,6 +48,7 @@
     reload() {
       this.records = readJSON(KEY_LABELS, {});
       this.pending = readJSON(KEY_PENDING, {});
+      this.refused = readJSON(KEY_REFUSED, {});
     },
     put(record) {
       const key = record.annotator + SEP + record.cell_uid;
@@ -81,11 +85,15 @@
   function setSync() {
     const box = $("sync");
     const waiting = Object.keys(store.pending).length;
+    const refused = Object.keys(store.refused).length;
     let text;
     let state;
     if (!server.on) {
       text = "Saved in this browser · export to keep a copy";
       state = "local";
+    } else if (refused && !waiting) {
+      text = refused + " label(s) refused by the server, kept in this browser · export them";
+      state = "refused";
     } else if (!waiting) {
       text = "All labels saved on the server";
       state = "saved";
@@ -121,11 +129,37 @@
     }
     store.pending = {};
     for (const [key, record] of Object.entries(store.records)) {
+      if (key in store.refused) continue; // refused before: kept here, not retried
       if (!(key in onServer) || onServer[key] < record.time) store.pending[key] = record.time;
     }
     store.save();
     refresh();
     flush();
+  }
+
+  // Apply the server's answer for each posted record: "saved" (kept on disk) and "superseded"
+  // (the server holds a newer label, adopted here) leave the queue; "refused" is kept in this
+  // browser with the reason and not retried. A record relabelled since it was posted stays queued.
+  function acknowledge(batch, results) {
+    let refusedNow = 0;
+    let firstReason = "";
+    batch.forEach((record, index) => {
+      const key = record.annotator + SEP + record.cell_uid;
+      const result = results[index] || {};
+      if (store.pending[key] !== record.time) return;
+      if (result.status === "saved") {
+        delete store.pending[key];
+      } else if (result.status === "superseded") {
+        delete store.pending[key];
+        if (validRecord(result.by)) store.put(result.by);
+      } else if (result.status === "refused") {
+        delete store.pending[key];
+        store.refused[key] = String(result.error || "refused");
+        refusedNow += 1;
+        firstReason = firstReason || store.refused[key];
+      }
+    });
+    if (refusedNow) notice("The server refused " + refusedNow + " label(s): " + firstReason, true);
   }
 
   async function flush() {
@@ -142,18 +176,17 @@
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ version: 1, labels: batch }),
       });
-      if (response.status >= 400 && response.status < 500) {
-        const body = await response.json().catch(() => ({}));
-        notice("The server refused labels: " + (body.error || response.status), true);
-        for (const key of keys) delete store.pending[key];
-      } else if (!response.ok) {
-        throw new Error("server error " + response.status);
-      } else {
-        for (const record of batch) {
-          const key = record.annotator + SEP + record.cell_uid;
-          if (store.pending[key] === record.time) delete store.pending[key];
-        }
+      const body = await response.json().catch(() => ({}));
+      const results = Array.isArray(body.results) && body.results.length === batch.length;
+      if (results) {
+        acknowledge(batch, body.results);
         server.failures = 0;
+      } else if (!response.ok) {
+        // refused as a whole, not per record: nothing is known saved, so everything stays queued
+        if (response.status < 500) notice("The server refused labels: " + (body.error || response.status), true);
+        throw new Error("server answered " + response.status);
+      } else {
+        throw new Error("the server did not answer per label");
       }
       store.save();
     } catch (error) {
@@ -182,7 +215,11 @@
     const time = new Date().toISOString();
     for (const uid of uids) {
       const record = { cell_uid: uid, label: label, annotator: annotator(), time: time };
-      if (store.put(record)) store.pending[record.annotator + SEP + uid] = time;
+      const key = record.annotator + SEP + uid;
+      if (store.put(record)) {
+        store.pending[key] = time;
+        delete store.refused[key]; // a new label of this cell is tried again
+      }
     }
     store.save();
     refresh();
@@ -227,7 +264,9 @@
           annotator: record.annotator.trim(), time: record.time,
         };
         if (store.put(clean)) {
-          store.pending[clean.annotator + SEP + clean.cell_uid] = clean.time;
+          const key = clean.annotator + SEP + clean.cell_uid;
+          store.pending[key] = clean.time;
+          delete store.refused[key];
           added += 1;
         }
       }

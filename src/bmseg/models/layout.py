@@ -14,8 +14,9 @@ copied in by hand work too. Nothing here imports torch.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bmseg.errors import BmsegError
@@ -42,6 +43,8 @@ class Manifest:
     cellpose_checkpoint: str = "cpsam"
     resnet50_weights: str = "resnet50.pth"
     random_init: bool = False
+    sha256: dict[str, str] | None = None
+    """``{file name: sha256}`` recorded by fetch / make-test; loading checks every file."""
 
     def files(self) -> dict[str, str]:
         """``{model: file name}`` for the three weight files."""
@@ -69,8 +72,30 @@ def read_manifest(models_dir: Path) -> Manifest:
 
 
 def write_manifest(manifest: Manifest, models_dir: Path) -> Path:
-    """Write ``manifest.json`` into ``models_dir`` atomically."""
-    return write_json(asdict(manifest), models_dir / MANIFEST_NAME)
+    """Write ``manifest.json`` into ``models_dir`` atomically, with the weight files' sha256."""
+    sums = {name: file_sha256(models_dir / name) for name in manifest.files().values()}
+    return write_json(asdict(replace(manifest, sha256=sums)), models_dir / MANIFEST_NAME)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_sha256(manifest: Manifest, paths: dict[str, Path]) -> None:
+    """BmsegError for a weight file whose sha256 is not the one the manifest recorded: a bit
+    flipped on disk or a file replaced loads silently otherwise, and segments wrongly."""
+    for path in paths.values():
+        expected = (manifest.sha256 or {}).get(path.name)
+        if expected is not None and file_sha256(path) != expected:
+            raise BmsegError(
+                f"{path}: its sha256 is not the one {MANIFEST_NAME} recorded (damaged or "
+                f"replaced since it was written); delete it and rerun `{FETCH_HINT}`"
+            )
 
 
 def weight_path(models_dir: Path, file_name: str) -> Path:

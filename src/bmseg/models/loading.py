@@ -20,7 +20,7 @@ from bmseg.errors import BmsegError
 from bmseg.models.cellpose_models import CellposeHSPCSegmenter, sam_encoder_as
 from bmseg.models.device import StageTimer, resolve_device, use_bf16
 from bmseg.models.embedder import ResNetEmbedder
-from bmseg.models.layout import Manifest, corrupt, read_manifest, weight_path
+from bmseg.models.layout import Manifest, check_sha256, corrupt, read_manifest, weight_path
 from bmseg.models.sam2_models import Sam2Engine, Sam2MKSegmenter
 from bmseg.models.settings import EmbedderSettings, HSPCSettings, MKSettings
 
@@ -76,6 +76,7 @@ def load_models(
     engine = Sam2Engine(sam2, torch_device, timer)
     cellpose_model = load_cellpose(paths["cellpose"], torch_device)
     resnet = load_resnet50(paths["resnet50"], torch_device)
+    check_sha256(manifest, paths)  # after the loads: a file that does not load says so first
     log.info("loaded models from %s onto %s", models_dir, torch_device)
     return ModelSet(
         mk=Sam2MKSegmenter(engine, mk_settings or MKSettings()),
