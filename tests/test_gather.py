@@ -228,6 +228,56 @@ def test_summary_counts_densities_and_quantiles_match_the_inputs(tmp_path):
     assert len(json.loads((out / "batches.json").read_text())["batches"]) == 2
 
 
+def test_brightfield_and_fluorescence_slides_gather_into_one_schema(tmp_path):
+    """Intensity columns are named after each slide's channels; a run's tables hold them all."""
+    fluorescence = cells_table(
+        [300, 900], [300, 300], [20, 60], slide_id="fl", tile_id="r0000c0000",
+        cell_type=["HSPC", "MK"], embedding_dim=SMALL_EMBEDDING, channels=("DAPI", "CD41"),
+    )  # fmt: skip
+    brightfield = _table([500], [500], [25], "r0000c0000", slide="bf", seed=4)
+    plans = {s: {"tissue_area_mm2": 1.0} for s in ("bf", "fl")}
+    out = _gather(tmp_path, [[fluorescence], [brightfield]], plans)
+    tables = {s: pq.read_table(out / f"{s}.cells.parquet") for s in ("bf", "fl")}
+    assert tables["bf"].schema == tables["fl"].schema
+    names = tables["bf"].schema.names
+    intensity = [n for n in names if n.startswith("intensity_")]
+    # channels grouped, slides' own channel order kept, stats in SEGMENT's order
+    assert intensity == [
+        f"intensity_{stat}_{channel}"
+        for channel in ("DAPI", "CD41", "R", "G", "B")
+        for stat in ("mean", "std")
+    ]
+    # where the slide's own intensities were: after the shape columns, before the score
+    assert names.index("intensity_mean_DAPI") == brightfield.schema.names.index("intensity_mean_R")
+    for own, other, table, source in (
+        ("DAPI", "R", tables["fl"], fluorescence),
+        ("R", "CD41", tables["bf"], brightfield),
+    ):
+        column = f"intensity_mean_{own}"
+        assert table[column].to_pylist() == source[column].to_pylist()
+        assert table[f"intensity_mean_{other}"].null_count == table.num_rows
+    # the order of the batch folders does not change the schema
+    (tmp_path / "again").mkdir()
+    dirs = [str(tmp_path / f"batch_{i}") for i in (1, 0)]
+    again = tmp_path / "again" / "out"
+    assert main(["gather", *dirs, "--plans", str(tmp_path / "plans"), "--out", str(again)]) == 0
+    assert pq.read_schema(again / "fl.cells.parquet") == tables["fl"].schema
+
+
+def test_gather_refuses_tables_differing_beyond_the_intensities(tmp_path, capsys):
+    other = _table([500], [500], [25], "r0000c0000", slide="s2").drop_columns(["solidity"])
+    write_batch(tmp_path / "b0", [_table([5], [5], [3], "r0000c0000")])
+    write_batch(tmp_path / "b1", [other], batch=1)
+    for slide in ("s1", "s2"):
+        write_plan(tmp_path / "plans", slide, tissue_area_mm2=1.0)
+    dirs = [str(tmp_path / "b0"), str(tmp_path / "b1")]
+    out = tmp_path / "out"
+    code = main(["gather", *dirs, "--plans", str(tmp_path / "plans"), "--out", str(out)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "beyond the per-channel intensities" in error
+    assert not out.exists()
+
+
 def test_geojson_follows_the_spec_and_reads_back_as_qupath_detections(tmp_path):
     table = _table([150.5, 400], [220.25, 90], [30, 12], "r0000c0000", cell_type=["MK", "HSPC"])
     # one cell without a usable contour, one measurement not finite

@@ -211,19 +211,76 @@ def segmented_tissue_mm2(plan: SlidePlan, tile_ids: set[str]) -> float:
     return plan.tissue_area_mm2 * share
 
 
-def read_cell_metadata(cells_files: Sequence[Path]) -> pa.Table:
-    """Every column but the embedding of all files, in file and row order."""
+def unified_schema(sources: Sequence[Path]) -> pa.Schema:
+    """The one schema of a run's tables, whatever channels each slide has (docs/data.md).
+
+    Per-channel intensity columns (``intensity_{stat}_{channel}``) are the union over all
+    sources, grouped by channel and placed where the first source has its own; a slide without
+    a channel gets nulls in that channel's columns. Channels come in the order of the sorted
+    distinct channel lists, so the schema does not depend on the order of the batch folders.
+    Every other column must be the same in every source (one SEGMENT version).
+    """
+    from bmseg.features import INTENSITY_STATS, intensity_column_parts
+
+    schemas = [pq.read_schema(path) for path in sources]
+
+    def fixed(schema: pa.Schema) -> pa.Schema:
+        return pa.schema([f for f in schema if intensity_column_parts(f.name) is None])
+
+    base = fixed(schemas[0])
+    intensities: dict[str, pa.Field] = {}
+    channel_lists = set()
+    for path, schema in zip(sources, schemas, strict=True):
+        own = [f for f in schema if intensity_column_parts(f.name) is not None]
+        clashing = [f.name for f in own if intensities.get(f.name, f).type != f.type]
+        if not fixed(schema).equals(base) or clashing:
+            raise BmsegError(
+                f"{path}: columns differ from {sources[0]} beyond the per-channel "
+                "intensities; re-run SEGMENT with one bmseg version"
+            )
+        intensities.update((f.name, f) for f in own)
+        parts = (intensity_column_parts(f.name) for f in own)
+        channel_lists.add(tuple(dict.fromkeys(channel for _, channel in parts)))
+    channels = dict.fromkeys(c for listed in sorted(channel_lists) for c in listed)
+    channel_order = {channel: index for index, channel in enumerate(channels)}
+
+    def position(field: pa.Field) -> tuple[int, int]:
+        stat, channel = intensity_column_parts(field.name)
+        return channel_order[channel], INTENSITY_STATS.index(stat)
+
+    first_names = schemas[0].names
+    first_intensity = next(
+        (i for i, n in enumerate(first_names) if intensity_column_parts(n) is not None), None
+    )
+    at = (
+        len(base)
+        if first_intensity is None
+        else sum(intensity_column_parts(n) is None for n in first_names[:first_intensity])
+    )
+    fields = list(base)
+    fields[at:at] = sorted(intensities.values(), key=position)
+    return pa.schema(fields)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` in ``schema``'s column order, columns it lacks filled with nulls."""
+    columns = [
+        table[f.name].cast(f.type)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def read_cell_metadata(cells_files: Sequence[Path], schema: pa.Schema) -> pa.Table:
+    """Every column but the embedding of all files, in file and row order, in ``schema``."""
+    wanted = pa.schema([f for f in schema if f.name != EMBEDDING_COLUMN])
     tables = []
     for path in cells_files:
         names = [n for n in pq.read_schema(path).names if n != EMBEDDING_COLUMN]
-        tables.append(pq.read_table(path, columns=names))
-    try:
-        return pa.concat_tables(tables, promote_options="default").combine_chunks()
-    except pa.ArrowInvalid as error:
-        raise BmsegError(
-            f"{cells_files[0]}: column types differ between cell tables ({error}); "
-            "re-run SEGMENT with one bmseg version"
-        ) from error
+        tables.append(conform(pq.read_table(path, columns=names), wanted))
+    return pa.concat_tables(tables).combine_chunks()
 
 
 def _codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[str]]:
@@ -385,7 +442,7 @@ class _SlideWriters:
 
     def write(self, slide: str, table: pa.Table) -> None:
         """Queue ``table`` for ``slide``; flush once a row group's worth is queued."""
-        self._pending[slide].append(table.cast(self._schema))
+        self._pending[slide].append(conform(table, self._schema))
         if sum(t.num_rows for t in self._pending[slide]) >= ROW_GROUP_ROWS:
             self._flush(slide)
 
@@ -411,11 +468,12 @@ def _stream_rows(
 ) -> None:
     """Copy rows of ``sources`` into per-slide files; ``slide_per_row`` holds codes, -1 = drop.
 
-    ``uid_per_row``, when given, replaces each source's ``cell_uid`` column.
+    ``uid_per_row``, when given, replaces each source's ``cell_uid`` column. Every output has
+    the sources' :func:`unified_schema`.
     """
     from tqdm import tqdm
 
-    schema = pq.read_schema(sources[0])
+    schema = unified_schema(sources)
     total_rows = sum(len(codes) for codes in slide_per_row)
     with (
         contextlib.ExitStack() as stack,
@@ -424,10 +482,6 @@ def _stream_rows(
         writers = _SlideWriters(stack, out_paths, schema)
         for index, (source, codes) in enumerate(zip(sources, slide_per_row, strict=True)):
             parquet = pq.ParquetFile(source)
-            if parquet.schema_arrow.names != schema.names:
-                raise BmsegError(
-                    f"{source}: columns differ from {sources[0]}; re-run SEGMENT with one version"
-                )
             start = 0
             for group in range(parquet.num_row_groups):
                 table = parquet.read_row_group(group)
@@ -643,7 +697,8 @@ def run_gather(args: argparse.Namespace) -> int:
     for batch in batches:
         for tile in batch.record["tiles"]:
             tiles_by_slide.setdefault(tile["slide_id"], set()).add(tile["tile_id"])
-    meta = read_cell_metadata([b.cells for b in batches])
+    cells_files = [b.cells for b in batches]
+    meta = read_cell_metadata(cells_files, unified_schema(cells_files))
     unknown = set(pc.unique(meta["slide_id"]).to_pylist()) - set(tiles_by_slide)
     if unknown:
         raise BmsegError(
