@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import logging
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,11 @@ BATCHES_RECORD = "batches.json"
 GATHER_RECORD = "gather.json"
 CELL_TYPES = ("MK", "HSPC")
 TYPE_COLOURS = {"MK": (220, 50, 47), "HSPC": (38, 139, 210)}
+REJECTED_CLASS = "rejected"
+"""QuPath class of a cell its type's classifier rejected (``bmseg classify``)."""
+CLASS_COLOURS = {**TYPE_COLOURS, REJECTED_CLASS: (150, 150, 150)}
+CELL_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/bmseg/bmseg/cell_uid")
+"""Namespace of the version-5 UUIDs that identify cells in GeoJSON (docs/results.md)."""
 AREA_QUANTILES = (10, 25, 50, 75, 90)
 ROW_GROUP_ROWS = 32768
 GEOJSON_CHUNK = 50000
@@ -593,21 +599,48 @@ def png_bytes(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _number_strings(values: np.ndarray, decimals: int) -> pa.Array:
-    """Numbers as JSON text, non-finite values as ``null``."""
+def _number_strings(values: np.ndarray, decimals: int, non_finite: str = "null") -> pa.Array:
+    """Numbers as JSON text, non-finite values as ``non_finite``."""
     array = pa.array(np.round(values.astype(np.float64), decimals))
     text = pc.cast(array, pa.string())
-    return pc.if_else(pc.is_finite(array), text, pa.scalar("null"))
+    return pc.if_else(pc.is_finite(array), text, pa.scalar(non_finite))
+
+
+def cell_uuids(uids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """RFC 4122 version-5 UUIDs of cell uids under :data:`CELL_UUID_NAMESPACE`, as strings.
+
+    Equal to ``str(uuid.uuid5(CELL_UUID_NAMESPACE, uid))``: QuPath keeps a feature's ``id`` as
+    the object's id only when it is a UUID, so the same cell gets the same id in every file
+    and every run. One SHA-1 per cell; the bit setting and hex formatting are numpy.
+    """
+    import hashlib
+
+    prefix = CELL_UUID_NAMESPACE.bytes
+    values = uids.to_pylist()
+    digests = b"".join(hashlib.sha1(prefix + u.encode("utf-8")).digest()[:16] for u in values)
+    raw = np.frombuffer(digests, np.uint8).reshape(-1, 16).copy()
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x50  # version 5
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
+    hexed = np.frombuffer(raw.tobytes().hex().encode("ascii"), np.uint8).reshape(-1, 32)
+    text = np.full((len(values), 36), ord("-"), np.uint8)
+    text[:, [i for i in range(36) if i not in (8, 13, 18, 23)]] = hexed
+    offsets = np.arange(0, 36 * (len(values) + 1), 36, dtype=np.int32)
+    return pa.StringArray.from_buffers(
+        len(values), pa.py_buffer(offsets.tobytes()), pa.py_buffer(text.tobytes())
+    )
 
 
 def geojson_features(
-    meta: pa.Table, origin: tuple[float, float], measurements: Sequence[str]
+    meta: pa.Table, origin: tuple[float, float], measurements: Sequence[str], classes: pa.Array
 ) -> pa.Array:
     """One GeoJSON Feature (JSON text) per cell, built column-wise by Arrow.
 
+    The feature ``id`` is the cell's :func:`cell_uuids`; its ``name`` and ``metadata.cell_uid``
+    are the cell uid (QuPath's measurements are numbers only), ``classes`` its classification.
     Coordinates are full-resolution pixels relative to the slide's top-left corner (slide
     coordinates minus the bounds origin), the frame QuPath shows when it opens the slide.
     Cells whose contour has fewer than three vertices get their bounding box as polygon.
+    Non-finite measurements are written as the string ``"NaN"``, as QuPath writes them.
     """
     flat_x, flat_y, offsets = flat_contours(meta)
     lengths = np.diff(offsets)
@@ -638,31 +671,39 @@ def geojson_features(
     )
     first_points = points.take(pa.array(offsets[:-1]))
     rings = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), points), ",")
-    colours = {t: ",".join(map(str, c)) for t, c in TYPE_COLOURS.items()}
-    cell_types = meta["cell_type"].combine_chunks()
-    encoded = cell_types.dictionary_encode()
+    colours = {t: ",".join(map(str, c)) for t, c in CLASS_COLOURS.items()}
+    encoded = classes.dictionary_encode()
     colour = pa.array(
         [colours.get(t, "128,128,128") for t in encoded.dictionary.to_pylist()], pa.string()
     ).take(encoded.indices)
     measured = [
         pc.binary_join_element_wise(
-            json.dumps(name) + ":", _number_strings(meta[name].to_numpy(), 4), ""
+            json.dumps(name) + ":",
+            _number_strings(meta[name].to_numpy(zero_copy_only=False), 4, '"NaN"'),
+            "",
         )
         for name in measurements
     ]
     measurement_text = pc.binary_join_element_wise(*measured, ",") if measured else pa.scalar("")
+    uids = meta["cell_uid"].combine_chunks()
     return pc.binary_join_element_wise(
         '{"type":"Feature","id":"',
-        meta["cell_uid"].combine_chunks(),
+        cell_uuids(uids),
         '","geometry":{"type":"Polygon","coordinates":[[',
         rings,
         ",",
         first_points,
-        ']]},"properties":{"objectType":"detection","classification":{"name":"',
-        cell_types,
+        ']]},"properties":{"objectType":"detection","name":"',
+        uids,
+        '","classification":{"name":"',
+        classes,
         '","color":[',
         colour,
-        ']},"measurements":{',
+        ']},"metadata":{"cell_uid":"',
+        uids,
+        '","cell_type":"',
+        meta["cell_type"].combine_chunks(),
+        '"},"measurements":{',
         measurement_text,
         "}}}",
         "",
@@ -670,16 +711,30 @@ def geojson_features(
 
 
 def write_geojson(
-    meta: pa.Table, origin: tuple[float, float], measurements: Sequence[str], path: Path
+    meta: pa.Table,
+    origin: tuple[float, float],
+    measurements: Sequence[str],
+    path: Path,
+    classes: pa.Array | None = None,
 ) -> None:
-    """Write a FeatureCollection of ``meta``'s cells to ``path`` (atomically, in chunks)."""
-    unsafe = pc.any(pc.match_substring_regex(meta["cell_uid"], r'["\\\x00-\x1f]')).as_py()
-    if unsafe:
-        raise BmsegError(f"{path}: cell_uid with quotes or control characters; re-run SEGMENT")
+    """Write a FeatureCollection of ``meta``'s cells to ``path`` (atomically, in chunks).
+
+    ``classes`` (one QuPath class name per row) defaults to each cell's type.
+    """
+    for column in ("cell_uid", "cell_type"):
+        unsafe = pc.any(pc.match_substring_regex(meta[column], r'["\\\x00-\x1f]')).as_py()
+        if unsafe:
+            raise BmsegError(f"{path}: {column} with quotes or control characters; re-run SEGMENT")
+    classes = meta["cell_type"].combine_chunks() if classes is None else classes
     with atomic_path(path) as tmp, tmp.open("wb") as handle:
         handle.write(b'{"type":"FeatureCollection","features":[\n')
         for start in range(0, meta.num_rows, GEOJSON_CHUNK):
-            features = geojson_features(meta.slice(start, GEOJSON_CHUNK), origin, measurements)
+            features = geojson_features(
+                meta.slice(start, GEOJSON_CHUNK),
+                origin,
+                measurements,
+                classes.slice(start, GEOJSON_CHUNK),
+            )
             if start:
                 handle.write(b",\n")
             # One Arrow join, written from its buffer: no Python string per feature.
