@@ -15,6 +15,7 @@ directory and the metadata are read).
 from __future__ import annotations
 
 import logging
+import math
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -467,6 +468,22 @@ def _tiff_pixel_size_um(tiff) -> float | None:
     return {2: per_unit * 25400.0, 3: per_unit * 1e4}.get(unit)
 
 
+_OVERRIDES_LOGGED: set[tuple[str, float, float]] = set()
+
+
+def _log_override(path: str, pixel_size_um: float, native: float) -> None:
+    """Say once per process and slide that a given pixel size replaces a different metadata one.
+
+    SEGMENT opens a slide per reader thread and batch: a line per open would flood the log and
+    break the progress bar, and an override equal to the metadata changes nothing.
+    """
+    key = (path, pixel_size_um, native)
+    if math.isclose(pixel_size_um, native, rel_tol=1e-9) or key in _OVERRIDES_LOGGED:
+        return
+    _OVERRIDES_LOGGED.add(key)
+    log.info("%s: pixel size %g µm overrides the metadata's %g µm", path, pixel_size_um, native)
+
+
 def open_slide(
     path: str | Path, *, pixel_size_um: float | None = None, slide_id: str | None = None
 ) -> Slide:
@@ -502,9 +519,7 @@ def open_slide(
                 f"{path}: no pixel size in the metadata; pass --pixel-size-um (µm per pixel)"
             )
         if pixel_size_um is not None and native is not None:
-            log.info(
-                "%s: pixel size %g µm overrides the metadata's %g µm", path, pixel_size_um, native
-            )
+            _log_override(str(path), float(pixel_size_um), float(native))
         slide.pixel_size_um = float(pixel_size_um if pixel_size_um is not None else native)
         slide.slide_id = slide_id if slide_id is not None else default_slide_id(path)
     except BaseException:
