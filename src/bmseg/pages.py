@@ -599,7 +599,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, metavar="SITE", help="site folder")
     parser.add_argument("--per-page", type=int, default=300, help="cells per page (300)")
-    parser.add_argument("--order", choices=ORDERS, default="random", help="gallery order")
+    parser.add_argument(
+        "--order",
+        choices=ORDERS,
+        default="random",
+        help="gallery order: random (seeded), size (largest first) or uncertainty (most "
+        "uncertain first, from bmseg classify --ranking) (%(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random order (0)")
     parser.add_argument(
         "--ranking",

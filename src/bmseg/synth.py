@@ -491,5 +491,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--width", type=int, default=4000, help="slide width, px (4000)")
     parser.add_argument("--height", type=int, default=4000, help="slide height, px (4000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    parser.add_argument("--modality", choices=MODALITIES, default="brightfield")
+    parser.add_argument(
+        "--modality",
+        choices=MODALITIES,
+        default="brightfield",
+        help="brightfield: RGB stain (TL Brightfield); fluorescence: uint16 DAPI and CD41 "
+        "channels (%(default)s)",
+    )
     parser.set_defaults(handler=_synth_command)

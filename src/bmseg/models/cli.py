@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write tiny random-initialised checkpoints for tests (cannot segment real images)",
     )
     make_test.add_argument("--dest", type=Path, required=True, help="models directory to write")
-    make_test.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    make_test.add_argument("--seed", type=int, default=0, help="random seed of the weights (0)")
     make_test.add_argument(
         "--full-size",
         action="store_true",
