@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from bmseg.cli import build_parser
+from bmseg.cli import build_parser, main
+from bmseg.fake_cells import cells_table, write_batch, write_plan
 
 IMPORT_CELLPOSE = (
     "import logging, sys; logging.basicConfig(stream=sys.stderr); {first}import cellpose.models"
@@ -85,3 +88,46 @@ def test_batch_fraction_help_names_the_pipeline_default():
     (batch,) = [parser for words, parser in _commands(build_parser()) if words == ("batch",)]
     (fraction,) = [a for a in batch._actions if "--fraction" in a.option_strings]
     assert "(1.0" in fraction.help and "--sample_fraction defaults to 0.1" in fraction.help
+
+
+@pytest.fixture(scope="module")
+def gathered_and_labels(tmp_path_factory):
+    """A gathered slide of 40 HSPCs and a label file beside it, 20 yes and 20 no."""
+    root = tmp_path_factory.mktemp("friction")
+    table = cells_table(
+        [100.0 + 60 * i for i in range(40)], [100.0] * 40, [12.0] * 40, slide_id="s1",
+        tile_id="r0000c0000", cell_type="HSPC", signal=[i % 2 for i in range(40)],
+        embedding_dim=16,
+    )  # fmt: skip
+    write_batch(root / "batch", [table])
+    write_plan(root / "plans", "s1", tissue_area_mm2=1.0)
+    gathered = root / "gathered"
+    gather = ["gather", str(root / "batch"), "--plans", str(root / "plans")]
+    assert main([*gather, "--out", str(gathered)]) == 0
+    labels = [
+        {"cell_uid": uid, "label": "yes" if i % 2 else "no", "annotator": "a",
+         "time": "2026-12-01T09:00:00Z"}
+        for i, uid in enumerate(table["cell_uid"].to_pylist())
+    ]  # fmt: skip
+    (root / "labels.json").write_text(json.dumps({"version": 1, "labels": labels}))
+    return gathered, root / "labels.json"
+
+
+@pytest.mark.parametrize("where", ["models", "gathered", "labels folder"])
+def test_train_refuses_a_weights_folder_or_its_own_inputs(
+    gathered_and_labels, test_models_dir, tmp_path, capsys, where
+):
+    gathered, labels = gathered_and_labels
+    if where == "models":  # what `bmseg models fetch/make-test --dest models` leaves
+        out = tmp_path / "models"
+        out.mkdir()
+        shutil.copy(test_models_dir / "manifest.json", out)
+        message = "a segmentation models folder (manifest.json)"
+    else:
+        out = gathered if where == "gathered" else labels.parent
+        message = "holds the input"
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["train", str(gathered), str(labels), "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error and "--out classifiers" in error
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing written

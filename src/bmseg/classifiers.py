@@ -327,10 +327,34 @@ def load_model(path: Path) -> dict:
     return bundle
 
 
+def check_train_out(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an ``--out`` that is a segmentation models folder or holds TRAIN's own inputs.
+
+    ``bmseg models`` folders are called ``models`` too; classifiers written there would sit
+    among the weights SEGMENT reads, and a rerun's cleanup would reach the inputs.
+    """
+    from bmseg.models.layout import MANIFEST_NAME
+
+    if (out / MANIFEST_NAME).is_file():
+        raise BmsegError(
+            f"--out {out}: a segmentation models folder ({MANIFEST_NAME}); write the "
+            "classifiers to a folder of their own, e.g. --out classifiers"
+        )
+    resolved = out.resolve()
+    for path in inputs:
+        path = path.resolve()
+        if resolved == path or (path.is_file() and resolved == path.parent):
+            raise BmsegError(
+                f"--out {out}: holds the input {path.name}; write the classifiers to a folder "
+                "of their own, e.g. --out classifiers"
+            )
+
+
 def run_train(args: argparse.Namespace) -> int:
     """``bmseg train``: validate labels and counts, then train and report per cell type."""
     if args.folds < 2:
         raise BmsegError(f"--folds {args.folds}: need at least 2")
+    check_train_out(Path(args.out), [Path(args.cells), *map(Path, args.labels)])
     files = cell_files([Path(args.cells)])
     label_paths = [Path(p) for p in args.labels]
     merged, report = merge_labels(label_paths, table_uids(files))
@@ -767,7 +791,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("cells", metavar="CELLS", help="gathered directory or a cells parquet")
     train.add_argument("labels", nargs="+", metavar="LABELS", help="label JSON files")
-    train.add_argument("--out", required=True, metavar="MODELS", help="output directory")
+    train.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder for the classifiers, metrics.json and report.html (not a segmentation "
+        "models folder)",
+    )
     train.add_argument("--folds", type=int, default=5, help="cross-validation folds (5)")
     train.add_argument("--seed", type=int, default=0, help="random seed (0)")
     train.add_argument(
