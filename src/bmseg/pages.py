@@ -156,6 +156,40 @@ def keep_cells_with_crops(cells: pa.Table, sources: list[CellSource]) -> pa.Tabl
     return cells.filter(has_crop)
 
 
+def segmented_with_test_weights(sources: list[CellSource]) -> bool:
+    """Whether gather's ``batches.json`` beside the tables says SEGMENT ran random weights."""
+    for folder in dict.fromkeys(source.cells.parent for source in sources):
+        record = folder / "batches.json"
+        try:
+            batches = json.loads(record.read_text(encoding="utf-8"))["batches"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # only used to explain an empty site: a missing record explains nothing
+        for batch in batches if isinstance(batches, list) else []:
+            models = batch.get("models") if isinstance(batch, dict) else None
+            manifest = models.get("manifest") if isinstance(models, dict) else None
+            if isinstance(manifest, dict) and manifest.get("random_init") is True:
+                return True
+    return False
+
+
+def nothing_to_show(where: Path, sources: list[CellSource], found: int) -> BmsegError:
+    """The error for a site without one cell to show: why it is empty and what to do."""
+    if found:
+        return BmsegError(
+            f"{where}: none of its {found} cells has a crop; gather SEGMENT's batch folders "
+            "with their crops.parquet again"
+        )
+    if segmented_with_test_weights(sources):
+        why = "SEGMENT ran random test weights (bmseg models make-test), which find no cells"
+    else:
+        why = "SEGMENT found no cells in the segmented tiles (see the report and tissue pictures)"
+    return BmsegError(
+        f"{where}: no cells to show: {why}; segment with weights that find cells (bmseg models "
+        "make-demo --dest DIR for synthetic slides, bmseg models fetch --dest DIR for real "
+        "ones), then gather again"
+    )
+
+
 def page_order(
     cells: pa.Table, order: str, seed: int, uncertainty: np.ndarray | None
 ) -> np.ndarray:
@@ -554,9 +588,10 @@ def build_site(
             "--order uncertainty needs a ranking.parquet (bmseg classify) beside CELLS; "
             "pass --ranking FILE or use --order random"
         )
-    cells = keep_cells_with_crops(load_cells(sources), sources)
+    loaded = load_cells(sources)
+    cells = keep_cells_with_crops(loaded, sources)
     if not len(cells):
-        raise BmsegError(f"{inputs[0]}: no cells with crops to show; check the gather output")
+        raise nothing_to_show(inputs[0], sources, len(loaded))
     uncertainty = load_uncertainty(cells, ranking_path) if order == "uncertainty" else None
     layout = plan_layout(cells, page_order(cells, order, seed, uncertainty), per_page)
     site_key = site_id(cells)
