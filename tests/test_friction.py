@@ -133,12 +133,22 @@ def test_train_refuses_a_weights_folder_or_its_own_inputs(
     assert sorted(p.name for p in out.iterdir()) == before  # nothing written
 
 
-@pytest.mark.parametrize("random_weights", [True, False])
-def test_pages_on_a_run_without_cells_says_why_and_what_to_do(tmp_path, capsys, random_weights):
+@pytest.mark.parametrize(
+    ("weights", "why"),
+    [
+        ("test", "random test weights (bmseg models make-test)"),
+        ("demo", "demo weights (bmseg models make-demo), which find only the HSPCs of bmseg synth"),
+        ("real", "SEGMENT found no cells in the segmented tiles"),
+    ],
+)
+def test_pages_on_a_run_without_cells_says_why_and_what_to_do(tmp_path, capsys, weights, why):
     empty = cells_table([], [], [], slide_id="s1", tile_id="r0000c0000", cell_type="HSPC")
     batch = write_batch(tmp_path / "batch", [empty], tiles=[("s1", "r0000c0000")])
     record = json.loads((batch / "batch.json").read_text())
-    record["models"]["manifest"]["random_init"] = random_weights  # as make-test's manifest says
+    manifest = record["models"]["manifest"]  # what SEGMENT records of the models' manifest.json
+    manifest["random_init"] = weights != "real"
+    if weights == "demo":
+        manifest["training"] = {"kind": "demo"}
     (batch / "batch.json").write_text(json.dumps(record))
     write_plan(tmp_path / "plans", "s1", tissue_area_mm2=1.0)
     gathered = tmp_path / "gathered"
@@ -147,6 +157,5 @@ def test_pages_on_a_run_without_cells_says_why_and_what_to_do(tmp_path, capsys, 
     capsys.readouterr()
     assert main(["pages", str(gathered), "--out", str(tmp_path / "site")]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "no cells to show" in error and "bmseg models make-demo" in error
-    assert ("random test weights (bmseg models make-test)" in error) is random_weights
+    assert "no cells to show" in error and why in error and "bmseg models fetch" in error
     assert not (tmp_path / "site").exists()

@@ -156,8 +156,10 @@ def keep_cells_with_crops(cells: pa.Table, sources: list[CellSource]) -> pa.Tabl
     return cells.filter(has_crop)
 
 
-def segmented_with_test_weights(sources: list[CellSource]) -> bool:
-    """Whether gather's ``batches.json`` beside the tables says SEGMENT ran random weights."""
+def segmenting_weights(sources: list[CellSource]) -> str | None:
+    """``"test"`` or ``"demo"`` when gather's ``batches.json`` beside the tables says SEGMENT
+    ran make-test's random weights or make-demo's synthetic-only ones; else None."""
+    kinds = set()
     for folder in dict.fromkeys(source.cells.parent for source in sources):
         record = folder / "batches.json"
         try:
@@ -167,9 +169,14 @@ def segmented_with_test_weights(sources: list[CellSource]) -> bool:
         for batch in batches if isinstance(batches, list) else []:
             models = batch.get("models") if isinstance(batch, dict) else None
             manifest = models.get("manifest") if isinstance(models, dict) else None
-            if isinstance(manifest, dict) and manifest.get("random_init") is True:
-                return True
-    return False
+            if not isinstance(manifest, dict):
+                continue
+            training = manifest.get("training")
+            if isinstance(training, dict) and training.get("kind") == "demo":
+                kinds.add("demo")
+            elif manifest.get("random_init") is True:
+                kinds.add("test")
+    return "test" if "test" in kinds else "demo" if "demo" in kinds else None
 
 
 def nothing_to_show(where: Path, sources: list[CellSource], found: int) -> BmsegError:
@@ -179,10 +186,12 @@ def nothing_to_show(where: Path, sources: list[CellSource], found: int) -> Bmseg
             f"{where}: none of its {found} cells has a crop; gather SEGMENT's batch folders "
             "with their crops.parquet again"
         )
-    if segmented_with_test_weights(sources):
-        why = "SEGMENT ran random test weights (bmseg models make-test), which find no cells"
-    else:
-        why = "SEGMENT found no cells in the segmented tiles (see the report and tissue pictures)"
+    why = {
+        "test": "SEGMENT ran random test weights (bmseg models make-test), which find no cells",
+        "demo": "SEGMENT ran the demo weights (bmseg models make-demo), which find only the "
+        "HSPCs of bmseg synth slides",
+        None: "SEGMENT found no cells in the segmented tiles (see the report and tissue pictures)",
+    }[segmenting_weights(sources)]
     return BmsegError(
         f"{where}: no cells to show: {why}; segment with weights that find cells (bmseg models "
         "make-demo --dest DIR for synthetic slides, bmseg models fetch --dest DIR for real "
