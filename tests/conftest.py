@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,43 @@ def test_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     dest = tmp_path_factory.mktemp("models")
     assert main(["-q", "models", "make-test", "--dest", str(dest)]) == 0
+    return dest
+
+
+def demo_models_key() -> str:
+    """Version of everything that shapes make-demo's weights: the code that renders the synthetic
+    slides, shows them to the models and trains, and the versions of Cellpose and torch."""
+    from importlib.metadata import version
+
+    from bmseg import segment, synth
+    from bmseg.models import making, training
+
+    digest = hashlib.sha256()
+    for part in (
+        inspect.getsource(making),
+        inspect.getsource(training),
+        inspect.getsource(synth),
+        inspect.getsource(segment.to_rgb8),
+        version("cellpose"),
+        version("torch"),
+    ):
+        digest.update(part.encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def demo_models_dir(request: pytest.FixtureRequest) -> Path:
+    """`bmseg models make-demo`'s folder, built once and kept in the pytest cache under the
+    version of the code that makes it (so CI and reruns train it once); older builds go."""
+    from bmseg.models.making import make_demo_models
+
+    cache = Path(request.config.cache.mkdir("bmseg-demo-models"))
+    key = demo_models_key()
+    dest = cache / key
+    if not (dest / "manifest.json").is_file():
+        for stale in cache.iterdir():
+            shutil.rmtree(stale, ignore_errors=True)
+        make_demo_models(dest, seed=0, progress=False)
     return dest
 
 

@@ -16,6 +16,7 @@ from bmseg.cli import main
 from bmseg.errors import BmsegError
 from bmseg.fake_cells import cells_table, write_batch, write_plan
 from bmseg.storage import embedding_array, embeddings_to_numpy
+from qupath_geojson import read_like_qupath
 
 N_HSPC, N_MK = 160, 40
 LABELLED = 120
@@ -176,6 +177,47 @@ def test_classify_adds_columns_summary_counts_and_uncertainty_ranking(gathered, 
     by_uid = dict(zip(table["cell_uid"].to_pylist(), probability, strict=True))
     expected = 1 - np.abs(2 * np.array([by_uid[u] for u in ranked]) - 1)
     np.testing.assert_allclose(uncertainty, expected, atol=1e-6)
+
+
+def test_classified_geojson_carries_classes_and_probabilities_for_qupath(
+    gathered, trained, tmp_path
+):
+    cells, _, _ = gathered
+    models, _ = trained
+    out = tmp_path / "classified"
+    assert main(["classify", str(cells), "--classifiers", str(models), "--out", str(out)]) == 0
+    table = pq.read_table(out / "s1.cells.parquet")
+    objects = read_like_qupath(out / "s1.cells.geojson")
+    gathered_objects = read_like_qupath(cells / "s1.cells.geojson")
+    assert [o.uuid for o in objects] == [o.uuid for o in gathered_objects]  # same cells
+    assert [o.name for o in objects] == table["cell_uid"].to_pylist()
+    rejected_colour = None
+    for found, row in zip(objects, table.to_pylist(), strict=True):
+        assert found.object_type == "detection" and found.metadata["cell_uid"] == row["cell_uid"]
+        assert found.metadata["cell_type"] == row["cell_type"]
+        probability = found.measurements["hspc_probability"]
+        if row["cell_type"] == "MK":  # no MK classifier: nothing judged it
+            assert found.class_name == "MK" and np.isnan(probability)
+        else:
+            assert found.class_name == ("HSPC" if row["hspc_label"] else "rejected")
+            assert probability == pytest.approx(row["hspc_probability"], abs=1e-4)
+            if not row["hspc_label"]:
+                rejected_colour = found.class_color
+        assert found.measurements["area_um2"] == pytest.approx(row["area_um2"], abs=1e-4)
+    assert rejected_colour is not None and rejected_colour != (38, 139, 210)
+    assert {o.class_name for o in objects} == {"MK", "HSPC", "rejected"}
+
+
+def test_classify_without_the_slide_record_is_refused(gathered, trained, tmp_path, capsys):
+    cells, _, _ = gathered
+    models, _ = trained
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "s1.cells.parquet").write_bytes((cells / "s1.cells.parquet").read_bytes())
+    out = tmp_path / "out"
+    args = ["classify", str(tmp_path / "in"), "--classifiers", str(models), "--out", str(out)]
+    assert main(args) == 2
+    assert "s1.slide.json: missing" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_classify_refuses_tables_without_the_model_features(gathered, trained, tmp_path, capsys):

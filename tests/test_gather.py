@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ import pytest
 
 from bmseg.cli import main
 from bmseg.fake_cells import cells_table, write_batch, write_plan
-from bmseg.gather import find_duplicates
+from bmseg.gather import CELL_UUID_NAMESPACE, cell_uuids, find_duplicates
+from qupath_geojson import read_like_qupath
 
 SMALL_EMBEDDING = 16
 
@@ -228,6 +230,56 @@ def test_summary_counts_densities_and_quantiles_match_the_inputs(tmp_path):
     assert len(json.loads((out / "batches.json").read_text())["batches"]) == 2
 
 
+def test_brightfield_and_fluorescence_slides_gather_into_one_schema(tmp_path):
+    """Intensity columns are named after each slide's channels; a run's tables hold them all."""
+    fluorescence = cells_table(
+        [300, 900], [300, 300], [20, 60], slide_id="fl", tile_id="r0000c0000",
+        cell_type=["HSPC", "MK"], embedding_dim=SMALL_EMBEDDING, channels=("DAPI", "CD41"),
+    )  # fmt: skip
+    brightfield = _table([500], [500], [25], "r0000c0000", slide="bf", seed=4)
+    plans = {s: {"tissue_area_mm2": 1.0} for s in ("bf", "fl")}
+    out = _gather(tmp_path, [[fluorescence], [brightfield]], plans)
+    tables = {s: pq.read_table(out / f"{s}.cells.parquet") for s in ("bf", "fl")}
+    assert tables["bf"].schema == tables["fl"].schema
+    names = tables["bf"].schema.names
+    intensity = [n for n in names if n.startswith("intensity_")]
+    # channels grouped, slides' own channel order kept, stats in SEGMENT's order
+    assert intensity == [
+        f"intensity_{stat}_{channel}"
+        for channel in ("DAPI", "CD41", "R", "G", "B")
+        for stat in ("mean", "std")
+    ]
+    # where the slide's own intensities were: after the shape columns, before the score
+    assert names.index("intensity_mean_DAPI") == brightfield.schema.names.index("intensity_mean_R")
+    for own, other, table, source in (
+        ("DAPI", "R", tables["fl"], fluorescence),
+        ("R", "CD41", tables["bf"], brightfield),
+    ):
+        column = f"intensity_mean_{own}"
+        assert table[column].to_pylist() == source[column].to_pylist()
+        assert table[f"intensity_mean_{other}"].null_count == table.num_rows
+    # the order of the batch folders does not change the schema
+    (tmp_path / "again").mkdir()
+    dirs = [str(tmp_path / f"batch_{i}") for i in (1, 0)]
+    again = tmp_path / "again" / "out"
+    assert main(["gather", *dirs, "--plans", str(tmp_path / "plans"), "--out", str(again)]) == 0
+    assert pq.read_schema(again / "fl.cells.parquet") == tables["fl"].schema
+
+
+def test_gather_refuses_tables_differing_beyond_the_intensities(tmp_path, capsys):
+    other = _table([500], [500], [25], "r0000c0000", slide="s2").drop_columns(["solidity"])
+    write_batch(tmp_path / "b0", [_table([5], [5], [3], "r0000c0000")])
+    write_batch(tmp_path / "b1", [other], batch=1)
+    for slide in ("s1", "s2"):
+        write_plan(tmp_path / "plans", slide, tissue_area_mm2=1.0)
+    dirs = [str(tmp_path / "b0"), str(tmp_path / "b1")]
+    out = tmp_path / "out"
+    code = main(["gather", *dirs, "--plans", str(tmp_path / "plans"), "--out", str(out)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "beyond the per-channel intensities" in error
+    assert not out.exists()
+
+
 def test_geojson_follows_the_spec_and_reads_back_as_qupath_detections(tmp_path):
     table = _table([150.5, 400], [220.25, 90], [30, 12], "r0000c0000", cell_type=["MK", "HSPC"])
     # one cell without a usable contour, one measurement not finite
@@ -246,29 +298,38 @@ def test_geojson_follows_the_spec_and_reads_back_as_qupath_detections(tmp_path):
     out = _gather(
         tmp_path, [[degenerate]], {"s1": {"tissue_area_mm2": 1.0, "bounds": (-100, 50, 5000, 5000)}}
     )
-    document = json.loads((out / "s1.cells.geojson").read_text())
-    assert document["type"] == "FeatureCollection"
-    assert [f["id"] for f in document["features"]] == degenerate["cell_uid"].to_pylist()
-    for index, feature in enumerate(document["features"]):
-        assert feature["type"] == "Feature"
-        assert feature["geometry"]["type"] == "Polygon"
-        (ring,) = feature["geometry"]["coordinates"]
-        assert len(ring) >= 4 and ring[0] == ring[-1]
-        assert all(len(p) == 2 and all(isinstance(v, (int, float)) for v in p) for p in ring)
-        properties = feature["properties"]
-        assert properties["objectType"] == "detection"
-        assert properties["classification"]["name"] == degenerate["cell_type"][index].as_py()
-        assert len(properties["classification"]["color"]) == 3
-        measurements = properties["measurements"]
+    objects = read_like_qupath(out / "s1.cells.geojson")
+    uids = degenerate["cell_uid"].to_pylist()
+    # QuPath keeps a UUID id: the cell's, derived by uuid5 and so the same in every run
+    assert [o.uuid for o in objects] == [uuid.uuid5(CELL_UUID_NAMESPACE, u) for u in uids]
+    assert (
+        uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/bmseg/bmseg/cell_uid")
+        == CELL_UUID_NAMESPACE
+    )  # documented in docs/results.md
+    for index, found in enumerate(objects):
+        assert found.object_type == "detection"
+        assert found.name == uids[index] and found.metadata["cell_uid"] == uids[index]
+        assert found.class_name == degenerate["cell_type"][index].as_py()
+        assert found.class_color == {"MK": (220, 50, 47), "HSPC": (38, 139, 210)}[found.class_name]
+        measurements = found.measurements
         assert measurements["area_um2"] == pytest.approx(degenerate["area_um2"][index].as_py())
+        assert measurements["intensity_mean_R"] == pytest.approx(
+            degenerate["intensity_mean_R"][index].as_py(), abs=1e-4
+        )
         assert "centroid_x_px" not in measurements and "embedding" not in measurements
         if index < 2:  # contours shifted by the slide origin
             expected = np.stack([np.array(xs[index]) + 100, np.array(ys[index]) - 50], 1)
-            np.testing.assert_allclose(np.array(ring[:-1]), expected, atol=0.01)
-    assert document["features"][1]["properties"]["measurements"]["solidity"] is None
-    box = np.array(document["features"][2]["geometry"]["coordinates"][0])
+            np.testing.assert_allclose(np.array(found.ring[:-1]), expected, atol=0.01)
+    assert np.isnan(objects[1].measurements["solidity"])  # kept by QuPath as NaN, not dropped
+    box = np.array(objects[2].ring)
     x0 = degenerate["bbox_x_px"][2].as_py() + 100
     assert box[:, 0].min() == x0 and len(box) == 5
+
+
+def test_cell_uuids_equal_the_standard_library_uuid5():
+    uids = ["s1:MK:10:20", "slide é:HSPC:1:2:3", ""]
+    found = cell_uuids(pa.array(uids)).to_pylist()
+    assert found == [str(uuid.uuid5(CELL_UUID_NAMESPACE, u)) for u in uids]
 
 
 @pytest.mark.parametrize(

@@ -235,6 +235,20 @@ def test_override_replaces_the_metadata_pixel_size(synthetic_slide):
         assert slide.pixel_size_um == 0.3
 
 
+def test_override_is_logged_once_per_slide_and_only_when_it_differs(synthetic_slide, caplog):
+    path = synthetic_slide[0]
+    caplog.set_level("INFO", logger="bmseg.slide")
+    for _ in range(3):  # SEGMENT opens a slide per reader thread and per batch
+        with open_slide(path, pixel_size_um=0.1725):  # the metadata's own value
+            pass
+    assert not [r for r in caplog.records if "overrides" in r.getMessage()]
+    for _ in range(3):
+        with open_slide(path, pixel_size_um=0.25):
+            pass
+    logged = [r.getMessage() for r in caplog.records if "overrides" in r.getMessage()]
+    assert logged == [f"{path}: pixel size 0.25 µm overrides the metadata's 0.1725 µm"]
+
+
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [

@@ -182,7 +182,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     parser.add_argument(
-        "--fraction", type=float, default=1.0, help="share of tiles to sample, in (0, 1] (1.0)"
+        "--fraction",
+        type=float,
+        default=1.0,
+        help="share of tiles to sample, in (0, 1] (1.0: every tile; the pipeline's "
+        "--sample_fraction defaults to 0.1, an annotation round)",
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     parser.add_argument(

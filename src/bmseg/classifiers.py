@@ -30,12 +30,15 @@ import pyarrow.parquet as pq
 from bmseg.errors import BmsegError, check_id, reading
 from bmseg.gather import (
     CELL_TYPES,
+    REJECTED_CLASS,
     SUMMARY_FILE,
     area_histogram_png,
     density_plot_png,
     feature_columns,
     png_bytes,
+    read_plans,
     summarise,
+    write_geojson,
 )
 from bmseg.labels import LabelReport, merge_labels, read_label_file
 from bmseg.report import CSP as REPORT_CSP
@@ -450,11 +453,35 @@ def check_bundle(path: Path, bundle: dict) -> None:
     check_id(bundle["cell_type"], f"{path}: cell_type")
 
 
+def check_train_out(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an ``--out`` that is a segmentation models folder or holds TRAIN's own inputs.
+
+    ``bmseg models`` folders are called ``models`` too; classifiers written there would sit
+    among the weights SEGMENT reads, and a rerun's cleanup would reach the inputs.
+    """
+    from bmseg.models.layout import MANIFEST_NAME
+
+    if (out / MANIFEST_NAME).is_file():
+        raise BmsegError(
+            f"--out {out}: a segmentation models folder ({MANIFEST_NAME}); write the "
+            "classifiers to a folder of their own, e.g. --out classifiers"
+        )
+    resolved = out.resolve()
+    for path in inputs:
+        path = path.resolve()
+        if resolved == path or (path.is_file() and resolved == path.parent):
+            raise BmsegError(
+                f"--out {out}: holds the input {path.name}; write the classifiers to a folder "
+                "of their own, e.g. --out classifiers"
+            )
+
+
 @writes_output_set
 def run_train(args: argparse.Namespace) -> int:
     """``bmseg train``: validate labels and counts, then train and report per cell type."""
     if args.folds < 2:
         raise BmsegError(f"--folds {args.folds}: need at least 2")
+    check_train_out(Path(args.out), [Path(args.cells), *map(Path, args.labels)])
     files = cell_files([Path(args.cells)])
     label_paths = [Path(p) for p in args.labels]
     merged, report = merge_labels(label_paths, table_uids(files))
@@ -714,6 +741,38 @@ def classify_table(table: pa.Table, bundles: Sequence[dict]) -> pa.Table:
     return table
 
 
+def slide_origins(files: Sequence[Path]) -> dict[Path, tuple[float, float]]:
+    """Each table's slide origin, from the ``{slide}.slide.json`` gather wrote beside it.
+
+    The classified GeoJSON needs it to place contours in QuPath's frame, as gather's does.
+    """
+    origins = {}
+    for path in files:
+        slide = path.name.removesuffix(".cells.parquet")
+        record = path.parent / f"{slide}.slide.json"
+        if not record.is_file():
+            raise BmsegError(
+                f"{record}: missing; classify places the QuPath GeoJSON with it: pass the "
+                "directory gather wrote (or its {slide}.cells.parquet files)"
+            )
+        plan = read_plans(path.parent, [slide])[slide]
+        origins[path] = (plan.origin_x, plan.origin_y)
+    return origins
+
+
+def qupath_classes(table: pa.Table, bundles: Sequence[dict]) -> pa.Array:
+    """Each cell's QuPath class: ``rejected`` where its type's classifier said no, else its type.
+
+    Cells of a type no classifier was trained for keep their type: nothing judged them.
+    """
+    classes = table["cell_type"].combine_chunks()
+    for bundle in bundles:
+        of_type = pc.equal(table["cell_type"], bundle["cell_type"])
+        said_no = pc.invert(table[label_column(bundle["cell_type"])].fill_null(True))
+        classes = pc.if_else(pc.and_(of_type, said_no), REJECTED_CLASS, classes)
+    return classes.combine_chunks() if isinstance(classes, pa.ChunkedArray) else classes
+
+
 def _tissue_frame(files: Sequence[Path], slides: list[str]) -> pd.DataFrame:
     """Per-slide tissue columns from gather's summary.csv beside the tables (NaN without it)."""
     import pandas as pd
@@ -764,6 +823,7 @@ def run_classify(args: argparse.Namespace) -> int:
     bundles = load_classifiers(Path(args.classifiers))
     for path in files:
         check_features(path, bundles)
+    origins = slide_origins(files)
     label_paths = [Path(p) for p in args.labels or ()]
     exclude = labelled_uids(label_paths)
     out = Path(args.out)
@@ -781,11 +841,19 @@ def run_classify(args: argparse.Namespace) -> int:
             with reading(path, "pass the cell tables bmseg gather wrote"):
                 tables = _classified_row_groups(pq.ParquetFile(path), bundles, args.keep_embedding)
                 first = next(tables)
+                for_geojson = []
                 with parquet_writer(out / path.name, first.schema) as writer:
                     for table in itertools.chain([first], tables):
                         writer.write_table(table)
                         frames.append(_classified_frame(table, kept_columns, bundles))
+                        for_geojson.append(table.select(meta_columns(table.schema)))
                         progress.update(table.num_rows)
+            classified = pa.concat_tables(for_geojson)
+            measurements = feature_columns(classified.schema)
+            measurements += [probability_column(b["cell_type"]) for b in bundles]
+            geojson = out / path.name.replace(".cells.parquet", ".cells.geojson")
+            classes = qupath_classes(classified, bundles)
+            write_geojson(classified, origins[path], measurements, geojson, classes)
     cells = pd.concat(frames, ignore_index=True)
     # a slide without cells has an empty table, named {slide}.cells.parquet by gather
     empty = [p.name.removesuffix(".cells.parquet") for p in files if not _rows(p)]
@@ -827,6 +895,11 @@ def run_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def meta_columns(schema: pa.Schema) -> list[str]:
+    """Every column but the embedding."""
+    return [name for name in schema.names if name != EMBEDDING_COLUMN]
+
+
 def _rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
@@ -863,7 +936,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("cells", metavar="CELLS", help="gathered directory or a cells parquet")
     train.add_argument("labels", nargs="+", metavar="LABELS", help="label JSON files")
-    train.add_argument("--out", required=True, metavar="MODELS", help="output directory")
+    train.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder for the classifiers, metrics.json and report.html (not a segmentation "
+        "models folder)",
+    )
     train.add_argument("--folds", type=int, default=5, help="cross-validation folds (5)")
     train.add_argument("--seed", type=int, default=0, help="random seed (0)")
     train.add_argument(

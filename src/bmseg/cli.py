@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     versions = subparsers.add_parser(
         "versions", help="print package versions as an nf-core versions.yml block"
     )
-    versions.add_argument("--process", default="BMSEG", help="process name for the YAML key")
+    versions.add_argument(
+        "--process", default="BMSEG", help="process name for the YAML key (%(default)s)"
+    )
     versions.set_defaults(handler=_versions_command)
     return parser
 

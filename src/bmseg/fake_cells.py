@@ -26,9 +26,6 @@ from bmseg.storage import (
 
 CHANNELS = ("R", "G", "B")
 SHAPE_COLUMNS = ("perimeter_um", "eccentricity", "solidity", "major_axis_um", "minor_axis_um")
-INTENSITY_COLUMNS = tuple(
-    f"intensity_{stat}_{channel}" for stat in ("mean", "std") for channel in CHANNELS
-)
 
 
 def cells_table(
@@ -44,9 +41,13 @@ def cells_table(
     pixel_size_um: float = 0.1725,
     contour_points: int = 24,
     embedding_dim: int = EMBEDDING_DIM,
+    channels: Sequence[str] = CHANNELS,
     seed: int = 0,
 ) -> pa.Table:
-    """One row per circle, with every column of ``cells.parquet`` (slide px in, slide px out)."""
+    """One row per circle, with every column of ``cells.parquet`` (slide px in, slide px out).
+
+    ``channels`` names the slide's channels, after which the intensity columns are named.
+    """
     rng = np.random.default_rng(seed)
     cx = np.asarray(centre_x, dtype=np.float64)
     cy = np.asarray(centre_y, dtype=np.float64)
@@ -95,7 +96,8 @@ def cells_table(
         "major_axis_um": pa.array(2 * radius * pixel_size_um * rng.uniform(1.0, 1.2, n)),
         "minor_axis_um": pa.array(2 * radius * pixel_size_um * rng.uniform(0.8, 1.0, n)),
     }
-    for name in INTENSITY_COLUMNS:
+    intensity_names = (f"intensity_{stat}_{c}" for stat in ("mean", "std") for c in channels)
+    for name in intensity_names:
         base = rng.normal(120.0 if "mean" in name else 20.0, 10.0, n) + 15.0 * shift
         columns[name] = pa.array(base.astype(np.float32))
     columns["score"] = pa.array(scores.astype(np.float32))

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import logging
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,11 @@ BATCHES_RECORD = "batches.json"
 GATHER_RECORD = "gather.json"
 CELL_TYPES = ("MK", "HSPC")
 TYPE_COLOURS = {"MK": (220, 50, 47), "HSPC": (38, 139, 210)}
+REJECTED_CLASS = "rejected"
+"""QuPath class of a cell its type's classifier rejected (``bmseg classify``)."""
+CLASS_COLOURS = {**TYPE_COLOURS, REJECTED_CLASS: (150, 150, 150)}
+CELL_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/bmseg/bmseg/cell_uid")
+"""Namespace of the version-5 UUIDs that identify cells in GeoJSON (docs/results.md)."""
 AREA_QUANTILES = (10, 25, 50, 75, 90)
 ROW_GROUP_ROWS = 32768
 GEOJSON_CHUNK = 50000
@@ -219,21 +225,85 @@ def segmented_tissue_mm2(plan: SlidePlan, tile_ids: set[str]) -> float:
     return plan.tissue_area_mm2 * share
 
 
-def read_cell_metadata(cells_files: Sequence[Path]) -> pa.Table:
-    """Every column but the embedding of all files, in file and row order."""
+def unified_schema(sources: Sequence[Path]) -> pa.Schema:
+    """The one schema of a run's tables, whatever channels each slide has (docs/data.md).
+
+    Per-channel intensity columns (``intensity_{stat}_{channel}``) are the union over all
+    sources, grouped by channel and placed where the first source has its own; a slide without
+    a channel gets nulls in that channel's columns. Channels come in the order of the sorted
+    distinct channel lists, so the schema does not depend on the order of the batch folders.
+    Every other column must be the same in every source (one SEGMENT version).
+    """
+    from bmseg.features import INTENSITY_STATS, intensity_column_parts
+
+    schemas = [pq.read_schema(path) for path in sources]
+
+    def fixed(schema: pa.Schema) -> pa.Schema:
+        return pa.schema([f for f in schema if intensity_column_parts(f.name) is None])
+
+    base = fixed(schemas[0])
+    intensities: dict[str, pa.Field] = {}
+    channel_lists = set()
+    for path, schema in zip(sources, schemas, strict=True):
+        own = [f for f in schema if intensity_column_parts(f.name) is not None]
+        clashing = [f.name for f in own if intensities.get(f.name, f).type != f.type]
+        if not fixed(schema).equals(base) or clashing:
+            raise BmsegError(
+                f"{path}: columns differ from {sources[0]} beyond the per-channel "
+                "intensities; re-run SEGMENT with one bmseg version"
+            )
+        intensities.update((f.name, f) for f in own)
+        parts = (intensity_column_parts(f.name) for f in own)
+        channel_lists.add(tuple(dict.fromkeys(channel for _, channel in parts)))
+    channels = dict.fromkeys(c for listed in sorted(channel_lists) for c in listed)
+    channel_order = {channel: index for index, channel in enumerate(channels)}
+
+    def position(field: pa.Field) -> tuple[int, int]:
+        stat, channel = intensity_column_parts(field.name)
+        return channel_order[channel], INTENSITY_STATS.index(stat)
+
+    first_names = schemas[0].names
+    first_intensity = next(
+        (i for i, n in enumerate(first_names) if intensity_column_parts(n) is not None), None
+    )
+    at = (
+        len(base)
+        if first_intensity is None
+        else sum(intensity_column_parts(n) is None for n in first_names[:first_intensity])
+    )
+    fields = list(base)
+    fields[at:at] = sorted(intensities.values(), key=position)
+    return pa.schema(fields)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` in ``schema``'s column order, columns it lacks filled with nulls."""
+    columns = [
+        table[f.name].cast(f.type)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def read_cell_metadata(cells_files: Sequence[Path], schema: pa.Schema) -> pa.Table:
+    """Every column but the embedding of all files, in file and row order, in ``schema``."""
+    wanted = pa.schema([f for f in schema if f.name != EMBEDDING_COLUMN])
     tables = []
     for path in cells_files:
         with reading(path, "re-run SEGMENT for this batch"):
             names = [n for n in pq.read_schema(path).names if n != EMBEDDING_COLUMN]
-            tables.append(pq.read_table(path, columns=names))
-        check_no_nulls(tables[-1], REQUIRED_COLUMNS, path, "re-run SEGMENT for this batch")
-    try:
-        return pa.concat_tables(tables, promote_options="default").combine_chunks()
-    except pa.ArrowInvalid as error:
-        raise BmsegError(
-            f"{cells_files[0]}: column types differ between cell tables ({error}); "
-            "re-run SEGMENT with one bmseg version"
-        ) from error
+            table = pq.read_table(path, columns=names)
+        check_no_nulls(table, REQUIRED_COLUMNS, path, "re-run SEGMENT for this batch")
+        try:
+            tables.append(conform(table, wanted))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+            raise BmsegError(
+                f"{path}: column types differ from the other cell tables ({error}); "
+                "re-run SEGMENT with one bmseg version"
+            ) from error
+    return pa.concat_tables(tables).combine_chunks()
 
 
 def _codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[str]]:
@@ -395,7 +465,7 @@ class _SlideWriters:
 
     def write(self, slide: str, table: pa.Table) -> None:
         """Queue ``table`` for ``slide``; flush once a row group's worth is queued."""
-        self._pending[slide].append(table.cast(self._schema))
+        self._pending[slide].append(conform(table, self._schema))
         if sum(t.num_rows for t in self._pending[slide]) >= ROW_GROUP_ROWS:
             self._flush(slide)
 
@@ -421,11 +491,12 @@ def _stream_rows(
 ) -> None:
     """Copy rows of ``sources`` into per-slide files; ``slide_per_row`` holds codes, -1 = drop.
 
-    ``uid_per_row``, when given, replaces each source's ``cell_uid`` column.
+    ``uid_per_row``, when given, replaces each source's ``cell_uid`` column. Every output has
+    the sources' :func:`unified_schema`.
     """
     from tqdm import tqdm
 
-    schema = pq.read_schema(sources[0])
+    schema = unified_schema(sources)
     total_rows = sum(len(codes) for codes in slide_per_row)
     with (
         contextlib.ExitStack() as stack,
@@ -434,10 +505,6 @@ def _stream_rows(
         writers = _SlideWriters(stack, out_paths, schema)
         for index, (source, codes) in enumerate(zip(sources, slide_per_row, strict=True)):
             parquet = pq.ParquetFile(source)
-            if parquet.schema_arrow.names != schema.names:
-                raise BmsegError(
-                    f"{source}: columns differ from {sources[0]}; re-run SEGMENT with one version"
-                )
             start = 0
             for group in range(parquet.num_row_groups):
                 table = parquet.read_row_group(group)
@@ -549,21 +616,48 @@ def png_bytes(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _number_strings(values: np.ndarray, decimals: int) -> pa.Array:
-    """Numbers as JSON text, non-finite values as ``null``."""
+def _number_strings(values: np.ndarray, decimals: int, non_finite: str = "null") -> pa.Array:
+    """Numbers as JSON text, non-finite values as ``non_finite``."""
     array = pa.array(np.round(values.astype(np.float64), decimals))
     text = pc.cast(array, pa.string())
-    return pc.if_else(pc.is_finite(array), text, pa.scalar("null"))
+    return pc.if_else(pc.is_finite(array), text, pa.scalar(non_finite))
+
+
+def cell_uuids(uids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """RFC 4122 version-5 UUIDs of cell uids under :data:`CELL_UUID_NAMESPACE`, as strings.
+
+    Equal to ``str(uuid.uuid5(CELL_UUID_NAMESPACE, uid))``: QuPath keeps a feature's ``id`` as
+    the object's id only when it is a UUID, so the same cell gets the same id in every file
+    and every run. One SHA-1 per cell; the bit setting and hex formatting are numpy.
+    """
+    import hashlib
+
+    prefix = CELL_UUID_NAMESPACE.bytes
+    values = uids.to_pylist()
+    digests = b"".join(hashlib.sha1(prefix + u.encode("utf-8")).digest()[:16] for u in values)
+    raw = np.frombuffer(digests, np.uint8).reshape(-1, 16).copy()
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x50  # version 5
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
+    hexed = np.frombuffer(raw.tobytes().hex().encode("ascii"), np.uint8).reshape(-1, 32)
+    text = np.full((len(values), 36), ord("-"), np.uint8)
+    text[:, [i for i in range(36) if i not in (8, 13, 18, 23)]] = hexed
+    offsets = np.arange(0, 36 * (len(values) + 1), 36, dtype=np.int32)
+    return pa.StringArray.from_buffers(
+        len(values), pa.py_buffer(offsets.tobytes()), pa.py_buffer(text.tobytes())
+    )
 
 
 def geojson_features(
-    meta: pa.Table, origin: tuple[float, float], measurements: Sequence[str]
+    meta: pa.Table, origin: tuple[float, float], measurements: Sequence[str], classes: pa.Array
 ) -> pa.Array:
     """One GeoJSON Feature (JSON text) per cell, built column-wise by Arrow.
 
+    The feature ``id`` is the cell's :func:`cell_uuids`; its ``name`` and ``metadata.cell_uid``
+    are the cell uid (QuPath's measurements are numbers only), ``classes`` its classification.
     Coordinates are full-resolution pixels relative to the slide's top-left corner (slide
     coordinates minus the bounds origin), the frame QuPath shows when it opens the slide.
     Cells whose contour has fewer than three vertices get their bounding box as polygon.
+    Non-finite measurements are written as the string ``"NaN"``, as QuPath writes them.
     """
     flat_x, flat_y, offsets = flat_contours(meta)
     lengths = np.diff(offsets)
@@ -594,31 +688,39 @@ def geojson_features(
     )
     first_points = points.take(pa.array(offsets[:-1]))
     rings = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), points), ",")
-    colours = {t: ",".join(map(str, c)) for t, c in TYPE_COLOURS.items()}
-    cell_types = meta["cell_type"].combine_chunks()
-    encoded = cell_types.dictionary_encode()
+    colours = {t: ",".join(map(str, c)) for t, c in CLASS_COLOURS.items()}
+    encoded = classes.dictionary_encode()
     colour = pa.array(
         [colours.get(t, "128,128,128") for t in encoded.dictionary.to_pylist()], pa.string()
     ).take(encoded.indices)
     measured = [
         pc.binary_join_element_wise(
-            json.dumps(name) + ":", _number_strings(meta[name].to_numpy(), 4), ""
+            json.dumps(name) + ":",
+            _number_strings(meta[name].to_numpy(zero_copy_only=False), 4, '"NaN"'),
+            "",
         )
         for name in measurements
     ]
     measurement_text = pc.binary_join_element_wise(*measured, ",") if measured else pa.scalar("")
+    uids = meta["cell_uid"].combine_chunks()
     return pc.binary_join_element_wise(
         '{"type":"Feature","id":"',
-        meta["cell_uid"].combine_chunks(),
+        cell_uuids(uids),
         '","geometry":{"type":"Polygon","coordinates":[[',
         rings,
         ",",
         first_points,
-        ']]},"properties":{"objectType":"detection","classification":{"name":"',
-        cell_types,
+        ']]},"properties":{"objectType":"detection","name":"',
+        uids,
+        '","classification":{"name":"',
+        classes,
         '","color":[',
         colour,
-        ']},"measurements":{',
+        ']},"metadata":{"cell_uid":"',
+        uids,
+        '","cell_type":"',
+        meta["cell_type"].combine_chunks(),
+        '"},"measurements":{',
         measurement_text,
         "}}}",
         "",
@@ -626,16 +728,30 @@ def geojson_features(
 
 
 def write_geojson(
-    meta: pa.Table, origin: tuple[float, float], measurements: Sequence[str], path: Path
+    meta: pa.Table,
+    origin: tuple[float, float],
+    measurements: Sequence[str],
+    path: Path,
+    classes: pa.Array | None = None,
 ) -> None:
-    """Write a FeatureCollection of ``meta``'s cells to ``path`` (atomically, in chunks)."""
-    unsafe = pc.any(pc.match_substring_regex(meta["cell_uid"], r'["\\\x00-\x1f]')).as_py()
-    if unsafe:
-        raise BmsegError(f"{path}: cell_uid with quotes or control characters; re-run SEGMENT")
+    """Write a FeatureCollection of ``meta``'s cells to ``path`` (atomically, in chunks).
+
+    ``classes`` (one QuPath class name per row) defaults to each cell's type.
+    """
+    for column in ("cell_uid", "cell_type"):
+        unsafe = pc.any(pc.match_substring_regex(meta[column], r'["\\\x00-\x1f]')).as_py()
+        if unsafe:
+            raise BmsegError(f"{path}: {column} with quotes or control characters; re-run SEGMENT")
+    classes = meta["cell_type"].combine_chunks() if classes is None else classes
     with atomic_path(path) as tmp, tmp.open("wb") as handle:
         handle.write(b'{"type":"FeatureCollection","features":[\n')
         for start in range(0, meta.num_rows, GEOJSON_CHUNK):
-            features = geojson_features(meta.slice(start, GEOJSON_CHUNK), origin, measurements)
+            features = geojson_features(
+                meta.slice(start, GEOJSON_CHUNK),
+                origin,
+                measurements,
+                classes.slice(start, GEOJSON_CHUNK),
+            )
             if start:
                 handle.write(b",\n")
             # One Arrow join, written from its buffer: no Python string per feature.
@@ -654,7 +770,8 @@ def run_gather(args: argparse.Namespace) -> int:
     for batch in batches:
         for tile in batch.record["tiles"]:
             tiles_by_slide.setdefault(tile["slide_id"], set()).add(tile["tile_id"])
-    meta = read_cell_metadata([b.cells for b in batches])
+    cells_files = [b.cells for b in batches]
+    meta = read_cell_metadata(cells_files, unified_schema(cells_files))
     unknown = set(pc.unique(meta["slide_id"]).to_pylist()) - set(tiles_by_slide)
     if unknown:
         raise BmsegError(

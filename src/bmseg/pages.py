@@ -157,6 +157,49 @@ def keep_cells_with_crops(cells: pa.Table, sources: list[CellSource]) -> pa.Tabl
     return cells.filter(has_crop)
 
 
+def segmenting_weights(sources: list[CellSource]) -> str | None:
+    """``"test"`` or ``"demo"`` when gather's ``batches.json`` beside the tables says SEGMENT
+    ran make-test's random weights or make-demo's synthetic-only ones; else None."""
+    kinds = set()
+    for folder in dict.fromkeys(source.cells.parent for source in sources):
+        record = folder / "batches.json"
+        try:
+            batches = json.loads(record.read_text(encoding="utf-8"))["batches"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # only used to explain an empty site: a missing record explains nothing
+        for batch in batches if isinstance(batches, list) else []:
+            models = batch.get("models") if isinstance(batch, dict) else None
+            manifest = models.get("manifest") if isinstance(models, dict) else None
+            if not isinstance(manifest, dict):
+                continue
+            training = manifest.get("training")
+            if isinstance(training, dict) and training.get("kind") == "demo":
+                kinds.add("demo")
+            elif manifest.get("random_init") is True:
+                kinds.add("test")
+    return "test" if "test" in kinds else "demo" if "demo" in kinds else None
+
+
+def nothing_to_show(where: Path, sources: list[CellSource], found: int) -> BmsegError:
+    """The error for a site without one cell to show: why it is empty and what to do."""
+    if found:
+        return BmsegError(
+            f"{where}: none of its {found} cells has a crop; gather SEGMENT's batch folders "
+            "with their crops.parquet again"
+        )
+    why = {
+        "test": "SEGMENT ran random test weights (bmseg models make-test), which find no cells",
+        "demo": "SEGMENT ran the demo weights (bmseg models make-demo), which find only the "
+        "HSPCs of bmseg synth slides",
+        None: "SEGMENT found no cells in the segmented tiles (see the report and tissue pictures)",
+    }[segmenting_weights(sources)]
+    return BmsegError(
+        f"{where}: no cells to show: {why}; segment with weights that find cells (bmseg models "
+        "make-demo --dest DIR for synthetic slides, bmseg models fetch --dest DIR for real "
+        "ones), then gather again"
+    )
+
+
 def page_order(
     cells: pa.Table, order: str, seed: int, uncertainty: np.ndarray | None
 ) -> np.ndarray:
@@ -539,9 +582,10 @@ def build_site(
             "--order uncertainty needs a ranking.parquet (bmseg classify) beside CELLS; "
             "pass --ranking FILE or use --order random"
         )
-    cells = keep_cells_with_crops(load_cells(sources), sources)
+    loaded = load_cells(sources)
+    cells = keep_cells_with_crops(loaded, sources)
     if not len(cells):
-        raise BmsegError(f"{inputs[0]}: no cells with crops to show; check the gather output")
+        raise nothing_to_show(inputs[0], sources, len(loaded))
     uncertainty = load_uncertainty(cells, ranking_path) if order == "uncertainty" else None
     layout = plan_layout(cells, page_order(cells, order, seed, uncertainty), per_page)
     site_key = site_id(cells)
@@ -583,7 +627,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, metavar="SITE", help="site folder")
     parser.add_argument("--per-page", type=int, default=300, help="cells per page (300)")
-    parser.add_argument("--order", choices=ORDERS, default="random", help="gallery order")
+    parser.add_argument(
+        "--order",
+        choices=ORDERS,
+        default="random",
+        help="gallery order: random (seeded), size (largest first) or uncertainty (most "
+        "uncertain first, from bmseg classify --ranking) (%(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random order (0)")
     parser.add_argument(
         "--ranking",

@@ -732,9 +732,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Pool the tissue contrast of several slides of one modality and write one "
         "Otsu threshold as JSON for bmseg plan --calibration.",
     )
-    calibrate_parser.add_argument("slides", type=Path, nargs="+", metavar="SLIDE")
-    calibrate_parser.add_argument("--out", type=Path, required=True, metavar="FILE.json")
-    calibrate_parser.add_argument("--pixel-size-um", type=float, help="µm per pixel override")
+    calibrate_parser.add_argument(
+        "slides", type=Path, nargs="+", metavar="SLIDE", help="the cohort's slides, one modality"
+    )
+    calibrate_parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="FILE.json",
+        help="the calibration to write, read by bmseg plan --calibration",
+    )
+    calibrate_parser.add_argument(
+        "--pixel-size-um",
+        type=float,
+        help="µm per pixel for every slide, overriding (or replacing) the metadata",
+    )
     calibrate_parser.add_argument(
         "--slide-pixel-size-um",
         type=slide_pixel_size,

@@ -844,6 +844,22 @@ def parse_plane(text: str | None) -> dict[str, int | str]:
     return plane
 
 
+_OVERRIDES_LOGGED: set[tuple[str, float, float]] = set()
+
+
+def _log_override(path: str, pixel_size_um: float, native: float) -> None:
+    """Say once per process and slide that a given pixel size replaces a different metadata one.
+
+    SEGMENT opens a slide per reader thread and batch: a line per open would flood the log and
+    break the progress bar, and an override equal to the metadata changes nothing.
+    """
+    key = (path, pixel_size_um, native)
+    if math.isclose(pixel_size_um, native, rel_tol=1e-9) or key in _OVERRIDES_LOGGED:
+        return
+    _OVERRIDES_LOGGED.add(key)
+    log.info("%s: pixel size %g µm overrides the metadata's %g µm", path, pixel_size_um, native)
+
+
 def open_slide(
     path: str | Path,
     *,
@@ -886,9 +902,7 @@ def open_slide(
                 f"{path}: no pixel size in the metadata; pass --pixel-size-um (µm per pixel)"
             )
         if pixel_size_um is not None and native is not None:
-            log.info(
-                "%s: pixel size %g µm overrides the metadata's %g µm", path, pixel_size_um, native
-            )
+            _log_override(str(path), float(pixel_size_um), float(native))
         if pixel_size_um is None:
             check_pixel_size(float(native), f"{path}: the metadata's pixel size")
         slide.pixel_size_um = float(pixel_size_um if pixel_size_um is not None else native)

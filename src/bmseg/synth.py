@@ -472,6 +472,20 @@ def truth_table(layout: SyntheticLayout, slide_id: str):
     return pa.table(columns, schema=schema)
 
 
+def truth_labels(layout: SyntheticLayout, rect: Rect, cell_type: str) -> np.ndarray:
+    """(h, w) int32 label image of the planted cells of ``cell_type`` in ``rect``, numbered
+    1.. in layout order: the very masks the truth table is measured on and the tiles paint."""
+    labels = np.zeros((rect.h, rect.w), np.int32)
+    cells = [c for c in layout._cells_meeting(rect) if c.cell_type == cell_type]
+    for number, cell in enumerate(cells, start=1):
+        x0, y0, x1, y1 = cell.box
+        left, top = max(x0, rect.x), max(y0, rect.y)
+        right, bottom = min(x1, rect.right), min(y1, rect.bottom)
+        mask = _cell_mask(cell)[top - y0 : bottom - y0, left - x0 : right - x0]
+        labels[top - rect.y : bottom - rect.y, left - rect.x : right - rect.x][mask] = number
+    return labels
+
+
 def truth_path_for(path: str | Path) -> Path:
     """``OUT.czi`` -> ``OUT.truth.parquet``."""
     path = Path(path)
@@ -660,7 +674,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--width", type=int, default=4000, help="slide width, px (4000)")
     parser.add_argument("--height", type=int, default=4000, help="slide height, px (4000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    parser.add_argument("--modality", choices=MODALITIES, default="brightfield")
+    parser.add_argument(
+        "--modality",
+        choices=MODALITIES,
+        default="brightfield",
+        help="brightfield: RGB stain (TL Brightfield); fluorescence: uint16 DAPI and CD41 "
+        "channels (%(default)s)",
+    )
     parser.add_argument(
         "--density",
         choices=DENSITIES,

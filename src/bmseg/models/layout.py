@@ -31,10 +31,13 @@ SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hier
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a models directory holds. ``random_init`` marks the tiny test checkpoints.
+    """What a models directory holds. ``random_init`` marks random-initialised checkpoints
+    (make-test; make-demo's SAM2 and ResNet-50).
 
     ``sam2_image_size`` overrides the config's input resolution (1024) without touching the
-    weights; only the test models use it (256), to keep CPU tests fast.
+    weights; only the test models use it (256), to keep CPU tests fast. ``description`` says in
+    words what the weights are (logged when they load); ``training`` records how a trained
+    Cellpose-SAM was made (make-demo, finetune): parent model, data, settings, validation AP.
     """
 
     sam2_checkpoint: str = "sam2.1_hiera_large.pt"
@@ -45,6 +48,8 @@ class Manifest:
     random_init: bool = False
     sha256: dict[str, str] | None = None
     """``{file name: sha256}`` recorded by fetch / make-test; loading checks every file."""
+    description: str = ""
+    training: dict | None = None
 
     def files(self) -> dict[str, str]:
         """``{model: file name}`` for the three weight files."""

@@ -68,7 +68,9 @@ def load_models(
     manifest = read_manifest(models_dir)
     paths = {name: weight_path(models_dir, file) for name, file in manifest.files().items()}
     torch_device = resolve_device(device)
-    if manifest.random_init:
+    if manifest.description:
+        log.warning("%s: %s", models_dir, manifest.description)
+    elif manifest.random_init:
         log.warning(TEST_WEIGHTS_WARNING, models_dir)
     embedder_settings = embedder_settings or EmbedderSettings()
     sam2 = load_sam2(paths["sam2"], manifest.sam2_config, torch_device, manifest.sam2_image_size)

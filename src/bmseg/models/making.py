@@ -1,13 +1,27 @@
-"""Writing model files: tiny random-initialised test checkpoints, and fetching the real ones."""
+"""Writing model files: tiny random-initialised test checkpoints, the demo model trained here on
+synthetic slides, and fetching the real ones."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from bmseg.errors import BmsegError
 from bmseg.models.layout import SAM2_URL, Manifest, write_manifest
+from bmseg.models.training import (
+    Region,
+    TrainSettings,
+    crops_around,
+    train_cellpose,
+    validation_ap50,
+)
 from bmseg.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -46,33 +60,46 @@ def make_test_models(dest: Path, seed: int = 0, full_size: bool = False) -> Mani
     ``full_size`` writes the production architectures (about 2.3 GB) instead of the tiny ones.
     """
     from cellpose.vit import CPSAM
-    from sam2.build_sam import build_sam2
-    from torchvision.models import resnet50
-
-    from bmseg.models.cellpose_models import sam_encoder_as
 
     torch.manual_seed(seed)
     manifest = FULL_SIZE_MANIFEST if full_size else TEST_MANIFEST
     dest.mkdir(parents=True, exist_ok=True)
-    sam2 = build_sam2(manifest.sam2_config, None, device="cpu")
-    with atomic_path(dest / manifest.sam2_checkpoint) as tmp:
-        torch.save({"model": sam2.state_dict()}, tmp)
-    del sam2
-
-    if full_size:
-        cellpose_net = CPSAM()
-    else:
-        with sam_encoder_as(**TEST_CELLPOSE_ENCODER):
-            cellpose_net = CPSAM()
+    _write_sam2(manifest, dest)
+    cellpose_net = CPSAM() if full_size else test_cellpose_net(TEST_CELLPOSE_ENCODER)
     with atomic_path(dest / manifest.cellpose_checkpoint) as tmp:
         cellpose_net.save_model(tmp)
     del cellpose_net
-
-    with atomic_path(dest / manifest.resnet50_weights) as tmp:
-        torch.save(resnet50(weights=None).state_dict(), tmp)
+    _write_resnet50(manifest, dest)
     write_manifest(manifest, dest)
     log.info("wrote random-initialised checkpoints (%s) to %s", manifest.sam2_config, dest)
     return manifest
+
+
+def test_cellpose_net(encoder: dict) -> torch.nn.Module:
+    """Cellpose's own ``CPSAM`` network with a SAM ViT encoder of these dimensions."""
+    from cellpose.vit import CPSAM
+
+    from bmseg.models.cellpose_models import sam_encoder_as
+
+    with sam_encoder_as(**encoder):
+        return CPSAM()
+
+
+def _write_sam2(manifest: Manifest, dest: Path) -> None:
+    """SAM2 of the manifest's config, random weights, in SAM2's checkpoint format."""
+    from sam2.build_sam import build_sam2
+
+    sam2 = build_sam2(manifest.sam2_config, None, device="cpu")
+    with atomic_path(dest / manifest.sam2_checkpoint) as tmp:
+        torch.save({"model": sam2.state_dict()}, tmp)
+
+
+def _write_resnet50(manifest: Manifest, dest: Path) -> None:
+    """torchvision's ResNet-50, random weights, as a state dict."""
+    from torchvision.models import resnet50
+
+    with atomic_path(dest / manifest.resnet50_weights) as tmp:
+        torch.save(resnet50(weights=None).state_dict(), tmp)
 
 
 def fetch_plan() -> dict[str, str]:
@@ -101,4 +128,152 @@ def fetch_models(dest: Path) -> Manifest:
             torch.hub.download_url_to_file(url, str(tmp), progress=True)
     manifest = Manifest()
     write_manifest(manifest, dest)
+    return manifest
+
+
+# ------------------------------------------------------------------------------ demo model
+
+DEMO_CELLPOSE_ENCODER = TEST_CELLPOSE_ENCODER
+"""The demo Cellpose-SAM has the test architecture: small enough to train on a CPU."""
+
+DEMO_TRAINING = TrainSettings(epochs=100, images_per_epoch=12, batch_size=6, learning_rate=1e-3)
+"""1 200 crops seen in 100 of Cellpose's epochs of two steps each: warm-up, hold, halving."""
+
+DEMO_SLIDE_PX = 4000
+"""Side of the synthetic layouts the demo trains and validates on (``bmseg synth``'s default)."""
+DEMO_TRAIN_LAYOUTS = 2
+"""Synthetic layouts per modality trained on; one more per modality is held out."""
+
+DEMO_DESCRIPTION = (
+    "DEMO weights: a small Cellpose-SAM trained here on synthetic slides (bmseg synth, "
+    "brightfield and fluorescence) to segment their HSPC-like discs, with random-initialised "
+    "SAM2 and ResNet-50. It finds the planted HSPCs of synthetic slides; it does NOT segment "
+    "real bone marrow (use `bmseg models fetch` for the real weights)."
+)
+
+DEMO_MANIFEST = Manifest(
+    sam2_checkpoint=TEST_MANIFEST.sam2_checkpoint,
+    sam2_config=TEST_MANIFEST.sam2_config,
+    sam2_image_size=TEST_MANIFEST.sam2_image_size,
+    cellpose_checkpoint="cpsam_demo_synthetic",
+    resnet50_weights=TEST_MANIFEST.resnet50_weights,
+    random_init=True,
+    description=DEMO_DESCRIPTION,
+)
+
+
+def demo_layout_seeds(seed: int) -> dict[str, tuple[list[int], int]]:
+    """``{modality: (training layout seeds, held-out layout seed)}``, distinct, from ``seed``."""
+    from bmseg.synth import MODALITIES
+
+    seeds = {}
+    for index, modality in enumerate(MODALITIES):
+        first = 1000 * seed + 10 * index + 1
+        seeds[modality] = (list(range(first, first + DEMO_TRAIN_LAYOUTS)), first + 9)
+    return seeds
+
+
+def synthetic_regions(layout_seed: int, modality: str, side: int = DEMO_SLIDE_PX) -> list[Region]:
+    """The mosaic tiles of a synthetic layout that hold a cell, as SEGMENT sees them (RGB by
+    :func:`bmseg.segment.to_rgb8`), with the planted HSPCs' masks. Crops centre on every HSPC
+    and MK (so the network learns that an MK is no HSPC) and on as many random points of the
+    tile (background, tissue, their edges: what a tile shows away from cells)."""
+    from bmseg.segment import to_rgb8
+    from bmseg.slide import Rect
+    from bmseg.synth import MOSAIC_TILE, SyntheticLayout, truth_labels
+
+    layout = SyntheticLayout(side, side, layout_seed, modality)
+    rng = np.random.default_rng(layout_seed)
+    centroids = np.array([cell.outline.mean(axis=0) for cell in layout.cells]).reshape(-1, 2)
+    regions = []
+    for y in range(0, side, MOSAIC_TILE):
+        for x in range(0, side, MOSAIC_TILE):
+            rect = Rect(x, y, min(MOSAIC_TILE, side - x), min(MOSAIC_TILE, side - y))
+            inside = (
+                (centroids[:, 0] >= rect.x)
+                & (centroids[:, 0] < rect.right)
+                & (centroids[:, 1] >= rect.y)
+                & (centroids[:, 1] < rect.bottom)
+            )
+            if not inside.any():
+                continue
+            random_points = rng.uniform((0, 0), (rect.w, rect.h), size=(int(inside.sum()), 2))
+            centres = np.concatenate([centroids[inside] - (x, y), random_points])
+            labels = truth_labels(layout, rect, "HSPC")
+            rgb = to_rgb8(layout.render(rect), modality)
+            regions.append(Region(rgb, labels, centres))
+    return regions
+
+
+def make_demo_models(
+    dest: Path, seed: int = 0, settings: TrainSettings = DEMO_TRAINING, progress: bool = True
+) -> Manifest:
+    """Write the demo models folder: make-test's SAM2 and ResNet-50, and a small Cellpose-SAM
+    trained by ``cellpose.train`` on the HSPC masks of synthetic slides of both modalities.
+
+    Everything derives from ``seed`` (weights, layouts, crops, training order). The folder is
+    built under a temporary name beside ``dest`` and renamed when complete.
+    """
+    from bmseg.models.loading import load_cellpose
+    from bmseg.synth import PIXEL_SIZE_UM
+
+    if dest.exists() and any(dest.iterdir()):
+        raise BmsegError(f"--dest {dest}: exists and is not empty; pass a new folder")
+    started = time.perf_counter()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp", dir=dest.parent))
+    try:
+        torch.manual_seed(seed)
+        manifest = DEMO_MANIFEST
+        _write_sam2(manifest, work)
+        _write_resnet50(manifest, work)
+        net = test_cellpose_net(DEMO_CELLPOSE_ENCODER)
+        rng = np.random.default_rng(seed)
+        train_regions, val_regions = [], []
+        layouts = demo_layout_seeds(seed)
+        for modality, (train_seeds, val_seed) in layouts.items():
+            for layout_seed in train_seeds:
+                train_regions += synthetic_regions(layout_seed, modality)
+            val_regions += synthetic_regions(val_seed, modality)
+        images, targets = crops_around(train_regions, settings.crop_px, rng)
+        log.info(
+            "demo: %d training crops from %d synthetic tiles, %d held-out tiles",
+            len(images),
+            len(train_regions),
+            len(val_regions),
+        )
+        record = train_cellpose(
+            net, images, targets, settings, work / manifest.cellpose_checkpoint, progress
+        )
+        model = load_cellpose(work / manifest.cellpose_checkpoint, torch.device("cpu"))
+        ap50 = validation_ap50(model, val_regions, PIXEL_SIZE_UM)
+        cells = int(sum(len(np.unique(r.labels)) - 1 for r in val_regions))
+        log.info("demo: validation AP@0.5 %.3f on %d held-out HSPCs", ap50, cells)
+        training = {
+            "kind": "demo",
+            "parent": "random initialisation",
+            "encoder": DEMO_CELLPOSE_ENCODER,
+            "data": {
+                "synthetic_layouts": {
+                    m: {"train": t, "validation": v} for m, (t, v) in layouts.items()
+                },
+                "slide_px": DEMO_SLIDE_PX,
+                "training_tiles": len(train_regions),
+                "validation_tiles": len(val_regions),
+                "validation_hspcs": cells,
+            },
+            "settings": settings.as_dict(),
+            "seed": seed,
+            **record,
+            "validation_ap50": round(ap50, 4),
+            "total_seconds": round(time.perf_counter() - started, 1),
+        }
+        manifest = dataclasses.replace(manifest, training=training)
+        write_manifest(manifest, work)
+        if dest.exists():
+            dest.rmdir()  # empty, checked above
+        work.replace(dest)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return manifest

@@ -1,0 +1,197 @@
+"""`bmseg models make-demo`: a Cellpose-SAM trained here on synthetic slides, and what its real
+flows do in SEGMENT's HSPC path and in bmseg.flows, scored against the planted truth.
+
+The demo folder is built once per code version and cached (``demo_models_dir`` in conftest);
+every test here evaluates on synthetic layouts the network never saw in training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from bmseg.cli import main as run_cli_main
+from bmseg.models.making import DEMO_MANIFEST, demo_layout_seeds, make_demo_models
+from bmseg.models.training import (
+    Region,
+    TrainSettings,
+    crops_around,
+    pooled_ap50,
+    train_cellpose,
+)
+from bmseg.segment import to_rgb8
+from bmseg.slide import Rect
+from bmseg.synth import MODALITIES, PIXEL_SIZE_UM, SyntheticLayout, truth_labels
+
+UNSEEN_SEED = 777
+"""A synthetic layout no make-demo seed reaches (they are 1000·seed + 1..29)."""
+
+
+def run_cli(*args) -> int:
+    return run_cli_main(["-q", *map(str, args)])
+
+
+def unseen_region(modality: str, side: int = 1536) -> Region:
+    """The middle of an unseen 4000 px synthetic layout as SEGMENT shows it, with its HSPCs."""
+    layout = SyntheticLayout(4000, 4000, UNSEEN_SEED, modality)
+    rect = Rect(2000 - side // 2, 2000 - side // 2, side, side)
+    labels = truth_labels(layout, rect, "HSPC")
+    return Region(to_rgb8(layout.render(rect), modality), labels, np.empty((0, 2)))
+
+
+@pytest.fixture(scope="module")
+def demo_cellpose(demo_models_dir: Path):
+    from bmseg.models.loading import load_cellpose
+
+    manifest = json.loads((demo_models_dir / "manifest.json").read_text())
+    return load_cellpose(demo_models_dir / manifest["cellpose_checkpoint"], torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def unseen_flows(demo_cellpose):
+    """``{modality: (truth labels, flows, cellprob)}``: the demo network run by SEGMENT's path."""
+    from bmseg.models.cellpose_models import CellposeHSPCSegmenter
+    from bmseg.models.settings import HSPCSettings
+
+    segmenter = CellposeHSPCSegmenter(
+        demo_cellpose, None, HSPCSettings(refine=False), torch.device("cpu")
+    )
+    out = {}
+    for modality in MODALITIES:
+        region = unseen_region(modality)
+        assert region.labels.max() >= 20, "the unseen region must hold HSPCs to find"
+        out[modality] = (region.labels, *segmenter.flows(region.rgb, PIXEL_SIZE_UM))
+    return out
+
+
+def test_manifest_says_plainly_what_the_demo_is(demo_models_dir: Path):
+    manifest = json.loads((demo_models_dir / "manifest.json").read_text())
+    assert manifest["cellpose_checkpoint"] == DEMO_MANIFEST.cellpose_checkpoint
+    assert "DEMO" in manifest["description"] and "NOT segment real" in manifest["description"]
+    training = manifest["training"]
+    assert training["kind"] == "demo" and training["seed"] == 0
+    assert set(training["data"]["synthetic_layouts"]) == set(MODALITIES)
+    assert training["data"]["validation_hspcs"] >= 50
+    assert 0.0 <= training["validation_ap50"] <= 1.0
+    for name in (manifest["sam2_checkpoint"], manifest["resnet50_weights"]):
+        assert (demo_models_dir / name).is_file()
+
+
+def test_demo_network_segments_unseen_synthetic_hspcs(unseen_flows):
+    """SEGMENT's HSPC masks (flows by the network, masks by bmseg.flows) match the planted
+    HSPCs of a layout the network never saw: AP@0.5 well above what a random network gets."""
+    from bmseg.flows import flows_to_masks
+
+    for modality, (truth, flows, cellprob) in unseen_flows.items():
+        masks = flows_to_masks(flows, cellprob)
+        ap = pooled_ap50([truth], [masks])
+        assert ap >= 0.7, f"{modality}: AP@0.5 {ap:.2f} of the demo network on unseen HSPCs"
+
+
+def test_bmseg_flows_matches_cellpose_on_real_network_flows(unseen_flows):
+    """On a trained network's own flows, bmseg.flows finds what Cellpose's compute_masks finds
+    (AP@0.5 of one against the other) and scores at least as well against the truth."""
+    from bmseg.flows import cellpose_compute_masks, flows_to_masks
+
+    for modality, (truth, flows, cellprob) in unseen_flows.items():
+        ours = flows_to_masks(flows, cellprob)
+        theirs = cellpose_compute_masks(flows, cellprob)
+        assert pooled_ap50([theirs], [ours]) >= 0.9, modality
+        ours_ap, theirs_ap = pooled_ap50([truth], [ours]), pooled_ap50([truth], [theirs])
+        assert ours_ap >= theirs_ap - 0.02, f"{modality}: {ours_ap:.3f} vs Cellpose {theirs_ap:.3f}"
+
+
+def test_hspc_path_of_segment_finds_the_planted_hspcs(demo_models_dir: Path, tmp_path: Path):
+    """`bmseg segment` with the demo folder (Cellpose-SAM, random SAM2 refinement and MKs, the
+    area filter, ownership) finds the planted HSPCs of an unseen slide by centroid."""
+    from bmseg.synth import write_synthetic_slide
+
+    slide = tmp_path / "unseen.czi"
+    truth = pq.read_table(write_synthetic_slide(slide, 2000, 2000, seed=UNSEEN_SEED))
+    assert run_cli("plan", slide, "--tile-size", "1000", "--out", tmp_path / "plan") == 0
+    tiles = sorted((tmp_path / "plan").glob("*.tiles.parquet"))
+    assert run_cli("batch", *tiles, "--out", tmp_path / "batches") == 0
+    (batch,) = sorted((tmp_path / "batches").glob("batch_*.parquet"))
+    out = tmp_path / "segmented"
+    args = ["segment", batch, "--slides", slide, "--models", demo_models_dir, "--out", out]
+    assert run_cli(*args, "--device", "cpu", "--mk-points-per-side", "4", "--no-progress") == 0
+    cells = pq.read_table(out / "cells.parquet").to_pandas()
+    found = cells[cells["cell_type"] == "HSPC"][["centroid_x_px", "centroid_y_px"]].to_numpy()
+    planted = truth.to_pandas()
+    planted = planted[planted["cell_type"] == "HSPC"][["centroid_x_px", "centroid_y_px"]]
+    precision, recall, f1 = centroid_f1(planted.to_numpy(), found, radius_px=15.0)
+    assert len(planted) >= 15
+    assert f1 >= 0.8, f"precision {precision:.2f}, recall {recall:.2f}, F1 {f1:.2f}"
+
+
+def centroid_f1(truth: np.ndarray, found: np.ndarray, radius_px: float) -> tuple[float, ...]:
+    """Precision, recall, F1 of one-to-one matches within ``radius_px``."""
+    from bmseg.models.training import centroid_matches
+
+    matched = centroid_matches(truth, found, radius_px)
+    precision = matched / len(found) if len(found) else 0.0
+    recall = matched / len(truth) if len(truth) else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def test_training_is_deterministic_from_the_seed(tmp_path: Path):
+    """Two short trainings from one seed write identical weights (same threads, same build)."""
+    from bmseg.models.making import DEMO_CELLPOSE_ENCODER, synthetic_regions, test_cellpose_net
+
+    train_seeds, _ = demo_layout_seeds(0)["brightfield"]
+    regions = synthetic_regions(train_seeds[0], "brightfield")[:2]
+    settings = TrainSettings(epochs=2, images_per_epoch=4, batch_size=2)
+    weights = []
+    for run in range(2):
+        torch.manual_seed(0)
+        net = test_cellpose_net(DEMO_CELLPOSE_ENCODER)
+        images, targets = crops_around(regions, settings.crop_px, np.random.default_rng(0))
+        dest = tmp_path / f"run{run}"
+        train_cellpose(net, images, targets, settings, dest, progress=False)
+        weights.append(torch.load(dest, weights_only=True))
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+
+
+def test_crops_carry_cellpose_own_targets_of_whole_cells():
+    """Crops cut image and targets together, and the targets are Cellpose's own
+    (``labels_to_flows`` of the whole region), also for a cell the crop's edge cuts."""
+    from cellpose.dynamics import labels_to_flows
+
+    labels = np.zeros((400, 400), np.int32)
+    yy, xx = np.mgrid[:400, :400]
+    for number, (cy, cx) in enumerate([(200, 200), (60, 330), (330, 90)], start=1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 < 22**2] = number
+    rgb = np.where(labels[..., None] > 0, 60, 230).astype(np.uint8).repeat(3, axis=2)
+    region = Region(rgb, labels, np.array([[200.0, 200.0]]))
+    (image,), (target,) = crops_around([region], 320, np.random.default_rng(1))
+    assert image.shape == (3, 320, 320) and target.shape == (4, 320, 320)
+    # where the crop sits: the one offset whose image pixels match
+    matches = [
+        (y, x)
+        for y in range(81)
+        for x in range(81)
+        if np.array_equal(image[0], rgb[y : y + 320, x : x + 320, 0])
+    ]
+    (y0, x0), *_ = matches
+    reference = labels_to_flows([labels], device=torch.device("cpu"))[0]
+    crop = reference[:, y0 : y0 + 320, x0 : x0 + 320]
+    assert np.array_equal(target[1], crop[1])
+    assert np.abs(target[2:] - crop[2:]).max() < 0.02
+
+
+def test_make_demo_refuses_a_non_empty_destination(tmp_path: Path, capsys):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "keep.txt").write_text("mine")
+    assert run_cli("models", "make-demo", "--dest", tmp_path / "models") == 2
+    assert "not empty" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["keep.txt"]
+    with pytest.raises(Exception, match="not empty"):
+        make_demo_models(tmp_path / "models")
