@@ -481,7 +481,7 @@ def run_train(args: argparse.Namespace) -> int:
     """``bmseg train``: validate labels and counts, then train and report per cell type."""
     if args.folds < 2:
         raise BmsegError(f"--folds {args.folds}: need at least 2")
-    check_train_out(Path(args.out), [Path(args.cells), *map(Path, args.labels)])
+    check_train_out(Path(args.final_out), [Path(args.cells), *map(Path, args.labels)])
     files = cell_files([Path(args.cells)])
     label_paths = [Path(p) for p in args.labels]
     merged, report = merge_labels(label_paths, table_uids(files))
