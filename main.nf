@@ -16,7 +16,8 @@ include { BMSEG      } from './workflows/bmseg'
  * The slide id `bmseg plan` gives a file when no --slide-id is passed (bmseg.slide's
  * default_slide_id, the one rule; tests/test_nextflow.py checks this copy against it): the
  * file name without its extension (.ome.tif(f) as one), every character outside
- * [A-Za-z0-9._-] replaced by '_', 'slide' when nothing is left.
+ * [A-Za-z0-9._-] replaced by '_', then a leading '.' or '-' (no hidden files, no flag-like ids),
+ * 'slide' when nothing is left.
  */
 def slideId(String name) {
     def lower = name.toLowerCase()
@@ -25,7 +26,7 @@ def slideId(String name) {
         : lower.endsWith('.ome.tif') ? name.substring(0, name.length() - 8)
         : dot > 0 && dot < name.length() - 1 ? name.substring(0, dot)
         : name
-    return stem.replaceAll('[^A-Za-z0-9._-]', '_') ?: 'slide'
+    return stem.replaceAll('[^A-Za-z0-9._-]', '_').replaceFirst('^[.-]', '_') ?: 'slide'
 }
 
 /*

@@ -227,6 +227,7 @@ _METHODS: dict[str, Callable[..., Any]] = {
     "length": len,
     "substring": lambda text, start, end=None: text[start:end],
     "replaceAll": lambda text, pattern, replacement: re.sub(pattern, replacement, text),
+    "replaceFirst": lambda text, pattern, replacement: re.sub(pattern, replacement, text, count=1),
     "matches": lambda text, pattern: re.fullmatch(pattern, text) is not None,
 }
 
