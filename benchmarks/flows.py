@@ -1,10 +1,14 @@
 """Benchmark flows → masks: bmseg.flows.compute_masks against Cellpose 4's compute_masks.
 
-Inputs are touching disks (Voronoi-clipped, ~the density of a marrow tile: 7 000 cells on a
-3000² tile), flows from Cellpose's own ``masks_to_flows_gpu`` up to ``--cellpose-flows-max``
-pixels a side and analytic (each pixel pointing at its cell's centre) above, because
-``masks_to_flows`` itself takes minutes on large tiles; cell probability +5 / -5 logits from the
-labels, and optionally smooth noise on both (``--noise``) as a real network's output has. Each
+Inputs are cells at the density of a marrow tile (7 000 cells on a 3000² tile): packed oval,
+bilobed and kidney-shaped cells pressed into each other (``--cells packed``, the default) or
+touching disks (``--cells disks``). Flows come from Cellpose's own ``masks_to_flows_gpu``:
+tiles larger than ``--cellpose-flows-max`` are copies of one such tile side by side (labels
+renumbered, flows copied: flows depend on each mask alone), because ``masks_to_flows`` itself
+takes ~30 min on a 3000² tile here; with ``--cells disks`` larger tiles get analytic flows
+(each pixel pointing at its cell's centre) instead. Cell probability is +5 / -5 logits from
+the labels; the noise cases (``--noise``) add noise to flows and logits as a real network's
+output has, smooth (σ 1.5 / 2 px) or white. Each
 method runs in a fresh child process, warmed up on a 64² corner, and its peak memory is the
 peak RSS of the call above the RSS before it (Linux only). Prints wall and CPU seconds, peak
 memory, the ratio Cellpose / ours and AP@0.5 (cellpose.metrics.average_precision) against the
@@ -27,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from flows_synth import add_noise, network_output, touching_disks
+from flows_synth import add_noise, network_output, packed_cells, touching_disks
 
 CELLS_PER_PIXEL = 7000 / 3000**2
 
@@ -93,27 +97,72 @@ def _average_precision(truth: np.ndarray, predicted: np.ndarray) -> float:
     return matched / (n_truth + n_predicted - matched)
 
 
+#: Noise cases: name → (flows std in dP units, smoothing σ of flows and logits); logits std 3.
+NOISE_CASES = {
+    "clean": (0.0, (0.0, 0.0)),
+    "smooth 0.5": (0.5, (1.5, 2.0)),
+    "smooth 1": (1.0, (1.5, 2.0)),
+    "white 1": (1.0, (0.0, 0.0)),
+}
+
+
+def _packed_tile(size: int, cellpose_flows_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Packed cells on a ``size``² tile and their Cellpose flows: one tile of at most
+    ``cellpose_flows_max`` a side through masks_to_flows, repeated to fill larger tiles."""
+    copies = int(np.ceil(size / cellpose_flows_max))
+    side = int(np.ceil(size / copies))
+    labels = packed_cells(side, round(CELLS_PER_PIXEL * side * side))
+    flows, cellprob = network_output(labels, cellpose_flows=True)
+    if copies == 1:
+        return labels, flows, cellprob
+    n_labels = int(labels.max())
+    offsets = (np.arange(copies * copies, dtype=np.int32) * n_labels).reshape(copies, copies)
+    tiled = np.tile(labels, (copies, copies))
+    tiled += np.repeat(np.repeat(offsets, side, 0), side, 1) * (tiled > 0)
+    crop = np.s_[:size, :size]
+    return (
+        tiled[crop],
+        np.tile(flows, (1, copies, copies))[(slice(None), *crop)],
+        np.tile(cellprob, (copies, copies))[crop],
+    )
+
+
 def benchmark(
-    size: int, noises: list[float], cellpose_flows_max: int, device: str, with_cellpose: bool
+    size: int,
+    cells: str,
+    noises: list[str],
+    cellpose_flows_max: int,
+    device: str,
+    with_cellpose: bool,
 ) -> list[dict]:
-    """Figures for one tile size, one row per noise level."""
-    n_cells = round(CELLS_PER_PIXEL * size * size)
-    labels = touching_disks(size, n_cells)
-    cellpose_flows = size <= cellpose_flows_max
+    """Figures for one tile size, one row per noise case."""
     started = time.perf_counter()
-    clean_flows, clean_prob = network_output(labels, cellpose_flows)
+    if cells == "packed":
+        labels, clean_flows, clean_prob = _packed_tile(size, cellpose_flows_max)
+        flows_kind = "cellpose masks_to_flows" + (
+            f" on {cellpose_flows_max}² copies" if size > cellpose_flows_max else ""
+        )
+    else:
+        labels = touching_disks(size, round(CELLS_PER_PIXEL * size * size))
+        cellpose_flows = size <= cellpose_flows_max
+        clean_flows, clean_prob = network_output(labels, cellpose_flows)
+        flows_kind = "cellpose masks_to_flows" if cellpose_flows else "analytic (to centre)"
     flows_s = time.perf_counter() - started
     rows = []
     for noise in noises:
+        std, smoothing = NOISE_CASES[noise]
         row = {
             "size": size,
-            "cells": n_cells,
-            "flows": "cellpose masks_to_flows" if cellpose_flows else "analytic (to centre)",
+            "cells": cells,
+            "n_cells": int(labels.max()),
+            "flows": flows_kind,
             "flows_s": flows_s,
             "noise": noise,
         }
         flows, cellprob = (
-            add_noise(clean_flows, clean_prob, noise) if noise else (clean_flows, clean_prob)
+            add_noise(clean_flows, clean_prob, std, smoothing=smoothing)
+            if std
+            else (clean_flows, clean_prob)
         )
         with tempfile.TemporaryDirectory() as folder:
             np.save(Path(folder) / "flows.npy", flows)
@@ -139,8 +188,8 @@ def benchmark(
 def _print_row(row: dict) -> None:
     """One human-readable block per size."""
     print(
-        f"{row['size']}² tile, {row['cells']} cells, flows: {row['flows']}, "
-        f"noise std {row['noise']}",
+        f"{row['size']}² tile, {row['n_cells']} {row['cells']} cells, flows: {row['flows']}, "
+        f"noise: {row['noise']}",
         flush=True,
     )
     for method in ("bmseg", "cellpose"):
@@ -171,15 +220,16 @@ def main() -> int:
         default=1000,
         help="largest tile side whose input flows come from Cellpose's masks_to_flows",
     )
+    parser.add_argument("--cells", choices=("packed", "disks"), default="packed")
     parser.add_argument(
         "--noise",
-        type=float,
         nargs="+",
-        default=[0.0, 1.0],
-        help="noise levels (std in dP units; 0: perfect network output), see add_noise",
+        choices=list(NOISE_CASES),
+        default=list(NOISE_CASES),
+        help="noise cases (flows std in dP units, smooth or white; logits std 3), see add_noise",
     )
     parser.add_argument(
-        "--noise-max", type=int, default=3000, help="largest tile side run with noise > 0"
+        "--noise-max", type=int, default=3000, help="largest tile side run with noise"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -192,8 +242,10 @@ def main() -> int:
     rows = []
     for size in args.sizes:
         with_cellpose = size <= 3000 or args.device != "cpu"
-        noises = args.noise if size <= args.noise_max else [0.0]
-        rows += benchmark(size, noises, args.cellpose_flows_max, args.device, with_cellpose)
+        noises = args.noise if size <= args.noise_max else ["clean"]
+        rows += benchmark(
+            size, args.cells, noises, args.cellpose_flows_max, args.device, with_cellpose
+        )
     if args.json:
         from bmseg.storage import write_json
 

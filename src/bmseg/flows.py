@@ -7,7 +7,7 @@ holes. Following 9 M pixels for 200 steps and re-diffusing flows for the QC domi
 a 3000² tile. :func:`compute_masks` keeps the parameters and meaning of
 ``cellpose.dynamics.compute_masks`` but
 
-* turns each foreground pixel's flow into a pointer to one of its 8 neighbours, so that a
+* turns each pixel's flow into a pointer to one of its 8 neighbours, so that a
   trajectory is a path in a graph and ``niter`` steps of every pixel at once is the ``niter``-th
   power of the pointer array, found with ~2·log2(niter) gathers (pointer jumping) instead of
   ``niter`` interpolations per pixel;
@@ -182,9 +182,14 @@ def _check_inputs(dP: np.ndarray, cellprob: np.ndarray, niter: int) -> None:
 
 def _neighbour_pointers(flows: torch.Tensor, foreground: torch.Tensor, niter: int) -> torch.Tensor:
     """Per pixel of the padded grid (flat), the pixel its flow steps to: the 8-neighbour nearest
-    the flow's direction. A pixel stays where it is when it is background, when its flow would
-    carry it less than half a pixel in ``niter`` Cellpose steps (zero flows), or when the step
-    lands on background (Cellpose's flows are zero there, so its pixels stop at the edge)."""
+    the flow's direction. A pixel stays where it is on the one-pixel frame and when its flow
+    would carry it less than half a pixel in ``niter`` Cellpose steps (zero flows).
+
+    Background pixels follow the network's flows too (Cellpose zeroes them, so its pixels stop
+    at any background pixel): where noise dips the cell probability below the threshold inside
+    a cell, trajectories cross the dip to the cell's centre instead of piling up at its edge as
+    spurious small masks; off the cells the network's flows are about zero, so pixels stop at
+    a cell's edge as in Cellpose. Only foreground pixels are counted and labelled."""
     import torch
 
     padded_width = foreground.shape[1]
@@ -200,9 +205,8 @@ def _neighbour_pointers(flows: torch.Tensor, foreground: torch.Tensor, niter: in
     index_type = torch.int32 if foreground.numel() < 2**31 else torch.int64
     grid = torch.arange(foreground.numel(), dtype=index_type, device=foreground.device)
     pointers = grid.reshape(foreground.shape).clone()
-    pointers[1:-1, 1:-1] += offset * foreground[1:-1, 1:-1]
+    pointers[1:-1, 1:-1] += offset
     pointers = pointers.reshape(-1)
-    pointers = torch.where(foreground.reshape(-1)[pointers], pointers, grid)
     # Two pixels pointing at each other (where a cell's flows meet) become one fixed point, so
     # that converged trajectories stop and pointer jumping can end early.
     mutual = (pointers[pointers] == grid) & (grid < pointers)
@@ -235,12 +239,12 @@ def _cluster_ends(ends: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
     Sinks are groups of end points up to 2 px apart, each reached by more than 2 pixels and
     all together by more than 10 (Cellpose: a seed is a 5×5 maximum reached by more than 10,
     grown over points reached by more than 2; a discrete trajectory ends on a cycle of 1-4
-    points, hence the total). Labels are 1..n in order of the sinks' first pixel. Background
-    pixels end on themselves, reached once, so they never form a sink."""
+    points, hence the total). Labels are 1..n in order of the sinks' first pixel. Only the
+    foreground's end points count, and only foreground pixels get a label."""
     import torch
 
     device = ends.device
-    hits = torch.bincount(ends, minlength=ends.numel())
+    hits = torch.bincount(ends[foreground.reshape(-1)], minlength=ends.numel())
     sink = torch.nonzero(hits > _SINK_MIN_HITS).reshape(-1)
     label_of_end = torch.zeros(ends.numel(), dtype=torch.int32, device=device)
     if sink.numel() == 0:
@@ -251,7 +255,7 @@ def _cluster_ends(ends: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
     kept_root = strong & (component == torch.arange(sink.numel(), device=device))
     number = torch.cumsum(kept_root.to(torch.int32), 0, dtype=torch.int32)
     label_of_end[sink] = torch.where(strong[component], number[component], 0).to(torch.int32)
-    return label_of_end.index_select(0, ends)
+    return label_of_end.index_select(0, ends) * foreground.reshape(-1)
 
 
 def _connected_components(flat_pixels: torch.Tensor, padded_width: int) -> torch.Tensor:

@@ -175,7 +175,10 @@ def load_cellpose(path: Path, device: torch.device):
     missing = set(model.net.state_dict()) - set(state)
     if missing:
         raise corrupt(path, "Cellpose-SAM", KeyError(f"missing {sorted(missing)[:3]}"))
-    log.info("Cellpose-SAM: %s", path.name)
+    from bmseg.models.attention import use_sdpa_attention
+
+    fused = use_sdpa_attention(model)
+    log.info("Cellpose-SAM: %s (%d attention blocks fused)", path.name, fused)
     return model
 
 
