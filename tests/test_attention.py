@@ -121,3 +121,14 @@ def test_sam2_image_encoder_already_uses_sdpa_everywhere(monkeypatch) -> None:
         trunk(torch.randn(1, 3, 64, 64))
     assert len(calls) == len(trunk.blocks) == 4
     assert not any("rel_pos" in name for name, _ in trunk.named_parameters())
+
+
+def test_segment_loads_cellpose_sam_with_fused_attention(test_models_dir) -> None:
+    """SEGMENT's loader hands out Cellpose-SAM with every attention block fused."""
+    from bmseg.models.layout import read_manifest
+    from bmseg.models.loading import load_cellpose
+
+    manifest = read_manifest(test_models_dir)
+    model = load_cellpose(test_models_dir / manifest.cellpose_checkpoint, torch.device("cpu"))
+    blocks = [m for m in model.net.modules() if isinstance(m, Attention)]
+    assert blocks and all(isinstance(m, SdpaAttention) for m in blocks)
