@@ -111,6 +111,7 @@ def test_chain_follows_the_workflow_order() -> None:
         "SEGMENT",
         "GATHER",
         "TRAIN",
+        "FINETUNE",
         "CLASSIFY",
         "PAGES",
         "REPORT",
