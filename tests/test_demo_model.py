@@ -28,6 +28,8 @@ from bmseg.segment import to_rgb8
 from bmseg.slide import Rect
 from bmseg.synth import MODALITIES, PIXEL_SIZE_UM, SyntheticLayout, truth_labels
 
+pytestmark = pytest.mark.timeout(3600)  # the first test here may build the demo folder
+
 UNSEEN_SEED = 777
 """A synthetic layout no make-demo seed reaches (they are 1000·seed + 1..29)."""
 
@@ -145,7 +147,8 @@ def test_training_is_deterministic_from_the_seed(tmp_path: Path):
     from bmseg.models.making import DEMO_CELLPOSE_ENCODER, synthetic_regions, test_cellpose_net
 
     train_seeds, _ = demo_layout_seeds(0)["brightfield"]
-    regions = synthetic_regions(train_seeds[0], "brightfield")[:2]
+    regions = synthetic_regions(train_seeds[0], "brightfield", side=2048)[:2]
+    assert regions
     settings = TrainSettings(epochs=2, images_per_epoch=4, batch_size=2)
     weights = []
     for run in range(2):
