@@ -74,7 +74,8 @@ def demo_models_dir(request: pytest.FixtureRequest) -> Path:
     dest = cache / key
     if not (dest / "manifest.json").is_file():
         for stale in cache.iterdir():
-            shutil.rmtree(stale, ignore_errors=True)
+            if not stale.name.startswith("."):  # a dot name is a build still under way
+                shutil.rmtree(stale, ignore_errors=True)
         make_demo_models(dest, seed=0, progress=False)
     return dest
 

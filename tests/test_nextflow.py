@@ -69,6 +69,7 @@ STEP_COMMANDS = {
     "REPORT": ["report"],
     "SYNTH": ["synth"],
     "TESTMODELS": ["models", "make-test"],
+    "FINETUNE": ["finetune"],
 }
 
 # What Nextflow binds to each process's inputs: staged names, as the task folder holds them.
@@ -105,6 +106,14 @@ SAMPLE_INPUTS: dict[str, dict[str, Any]] = {
     "REPORT": {"results": PathList(["results/gathered", "results/S1.slide.json"])},
     "SYNTH": {"slide_id": "synth1", "seed": 1},
     "TESTMODELS": {},
+    "FINETUNE": {
+        "cells": "gathered",
+        "labels": PathList(["labels/a.json"]),
+        "batch_dirs": PathList(["batches/batch_0000", "batches/batch_0001"]),
+        "slide_ids": ["S1", "S2"],
+        "slides": PathList(["slides/S1.czi", "slides/S2.czi"]),
+        "models": "models",
+    },
 }
 
 # Params whose default is computed at launch (a time stamp), not a literal.

@@ -118,6 +118,7 @@ def test_chain_follows_the_workflow_order() -> None:
         "SEGMENT",
         "GATHER",
         "TRAIN",
+        "FINETUNE",
         "CLASSIFY",
         "PAGES",
         "REPORT",

@@ -12,6 +12,7 @@ include { BATCH     } from '../modules/local/batch'
 include { SEGMENT   } from '../modules/local/segment'
 include { GATHER    } from '../modules/local/gather'
 include { TRAIN     } from '../modules/local/train'
+include { FINETUNE  } from '../modules/local/finetune'
 include { CLASSIFY  } from '../modules/local/classify'
 include { PAGES     } from '../modules/local/pages'
 include { REPORT    } from '../modules/local/report'
@@ -86,6 +87,11 @@ workflow BMSEG {
     // CLASSIFY also ranks the unlabelled cells by uncertainty, leaving out the labelled ones.
     ch_label_files = ch_labels.collect(sort: { labels -> labels.name })
     TRAIN(GATHER.out.gathered, ch_label_files)
+    // --finetune: Cellpose-SAM trained on the HSPCs the labels accept, from SEGMENT's masks.
+    if (params.finetune) {
+        FINETUNE(GATHER.out.gathered, ch_label_files, ch_batch_outputs, ch_all_slides, ch_models)
+        ch_versions = ch_versions.mix(FINETUNE.out.versions)
+    }
     CLASSIFY(GATHER.out.gathered, ch_classifiers.mix(TRAIN.out.classifiers), ch_label_files.ifEmpty([]))
 
     // The galleries show every gathered cell; with classifiers, a next round of labels can take

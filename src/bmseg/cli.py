@@ -31,6 +31,7 @@ STEP_MODULES = (
     "bmseg.pages",
     "bmseg.annotate",
     "bmseg.classifiers",
+    "bmseg.finetune",
     "bmseg.report",
 )
 

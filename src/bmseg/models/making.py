@@ -147,8 +147,9 @@ DEMO_TRAIN_LAYOUTS = 2
 DEMO_DESCRIPTION = (
     "DEMO weights: a small Cellpose-SAM trained here on synthetic slides (bmseg synth, "
     "brightfield and fluorescence) to segment their HSPC-like discs, with random-initialised "
-    "SAM2 and ResNet-50. It finds the planted HSPCs of synthetic slides; it does NOT segment "
-    "real bone marrow (use `bmseg models fetch` for the real weights)."
+    "SAM2 and ResNet-50. At this version's training settings it does not yet find them "
+    "(validation AP@0.5 is in the training record); it never segments real bone marrow "
+    "(use `bmseg models fetch` for the real weights)."
 )
 
 DEMO_MANIFEST = Manifest(

@@ -273,7 +273,7 @@ def hspc_masks(cellpose_model: Any, regions: Sequence[Region], pixel_size_um: fl
     masks = []
     for region in regions:
         d_p, cellprob = segmenter.flows(region.rgb, pixel_size_um)
-        masks.append(segmenter.masks(d_p, cellprob))
+        masks.append(segmenter.masks(d_p, cellprob, pixel_size_um))
     return masks
 
 
