@@ -148,8 +148,8 @@ DEMO_DESCRIPTION = (
     "DEMO weights: a small Cellpose-SAM trained here on synthetic slides (bmseg synth, "
     "brightfield and fluorescence) to segment their HSPC-like discs, with random-initialised "
     "SAM2 and ResNet-50. At this version's training settings it does not yet find them "
-    "(validation AP@0.5 is in the training record); it never segments real bone marrow "
-    "(use `bmseg models fetch` for the real weights)."
+    "(validation AP@0.5 is in the training record), and it does NOT segment real bone "
+    "marrow (use `bmseg models fetch` for the real weights)."
 )
 
 DEMO_MANIFEST = Manifest(
