@@ -18,7 +18,13 @@ import pytest
 
 from bmseg.cli import main as cli_main
 from bmseg.models.base import Detections
-from bmseg.segment import SegmentOptions, match_slides, read_batch_table, segment_batch
+from bmseg.segment import (
+    SegmentOptions,
+    hspc_windows,
+    match_slides,
+    read_batch_table,
+    segment_batch,
+)
 from bmseg.slide import Rect
 from bmseg.synth import SyntheticLayout, truth_labels, write_synthetic_slide
 
@@ -84,7 +90,9 @@ def run(tmp_path_factory) -> dict:
             tiles,
             match_slides([t.slide_id for t in tiles], [str(slide)]),
             PlantedSegmenter(layout, "MK", windows),
-            PlantedSegmenter(layout, "HSPC", windows),
+            PlantedSegmenter(
+                layout, "HSPC", hspc_windows(tiles, SegmentOptions().hspc_max_area_um2)
+            ),
             MeanEmbedder(),
             out,
             SegmentOptions(progress=False),

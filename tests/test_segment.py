@@ -29,12 +29,14 @@ from bmseg.models.base import Detections
 from bmseg.segment import (
     SegmentOptions,
     Tile,
-    hspc_rect,
     keep_owned,
     match_slides,
     read_batch_table,
     segment_batch,
     to_rgb8,
+)
+from bmseg.segment import (
+    hspc_windows as segment_hspc_windows,
 )
 from bmseg.slide import Rect
 from bmseg.storage import (
@@ -100,10 +102,7 @@ class OracleSegmenter:
 
 def hspc_windows(tiles: Sequence[Tile], options: SegmentOptions) -> list[Rect]:
     """The slide rectangles SEGMENT hands the HSPC segmenter: core + HSPC margin."""
-    rects = [hspc_rect(t, options.hspc_max_area_um2) for t in tiles]
-    return [
-        Rect(t.read.x + r.x, t.read.y + r.y, r.w, r.h) for t, r in zip(tiles, rects, strict=True)
-    ]
+    return segment_hspc_windows(tiles, options.hspc_max_area_um2)
 
 
 class MeanColourEmbedder:

@@ -88,7 +88,7 @@ workflow BMSEG {
     ch_label_files = ch_labels.collect(sort: { labels -> labels.name })
     TRAIN(GATHER.out.gathered, ch_label_files)
     // --finetune: Cellpose-SAM trained on the HSPCs the labels accept, from SEGMENT's masks.
-    if (params.finetune) {
+    if (params.finetune.toString().toBoolean()) {
         FINETUNE(GATHER.out.gathered, ch_label_files, ch_batch_outputs, ch_all_slides, ch_models)
         ch_versions = ch_versions.mix(FINETUNE.out.versions)
     }

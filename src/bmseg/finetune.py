@@ -500,7 +500,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=1e-5,
         metavar="LR",
-        help="AdamW learning rate (1e-5, Cellpose's fine-tuning default)",
+        help="AdamW learning rate (%(default)s, Cellpose's fine-tuning default)",
     )
     parser.add_argument(
         "--weight-decay",

@@ -489,6 +489,15 @@ def hspc_rect(tile: Tile, hspc_max_area_um2: float) -> Rect:
     return Rect(seen.x - tile.read.x, seen.y - tile.read.y, seen.w, seen.h)
 
 
+def hspc_windows(tiles: Sequence[Tile], hspc_max_area_um2: float) -> list[Rect]:
+    """The slide rectangles SEGMENT hands the HSPC segmenter (:func:`hspc_rect`, in slide px):
+    what a segmenter of known cells (the tests' oracle) must cut its labels from."""
+    rects = [hspc_rect(t, hspc_max_area_um2) for t in tiles]
+    return [
+        Rect(t.read.x + r.x, t.read.y + r.y, r.w, r.h) for t, r in zip(tiles, rects, strict=True)
+    ]
+
+
 def overlap_fraction(cells: Detections, others: np.ndarray) -> np.ndarray:
     """Per cell, the share of its pixels where ``others`` (a label image) is non-zero."""
     flat = cells.labels.ravel()

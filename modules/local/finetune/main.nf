@@ -25,7 +25,7 @@ process FINETUNE {
     def models_dir = models ?: '/opt/bmseg/models'
     def bindings = [slide_ids, slides].transpose().collect { slide_id, slide -> "${slide_id}=${slide}" }.join(' ')
     """
-    bmseg finetune ${cells} ${labels} --batches ${batch_dirs} --slides ${bindings} --models ${models_dir} ${args} --out finetuned_models
+    bmseg --no-progress finetune ${cells} ${labels} --batches ${batch_dirs} --slides ${bindings} --models ${models_dir} ${args} --out finetuned_models
 
     bmseg versions --process ${task.process} > versions.yml
     """
