@@ -200,15 +200,45 @@ def train_cellpose(
     """Train ``net`` (a Cellpose ``CPSAM``) in place with ``cellpose.train.train_seg`` and save
     it to ``dest`` in Cellpose's format; return the record (seconds, losses, crops).
 
-    Deterministic for a given seed, thread count and torch build: ``train_seg`` seeds NumPy per
-    epoch itself, torch (layer drop) is seeded here.
+    Deterministic for a given seed and torch build: ``train_seg`` seeds NumPy per epoch itself,
+    torch (layer drop) is seeded here, and CPU kernels run on one thread while training (with
+    two, their sums land in a varying order and one seed gave two sets of weights).
     """
-    from cellpose import train
-
     if not images:
         raise ValueError("no training crops")
     torch.manual_seed(settings.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     started = time.perf_counter()
+    total = settings.epochs * settings.images_per_epoch
+    try:
+        train_losses = _run_train_seg(net, images, targets, settings, dest, progress, desc)
+    finally:
+        torch.set_num_threads(threads)
+    seconds = time.perf_counter() - started
+    log.info("trained %d epochs on %d crops in %.0f s", settings.epochs, len(images), seconds)
+    return {
+        "crops": len(images),
+        "images_seen": total,
+        "seconds": round(seconds, 1),
+        "loss_first": round(float(train_losses[0]), 4),
+        "loss_last": round(float(train_losses[-1]), 4),
+        "threads": 1,
+    }
+
+
+def _run_train_seg(
+    net: torch.nn.Module,
+    images: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    settings: TrainSettings,
+    dest: Path,
+    progress: bool,
+    desc: str,
+) -> Any:
+    """``cellpose.train.train_seg`` on the crops, its model moved to ``dest``; its losses."""
+    from cellpose import train
+
     total = settings.epochs * settings.images_per_epoch
     with (
         tempfile.TemporaryDirectory(prefix=".train-", dir=dest.parent) as work,
@@ -233,16 +263,7 @@ def train_cellpose(
             model_name="cpsam",
         )
         Path(saved).replace(dest)
-    seconds = time.perf_counter() - started
-    log.info("trained %d epochs on %d crops in %.0f s", settings.epochs, len(images), seconds)
-    return {
-        "crops": len(images),
-        "images_seen": total,
-        "seconds": round(seconds, 1),
-        "loss_first": round(float(train_losses[0]), 4),
-        "loss_last": round(float(train_losses[-1]), 4),
-        "threads": torch.get_num_threads(),
-    }
+    return train_losses
 
 
 def pooled_ap50(truths: Sequence[np.ndarray], predictions: Sequence[np.ndarray]) -> float:
