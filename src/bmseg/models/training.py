@@ -206,41 +206,13 @@ def train_cellpose(
     """
     if not images:
         raise ValueError("no training crops")
-    torch.manual_seed(settings.seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    started = time.perf_counter()
-    total = settings.epochs * settings.images_per_epoch
-    try:
-        train_losses = _run_train_seg(net, images, targets, settings, dest, progress, desc)
-    finally:
-        torch.set_num_threads(threads)
-    seconds = time.perf_counter() - started
-    log.info("trained %d epochs on %d crops in %.0f s", settings.epochs, len(images), seconds)
-    return {
-        "crops": len(images),
-        "images_seen": total,
-        "seconds": round(seconds, 1),
-        "loss_first": round(float(train_losses[0]), 4),
-        "loss_last": round(float(train_losses[-1]), 4),
-        "threads": 1,
-    }
-
-
-def _run_train_seg(
-    net: torch.nn.Module,
-    images: Sequence[np.ndarray],
-    targets: Sequence[np.ndarray],
-    settings: TrainSettings,
-    dest: Path,
-    progress: bool,
-    desc: str,
-) -> Any:
-    """``cellpose.train.train_seg`` on the crops, its model moved to ``dest``; its losses."""
     from cellpose import train
 
+    torch.manual_seed(settings.seed)
+    started = time.perf_counter()
     total = settings.epochs * settings.images_per_epoch
     with (
+        _one_cpu_thread(),
         tempfile.TemporaryDirectory(prefix=".train-", dir=dest.parent) as work,
         _progress(net, total, progress, desc),
         warnings.catch_warnings(),
@@ -263,7 +235,27 @@ def _run_train_seg(
             model_name="cpsam",
         )
         Path(saved).replace(dest)
-    return train_losses
+    seconds = time.perf_counter() - started
+    log.info("trained %d epochs on %d crops in %.0f s", settings.epochs, len(images), seconds)
+    return {
+        "crops": len(images),
+        "images_seen": total,
+        "seconds": round(seconds, 1),
+        "loss_first": round(float(train_losses[0]), 4),
+        "loss_last": round(float(train_losses[-1]), 4),
+        "threads": 1,
+    }
+
+
+@contextlib.contextmanager
+def _one_cpu_thread() -> Iterator[None]:
+    """Torch's CPU kernels on one thread inside, the caller's thread count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def pooled_ap50(truths: Sequence[np.ndarray], predictions: Sequence[np.ndarray]) -> float:
