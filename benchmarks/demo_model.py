@@ -24,8 +24,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from bmseg.cli import main as bmseg
+from bmseg.contract import MODALITIES
 from bmseg.models.training import centroid_matches
-from bmseg.synth import MODALITIES
 
 UNSEEN_SEED = 4242
 

@@ -17,9 +17,9 @@ import time
 import uuid
 from pathlib import Path
 
+from bmseg.contract import EMBEDDING_COLUMN, feature_columns
 from bmseg.fake_cells import random_cells
-from bmseg.gather import CELL_UUID_NAMESPACE, cell_uuids, feature_columns, write_geojson
-from bmseg.storage import EMBEDDING_COLUMN
+from bmseg.gather import CELL_UUID_NAMESPACE, cell_uuids, write_geojson
 
 
 def run(cells: int) -> dict:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from bmseg.cli import main as run_cli_main
+from bmseg.contract import MODALITIES
 from bmseg.models.making import DEMO_MANIFEST, demo_layout_seeds, make_demo_models
 from bmseg.models.training import (
     Region,
@@ -26,7 +27,7 @@ from bmseg.models.training import (
 )
 from bmseg.segment import to_rgb8
 from bmseg.slide import Rect
-from bmseg.synth import MODALITIES, PIXEL_SIZE_UM, SyntheticLayout, truth_labels
+from bmseg.synth import PIXEL_SIZE_UM, SyntheticLayout, truth_labels
 
 pytestmark = pytest.mark.timeout(3600)  # the first test here may build the demo folder
 

@@ -72,7 +72,7 @@ def _tile_table(path: Path, tiles: int = 5) -> Path:
     """A tile table of ``tiles`` tiles of slide t1, in PLAN's schema."""
     import pyarrow as pa
 
-    from bmseg.plan import TILE_SCHEMA
+    from bmseg.contract import TILE_SCHEMA
 
     columns = {name: list(range(tiles)) for name in TILE_SCHEMA.names}
     columns.update(slide_id=["t1"] * tiles, tile_id=[f"r0000c{i:04d}" for i in range(tiles)])

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bmseg.classifiers import MODEL_TYPES, _candidates, load_model, model_file_types, save_model
-from bmseg.errors import MAX_ID_LENGTH, BmsegError, check_id
+from bmseg.contract import MAX_ID_LENGTH, check_id
+from bmseg.errors import BmsegError
 from bmseg.versions import package_versions
 
 
@@ -458,7 +459,7 @@ def test_nulls_in_a_tile_table_are_one_line(tmp_path, capsys):
     import pyarrow.parquet as pq
 
     from bmseg.cli import main
-    from bmseg.plan import TILE_SCHEMA
+    from bmseg.contract import TILE_SCHEMA
 
     rows = {name: [None] for name in TILE_SCHEMA.names}
     table = pa.table(rows, schema=TILE_SCHEMA)
@@ -518,7 +519,7 @@ def test_a_tile_table_with_a_tile_twice_is_refused(tmp_path, capsys):
     import pyarrow.parquet as pq
 
     from bmseg.cli import main
-    from bmseg.plan import TILE_SCHEMA
+    from bmseg.contract import TILE_SCHEMA
 
     row = {name: [0] for name in TILE_SCHEMA.names}
     row.update(slide_id=["s1"], tile_id=["r0000c0000"], pixel_size_um=[0.5])
@@ -555,8 +556,8 @@ def test_nulls_in_a_batch_table_and_a_cell_table_are_one_line(tmp_path, capsys):
     import pyarrow.parquet as pq
 
     from bmseg.cli import main
+    from bmseg.contract import BATCH_COLUMNS
     from bmseg.fake_cells import cells_table, write_batch, write_plan
-    from bmseg.segment import BATCH_COLUMNS
 
     batch = pa.table({name: pa.array([None], pa.int64()) for name in BATCH_COLUMNS})
     batch = batch.append_column("batch", pa.array([0])).append_column("order", pa.array([0]))

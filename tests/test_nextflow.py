@@ -1209,7 +1209,7 @@ def tile_table(path: Path, slide_id: str, tiles: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from bmseg.plan import TILE_SCHEMA
+    from bmseg.contract import TILE_SCHEMA
 
     columns = {}
     for field in TILE_SCHEMA:

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from bmseg import cli
+from bmseg.contract import embedding_type
 from bmseg.errors import BmsegError
 from bmseg.models.base import Detections
 from bmseg.segment import (
@@ -39,13 +40,7 @@ from bmseg.segment import (
     hspc_windows as segment_hspc_windows,
 )
 from bmseg.slide import Rect
-from bmseg.storage import (
-    MANIFEST,
-    embedding_type,
-    embeddings_to_numpy,
-    unique_cell_uids,
-    write_parquet,
-)
+from bmseg.storage import MANIFEST, embeddings_to_numpy, unique_cell_uids, write_parquet
 from bmseg.synth import write_synthetic_slide
 
 TILE = 700

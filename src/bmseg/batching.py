@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bmseg.errors import BmsegError, check_id
+from bmseg.contract import check_id
+from bmseg.errors import BmsegError
 from bmseg.storage import check_no_nulls, writes_output_set
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def read_tile_tables(paths: list[Path]) -> pa.Table:
     """All tile tables concatenated; a slide id found in two tables is an error."""
     import pyarrow.parquet as pq
 
-    from bmseg.plan import TILE_SCHEMA
+    from bmseg.contract import TILE_SCHEMA
 
     tables = []
     owner: dict[str, Path] = {}

@@ -27,14 +27,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bmseg.errors import BmsegError, check_id, reading
-from bmseg.gather import (
+from bmseg.contract import (
     CELL_TYPES,
+    EMBEDDING_COLUMN,
     REJECTED_CLASS,
     SUMMARY_FILE,
+    check_id,
+    feature_columns,
+)
+from bmseg.errors import BmsegError, reading
+from bmseg.gather import (
     area_histogram_png,
     density_plot_png,
-    feature_columns,
     png_bytes,
     read_plans,
     summarise,
@@ -44,7 +48,6 @@ from bmseg.labels import LabelReport, merge_labels, read_label_file
 from bmseg.report import CSP as REPORT_CSP
 from bmseg.report import img_tag
 from bmseg.storage import (
-    EMBEDDING_COLUMN,
     atomic_path,
     check_complete,
     embeddings_to_numpy,

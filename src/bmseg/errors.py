@@ -3,7 +3,6 @@ and the one validation of ids."""
 
 import contextlib
 import errno
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,33 +14,6 @@ class BmsegError(Exception):
     ``"slide.czi: no pixel size in the metadata; pass --pixel-size-um"``. Bugs are not
     BmsegErrors: they keep their traceback.
     """
-
-
-ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
-MAX_ID_LENGTH = 100
-"""Longest slide, tile or cell-type id: with a temporary prefix and suffix a file named by it
-stays under NAME_MAX (255 bytes), and a cell uid built from it under the label server's cap."""
-
-
-def check_id(value: object, where: str) -> str:
-    """``value`` if it is a safe id, else a BmsegError naming ``where`` (the file or flag).
-
-    The one rule for every id that names a file, folder, HDF5 group or table row (slide ids,
-    tile ids, cell types), checked wherever an id is read, not only where it is made:
-    1 to :data:`MAX_ID_LENGTH` characters of ``[A-Za-z0-9._-]``, the first not ``.`` or ``-``,
-    so no id is ``..``, starts a hidden file, leaves its folder or reads as a flag.
-    """
-    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
-        raise BmsegError(
-            f"{where} {value!r}: not a valid id; use letters, digits, '.', '_' and '-', "
-            "not starting with '.' or '-'"
-        )
-    if len(value) > MAX_ID_LENGTH:
-        raise BmsegError(
-            f"{where} {value[:20]!r}... is {len(value)} characters long; an id holds at most "
-            f"{MAX_ID_LENGTH}"
-        )
-    return value
 
 
 DAMAGED_FILE_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, RecursionError)

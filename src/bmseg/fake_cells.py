@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from bmseg.contract import EMBEDDING_DIM
 from bmseg.storage import (
-    EMBEDDING_DIM,
     embedding_array,
     parquet_writer,
     unique_cell_uids,

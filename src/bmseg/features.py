@@ -12,48 +12,19 @@ Every column is documented in docs/cells.md.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import cv2
 import numpy as np
 
-INTENSITY_PERCENTILES = (10, 50, 90)
-INTENSITY_STATS = ("mean", "std", *(f"p{q}" for q in INTENSITY_PERCENTILES))
-INTENSITY_PREFIX = "intensity_"
+from bmseg.contract import INTENSITY_PERCENTILES, INTENSITY_STATS, intensity_columns
+
 CONTOUR_TOLERANCE_PX = 1.0
 """Douglas-Peucker tolerance of the simplified contour, in slide pixels."""
 CROP_PADDING = 0.25
 """Context around a cell: the crop square's side is the bbox's longer side times 1 + 2 * this."""
 CROP_MIN_SIDE_PX = 32
 GALLERY_JPEG_QUALITY = 85
-
-
-def channel_column_name(channel: str) -> str:
-    """A channel name safe for a column name: runs of chars outside ``[A-Za-z0-9]`` as ``_``."""
-    safe = re.sub(r"[^0-9A-Za-z]+", "_", channel).strip("_")
-    return safe or "channel"
-
-
-def intensity_columns(channel_names: Sequence[str]) -> list[str]:
-    """The ``intensity_{stat}_{channel}`` column names for these channels, in table order."""
-    return [
-        f"{INTENSITY_PREFIX}{stat}_{channel_column_name(name)}"
-        for name in channel_names
-        for stat in INTENSITY_STATS
-    ]
-
-
-def intensity_column_parts(column: str) -> tuple[str, str] | None:
-    """``(stat, channel)`` of an ``intensity_{stat}_{channel}`` column name, else None.
-
-    Columns are named after the slide's channels (docs/data.md), so GATHER can tell which
-    columns a slide of other channels lacks without knowing the channels in advance.
-    """
-    if not column.startswith(INTENSITY_PREFIX):
-        return None
-    stat, _, channel = column[len(INTENSITY_PREFIX) :].partition("_")
-    return (stat, channel) if stat in INTENSITY_STATS and channel else None
 
 
 def cell_centroids(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:

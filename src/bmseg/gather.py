@@ -25,9 +25,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bmseg.errors import BmsegError, check_id, reading
-from bmseg.storage import (
+from bmseg.contract import (
+    BATCH_FILE,
+    BATCHES_RECORD,
+    CELL_TYPES,
+    CELLS_FILE,
+    CROPS_FILE,
     EMBEDDING_COLUMN,
+    GATHER_RECORD,
+    REJECTED_CLASS,
+    REQUIRED_COLUMNS,
+    SUMMARY_FILE,
+    check_id,
+    feature_columns,
+)
+from bmseg.errors import BmsegError, reading
+from bmseg.storage import (
     atomic_path,
     check_complete,
     check_no_nulls,
@@ -44,70 +57,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CELLS_FILE = "cells.parquet"
-CROPS_FILE = "crops.parquet"
-BATCH_FILE = "batch.json"
-SUMMARY_FILE = "summary.csv"
-BATCHES_RECORD = "batches.json"
-GATHER_RECORD = "gather.json"
-CELL_TYPES = ("MK", "HSPC")
 TYPE_COLOURS = {"MK": (220, 50, 47), "HSPC": (38, 139, 210)}
-REJECTED_CLASS = "rejected"
-"""QuPath class of a cell its type's classifier rejected (``bmseg classify``)."""
 CLASS_COLOURS = {**TYPE_COLOURS, REJECTED_CLASS: (150, 150, 150)}
 CELL_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/bmseg/bmseg/cell_uid")
 """Namespace of the version-5 UUIDs that identify cells in GeoJSON (docs/results.md)."""
 AREA_QUANTILES = (10, 25, 50, 75, 90)
 ROW_GROUP_ROWS = 32768
 GEOJSON_CHUNK = 50000
-REQUIRED_COLUMNS = (
-    "cell_uid",
-    "slide_id",
-    "tile_id",
-    "cell_type",
-    "centroid_x_px",
-    "centroid_y_px",
-    "bbox_x_px",
-    "bbox_y_px",
-    "bbox_w_px",
-    "bbox_h_px",
-    "area_px",
-    "area_um2",
-    "score",
-    "mask_label",
-    "contour_x_px",
-    "contour_y_px",
-)
 # Numeric columns that locate a cell rather than describe it: never features or measurements.
-LOCATION_COLUMNS = frozenset(
-    {
-        "centroid_x_px",
-        "centroid_y_px",
-        "centroid_x_um",
-        "centroid_y_um",
-        "bbox_x_px",
-        "bbox_y_px",
-        "bbox_w_px",
-        "bbox_h_px",
-        "area_px",
-        "mask_label",
-    }
-)
-
-
-def feature_columns(schema: pa.Schema) -> list[str]:
-    """Scalar measurement columns (shape, intensity, area µm², score) in table order.
-
-    Location columns and classifier outputs are left out, so the same rule serves training,
-    classification and the QuPath measurements whatever shape/intensity columns SEGMENT writes.
-    """
-    return [
-        field.name
-        for field in schema
-        if (pa.types.is_floating(field.type) or pa.types.is_integer(field.type))
-        and field.name not in LOCATION_COLUMNS
-        and not field.name.endswith("_probability")
-    ]
 
 
 @dataclass(frozen=True)
@@ -234,7 +191,7 @@ def unified_schema(sources: Sequence[Path]) -> pa.Schema:
     distinct channel lists, so the schema does not depend on the order of the batch folders.
     Every other column must be the same in every source (one SEGMENT version).
     """
-    from bmseg.features import INTENSITY_STATS, intensity_column_parts
+    from bmseg.contract import INTENSITY_STATS, intensity_column_parts
 
     schemas = [pq.read_schema(path) for path in sources]
 

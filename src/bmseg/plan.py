@@ -22,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bmseg.contract import MODALITIES, TILE_SCHEMA
 from bmseg.errors import BmsegError
-from bmseg.slide import MODALITIES, Rect, Slide, open_slide, parse_plane
+from bmseg.slide import Rect, Slide, open_slide, parse_plane
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +49,6 @@ PICTURE_COLOURS = {
     "brightfield": ((0, 170, 60), (40, 90, 230), (175, 175, 175), "green", "blue"),
     "fluorescence": ((255, 215, 0), (255, 60, 220), (110, 110, 110), "yellow", "magenta"),
 }
-
-TILE_SCHEMA = pa.schema(
-    [
-        ("slide_id", pa.string()),
-        ("tile_id", pa.string()),
-        ("row", pa.int32()),
-        ("col", pa.int32()),
-        ("core_x", pa.int64()),
-        ("core_y", pa.int64()),
-        ("core_w", pa.int64()),
-        ("core_h", pa.int64()),
-        ("read_x", pa.int64()),
-        ("read_y", pa.int64()),
-        ("read_w", pa.int64()),
-        ("read_h", pa.int64()),
-        ("tissue_fraction", pa.float32()),
-        ("pixel_size_um", pa.float64()),
-    ]
-)
 
 
 def default_margin(pixel_size_um: float, mk_max_area_um2: float = DEFAULT_MK_MAX_AREA_UM2) -> int:

@@ -134,7 +134,7 @@ def _cell_areas(roots: Sequence[Path]) -> pd.DataFrame | None:
 
 def _summary_section(summary: pd.DataFrame) -> str:
     """Headline cards and the per-slide table."""
-    from bmseg.gather import CELL_TYPES
+    from bmseg.contract import CELL_TYPES
 
     cards = [("slides", f"{len(summary)}")]
     if "segmented_tissue_mm2" in summary:
@@ -200,7 +200,8 @@ def _is_missing(value: object) -> bool:
 
 
 def _plots_section(summary: pd.DataFrame, areas: pd.DataFrame | None) -> str:
-    from bmseg.gather import CELL_TYPES, area_histogram_png, density_plot_png
+    from bmseg.contract import CELL_TYPES
+    from bmseg.gather import area_histogram_png, density_plot_png
 
     counts = [summary[f"{t}_count"].sum() for t in CELL_TYPES if f"{t}_count" in summary]
     if counts and not any(counts):

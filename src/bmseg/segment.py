@@ -30,7 +30,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from bmseg.errors import BmsegError, check_id
+from bmseg.contract import (
+    BATCH_COLUMNS,
+    CELL_TYPES,
+    CROPS_SCHEMA,
+    EMBEDDING_COLUMN,
+    MODALITIES,
+    SHAPE_COLUMNS,
+    check_id,
+    embedding_type,
+)
+from bmseg.errors import BmsegError
 from bmseg.flows import FLOWS_METHODS
 from bmseg.models.base import Detections, Embedder, Segmenter
 from bmseg.models.settings import (
@@ -41,7 +51,6 @@ from bmseg.models.settings import (
     hspc_margin_px,
 )
 from bmseg.slide import (
-    MODALITIES,
     SLIDE_ID_PATTERN,
     Channel,
     Rect,
@@ -51,11 +60,8 @@ from bmseg.slide import (
     open_slide,
 )
 from bmseg.storage import (
-    CROPS_SCHEMA,
-    EMBEDDING_COLUMN,
     check_no_nulls,
     embedding_array,
-    embedding_type,
     masks_writer,
     parquet_writer,
     unique_cell_uids,
@@ -65,32 +71,9 @@ from bmseg.storage import (
 
 log = logging.getLogger(__name__)
 
-CELL_TYPES = ("MK", "HSPC")
 STAGES = ("read", "mk", "hspc", "features", "embed", "write")
 GALLERY_CROP_PX = 128
 """Default largest side of a gallery JPEG (``--crop-px``); smaller crops keep full resolution."""
-BATCH_COLUMNS = (
-    "slide_id",
-    "tile_id",
-    "core_x",
-    "core_y",
-    "core_w",
-    "core_h",
-    "read_x",
-    "read_y",
-    "read_w",
-    "read_h",
-    "pixel_size_um",
-)
-SHAPE_COLUMNS = (
-    "perimeter_um",
-    "equivalent_diameter_um",
-    "major_axis_um",
-    "minor_axis_um",
-    "eccentricity",
-    "solidity",
-    "circularity",
-)
 
 
 @dataclass(frozen=True)
@@ -508,7 +491,7 @@ def overlap_fraction(cells: Detections, others: np.ndarray) -> np.ndarray:
 
 def cells_schema(channel_names: Sequence[str], embedding_dim: int) -> pa.Schema:
     """The ``cells.parquet`` schema (docs/data.md, docs/cells.md); embedding last."""
-    from bmseg.features import intensity_columns
+    from bmseg.contract import intensity_columns
 
     float64 = pa.float64()
     fields = [

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bmseg.errors import BmsegError, check_id
+from bmseg.contract import MODALITIES, check_id
+from bmseg.errors import BmsegError
 
 if TYPE_CHECKING:
     import zarr
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SLIDE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
-MODALITIES = ("brightfield", "fluorescence")
 # --plane Z=max / Z=min: the brightest (fluorescence) or darkest (brightfield stain) value over
 # that dimension's planes
 PROJECTIONS = {"max": np.maximum, "min": np.minimum}
@@ -154,7 +154,7 @@ def check_pixel_size(value: float, where: str) -> float:
 
 
 def check_slide_id(slide_id: str, where: str = "--slide-id") -> str:
-    """Return ``slide_id`` if it is a valid id (:func:`bmseg.errors.check_id`), else BmsegError."""
+    """Return ``slide_id`` if it is a valid id (:func:`bmseg.contract.check_id`), else BmsegError."""
     return check_id(slide_id, where)
 
 

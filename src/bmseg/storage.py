@@ -23,13 +23,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bmseg.contract import embedding_type
 from bmseg.errors import BmsegError
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_COLUMN = "embedding"
-EMBEDDING_DIM = 2048
-"""Size of the ResNet-50 embedding in ``cells.parquet``."""
 _FLOAT16_LE = np.dtype("<f2")
 
 
@@ -212,16 +210,6 @@ def write_bytes(data: bytes | memoryview, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
-def embedding_type(dim: int = EMBEDDING_DIM) -> pa.DataType:
-    """Arrow type of the ``embedding`` column: ``dim`` float16 values as little-endian bytes.
-
-    One fixed-size binary value per cell rather than a nested list: Parquet stores a list with
-    a repetition and definition level per value, which made reading 2048-d embeddings 2-7x
-    slower than reading the same bytes as one value (docs/benchmarks.md, Classify).
-    """
-    return pa.binary(dim * _FLOAT16_LE.itemsize)
-
-
 def embedding_array(embeddings: np.ndarray) -> pa.FixedSizeBinaryArray:
     """The ``embedding`` column for an (N, dim) array (cast to float16), without a per-cell copy."""
     values = np.ascontiguousarray(embeddings, dtype=_FLOAT16_LE)
@@ -311,20 +299,6 @@ def parquet_writer(
             yield writer
         finally:
             writer.close()
-
-
-CROPS_SCHEMA = pa.schema(
-    [
-        ("cell_uid", pa.string()),
-        ("x", pa.int64()),
-        ("y", pa.int64()),
-        ("scale", pa.float32()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("image", pa.binary()),
-    ]
-)
-"""``crops.parquet``: one gallery image per cell (docs/data.md), via :func:`parquet_writer`."""
 
 
 class MaskWriter:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bmseg.contract import MODALITIES
 from bmseg.errors import BmsegError
 from bmseg.slide import Rect, default_slide_id
 
@@ -46,7 +47,6 @@ HSPC_DIAMETER_UM = (6.3, 9.7)  # inside 6-10 µm
 MK_PER_MM2 = 40.0  # planted densities per mm² of tissue
 HSPC_PER_MM2 = 400.0
 CELL_GAP_PX = 6  # minimum clearance between cells' bounding circles
-MODALITIES = ("brightfield", "fluorescence")
 DENSITIES = ("sparse", "marrow")
 MARROW_CELL_AREA_UM2 = 38.0
 """Mean planted cell area at marrow density: ~7 000 cells would fill a 3000² px tile of tissue."""

@@ -165,7 +165,7 @@ DEMO_MANIFEST = Manifest(
 
 def demo_layout_seeds(seed: int) -> dict[str, tuple[list[int], int]]:
     """``{modality: (training layout seeds, held-out layout seed)}``, distinct, from ``seed``."""
-    from bmseg.synth import MODALITIES
+    from bmseg.contract import MODALITIES
 
     seeds = {}
     for index, modality in enumerate(MODALITIES):

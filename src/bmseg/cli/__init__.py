@@ -1,9 +1,11 @@
-"""The ``bmseg`` command: one sub-command per pipeline step.
+"""The ``bmseg`` command: one sub-command per pipeline step, and the error boundary.
 
-Each step module exposes ``register(subparsers)``, which adds its sub-command(s) and sets
-``handler`` (a function taking the parsed arguments) as a parser default. Step modules import
-heavy libraries (torch, the models) inside their handlers, so building the parser stays cheap:
-the Nextflow tests parse every process's command line with this very parser.
+The CLI is a layer of its own: ``bmseg.cli.<step>`` modules hold each step's argparse and
+expose ``register(subparsers)``, which adds the sub-command(s) and sets ``handler`` (a function
+taking the parsed arguments) as a parser default. A handler imports its step module (which
+imports torch, the models, pyarrow at its top) and calls the step's typed function, so building
+the parser stays cheap: the Nextflow tests parse every process's command line with this very
+parser. :func:`main` turns a user's error into one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -157,6 +159,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"bmseg {args.command}: interrupted\n")
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())
