@@ -844,6 +844,86 @@ def test_ci_runs_nf_test_that_reads_strict_syntax_on_the_supported_nextflow() ->
     assert floor in matrix, f"CI must test the oldest Nextflow the manifest allows, {floor}"
 
 
+# Where CI's nextflow job leaves real Nextflow's task folders (nf-test's work directories).
+NEXTFLOW_WORK = "BMSEG_NEXTFLOW_WORK"
+
+# The processes every -profile test run has (PAGES only when cells were found; no labels).
+ALWAYS_RUN_ON_TEST = {
+    "SYNTH",
+    "DEMOMODELS",
+    "CALIBRATE",
+    "PLAN",
+    "BATCH",
+    "SEGMENT",
+    "GATHER",
+    "REPORT",
+}
+
+
+def flags(argv: list[str]) -> list[str]:
+    return [word for word in argv if word.startswith("--")]
+
+
+def check_nextflow_work(root: Path) -> set[str]:
+    """Every ``bmseg`` step line of the task scripts (.command.sh) under ``root`` parsed by
+    the real parser and carrying the flags this suite renders for that process under -profile
+    test; the processes seen."""
+    seen = set()
+    for script in sorted(root.rglob(".command.sh")):
+        commands = bmseg_commands(read(script))
+        versions = [argv for argv in commands if argv[1] == "versions"]
+        steps = [argv for argv in commands if argv[1] != "versions"]
+        if not versions or not steps:
+            continue  # a stub run's script, or not one of ours
+        name = versions[0][3].rsplit(":", 1)[-1]
+        assert len(steps) == 1, f"{script}: {steps}"
+        parse_with_bmseg(steps[0][1:])
+        ours = next(
+            argv
+            for argv in bmseg_commands(render_script(name, profile_params("test")))
+            if argv[1] != "versions"
+        )
+        assert flags(steps[0]) == flags(ours), f"{name}: Nextflow wrote {shlex.join(steps[0])}"
+        seen.add(name)
+    return seen
+
+
+def test_nextflow_renders_what_the_suite_renders() -> None:
+    """The command lines real Nextflow wrote into its task folders (.command.sh of a real
+    -profile test run, CI's nextflow job) pass the real parser and carry the very flags this
+    suite renders for the same process: the renderer here is checked against Nextflow's."""
+    import os
+
+    if not os.environ.get(NEXTFLOW_WORK):
+        pytest.skip(f"{NEXTFLOW_WORK} unset: CI's nextflow job runs this after nf-test")
+    seen = check_nextflow_work(Path(os.environ[NEXTFLOW_WORK]))
+    assert seen >= ALWAYS_RUN_ON_TEST, f"no real task of {sorted(ALWAYS_RUN_ON_TEST - seen)}"
+
+
+def test_nextflow_work_check_fails_on_a_drifted_command(tmp_path: Path) -> None:
+    """The check above can fail: a task script whose flags differ from the suite's render."""
+    params = profile_params("test")
+    for name in sorted(ALWAYS_RUN_ON_TEST):
+        task = tmp_path / "work" / name.lower()
+        task.mkdir(parents=True)
+        (task / ".command.sh").write_text(
+            "#!/bin/bash -ue\n" + render_script(name, params), encoding="utf-8"
+        )
+    assert check_nextflow_work(tmp_path / "work") == ALWAYS_RUN_ON_TEST
+    plan = tmp_path / "work" / "plan" / ".command.sh"
+    plan.write_text(read(plan).replace(" --margin null", ""), encoding="utf-8")
+    with pytest.raises(AssertionError, match="PLAN"):
+        check_nextflow_work(tmp_path / "work")
+
+
+def test_ci_checks_nextflows_command_lines_after_the_real_run() -> None:
+    steps = ci_workflow()["jobs"]["nextflow"]["steps"]
+    names = [step.get("run", "") for step in steps]
+    nf_test = next(i for i, run in enumerate(names) if run.startswith("nf-test test"))
+    check = next(i for i, step in enumerate(steps) if NEXTFLOW_WORK in step.get("env", {}))
+    assert check > nf_test and "test_nextflow_renders_what_the_suite_renders" in names[check]
+
+
 def test_pipeline_spec_checks_no_file_nf_test_redirects() -> None:
     """nf-test passes its own ``-with-trace``, so the config's trace file is never written."""
     spec = read(REPO / "tests" / "main.nf.test")
