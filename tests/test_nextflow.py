@@ -400,6 +400,23 @@ def segment_options(params: dict[str, Any], attempt: int = 1, cpus: int = 2) -> 
     return parsed
 
 
+def test_list_flags_refuse_a_count_that_does_not_match(tmp_path: Path, capsys) -> None:
+    """--slide-ids and --pixel-sizes-um pair with the files by order: a count that differs
+    is one line and exit 2, never a silent mispairing."""
+    from bmseg.cli import main
+    from bmseg.errors import BmsegError
+    from bmseg.segment import match_slides
+
+    with pytest.raises(BmsegError, match="--slide-ids names 1 slides for 2 files"):
+        match_slides(["S1"], ["a.czi", "b.czi"], ["S1"])
+    assert match_slides(["S2"], ["a.czi", "b.czi"], ["S1", "S2"]) == {"S2": Path("b.czi")}
+    out = tmp_path / "c.json"
+    argv = ["calibrate-tissue", "a.czi", "b.czi", "--pixel-sizes-um", "0.25", "--out", str(out)]
+    assert main(argv) == 2
+    assert "--pixel-sizes-um gives 1 sizes for 2 slides" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_gpu_batch_halves_on_each_retry() -> None:
     """A GPU out-of-memory retry runs SEGMENT with half as many tiles per GPU batch."""
     params = profile_params("default")

@@ -625,7 +625,8 @@ def calibrate_slides(
             modalities.add(slide.modality)
     if len(modalities) > 1:
         raise BmsegError(
-            f"calibrate-tissue: slides mix {sorted(modalities)}; calibrate each modality on its own"
+            f"calibrate-tissue: slides mix {sorted(modalities)}; calibrate each modality on its "
+            "own (the pipeline does, per the samplesheet's modality column: fill it in)"
         )
     calibration = calibrate(contrasts, modalities.pop(), [p.name for p in slide_paths])
     write_json(calibration, out)
