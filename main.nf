@@ -4,7 +4,7 @@
  * bone-marrow images found, measured and classified.
  *
  * This entry workflow only turns params into channels (a samplesheet or a glob of slides, or
- * synthetic slides and test checkpoints for -profile test) and hands them to BMSEG.
+ * synthetic slides and the demo models for -profile test) and hands them to BMSEG.
  * Usage and profiles: docs/pipeline.md.
  */
 include { validateParameters; paramsSummaryLog; samplesheetToList } from 'plugin/nf-schema'

@@ -267,11 +267,6 @@ def check_template(template: str) -> str:
     return template
 
 
-def names_in(template: str) -> list[str]:
-    """The dotted names a template interpolates, in order."""
-    return _NAME.findall(check_template(template))
-
-
 def render(template: str, scope: dict[str, Any]) -> str:
     """``template`` with each ``${a.b}`` replaced by ``scope['a']['b']`` as Groovy renders it.
 
