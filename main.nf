@@ -4,29 +4,28 @@
  * bone-marrow images found, measured and classified.
  *
  * This entry workflow only turns params into channels (a samplesheet or a glob of slides, or
- * synthetic slides and test checkpoints for -profile test) and hands them to BMSEG.
+ * synthetic slides and the demo models for -profile test) and hands them to BMSEG.
  * Usage and profiles: docs/pipeline.md.
  */
 include { validateParameters; paramsSummaryLog; samplesheetToList } from 'plugin/nf-schema'
 include { SYNTH      } from './modules/local/synth'
-include { TESTMODELS } from './modules/local/testmodels'
+include { DEMOMODELS } from './modules/local/demomodels'
 include { BMSEG      } from './workflows/bmseg'
 
 /*
  * The slide id `bmseg plan` gives a file when no --slide-id is passed (bmseg.slide's
- * default_slide_id, the one rule; tests/test_nextflow.py checks this copy against it): the
- * file name without its extension (.ome.tif(f) as one), every character outside
- * [A-Za-z0-9._-] replaced by '_', then a leading '.' or '-' (no hidden files, no flag-like ids),
- * 'slide' when nothing is left.
+ * default_slide_id, the one rule; tests/test_nextflow.py applies these patterns and checks
+ * them against it): the file name without its extension (.ome.tif(f) as one; a leading dot
+ * is no extension), every character outside [A-Za-z0-9._-] replaced by '_', then a leading
+ * '.' or '-' (no hidden files, no flag-like ids), 'slide' when nothing is left. Patterns
+ * only, no other logic, so the test reads them as data.
  */
 def slideId(String name) {
-    def lower = name.toLowerCase()
-    def dot = name.lastIndexOf('.')
-    def stem = lower.endsWith('.ome.tiff') ? name.substring(0, name.length() - 9)
-        : lower.endsWith('.ome.tif') ? name.substring(0, name.length() - 8)
-        : dot > 0 && dot < name.length() - 1 ? name.substring(0, dot)
-        : name
-    return stem.replaceAll('[^A-Za-z0-9._-]', '_').replaceFirst('^[.-]', '_') ?: 'slide'
+    return name
+        .replaceFirst('(?i)\\.ome\\.tiff?$|(?<=.)\\.[^.]+$', '')
+        .replaceAll('[^A-Za-z0-9._-]', '_')
+        .replaceFirst('^[.-]', '_')
+        .replaceFirst('^$', 'slide')
 }
 
 /*
@@ -71,12 +70,13 @@ workflow {
     ch_slides = channel.empty()
     ch_models = channel.empty()
     if (n_synth > 0) {
-        // -profile test: tiny synthetic slides and random-initialised checkpoints, no downloads.
-        SYNTH(channel.of(1..n_synth).map { i -> ["synth${i}", i] })
-        TESTMODELS()
-        ch_slides = SYNTH.out.slide.map { slide_id, czi -> [[id: slide_id, pixel_size_um: null, modality: null], czi] }
-        ch_models = TESTMODELS.out.models
-        ch_versions = ch_versions.mix(SYNTH.out.versions, TESTMODELS.out.versions)
+        // -profile test: tiny synthetic slides, brightfield (odd) and fluorescence (even), and
+        // the demo models made here, no downloads.
+        SYNTH(channel.of(1..n_synth).map { i -> ["synth${i}", i, i % 2 == 1 ? 'brightfield' : 'fluorescence'] })
+        DEMOMODELS()
+        ch_slides = SYNTH.out.slide.map { slide_id, modality, czi -> [[id: slide_id, pixel_size_um: null, modality: modality], czi] }
+        ch_models = DEMOMODELS.out.models
+        ch_versions = ch_versions.mix(SYNTH.out.versions, DEMOMODELS.out.versions)
     } else {
         if (params.input.toString().endsWith('.csv')) {
             def rows = samplesheetToList(params.input, "${projectDir}/assets/schema_input.json")

@@ -1,33 +1,32 @@
-"""Reading the pipeline's Nextflow sources from Python, for tests/test_nextflow.py.
+"""Reading the pipeline's Nextflow sources from Python as data, for tests/test_nextflow*.py.
 
 reftrace parses the .nf and .config files (syntax, processes, directives); it does not give a
-process's script text or a config closure's value. This module reads those parts and evaluates
-the small subset of Groovy expressions that the pipeline's scripts and ``ext.args`` closures
-use (strings with ``${...}``, property access, ``?:``, ``? :``, comparisons, arithmetic,
-``as Integer``, ``Math.max``, ``intdiv``), so that a test can render each process's command line
-exactly as Nextflow would and hand it to the real ``bmseg`` argument parser. Anything outside
-that subset raises :class:`GroovySubsetError`, so a script the tests cannot render fails loudly
-instead of being skipped.
+process's script text or a config value. This module reads those, and evaluates no Groovy:
+the pipeline keeps every part the tests look into in a data-like form, and this module reads
+exactly those forms and raises :class:`NotDataError` on anything else, so logic that creeps
+into the Nextflow side fails the suite instead of being half understood:
+
+- a process script: ``def args = task.ext.args ?: ''`` then one triple-quoted string of
+  ``bmseg`` command lines whose only Groovy is ``${name}`` / ``${name.field}``;
+- an ``ext.args``: a string literal, or a closure ``{ "..." }`` holding one such string;
+- a config value: a literal (number, string without ``${}``, ``true``/``false``/``null``,
+  ``N.GB``/``N.h`` sizes, lists and maps of those);
+- the resource, retry and GPU closures in one fixed shape each, read into their numbers;
+- main.nf's slide-id and file-name rules: ``replaceFirst``/``replaceAll``/``matches`` chains
+  with literal patterns, applied here with Python's ``re``;
+- the workflows' wiring: which process calls take which processes' ``.out`` channels.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 
-class GroovySubsetError(ValueError):
-    """The text uses Groovy beyond the subset this module evaluates, or is malformed."""
-
-
-class PathList(list):
-    """A list of staged file names: Nextflow renders it blank-separated inside a script."""
-
-    def __str__(self) -> str:
-        return " ".join(str(item) for item in self)
+class NotDataError(ValueError):
+    """The text holds Groovy beyond the data-like forms this module reads, or is malformed."""
 
 
 def skip_string(src: str, i: int) -> int:
@@ -36,7 +35,7 @@ def skip_string(src: str, i: int) -> int:
         if src.startswith(quote, i):
             break
     else:
-        raise GroovySubsetError(f"no string literal at offset {i}")
+        raise NotDataError(f"no string literal at offset {i}")
     j = i + len(quote)
     while j < len(src):
         if src[j] == "\\":
@@ -48,13 +47,13 @@ def skip_string(src: str, i: int) -> int:
             j = matching_brace(src, j + 1) + 1
             continue
         j += 1
-    raise GroovySubsetError(f"unterminated string starting at offset {i}")
+    raise NotDataError(f"unterminated string starting at offset {i}")
 
 
 def matching_brace(src: str, i: int) -> int:
     """Index of the ``}`` that closes the ``{`` at ``src[i]``, skipping strings and comments."""
     if src[i] != "{":
-        raise GroovySubsetError(f"no '{{' at offset {i}")
+        raise NotDataError(f"no '{{' at offset {i}")
     depth = 0
     j = i
     while j < len(src):
@@ -76,7 +75,7 @@ def matching_brace(src: str, i: int) -> int:
             if depth == 0:
                 return j
         j += 1
-    raise GroovySubsetError(f"unbalanced '{{' at offset {i}")
+    raise NotDataError(f"unbalanced '{{' at offset {i}")
 
 
 def strip_comments(src: str) -> str:
@@ -161,33 +160,84 @@ def _expression_end(src: str, i: int) -> int:
     return j
 
 
-# --- evaluation -------------------------------------------------------------------------------
+# --- literals and rendering ----------------------------------------------------------------------
 
-_TOKEN = re.compile(
-    r"""\s*(?:
-        (?P<number>\d+\.\d+|\d+)
-      | (?P<name>[A-Za-z_]\w*)
-      | (?P<op>\?:|\?\.|\.\.|\*\*|==|!=|<=|>=|&&|\|\||->|[-+*/%<>!?:.,()\[\]{}=])
-    )""",
-    re.VERBOSE,
-)
+# Nextflow's memory and duration units as numbers: bytes and seconds.
+UNITS = {"MB": 1024**2, "GB": 1024**3, "TB": 1024**4, "min": 60, "h": 3600, "d": 86400}
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_SIZED = re.compile(r"(\d+(?:\.\d+)?)\.(" + "|".join(UNITS) + r")")
+_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\", "\\'": "'", '\\"': '"', "\\$": "$"}
 
 
-@dataclass
-class _Lambda:
-    """A Groovy closure ``{ a, b -> expr }`` with the expression kept as source."""
+def _unescape(text: str) -> str:
+    return re.sub(r"\\.", lambda m: _ESCAPES.get(m.group(0), m.group(0)), text)
 
-    params: list[str]
-    body: str
-    scope: dict[str, Any]
 
-    def __call__(self, *args: Any) -> Any:
-        scope = dict(self.scope)
-        names = self.params or ["it"]
-        if len(args) == 1 and len(names) > 1 and isinstance(args[0], list):
-            args = tuple(args[0])  # Groovy spreads a list over several closure parameters
-        scope.update(zip(names, args, strict=False))
-        return evaluate(self.body, scope)
+def _split_top_level(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets and strings."""
+    parts, depth, start, j = [], 0, 0, 0
+    while j < len(text):
+        if text[j] in "'\"":
+            j = skip_string(text, j)
+            continue
+        if text[j] in "([{":
+            depth += 1
+        elif text[j] in ")]}":
+            depth -= 1
+        elif text[j] == "," and depth == 0:
+            parts.append(text[start:j])
+            start = j + 1
+        j += 1
+    parts.append(text[start:])
+    return [part.strip() for part in parts if part.strip()]
+
+
+def string_literal(text: str) -> str | None:
+    """The value of a Groovy string literal without interpolation, or None for anything else."""
+    text = text.strip()
+    for quote in ("'", '"'):
+        if len(text) >= 2 and text[0] == quote and text[-1] == quote:
+            try:
+                end = skip_string(text, 0)
+            except NotDataError:
+                return None
+            inner = text[1:-1]
+            if end != len(text) or (quote == '"' and re.search(r"(?<!\\)\$", inner)):
+                return None
+            return _unescape(inner)
+    return None
+
+
+def literal(text: str) -> Any:
+    """A Groovy literal as Python: numbers (sizes in bytes / seconds), strings, booleans, null,
+    lists and maps of literals. Anything else raises NotDataError."""
+    text = text.strip()
+    if text in ("true", "false"):
+        return text == "true"
+    if text == "null":
+        return None
+    if _NUMBER.fullmatch(text):
+        return float(text) if "." in text else int(text)
+    if sized := _SIZED.fullmatch(text):
+        return float(sized.group(1)) * UNITS[sized.group(2)]
+    value = string_literal(text)
+    if value is not None:
+        return value
+    if text.startswith("[") and text.endswith("]"):
+        items = _split_top_level(text[1:-1])
+        if items and all(re.match(r"\w+\s*:", item) for item in items):
+            pairs = [item.split(":", 1) for item in items]
+            return {key.strip(): literal(value) for key, value in pairs}
+        return [literal(item) for item in items]
+    raise NotDataError(f"not a literal: {text!r}")
+
+
+class PathList(list):
+    """A list of staged file names: Nextflow renders it blank-separated inside a script."""
+
+    def __str__(self) -> str:
+        return " ".join(str(item) for item in self)
 
 
 def groovy_str(value: Any) -> str:
@@ -205,366 +255,289 @@ def groovy_str(value: Any) -> str:
     return str(value)
 
 
-def truthy(value: Any) -> bool:
-    """Groovy truth: null, false, 0, '' and empty collections are false."""
-    return bool(value)
+_NAME = re.compile(r"\$\{([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\}")
 
 
-_METHODS: dict[str, Callable[..., Any]] = {
-    "intdiv": lambda a, b: int(a) // int(b),
-    "join": lambda items, sep="": sep.join(groovy_str(item) for item in items),
-    "collect": lambda items, fn: [fn(item) for item in items],
-    "findAll": lambda items, fn: [item for item in items if truthy(fn(item))],
-    "transpose": lambda lists: [list(row) for row in zip(*lists, strict=True)],
-    "tokenize": lambda text, separators: [
-        t for t in re.split(f"[{re.escape(separators)}]", text) if t
-    ],
-    "size": len,
-    # java.lang.String, as far as the scripts use it
-    "toLowerCase": lambda text: text.lower(),
-    "endsWith": lambda text, suffix: text.endswith(suffix),
-    "lastIndexOf": lambda text, part: text.rfind(part),
-    "length": len,
-    "substring": lambda text, start, end=None: text[start:end],
-    "replaceAll": lambda text, pattern, replacement: re.sub(pattern, replacement, text),
-    "replaceFirst": lambda text, pattern, replacement: re.sub(pattern, replacement, text, count=1),
-    "matches": lambda text, pattern: re.fullmatch(pattern, text) is not None,
-}
-
-_CASTS: dict[str, Callable[[Any], Any]] = {"Integer": int}
-
-# Nextflow's memory and duration units as numbers: bytes and seconds.
-UNITS = {"MB": 1024**2, "GB": 1024**3, "TB": 1024**4, "min": 60, "h": 3600, "d": 86400}
+def check_template(template: str) -> str:
+    """``template`` if its only Groovy is ``${name}`` / ``${name.field}`` (no escapes, no other
+    ``$``), else NotDataError."""
+    rest = _NAME.sub("", template)
+    if "$" in rest or "\\" in rest:
+        raise NotDataError(f"Groovy beyond ${{name}} interpolation in {template.strip()!r}")
+    return template
 
 
-class _Parser:
-    """Recursive-descent evaluator over one expression's source text."""
+def render(template: str, scope: dict[str, Any]) -> str:
+    """``template`` with each ``${a.b}`` replaced by ``scope['a']['b']`` as Groovy renders it.
 
-    def __init__(self, src: str, scope: dict[str, Any]) -> None:
-        self.src = src
-        self.pos = 0
-        self.scope = scope
+    A name the scope lacks is an error, not an empty string: the test's inputs must mirror
+    the process's.
+    """
 
-    # lexing
-    def _peek(self) -> tuple[str, str]:
-        rest = self.src[self.pos :]
-        stripped = rest.lstrip()
-        if not stripped:
-            return ("end", "")
-        if stripped[0] in "'\"":
-            return ("string", stripped[0])
-        match = _TOKEN.match(rest)
+    def value_of(match: re.Match) -> str:
+        first, *fields = match.group(1).split(".")
+        if first not in scope:
+            raise NotDataError(f"${{{match.group(1)}}}: no {first!r} in scope")
+        value = scope[first]
+        for field in fields:
+            if not isinstance(value, dict) or field not in value:
+                raise NotDataError(f"${{{match.group(1)}}}: no field {field!r}")
+            value = value[field]
+        return groovy_str(value)
+
+    return _NAME.sub(value_of, check_template(template))
+
+
+def string_template(text: str) -> str:
+    """The template of a Groovy string literal (single-quoted: no interpolation)."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] == "'" and skip_string(text, 0) == len(text):
+        return check_template(_unescape(text[1:-1]))
+    if len(text) >= 2 and text[0] == text[-1] == '"' and skip_string(text, 0) == len(text):
+        return check_template(text[1:-1])
+    raise NotDataError(f"not one string: {text!r}")
+
+
+def ext_args_template(text: str) -> str:
+    """An ``ext.args`` value, a string or a closure ``{ "..." }`` of one string, as a template."""
+    text = text.strip()
+    closure = re.fullmatch(r"\{\s*(.*?)\s*\}", text, re.DOTALL)
+    return string_template(closure.group(1) if closure else text)
+
+
+SCRIPT_PRELUDE = "def args = task.ext.args ?: ''"
+"""The one statement a process script may hold before its command lines."""
+
+
+def script_template(script_section: str) -> str:
+    """A process's ``script:`` section as a template: the prelude, then one triple-quoted
+    string whose lines are blank or ``bmseg`` command lines."""
+    match = re.fullmatch(
+        r"\s*" + re.escape(SCRIPT_PRELUDE) + r'\s*"""\n(.*?)"""\s*', script_section, re.DOTALL
+    )
+    if not match:
+        raise NotDataError(
+            f"a script must be {SCRIPT_PRELUDE!r} then one triple-quoted string: "
+            f"{script_section.strip()[:120]!r}"
+        )
+    lines = [line.strip() for line in match.group(1).splitlines()]
+    others = [line for line in lines if line and not line.startswith("bmseg ")]
+    if others:
+        raise NotDataError(f"a script line that is not a bmseg command: {others[0]!r}")
+    return check_template("\n".join(line for line in lines if line))
+
+
+# --- the fixed shapes of closures -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Growth:
+    """``{ task.attempt == 1 ? FIRST : task.previousTrace.KEY * (task.previousTrace.exit in
+    [EXITS] ? FACTOR : 1) }``: a request that grows after the given exits."""
+
+    first: float
+    key: str
+    exits: frozenset[int]
+    factor: int
+
+    def request(self, attempt: int, previous: dict[str, Any]) -> float:
+        """What Nextflow asks at ``attempt``, ``previous`` being the last attempt's trace."""
+        if attempt == 1:
+            return self.first
+        return previous[self.key] * (self.factor if previous["exit"] in self.exits else 1)
+
+
+_GROWTH = re.compile(
+    r"\{ task\.attempt == 1 \? (?P<first>\S+) : task\.previousTrace\.(?P<key>memory|time) \* "
+    r"\(task\.previousTrace\.exit in \[(?P<exits>[\d, ]+)\] \? (?P<factor>\d+) : 1\) \}"
+)
+
+
+def growth(text: str) -> Growth:
+    """A resource closure of the one shape the configs use (:class:`Growth`)."""
+    match = _GROWTH.fullmatch(text.strip())
+    if not match:
+        raise NotDataError(f"a resource must grow as {_GROWTH.pattern!r}: {text!r}")
+    exits = frozenset(int(code) for code in match.group("exits").split(","))
+    return Growth(literal(match.group("first")), match.group("key"), exits, int(match["factor"]))
+
+
+_RETRY = re.compile(
+    r"\{ task\.exitStatus in \(\((?P<low>\d+)\.\.(?P<high>\d+)\)(?P<extra>(?: \+ \d+)*)\) "
+    r"\? 'retry' : 'finish' \}"
+)
+
+
+def retried_exits(text: str) -> frozenset[int]:
+    """The exit codes an ``errorStrategy`` of the shape ``{ task.exitStatus in ((A..B) + C)
+    ? 'retry' : 'finish' }`` retries (every other exit finishes the run)."""
+    match = _RETRY.fullmatch(text.strip())
+    if not match:
+        raise NotDataError(f"errorStrategy must read {_RETRY.pattern!r}: {text!r}")
+    codes = set(range(int(match.group("low")), int(match.group("high")) + 1))
+    codes |= {int(code) for code in re.findall(r"\d+", match.group("extra"))}
+    return frozenset(codes)
+
+
+_GPU_COUNT = re.compile(
+    r"Math\.max\(1, \((?P<vars>System\.getenv\('\w+'\)(?: \?: System\.getenv\('\w+'\))*) "
+    r"\?: '0'\)\.tokenize\(','\)\.size\(\)\)"
+)
+
+
+def listed_gpus(text: str) -> Callable[[dict[str, str]], int]:
+    """``maxForks`` of the shape ``Math.max(1, (System.getenv('A') ?: ... ?: '0')
+    .tokenize(',').size())``: a function of the environment, the number of GPUs listed."""
+    match = _GPU_COUNT.fullmatch(text.strip())
+    if not match:
+        raise NotDataError(f"maxForks must read {_GPU_COUNT.pattern!r}: {text!r}")
+    names = re.findall(r"'(\w+)'", match.group("vars"))
+
+    def count(environ: dict[str, str]) -> int:
+        listed = next((environ[name] for name in names if environ.get(name)), "0")
+        return max(1, len([gpu for gpu in listed.split(",") if gpu]))
+
+    return count
+
+
+_BY_ENGINE = re.compile(
+    r"\{ workflow\.containerEngine == '(?P<engine>\w+)' "
+    r"\? (?P<then>'[^']*') : (?P<other>'[^']*') \}"
+)
+
+
+def options_by_engine(text: str) -> Callable[[str], str]:
+    """``containerOptions`` of the shape ``{ workflow.containerEngine == 'E' ? 'A' : 'B' }``."""
+    match = _BY_ENGINE.fullmatch(text.strip())
+    if not match:
+        raise NotDataError(f"containerOptions must read {_BY_ENGINE.pattern!r}: {text!r}")
+    then, other = literal(match.group("then")), literal(match.group("other"))
+    return lambda engine: then if engine == match.group("engine") else other
+
+
+# --- main.nf's name rules -------------------------------------------------------------------------
+
+_STRING = r"'((?:[^'\\]|\\.)*)'"
+_REPLACE = re.compile(rf"\s*\.(replaceFirst|replaceAll)\({_STRING}, {_STRING}\)")
+
+
+def _rule_body(src: str, name: str) -> str:
+    """The expression of ``def name(String name) { return name... }`` in ``src``."""
+    src = strip_comments(src)
+    match = re.search(rf"^def\s+{name}\(String name\)\s*\{{", src, re.MULTILINE)
+    if not match:
+        raise NotDataError(f"no function {name}(String name)")
+    start = match.end() - 1
+    body = src[start + 1 : matching_brace(src, start)].strip()
+    if not body.startswith("return name"):
+        raise NotDataError(f"{name}() must be 'return name' and a chain of string calls")
+    return body[len("return name") :]
+
+
+def replacement_chain(src: str, name: str) -> Callable[[str], str]:
+    """main.nf's ``name`` rule, ``return name.replaceFirst('P', 'R').replaceAll(...)...``,
+    as a Python function. Replacements are literal text (no ``$`` groups)."""
+    chain = _rule_body(src, name)
+    steps = []
+    position = 0
+    while position < len(chain):
+        match = _REPLACE.match(chain, position)
         if not match:
-            raise GroovySubsetError(f"cannot read {stripped[:30]!r}")
-        kind = match.lastgroup or "op"
-        return (kind, match.group(kind))
+            rest = chain[position:]
+            raise NotDataError(f"{name}(): not a replaceFirst/replaceAll call: {rest!r}")
+        kind, pattern, replacement = match.group(1), _unescape(match[2]), _unescape(match[3])
+        if "$" in replacement or "\\" in replacement:
+            raise NotDataError(f"{name}(): replacement {replacement!r} must be literal text")
+        steps.append((re.compile(pattern), replacement, 1 if kind == "replaceFirst" else 0))
+        position = match.end()
 
-    def _take(self) -> tuple[str, str]:
-        kind, text = self._peek()
-        if kind == "string":
-            raise GroovySubsetError("internal: string taken as token")
-        match = _TOKEN.match(self.src, self.pos)
-        assert match is not None
-        self.pos = match.end()
-        return kind, text
+    def apply(text: str) -> str:
+        for pattern, replacement, count in steps:
+            text = pattern.sub(replacement, text, count=count)
+        return text
 
-    def _expect(self, text: str) -> None:
-        got = self._take()[1]
-        if got != text:
-            raise GroovySubsetError(f"expected {text!r}, found {got!r} in {self.src!r}")
+    return apply
 
-    def _at(self, text: str) -> bool:
-        return self._peek()[1] == text and self._peek()[0] != "string"
 
-    # grammar
-    def statements(self) -> Any:
-        """``def name = expr`` statements, then a final expression whose value is returned."""
-        value = None
-        while self._peek()[0] != "end":
-            if self._peek() == ("name", "return"):
-                self._take()
-                value = self.expression()
+def match_rule(src: str, name: str) -> Callable[[str], bool]:
+    """main.nf's ``name`` rule, ``return name.matches('P')``, as a Python function."""
+    match = re.fullmatch(rf"\.matches\({_STRING}\)", _rule_body(src, name))
+    if not match:
+        raise NotDataError(f"{name}() must be 'return name.matches(...)'")
+    pattern = re.compile(_unescape(match.group(1)))
+    return lambda text: pattern.fullmatch(text) is not None
+
+
+# --- the workflows' wiring ------------------------------------------------------------------------
+
+_STATEMENT = re.compile(r"^(?P<indent> *)(?:def\s+)?(?P<target>\w+)\s*(?P<kind>=(?!=)|\()", re.M)
+
+
+def _statements(body: str) -> list[tuple[str, str, str]]:
+    """``(target, kind, text)`` for each assignment (``=``) or call (``(``) of a workflow body;
+    a statement runs on over the lines indented deeper than its first."""
+    found = []
+    for match in _STATEMENT.finditer(body):
+        indent = len(match.group("indent"))
+        end = match.end()
+        for line in re.finditer(r"\n( *)(\S)?", body[end:]):
+            if line.group(2) and len(line.group(1)) <= indent and line.group(2) not in ".)":
+                end += line.start()
                 break
-            if self._peek() == ("name", "def"):
-                self._take()
-                name = self._take()[1]
-                if self._at("("):
-                    raise GroovySubsetError(f"function definition {name}() inside an expression")
-                self._expect("=")
-                self.scope[name] = self.expression()
-            else:
-                value = self.expression()
-        return value
-
-    def expression(self) -> Any:
-        condition = self.or_expr()
-        if self._at("?:"):
-            self._take()
-            fallback = self.expression()
-            return condition if truthy(condition) else fallback
-        if self._at("?"):
-            self._take()
-            when_true = self.expression()
-            self._expect(":")
-            when_false = self.expression()
-            return when_true if truthy(condition) else when_false
-        return condition
-
-    def or_expr(self) -> Any:
-        return self._logical("||", self.and_expr)
-
-    def and_expr(self) -> Any:
-        return self._logical("&&", self.comparison)
-
-    def _logical(self, op: str, operand: Callable[[], Any]) -> Any:
-        """``operand op operand ...`` for ``||`` or ``&&``, left to right, as a boolean."""
-        value = operand()
-        while self._at(op):
-            self._take()
-            right = truthy(operand())
-            value = (truthy(value) or right) if op == "||" else (truthy(value) and right)
-        return value
-
-    def comparison(self) -> Any:
-        value = self.range()
-        ops = {
-            "==": lambda a, b: a == b,
-            "!=": lambda a, b: a != b,
-            "<": lambda a, b: a < b,
-            ">": lambda a, b: a > b,
-            "<=": lambda a, b: a <= b,
-            ">=": lambda a, b: a >= b,
-        }
-        if self._peek()[0] == "op" and self._peek()[1] in ops:
-            op = self._take()[1]
-            return ops[op](value, self.range())
-        if self._peek() == ("name", "in"):
-            self._take()
-            return value in self.range()
-        return value
-
-    def range(self) -> Any:
-        value = self.additive()
-        if self._at(".."):
-            self._take()
-            return list(range(value, self.additive() + 1))
-        return value
-
-    def additive(self) -> Any:
-        value = self.multiplicative()
-        while self._peek()[0] == "op" and self._peek()[1] in "+-":
-            op = self._take()[1]
-            right = self.multiplicative()
-            if op == "+" and isinstance(value, str):
-                value = groovy_str(value) + groovy_str(right)
-            elif op == "+" and isinstance(value, list):
-                value = value + (right if isinstance(right, list) else [right])
-            elif op == "+":
-                value = value + right
-            else:
-                value = value - right
-        return value
-
-    def multiplicative(self) -> Any:
-        value = self.cast()
-        while self._peek()[0] == "op" and self._peek()[1] in ("*", "/", "%", "**"):
-            op = self._take()[1]
-            right = self.cast()
-            if op == "**":
-                value = value**right
-            elif op == "*":
-                value = value * right
-            elif op == "/":
-                value = value / right
-            else:
-                value = value % right
-        return value
-
-    def cast(self) -> Any:
-        value = self.unary()
-        while self._peek() == ("name", "as"):
-            self._take()
-            type_name = self._take()[1]
-            if type_name not in _CASTS:
-                raise GroovySubsetError(f"cast to {type_name} is outside the subset")
-            value = _CASTS[type_name](value)
-        return value
-
-    def unary(self) -> Any:
-        if self._at("!"):
-            self._take()
-            return not truthy(self.unary())
-        if self._at("-"):
-            self._take()
-            return -self.unary()
-        return self.postfix()
-
-    def postfix(self) -> Any:
-        value = self.primary()
-        while True:
-            if self._at(".") or self._at("?."):
-                safe = self._take()[1] == "?."
-                name = self._take()[1]
-                if self._at("(") or self._at("{"):
-                    args = self._arguments() if self._at("(") else []
-                    if self._at("{"):  # a trailing closure argument: items.collect { x -> ... }
-                        self._take()
-                        args.append(self._closure())
-                    if safe and value is None:
-                        continue
-                    value = self._call_method(value, name, args)
-                elif safe and value is None:
-                    continue
-                else:
-                    value = self._property(value, name)
-            elif self._at("["):
-                self._take()
-                index = self.expression()
-                self._expect("]")
-                value = value[index]
-            else:
-                return value
-
-    def _arguments(self) -> list[Any]:
-        self._expect("(")
-        args = []
-        while not self._at(")"):
-            args.append(self.expression())
-            if self._at(","):
-                self._take()
-        self._expect(")")
-        return args
-
-    @staticmethod
-    def _property(value: Any, name: str) -> Any:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and name in UNITS:
-            return value * UNITS[name]  # 6.GB, 4.h: bytes and seconds
-        if isinstance(value, dict):
-            if name not in value:
-                raise GroovySubsetError(f"no sample value for property {name!r}")
-            return value[name]
-        kind = type(value).__name__
-        raise GroovySubsetError(f"property {name!r} of {kind} is outside the subset")
-
-    @staticmethod
-    def _call_method(value: Any, name: str, args: list[Any]) -> Any:
-        if isinstance(value, _MathNamespace):
-            return getattr(math_namespace, name)(*args)
-        if name not in _METHODS:
-            raise GroovySubsetError(f"method {name}() is outside the subset")
-        return _METHODS[name](value, *args)
-
-    def primary(self) -> Any:
-        kind, text = self._peek()
-        if kind == "string":
-            return self._string()
-        if kind == "end":
-            raise GroovySubsetError(f"expression ends early in {self.src!r}")
-        self._take()
-        if kind == "number":
-            return float(text) if "." in text else int(text)
-        if kind == "name":
-            if text in ("true", "false"):
-                return text == "true"
-            if text == "null":
-                return None
-            if text in ("Math", "System"):
-                return math_namespace
-            if self._at("("):
-                raise GroovySubsetError(f"function {text}() is outside the subset")
-            if text not in self.scope:
-                raise GroovySubsetError(f"no sample value for {text!r}")
-            return self.scope[text]
-        if text == "(":
-            value = self.expression()
-            self._expect(")")
-            return value
-        if text == "[":
-            items = []
-            while not self._at("]"):
-                items.append(self.expression())
-                if self._at(","):
-                    self._take()
-            self._expect("]")
-            return items
-        if text == "{":
-            return self._closure()
-        raise GroovySubsetError(f"unexpected {text!r} in {self.src!r}")
-
-    def _closure(self) -> _Lambda:
-        start = self.pos - 1
-        end = matching_brace(self.src, start)
-        body = self.src[start + 1 : end]
-        self.pos = end + 1
-        params: list[str] = []
-        arrow = re.match(r"\s*([\w\s,]*?)\s*->", body)
-        if arrow:
-            params = [name.strip() for name in arrow.group(1).split(",") if name.strip()]
-            body = body[arrow.end() :]
-        return _Lambda(params, body, self.scope)
-
-    def _string(self) -> str:
-        start = len(self.src) - len(self.src[self.pos :].lstrip())
-        end = skip_string(self.src, start)
-        self.pos = end
-        literal = self.src[start:end]
-        quote = next(q for q in ('"""', "'''", '"', "'") if literal.startswith(q))
-        inner = literal[len(quote) : -len(quote)]
-        if quote[0] == "'":
-            return _unescape(inner)
-        return self._interpolate(inner)
-
-    def _interpolate(self, inner: str) -> str:
-        out = []
-        j = 0
-        while j < len(inner):
-            if inner[j] == "\\":
-                out.append(_unescape(inner[j : j + 2]))
-                j += 2
-            elif inner.startswith("${", j):
-                end = matching_brace(inner, j + 1)
-                out.append(groovy_str(evaluate(inner[j + 2 : end], self.scope)))
-                j = end + 1
-            elif inner[j] == "$" and re.match(r"[A-Za-z_]", inner[j + 1 : j + 2]):
-                match = re.match(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*", inner[j + 1 :])
-                assert match is not None
-                out.append(groovy_str(evaluate(match.group(0), self.scope)))
-                j += 1 + match.end()
-            else:
-                out.append(inner[j])
-                j += 1
-        return "".join(out)
+        else:
+            end = len(body)
+        text = body[match.end() : end]
+        found.append((match.group("target"), match.group("kind"), text))
+    return found
 
 
-class _MathNamespace:
-    """``Math.max``, ``Math.min`` and ``System.getenv``, the Java statics the subset allows."""
+def workflow_dag(bodies: list[str], processes: set[str]) -> dict[str, set[str]]:
+    """For each process called in ``bodies`` (workflow bodies, comments removed, in run
+    order), the processes whose ``.out`` channels its call takes, through any chain of
+    channel variables. A sub-workflow's call binds its ``take:`` names by position."""
+    sources: dict[str, set[str]] = {}
+    dag: dict[str, set[str]] = {}
 
-    max = staticmethod(max)
-    min = staticmethod(min)
-    getenv = staticmethod(os.environ.get)
+    def feeding(text: str) -> set[str]:
+        found = {name for name in re.findall(r"\b([A-Z]\w*)\.out\b", text) if name in processes}
+        for variable in re.findall(r"\b([a-z_]\w*)\b", text):
+            found |= sources.get(variable, set())
+        return found
+
+    takes: dict[str, list[str]] = {}
+    for body in bodies:
+        header = re.search(r"workflow\s+(\w+)\s*\{\s*take:\s*\n(.*?)\n\s*main:", body, re.DOTALL)
+        if header:
+            takes[header.group(1)] = re.findall(r"^\s*(\w+)", header.group(2), re.MULTILINE)
+    for body in bodies:
+        for target, kind, text in _statements(body):
+            if kind == "=":
+                sources.setdefault(target, set()).update(feeding(text))
+            elif target in processes:
+                dag.setdefault(target, set()).update(feeding(text))
+            elif target in takes:
+                args = _split_top_level(text[: matching_paren(text)])
+                for name, arg in zip(takes[target], args, strict=False):
+                    sources.setdefault(name, set()).update(feeding(arg))
+    return dag
 
 
-math_namespace = _MathNamespace()
-
-
-def _unescape(text: str) -> str:
-    escapes = {"\\n": "\n", "\\t": "\t", "\\\\": "\\", "\\'": "'", '\\"': '"', "\\$": "$"}
-    return re.sub(r"\\.", lambda m: escapes.get(m.group(0), m.group(0)), text)
-
-
-def evaluate(src: str, scope: dict[str, Any]) -> Any:
-    """Evaluate Groovy-subset source (statements, then a final expression) in ``scope``."""
-    parser = _Parser(src, scope)
-    value = parser.statements()
-    if parser._peek()[0] != "end":
-        raise GroovySubsetError(f"unread text in {src!r}")
-    return value
-
-
-def config_value(text: str, scope: dict[str, Any]) -> Any:
-    """A config assignment's value: a closure is called (no arguments), anything else evaluated."""
-    value = evaluate(text, scope)
-    return value() if isinstance(value, _Lambda) else value
+def matching_paren(text: str) -> int:
+    """Index of the ``)`` closing a call whose ``(`` came just before ``text``."""
+    depth = 1
+    j = 0
+    while j < len(text):
+        if text[j] in "'\"":
+            j = skip_string(text, j)
+            continue
+        if text[j] in "([{":
+            depth += 1
+        elif text[j] in ")]}":
+            depth -= 1
+            if depth == 0:
+                return j
+        j += 1
+    raise NotDataError("unclosed call")
 
 
 # --- Nextflow's own rules, mirrored --------------------------------------------------------------
@@ -606,19 +579,3 @@ def staged_names(pattern: str, names: list[str]) -> list[str]:
         file_part = source if name in ("*", "") else expand(name, index, len(names) <= 1)
         staged.append(f"{expand(parent, index)}/{file_part}" if parent else file_part)
     return staged
-
-
-def function(src: str, name: str) -> Callable[..., Any]:
-    """The top-level Groovy function ``def name(params) { ... }`` of ``src``, callable."""
-    src = strip_comments(src)
-    match = re.search(rf"^def\s+{name}\s*\(([^)]*)\)\s*\{{", src, re.MULTILINE)
-    if not match:
-        raise GroovySubsetError(f"no function {name}()")
-    params = [part.split()[-1] for part in match.group(1).split(",") if part.strip()]
-    start = match.end() - 1
-    body = src[start + 1 : matching_brace(src, start)]
-
-    def call(*args: Any) -> Any:
-        return evaluate(body, dict(zip(params, args, strict=True)))
-
-    return call

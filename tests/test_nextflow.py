@@ -1,11 +1,13 @@
 """The Nextflow pipeline, checked without Nextflow: syntax, processes, command lines, config.
 
 Every .nf and .config file must parse (reftrace); every process's script, rendered as Nextflow
-would render it (inputs filled with sample values, ``task.ext.args`` expanded from
-conf/modules.config under each profile's params), must call exactly one ``bmseg`` step that
-the real argument parser accepts; params, schema, docs and configs must agree. Run
-``python tests/test_nextflow.py`` to print the parameter table that README.md and
-docs/pipeline.md must hold.
+would render it (inputs filled with sample values, ``task.ext.args`` from conf/modules.config
+under each profile's params), must call exactly one ``bmseg`` step that the real argument
+parser accepts; params, schema, docs and configs must agree. No Groovy is evaluated: scripts
+and ext.args are plain ``${name}`` interpolation, which tests/nextflow_text.py substitutes and
+which it refuses to go beyond (so logic in the Nextflow side fails here; it belongs in the
+bmseg CLI). Run ``python tests/test_nextflow.py`` to print the parameter table that README.md
+and docs/pipeline.md must hold.
 """
 
 from __future__ import annotations
@@ -24,15 +26,23 @@ from typing import Any
 import pytest
 
 from nextflow_text import (
+    NotDataError,
     PathList,
     assignments,
-    config_value,
-    evaluate,
-    function,
+    ext_args_template,
     groovy_str,
+    growth,
+    listed_gpus,
+    literal,
+    match_rule,
     matching_brace,
     named_blocks,
+    options_by_engine,
     parse_cli_param,
+    render,
+    replacement_chain,
+    retried_exits,
+    script_template,
     sections,
     staged_names,
     strip_comments,
@@ -68,26 +78,27 @@ STEP_COMMANDS = {
     "PAGES": ["pages"],
     "REPORT": ["report"],
     "SYNTH": ["synth"],
-    "TESTMODELS": ["models", "make-test"],
+    "DEMOMODELS": ["models", "make-demo"],
     "FINETUNE": ["finetune"],
 }
 
 # What Nextflow binds to each process's inputs: staged names, as the task folder holds them.
 SAMPLE_INPUTS: dict[str, dict[str, Any]] = {
     "CALIBRATE": {
-        "pixel_sizes": [0.25, None],
+        "modality": "brightfield",
+        "pixel_sizes": "0.25,null",
         "slides": PathList(["slides01/S1.czi", "slides02/S2.czi"]),
     },
     "PLAN": {
         "meta": {"id": "S1", "pixel_size_um": 0.1725, "modality": "brightfield"},
         "slide": "S1.czi",
-        "calibration": "tissue_calibration.json",
+        "calibration": "brightfield.tissue_calibration.json",
     },
     "BATCH": {"tiles": PathList(["tiles/S1.tiles.parquet", "tiles/S2.tiles.parquet"])},
     "SEGMENT": {
         "batch_id": "batch_0001",
         "batch": "batch_0001.parquet",
-        "slide_ids": ["S1", "S2"],
+        "slide_ids": "S1,S2",
         "slides": PathList(["slides01/S1.czi", "slides02/S2.czi"]),
         "plans": PathList(["plans/S1.slide.json", "plans/S2.slide.json"]),
         "models": "models",
@@ -104,20 +115,26 @@ SAMPLE_INPUTS: dict[str, dict[str, Any]] = {
     },
     "PAGES": {"cells": "gathered", "ranking": "ranking.parquet"},
     "REPORT": {"results": PathList(["results/gathered", "results/S1.slide.json"])},
-    "SYNTH": {"slide_id": "synth1", "seed": 1},
-    "TESTMODELS": {},
+    "SYNTH": {"slide_id": "synth1", "seed": 1, "modality": "brightfield"},
+    "DEMOMODELS": {},
     "FINETUNE": {
         "cells": "gathered",
         "labels": PathList(["labels/a.json"]),
         "batch_dirs": PathList(["batches/batch_0000", "batches/batch_0001"]),
-        "slide_ids": ["S1", "S2"],
-        "slides": PathList(["slides/S1.czi", "slides/S2.czi"]),
+        "slide_ids": "S1,S2",
+        "slides": PathList(["slides01/S1.czi", "slides02/S2.czi"]),
         "models": "models",
     },
 }
 
-# Params whose default is computed at launch (a time stamp), not a literal.
-LAUNCH_TIME_PARAMS = {"trace_report_suffix": "2026-11-21_12-00-00"}
+# The only param values that are not literals: computed at launch (a time stamp, the
+# environment), by their exact text, with the sample value a test uses.
+LAUNCH_TIME_VALUES = {
+    "new java.util.Date().format('yyyy-MM-dd_HH-mm-ss')": "2026-11-21_12-00-00",
+    "System.getenv('BMSEG_MODELS') ?: \"/ptmp/${System.getenv('USER')}/bmseg/models\"": (
+        "/ptmp/user/bmseg/models"
+    ),
+}
 
 
 def read(path: Path) -> str:
@@ -130,12 +147,14 @@ def params_block(config: Path) -> dict[str, str]:
     return assignments(blocks["params"]) if "params" in blocks else {}
 
 
+def param_value(text: str) -> Any:
+    """A param's value: a literal, or one of the launch-time values by its exact text."""
+    return LAUNCH_TIME_VALUES[text] if text in LAUNCH_TIME_VALUES else literal(text)
+
+
 def param_values(config: Path) -> dict[str, Any]:
-    """A config file's params evaluated (launch-time values replaced by a sample)."""
-    values = {}
-    for name, text in params_block(config).items():
-        values[name] = LAUNCH_TIME_PARAMS.get(name) or evaluate(text, {})
-    return values
+    """A config file's params (launch-time values replaced by a sample)."""
+    return {name: param_value(text) for name, text in params_block(config).items()}
 
 
 def profile_params(profile: str) -> dict[str, Any]:
@@ -160,24 +179,38 @@ def workflow_calls() -> str:
     return "".join(strip_comments(read(path)).split("workflow", 1)[1] for path in WORKFLOW_FILES)
 
 
-def ext_args_sources() -> dict[str, str]:
-    """conf/modules.config's ``ext.args`` values by process selector."""
+def ext_args_templates() -> dict[str, str]:
+    """conf/modules.config's ``ext.args`` by process selector, as templates (plain strings
+    with ``${params.x}`` / ``${task.x}``; any other Groovy fails here)."""
     blocks = named_blocks(read(REPO / "conf" / "modules.config"), r"withName:\s*'([^']+)'")
     values = {name: assignments(body) for name, body in blocks.items()}
-    return {name: found["ext.args"] for name, found in values.items() if "ext.args" in found}
+    return {
+        name: ext_args_template(found["ext.args"])
+        for name, found in values.items()
+        if "ext.args" in found
+    }
+
+
+def render_ext_args(name: str, params: dict[str, Any], task: dict[str, Any]) -> str:
+    """Process ``name``'s ext.args for these params and task ('' where it has none)."""
+    template = ext_args_templates().get(name)
+    return render(template, {"params": params, "task": task}) if template else ""
 
 
 def render_script(
-    name: str, params: dict[str, Any], attempt: int = 1, inputs: dict[str, Any] | None = None
+    name: str,
+    params: dict[str, Any],
+    attempt: int = 1,
+    inputs: dict[str, Any] | None = None,
+    cpus: int = 2,
 ) -> str:
     """The script Nextflow would run for process ``name`` (inputs default to SAMPLE_INPUTS)."""
     _, body = processes()[name]
-    task = {"attempt": attempt, "process": f"BMSEG:{name}", "cpus": 2}
-    ext_source = ext_args_sources().get(name)
-    args = config_value(ext_source, {"params": params, "task": task}) if ext_source else None
+    task = {"attempt": attempt, "process": f"BMSEG:{name}", "cpus": cpus}
+    args = render_ext_args(name, params, task)
     task["ext"] = {"args": args}
-    scope = {"task": task, **(SAMPLE_INPUTS[name] if inputs is None else inputs)}
-    return evaluate(sections(body)["script"], scope)
+    scope = {"task": task, "args": args, **(SAMPLE_INPUTS[name] if inputs is None else inputs)}
+    return render(script_template(sections(body)["script"]), scope)
 
 
 # Options of ``bmseg`` itself, before the sub-command, that every step's command line carries.
@@ -195,6 +228,18 @@ def bmseg_commands(script: str) -> list[list[str]]:
         if words and words[0] == "bmseg":
             commands.append([words[0], *[w for w in words[1:] if w not in GLOBAL_OPTIONS]])
     return commands
+
+
+def declared_outputs(name: str, inputs: dict[str, Any]) -> list[tuple[str, bool]]:
+    """Process ``name``'s declared output paths (but versions.yml), rendered for ``inputs``,
+    each with whether it is optional."""
+    outputs = []
+    for line in sections(processes()[name][1])["output"].splitlines():
+        match = re.search(r"path\s*\(?\s*(\"[^\"]*\"|'[^']*')", line)
+        if match and "versions.yml" not in match.group(1):
+            pattern = render(match.group(1)[1:-1], {"task": {"process": name}, **inputs})
+            outputs.append((pattern, "optional: true" in line))
+    return outputs
 
 
 def parse_with_bmseg(argv: list[str]) -> Any:
@@ -319,17 +364,12 @@ def test_script_is_one_bmseg_command_the_parser_accepts(name: str, profile: str)
 @pytest.mark.parametrize("name", sorted(STEP_COMMANDS))
 def test_outputs_are_what_the_command_writes(name: str) -> None:
     """The folder or file a command writes to (--out, --dest, synth's OUT) is a declared output."""
-    _, body = processes()[name]
     script = render_script(name, profile_params("test"))
     argv = next(argv for argv in bmseg_commands(script) if argv[1] != "versions")[1:]
     parsed = parse_with_bmseg(argv)
     target = getattr(parsed, "out", None) or getattr(parsed, "dest", None)
     target = str(target) if target is not None else argv[1]
-    scope = {"task": {"process": name}, **SAMPLE_INPUTS[name]}
-    declared = [
-        evaluate(literal, scope)
-        for literal in re.findall(r"path\s*\(?\s*(\"[^\"]*\"|'[^']*')", sections(body)["output"])
-    ]
+    declared = [pattern for pattern, _ in declared_outputs(name, SAMPLE_INPUTS[name])]
     if target == ".":
         assert len(declared) > 1
     else:
@@ -346,19 +386,69 @@ def test_bad_ext_args_fail_the_parser_check() -> None:
         build_parser().parse_args(["plan", "S1.czi", "--no-such-flag", "1", "--out", "."])
 
 
+def segment_options(params: dict[str, Any], attempt: int = 1, cpus: int = 2) -> Any:
+    """SEGMENT's parsed command line with the task's resources applied, as bmseg runs it."""
+    from bmseg.segment import apply_task_resources
+
+    argv = next(
+        argv
+        for argv in bmseg_commands(render_script("SEGMENT", params, attempt, cpus=cpus))
+        if argv[1] == "segment"
+    )
+    parsed = parse_with_bmseg(argv[1:])
+    apply_task_resources(parsed)
+    return parsed
+
+
+def test_list_flags_refuse_a_count_that_does_not_match(tmp_path: Path, capsys) -> None:
+    """--slide-ids and --pixel-sizes-um pair with the files by order: a count that differs
+    is one line and exit 2, never a silent mispairing."""
+    from bmseg.cli import main
+    from bmseg.errors import BmsegError
+    from bmseg.segment import match_slides
+
+    with pytest.raises(BmsegError, match="--slide-ids names 1 slides for 2 files"):
+        match_slides(["S1"], ["a.czi", "b.czi"], ["S1"])
+    assert match_slides(["S2"], ["a.czi", "b.czi"], ["S1", "S2"]) == {"S2": Path("b.czi")}
+    out = tmp_path / "c.json"
+    argv = ["calibrate-tissue", "a.czi", "b.czi", "--pixel-sizes-um", "0.25", "--out", str(out)]
+    assert main(argv) == 2
+    assert "--pixel-sizes-um gives 1 sizes for 2 slides" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_gpu_batch_halves_on_each_retry() -> None:
     """A GPU out-of-memory retry runs SEGMENT with half as many tiles per GPU batch."""
     params = profile_params("default")
-    sizes = []
-    for attempt in (1, 2, 3):
-        argv = next(
-            argv
-            for argv in bmseg_commands(render_script("SEGMENT", params, attempt))
-            if argv[1] == "segment"
-        )
-        sizes.append(int(argv[argv.index("--gpu-batch-tiles") + 1]))
+    sizes = [segment_options(params, attempt).gpu_batch_tiles for attempt in (1, 2, 3)]
     first = int(params["gpu_batch_tiles"])
     assert sizes == [first, max(1, first // 2), max(1, first // 4)]
+
+
+def script_text(*lines: str, prelude: str = "def args = task.ext.args ?: ''") -> str:
+    """A process ``script:`` section holding ``lines`` in its triple-quoted string."""
+    quotes = '"' * 3
+    return "\n".join([prelude, quotes, *lines, quotes])
+
+
+@pytest.mark.parametrize(
+    ("text", "form"),
+    [
+        (script_text("bmseg plan", prelude="def x = meta.x ? \"--x ${meta.x}\" : ''"), "script"),
+        (script_text("bmseg plan ${a ?: 'b'}"), "script"),
+        (script_text("bmseg plan", "if [ -s x ]; then exit 2; fi"), "script"),
+        ("{ params.margin != null ? \"--margin ${params.margin}\" : '' }", "ext.args"),
+        ('{ ["--a ${params.a}", "--b"].join(\' \') }', "ext.args"),
+        ('{ "--readers ${Math.max(1, task.cpus.intdiv(2))}" }', "ext.args"),
+    ],
+    ids=["condition", "elvis", "shell logic", "ternary", "join", "arithmetic"],
+)
+def test_logic_in_scripts_and_ext_args_is_refused(text: str, form: str) -> None:
+    """The renderer reads plain interpolation only: any logic fails the suite, so it moves
+    into the bmseg CLI instead of hiding in Nextflow where no parser checks it."""
+    read_form = script_template if form == "script" else ext_args_template
+    with pytest.raises(NotDataError):
+        read_form(text)
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda p: p.parent.name)
@@ -411,15 +501,14 @@ def test_labels_define_resources_growing_with_attempts() -> None:
 def test_retry_policy() -> None:
     process = named_blocks(read(REPO / "conf" / "base.config"), r"(?m)^(process)")["process"]
     values = assignments(process[: process.index("withLabel")])
-    strategy = values["errorStrategy"]
-    for code, expected in [(137, "retry"), (130, "retry"), (145, "retry"), (104, "retry")]:
-        assert config_value(strategy, {"task": {"exitStatus": code}}) == expected, code
+    retried = retried_exits(values["errorStrategy"])
+    for code in (137, 130, 145, 104):
+        assert code in retried, code
     for code in (1, 2, 129, 146):
-        assert config_value(strategy, {"task": {"exitStatus": code}}) == "finish", code
+        assert code not in retried, code
     assert int(values["maxRetries"]) >= 1
-    gpu = assignments(base_label_blocks()["process_gpu"])["errorStrategy"]
-    for code, expected in [(1, "retry"), (137, "retry"), (2, "finish")]:
-        assert config_value(gpu, {"task": {"exitStatus": code}}) == expected, code
+    gpu = retried_exits(assignments(base_label_blocks()["process_gpu"])["errorStrategy"])
+    assert 1 in gpu and 137 in gpu and 2 not in gpu
     limits = r"cpus:\s*\d+,\s*memory:\s*\d+\.GB,\s*time:\s*\d+\.h"
     assert re.search(limits, values["resourceLimits"])
 
@@ -509,7 +598,7 @@ def test_params_and_schema_agree() -> None:
     properties = schema_properties()
     assert set(config) == set(properties), "params and nextflow_schema.json differ"
     for name, value in param_values(REPO / "nextflow.config").items():
-        if name in LAUNCH_TIME_PARAMS:
+        if params_block(REPO / "nextflow.config")[name] in LAUNCH_TIME_VALUES:
             continue
         assert properties[name].get("default") == value, f"default of {name}"
         assert properties[name].get("description"), name
@@ -772,6 +861,86 @@ def test_ci_runs_nf_test_that_reads_strict_syntax_on_the_supported_nextflow() ->
     assert floor in matrix, f"CI must test the oldest Nextflow the manifest allows, {floor}"
 
 
+# Where CI's nextflow job leaves real Nextflow's task folders (nf-test's work directories).
+NEXTFLOW_WORK = "BMSEG_NEXTFLOW_WORK"
+
+# The processes every -profile test run has (PAGES only when cells were found; no labels).
+ALWAYS_RUN_ON_TEST = {
+    "SYNTH",
+    "DEMOMODELS",
+    "CALIBRATE",
+    "PLAN",
+    "BATCH",
+    "SEGMENT",
+    "GATHER",
+    "REPORT",
+}
+
+
+def flags(argv: list[str]) -> list[str]:
+    return [word for word in argv if word.startswith("--")]
+
+
+def check_nextflow_work(root: Path) -> set[str]:
+    """Every ``bmseg`` step line of the task scripts (.command.sh) under ``root`` parsed by
+    the real parser and carrying the flags this suite renders for that process under -profile
+    test; the processes seen."""
+    seen = set()
+    for script in sorted(root.rglob(".command.sh")):
+        commands = bmseg_commands(read(script))
+        versions = [argv for argv in commands if argv[1] == "versions"]
+        steps = [argv for argv in commands if argv[1] != "versions"]
+        if not versions or not steps:
+            continue  # a stub run's script, or not one of ours
+        name = versions[0][3].rsplit(":", 1)[-1]
+        assert len(steps) == 1, f"{script}: {steps}"
+        parse_with_bmseg(steps[0][1:])
+        ours = next(
+            argv
+            for argv in bmseg_commands(render_script(name, profile_params("test")))
+            if argv[1] != "versions"
+        )
+        assert flags(steps[0]) == flags(ours), f"{name}: Nextflow wrote {shlex.join(steps[0])}"
+        seen.add(name)
+    return seen
+
+
+def test_nextflow_renders_what_the_suite_renders() -> None:
+    """The command lines real Nextflow wrote into its task folders (.command.sh of a real
+    -profile test run, CI's nextflow job) pass the real parser and carry the very flags this
+    suite renders for the same process: the renderer here is checked against Nextflow's."""
+    import os
+
+    if not os.environ.get(NEXTFLOW_WORK):
+        pytest.skip(f"{NEXTFLOW_WORK} unset: CI's nextflow job runs this after nf-test")
+    seen = check_nextflow_work(Path(os.environ[NEXTFLOW_WORK]))
+    assert seen >= ALWAYS_RUN_ON_TEST, f"no real task of {sorted(ALWAYS_RUN_ON_TEST - seen)}"
+
+
+def test_nextflow_work_check_fails_on_a_drifted_command(tmp_path: Path) -> None:
+    """The check above can fail: a task script whose flags differ from the suite's render."""
+    params = profile_params("test")
+    for name in sorted(ALWAYS_RUN_ON_TEST):
+        task = tmp_path / "work" / name.lower()
+        task.mkdir(parents=True)
+        (task / ".command.sh").write_text(
+            "#!/bin/bash -ue\n" + render_script(name, params), encoding="utf-8"
+        )
+    assert check_nextflow_work(tmp_path / "work") == ALWAYS_RUN_ON_TEST
+    plan = tmp_path / "work" / "plan" / ".command.sh"
+    plan.write_text(read(plan).replace(" --margin null", ""), encoding="utf-8")
+    with pytest.raises(AssertionError, match="PLAN"):
+        check_nextflow_work(tmp_path / "work")
+
+
+def test_ci_checks_nextflows_command_lines_after_the_real_run() -> None:
+    steps = ci_workflow()["jobs"]["nextflow"]["steps"]
+    names = [step.get("run", "") for step in steps]
+    nf_test = next(i for i, run in enumerate(names) if run.startswith("nf-test test"))
+    check = next(i for i, step in enumerate(steps) if NEXTFLOW_WORK in step.get("env", {}))
+    assert check > nf_test and "test_nextflow_renders_what_the_suite_renders" in names[check]
+
+
 def test_pipeline_spec_checks_no_file_nf_test_redirects() -> None:
     """nf-test passes its own ``-with-trace``, so the config's trace file is never written."""
     spec = read(REPO / "tests" / "main.nf.test")
@@ -786,8 +955,7 @@ GB = 1024**3
 
 def resource_limits(text: str) -> dict[str, float]:
     """A ``resourceLimits = [cpus: N, memory: N.GB, time: N.h]`` map, in CPUs, bytes, seconds."""
-    found = dict(re.findall(r"(\w+):\s*([\w.]+)", text))
-    return {key: evaluate(value, {}) for key, value in found.items()}
+    return literal(text)
 
 
 def profile_limits(name: str) -> dict[str, float]:
@@ -804,8 +972,10 @@ def label_request(label: str, attempt: int = 1, previous: dict | None = None) ->
     """
     values = assignments(base_label_blocks()[label])
     trace = previous or {"exit": 0, "memory": 0, "time": 0}
-    task = {"attempt": attempt, "previousTrace": trace, "exitStatus": trace["exit"]}
-    return {key: config_value(values[key], {"task": task}) for key in ("cpus", "memory", "time")}
+    request = {"cpus": literal(values["cpus"])}
+    for key in ("memory", "time"):
+        request[key] = growth(values[key]).request(attempt, trace)
+    return request
 
 
 def retried(label: str, exits: list[int]) -> dict[str, float]:
@@ -854,7 +1024,7 @@ def profile_body(name: str) -> str:
 
 def whitelist(text: str, engine: str) -> set[str]:
     value = assignments(text).get(f"{engine}.envWhitelist") or ""
-    return set(evaluate(value, {}).split(",")) if value else set()
+    return set(literal(value).split(",")) if value else set()
 
 
 def test_segment_reads_each_slide_as_plan_did() -> None:
@@ -877,7 +1047,7 @@ def test_gpu_profiles_fail_loudly_without_a_gpu(profile: str) -> None:
     from bmseg.models.device import resolve_device
 
     body = profile_body(profile)
-    device = evaluate(assignments(body)["params.device"], {})
+    device = literal(assignments(body)["params.device"])
     params = {**profile_params("default"), "device": device}
     argv = next(a for a in bmseg_commands(render_script("SEGMENT", params)) if a[1] == "segment")
     assert argv[argv.index("--device") + 1] == "cuda"
@@ -902,16 +1072,14 @@ def test_gpu_profiles_pass_the_tasks_gpu_into_the_container(profile: str, variab
 @pytest.mark.parametrize(
     ("profile", "variable"), [("cuda", "CUDA_VISIBLE_DEVICES"), ("rocm", "HIP_VISIBLE_DEVICES")]
 )
-def test_one_gpu_task_per_listed_gpu(profile: str, variable: str, monkeypatch) -> None:
+def test_one_gpu_task_per_listed_gpu(profile: str, variable: str) -> None:
     """As many SEGMENT tasks at once as GPUs are listed at launch; one when none is."""
     gpu = assignments(
         named_blocks(profile_body(profile), r"withLabel:\s*'(process_gpu)'")["process_gpu"]
     )
-    for name in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
-        monkeypatch.delenv(name, raising=False)
-    assert config_value(gpu["maxForks"], {}) == 1
-    monkeypatch.setenv(variable, "0,1,2")
-    assert config_value(gpu["maxForks"], {}) == 3
+    count = listed_gpus(gpu["maxForks"])
+    assert count({}) == 1
+    assert count({variable: "0,1,2"}) == 3
 
 
 def test_rocm_docker_gets_the_render_group() -> None:
@@ -919,14 +1087,14 @@ def test_rocm_docker_gets_the_render_group() -> None:
     gpu = assignments(
         named_blocks(profile_body("rocm"), r"withLabel:\s*'(process_gpu)'")["process_gpu"]
     )
-    options = config_value(gpu["containerOptions"], {"workflow": {"containerEngine": "docker"}})
+    options = options_by_engine(gpu["containerOptions"])("docker")
     assert "--group-add render" in options and "--device=/dev/kfd" in options
 
 
 def test_viper_apptainer_keeps_slurms_gpu() -> None:
     viper = strip_comments(read(REPO / "conf" / "viper.config"))
     apptainer = assignments(named_blocks(viper, r"(?m)^(apptainer)")["apptainer"])
-    listed = set(evaluate(apptainer["envWhitelist"], {}).split(","))
+    listed = set(literal(apptainer["envWhitelist"]).split(","))
     assert {"ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"} <= listed
 
 
@@ -1020,7 +1188,7 @@ def test_glob_slide_ids_follow_the_clis_rule(name: str) -> None:
     """main.nf's slideId gives every file the id ``bmseg plan`` would, and a valid one."""
     from bmseg.slide import check_slide_id, default_slide_id
 
-    slide_id = function(read(REPO / "main.nf"), "slideId")(name)
+    slide_id = replacement_chain(read(REPO / "main.nf"), "slideId")(name)
     assert slide_id == default_slide_id(name)
     assert check_slide_id(slide_id) == slide_id
     step = render_script(
@@ -1039,7 +1207,7 @@ def test_glob_slide_ids_follow_the_clis_rule(name: str) -> None:
 def test_slide_file_names_a_command_line_cannot_take_are_refused(name: str) -> None:
     """Tasks stage a slide under its own name: main.nf lets through only names that stay
     one word on PLAN's, CALIBRATE's and SEGMENT's command lines."""
-    safe = function(read(REPO / "main.nf"), "safeFileName")(name)
+    safe = match_rule(read(REPO / "main.nf"), "safeFileName")(name)
     assert safe == (re.fullmatch(r"[A-Za-z0-9._+-]+", name) is not None), name
     if safe:
         assert shlex.quote(name) == name, "a shell reads it as one word, unquoted"
@@ -1062,7 +1230,7 @@ def test_glob_input_refuses_two_files_with_one_id() -> None:
     assert re.search(r"groupBy \{ slide -> slideId\(slide\.name\) \}", glob_branch)
     assert re.search(r"same\.size\(\) > 1", glob_branch) and "error(" in glob_branch
     # The pipeline spec's fixture: two files, one id; the spec expects main.nf's message.
-    slide_id = function(read(REPO / "main.nf"), "slideId")
+    slide_id = replacement_chain(read(REPO / "main.nf"), "slideId")
     fixture = sorted((REPO / "tests" / "data" / "same_name").glob("*/slide.czi"))
     assert len(fixture) == 2 and len({slide_id(path.name) for path in fixture}) == 1
     spec = read(REPO / "tests" / "main.nf.test")
@@ -1132,11 +1300,8 @@ def test_no_progress_turns_every_bar_off(tmp_path: Path) -> None:
 
 def test_segment_threads_follow_the_tasks_cpus() -> None:
     for cpus, expected in ((8, 4), (2, 1), (1, 1)):
-        task = {"attempt": 1, "process": "BMSEG:SEGMENT", "cpus": cpus}
-        args = config_value(
-            ext_args_sources()["SEGMENT"], {"params": profile_params("default"), "task": task}
-        )
-        assert f"--readers {expected}" in args and f"--workers {expected}" in args
+        parsed = segment_options(profile_params("default"), cpus=cpus)
+        assert parsed.readers == expected and parsed.workers == expected
 
 
 def launcher_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -1351,7 +1516,7 @@ def run_params(words: list[str]) -> tuple[list[str], dict[str, Any]]:
             params.update(param_values(REPO / "conf" / f"{profile}.config"))
         for name, value in assignments(profile_body(profile)).items():
             if name.startswith("params."):
-                params[name.removeprefix("params.")] = evaluate(value, {})
+                params[name.removeprefix("params.")] = literal(value)
     cli = {}
     index = 0
     while index < len(words):

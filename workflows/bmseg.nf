@@ -2,7 +2,7 @@
  * The bmseg DAG and nothing else: which step feeds which. Every step is one process that calls
  * one `bmseg` command; resources, containers and flags live in conf/.
  *
- *   slides -> (CALIBRATE) -> PLAN (per slide) -> BATCH -> SEGMENT (per batch) -> GATHER
+ *   slides -> (CALIBRATE per modality) -> PLAN (per slide) -> BATCH -> SEGMENT (per batch) -> GATHER
  *          -> TRAIN (given labels) -> CLASSIFY (given labels or classifiers)
  *          -> PAGES (when there are cells) -> REPORT
  */
@@ -22,26 +22,36 @@ include { REPORT    } from '../modules/local/report'
 
 workflow BMSEG {
     take:
-    ch_slides      // channel: [ meta (id, pixel_size_um), slide file ], one per slide
-    calibrate      // boolean: one tissue threshold for all slides (CALIBRATE) instead of per slide
+    ch_slides      // channel: [ meta (id, pixel_size_um, modality), slide file ], one per slide
+    calibrate      // boolean: one tissue threshold per modality (CALIBRATE) instead of per slide
     ch_models      // value channel: the models directory
     ch_classifiers // channel: a classifiers directory, or empty
     ch_labels      // channel: label JSON files, or empty
 
     main:
     ch_versions = channel.empty()
-    ch_calibration = channel.value([])
+    // Each slide with its modality's calibration, or an empty list (PLAN's per-slide Otsu).
+    ch_slides_to_plan = ch_slides.map { meta, slide -> [meta, slide, []] }
     if (calibrate) {
-        // Every slide with its own pixel size, sorted by slide id (ids are unique, names not).
+        // One CALIBRATE task per modality (a slide without one is read from its metadata, as
+        // 'auto': calibrate-tissue refuses such a group if it mixes modalities). Each group's
+        // slides sorted by slide id (ids are unique, names not), each with its own pixel size.
         ch_calibrate = ch_slides
-            .map { meta, slide -> [meta.id, meta.pixel_size_um, slide] }
+            .map { meta, slide -> [meta.id, meta.modality ?: 'auto', meta.pixel_size_um, slide] }
             .collect(flat: false, sort: { entry -> entry[0] })
-            .map { entries -> [entries.collect { entry -> entry[1] }, entries.collect { entry -> entry[2] }] }
+            .flatMap { entries ->
+                entries.groupBy { entry -> entry[1] }.collect { modality, group ->
+                    [modality, group.collect { entry -> entry[2] }.join(','), group.collect { entry -> entry[3] }]
+                }
+            }
         CALIBRATE(ch_calibrate)
-        ch_calibration = CALIBRATE.out.calibration
+        ch_slides_to_plan = ch_slides
+            .map { meta, slide -> [meta.modality ?: 'auto', meta, slide] }
+            .combine(CALIBRATE.out.calibration, by: 0)
+            .map { modality, meta, slide, calibration -> [meta, slide, calibration] }
         ch_versions = ch_versions.mix(CALIBRATE.out.versions)
     }
-    PLAN(ch_slides, ch_calibration)
+    PLAN(ch_slides_to_plan)
 
     BATCH(PLAN.out.tiles.map { meta, tiles -> tiles }.collect(sort: { tiles -> tiles.name }))
 
@@ -53,7 +63,8 @@ workflow BMSEG {
     // One SEGMENT task per batch table, keyed by its name (batch_0000, ...): a failed batch is
     // the only task a resumed run redoes. Each task stages only the slides its batch reads
     // (BATCH's batch_NNNN.slides.json), each with its id and slide.json, sorted by id: a task downloads no
-    // other slide, and a changed slide redoes only the batches that read it.
+    // other slide, and a changed slide redoes only the batches that read it. The ids go
+    // comma-separated, in the order of the slides (--slide-ids).
     ch_batches = BATCH.out.batches
         .flatten()
         .map { batch -> [batch.baseName, batch] }
@@ -68,7 +79,7 @@ workflow BMSEG {
         .groupTuple()
         .map { batch_id, slide_ids, slides, plans ->
             def rows = [slide_ids, slides, plans].transpose().sort { row -> row[0] }
-            [batch_id, rows.collect { row -> row[0] }, rows.collect { row -> row[1] }, rows.collect { row -> row[2] }]
+            [batch_id, rows.collect { row -> row[0] }.join(','), rows.collect { row -> row[1] }, rows.collect { row -> row[2] }]
         }
     SEGMENT(ch_batches.join(ch_batch_slides, failOnMismatch: true), ch_models)
 
@@ -89,6 +100,11 @@ workflow BMSEG {
     TRAIN(GATHER.out.gathered, ch_label_files)
     // --finetune: Cellpose-SAM trained on the HSPCs the labels accept, from SEGMENT's masks.
     if (params.finetune.toString().toBoolean()) {
+        // Every slide of the run, sorted by id, its id beside it (--slide-ids).
+        ch_all_slides = ch_slides
+            .map { meta, slide -> [meta.id, slide] }
+            .collect(flat: false, sort: { entry -> entry[0] })
+            .map { entries -> [entries.collect { entry -> entry[0] }.join(','), entries.collect { entry -> entry[1] }] }
         FINETUNE(GATHER.out.gathered, ch_label_files, ch_batch_outputs, ch_all_slides, ch_models)
         ch_versions = ch_versions.mix(FINETUNE.out.versions)
     }

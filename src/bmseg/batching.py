@@ -160,13 +160,20 @@ def batch_tiles(
 
 @writes_output_set
 def _batch_command(args: argparse.Namespace) -> int:
-    batch_tiles(
+    written = batch_tiles(
         args.tile_tables,
         args.out,
         fraction=args.fraction,
         seed=args.seed,
         batch_size=args.batch_size,
     )
+    if not written and args.require_tissue:
+        raise BmsegError(
+            f"batch: no slide has a tissue tile in the {len(args.tile_tables)} tile tables, so "
+            "there is nothing to segment: look at the slides' {slide}.tissue.png pictures, then "
+            "lower bmseg plan's --min-tissue-fraction (the pipeline's --min_tissue_fraction) "
+            "or check the slides"
+        )
     return 0
 
 
@@ -195,5 +202,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=DEFAULT_BATCH_SIZE,
         help=f"tiles per batch ({DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--require-tissue",
+        action="store_true",
+        help="exit 2 with the reason when no table holds a tile (the pipeline's BATCH: nothing "
+        "to segment), instead of a warning",
     )
     parser.set_defaults(handler=_batch_command)

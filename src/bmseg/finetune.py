@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bmseg.argtypes import BAKED_MODELS_DIR, id_list
 from bmseg.errors import BmsegError
 
 log = logging.getLogger(__name__)
@@ -327,7 +328,7 @@ def finetune(args: argparse.Namespace) -> Path:
     tiles = accepted_tiles(cell_paths, label_paths)
     index = index_masks(batch_dirs)
     check_masks(tiles, index, batch_dirs)
-    slide_paths = match_slides((t.slide_id for t in tiles), args.slides)
+    slide_paths = match_slides((t.slide_id for t in tiles), args.slides, args.slide_ids)
     sizes = pixel_sizes(cell_paths)
     device = resolve_device(args.device)
     model = load_cellpose(cellpose_path, device)
@@ -470,7 +471,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SLIDE",
         help="the run's slide files, matched to slide ids by file name (or ID=PATH)",
     )
-    parser.add_argument("--models", required=True, metavar="DIR", help="models folder to start")
+    parser.add_argument(
+        "--slide-ids",
+        type=id_list,
+        metavar="ID,...",
+        help="the id of each file in --slides, in their order (instead of names or ID=PATH)",
+    )
+    parser.add_argument(
+        "--models",
+        required=True,
+        nargs="?",
+        const=BAKED_MODELS_DIR,
+        metavar="DIR",
+        help=f"models folder to start (the flag alone: the image's baked-in {BAKED_MODELS_DIR})",
+    )
     parser.add_argument("--out", required=True, metavar="MODELS", help="new models folder")
     parser.add_argument(
         "--split",

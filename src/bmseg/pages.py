@@ -638,7 +638,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--ranking",
         type=Path,
-        help="uncertainty ranking (cell_uid, uncertainty); default: ranking.parquet beside CELLS",
+        nargs="?",
+        help="uncertainty ranking (cell_uid, uncertainty); default (or the flag alone): "
+        "ranking.parquet beside CELLS",
     )
     parser.add_argument(
         "--image-size", type=int, default=160, help="crop size shown, px (160; never enlarged)"

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bmseg.argtypes import nullable, nullable_choice, nullable_float_list
 from bmseg.contract import MODALITIES, TILE_SCHEMA
 from bmseg.errors import BmsegError
 from bmseg.slide import Rect, Slide, open_slide, parse_plane
@@ -606,7 +607,8 @@ def calibrate_slides(
             modalities.add(slide.modality)
     if len(modalities) > 1:
         raise BmsegError(
-            f"calibrate-tissue: slides mix {sorted(modalities)}; calibrate each modality on its own"
+            f"calibrate-tissue: slides mix {sorted(modalities)}; calibrate each modality on its "
+            "own (the pipeline does, per the samplesheet's modality column: fill it in)"
         )
     calibration = calibrate(contrasts, modalities.pop(), [p.name for p in slide_paths])
     write_json(calibration, out)
@@ -637,7 +639,17 @@ def _plan_command(args: argparse.Namespace) -> int:
 
 
 def _calibrate_command(args: argparse.Namespace) -> int:
-    calibrate_slides(args.slides, args.out, args.pixel_size_um, dict(args.slide_pixel_size_um))
+    own_sizes = dict(args.slide_pixel_size_um)
+    if args.pixel_sizes_um is not None:
+        if len(args.pixel_sizes_um) != len(args.slides):
+            raise BmsegError(
+                f"--pixel-sizes-um gives {len(args.pixel_sizes_um)} sizes for "
+                f"{len(args.slides)} slides: give one per slide, null where the metadata has it"
+            )
+        for slide, size in zip(args.slides, args.pixel_sizes_um, strict=True):
+            if size is not None:
+                own_sizes[slide] = size
+    calibrate_slides(args.slides, args.out, args.pixel_size_um, own_sizes)
     return 0
 
 
@@ -665,15 +677,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     parser.add_argument("--slide-id", help="id for tables and file names (default: file stem)")
     parser.add_argument(
-        "--pixel-size-um", type=float, help="µm per pixel, overriding (or replacing) the metadata"
+        "--pixel-size-um",
+        type=nullable(float),
+        help="µm per pixel, overriding (or replacing) the metadata (null: the metadata's)",
     )
     parser.add_argument(
         "--tile-size", type=int, default=DEFAULT_TILE_SIZE, help="tile core side, px (3000)"
     )
     parser.add_argument(
         "--margin",
-        type=int,
-        help="px read around each core (default: from --mk-max-area-um2 and the pixel size)",
+        type=nullable(int),
+        help="px read around each core (default or null: from --mk-max-area-um2 and the pixel "
+        "size)",
     )
     parser.add_argument(
         "--min-tissue-fraction",
@@ -690,14 +705,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--calibration",
         type=Path,
+        nargs="?",
         metavar="FILE",
-        help="shared tissue threshold from bmseg calibrate-tissue, instead of per-slide Otsu",
+        help="shared tissue threshold from bmseg calibrate-tissue, instead of per-slide Otsu "
+        "(the flag alone: per-slide Otsu)",
     )
     parser.add_argument(
         "--modality",
-        choices=MODALITIES,
-        help="brightfield or fluorescence, overriding the metadata (default: the channels' "
-        "contrast method in the metadata, else the image's background)",
+        type=nullable_choice(MODALITIES),
+        metavar="{" + ",".join(MODALITIES) + "}",
+        help="brightfield or fluorescence, overriding the metadata (default or null: the "
+        "channels' contrast method in the metadata, else the image's background)",
     )
     parser.add_argument(
         "--plane",
@@ -736,5 +754,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="SLIDE=UM",
         help="one slide's own µm per pixel (repeatable), over --pixel-size-um and the metadata",
+    )
+    calibrate_parser.add_argument(
+        "--pixel-sizes-um",
+        type=nullable_float_list,
+        metavar="UM,...",
+        help="each slide's own µm per pixel, in the order of SLIDE, null for a slide without "
+        "one (the pipeline's form of --slide-pixel-size-um)",
     )
     calibrate_parser.set_defaults(handler=_calibrate_command)

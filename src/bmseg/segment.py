@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from bmseg.argtypes import BAKED_MODELS_DIR, id_list
 from bmseg.contract import (
     BATCH_COLUMNS,
     CELL_TYPES,
@@ -171,16 +172,26 @@ def read_batch_table(path: Path) -> tuple[int, list[Tile]]:
     return number, tiles
 
 
-def match_slides(slide_ids: Iterable[str], slide_args: Sequence[str]) -> dict[str, Path]:
+def match_slides(
+    slide_ids: Iterable[str], slide_args: Sequence[str], bound_ids: Sequence[str] | None = None
+) -> dict[str, Path]:
     """Map each needed slide id to one of the given files.
 
     A file matches the id its name gives (:func:`bmseg.slide.default_slide_id`, as PLAN
-    derives it); ``ID=PATH`` binds a file to an id explicitly (slides planned with --slide-id).
+    derives it); ``ID=PATH`` binds a file to an id explicitly (slides planned with --slide-id);
+    ``bound_ids`` (--slide-ids) gives every file its id, in the order of the files.
     """
+    if bound_ids is not None and len(bound_ids) != len(slide_args):
+        raise BmsegError(
+            f"--slide-ids names {len(bound_ids)} slides for {len(slide_args)} files in "
+            "--slides: give one id per file, in the same order"
+        )
     given: dict[str, Path] = {}
-    for arg in slide_args:
+    for index, arg in enumerate(slide_args):
         slide_id, sep, path_text = arg.partition("=")
-        if sep and SLIDE_ID_PATTERN.match(slide_id) and not Path(arg).exists():
+        if bound_ids is not None:
+            slide_id, path = check_id(bound_ids[index], "--slide-ids"), Path(arg)
+        elif sep and SLIDE_ID_PATTERN.match(slide_id) and not Path(arg).exists():
             path = Path(path_text)
         else:
             path = Path(arg)
@@ -913,8 +924,9 @@ def _segment_command(args: argparse.Namespace) -> int:
     """``bmseg segment``: validate everything, load the models once, run the batch."""
     batch_path = Path(args.batch)
     number, tiles = read_batch_table(batch_path)
-    slide_paths = match_slides((t.slide_id for t in tiles), args.slides)
+    slide_paths = match_slides((t.slide_id for t in tiles), args.slides, args.slide_ids)
     pixel_sizes = _slide_pixel_sizes(batch_path, tiles)
+    apply_task_resources(args)
     for option in ("readers", "workers", "gpu_batch_tiles", "embed_batch", "crop_px"):
         if getattr(args, option) < 1:
             flag = "--" + option.replace("_", "-")
@@ -965,6 +977,19 @@ def _segment_command(args: argparse.Namespace) -> int:
         {"batch": number, "device": str(models.device), "models": record},
     )
     return 0
+
+
+def apply_task_resources(args: argparse.Namespace) -> None:
+    """``--cpus`` and ``--attempt`` (a pipeline task's) turned into the options they set.
+
+    Half the task's CPUs read tiles, half measure and embed cells; each earlier attempt (a
+    GPU out-of-memory is retried) halves the tiles per GPU batch: 8, 4, 2, ... at least 1.
+    """
+    if args.cpus is not None:
+        args.readers = args.workers = max(1, args.cpus // 2)
+    if args.attempt < 1:
+        raise BmsegError(f"--attempt {args.attempt}: must be at least 1")
+    args.gpu_batch_tiles = max(1, args.gpu_batch_tiles // 2 ** (args.attempt - 1))
 
 
 def _load_models(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
@@ -1025,7 +1050,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="slide files the batch touches, matched to slide ids by file name; ID=PATH binds "
         "a file to an id explicitly",
     )
-    parser.add_argument("--models", required=True, metavar="DIR", help="models directory")
+    parser.add_argument(
+        "--slide-ids",
+        type=id_list,
+        metavar="ID,...",
+        help="the id of each file in --slides, in their order (instead of names or ID=PATH)",
+    )
+    parser.add_argument(
+        "--models",
+        required=True,
+        nargs="?",
+        const=BAKED_MODELS_DIR,
+        metavar="DIR",
+        help=f"models directory (the flag alone: the image's baked-in {BAKED_MODELS_DIR})",
+    )
     parser.add_argument(
         "--plans",
         nargs="+",
@@ -1137,6 +1175,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1,
         metavar="N",
         help="tiles per segmentation call (1)",
+    )
+    parser.add_argument(
+        "--cpus",
+        type=int,
+        metavar="N",
+        help="CPUs to use: half read tiles, half measure cells (sets --readers and --workers)",
+    )
+    parser.add_argument(
+        "--attempt",
+        type=int,
+        default=1,
+        metavar="N",
+        help="a retry's attempt number: each earlier attempt (a GPU out-of-memory) halves "
+        "--gpu-batch-tiles (1)",
     )
     parser.add_argument(
         "--embed-batch",

@@ -154,7 +154,7 @@ def check_pixel_size(value: float, where: str) -> float:
 
 
 def check_slide_id(slide_id: str, where: str = "--slide-id") -> str:
-    """Return ``slide_id`` if it is a valid id (:func:`bmseg.contract.check_id`), else BmsegError."""
+    """``slide_id`` if it is a valid id (:func:`bmseg.contract.check_id`), else BmsegError."""
     return check_id(slide_id, where)
 
 

@@ -2,7 +2,8 @@
  * BATCH: the tiles of every slide pooled, sampled (fraction, seed) and grouped into batches;
  * each batch_NNNN.parquet becomes one SEGMENT task, and batch_NNNN.slides.json names the
  * slides it reads (so that task stages only those). No tissue tile in any slide stops the
- * run here, with the reason, instead of a SEGMENT step with nothing to do.
+ * run here (bmseg batch --require-tissue exits 2 with the reason), instead of a SEGMENT step
+ * with nothing to do.
  */
 process BATCH {
     tag "${tiles.size()} slides"
@@ -20,11 +21,7 @@ process BATCH {
     script:
     def args = task.ext.args ?: ''
     """
-    bmseg --no-progress batch ${tiles} ${args} --out batches
-    if ! ls batches/batch_*.parquet > /dev/null 2>&1; then
-        echo "BATCH: no slide has a tissue tile, so there is nothing to segment: look at plan/*.tissue.png, then lower --min_tissue_fraction or check the slides" >&2
-        exit 2
-    fi
+    bmseg --no-progress batch ${tiles} --require-tissue ${args} --out batches
 
     bmseg versions --process ${task.process} > versions.yml
     """

@@ -19,9 +19,8 @@ process CLASSIFY {
 
     script:
     def args = task.ext.args ?: ''
-    def labelled = labels ? "--labels ${labels}" : ''
     """
-    bmseg --no-progress classify ${cells} --classifiers ${classifiers} ${labelled} ${args} --out classified
+    bmseg --no-progress classify ${cells} --classifiers ${classifiers} --labels ${labels} ${args} --out classified
 
     bmseg versions --process ${task.process} > versions.yml
     """

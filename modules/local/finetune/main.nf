@@ -13,7 +13,7 @@ process FINETUNE {
     path cells
     path labels, arity: '1..*', stageAs: 'labels/*'
     path batch_dirs, arity: '1..*', stageAs: 'batches/*'
-    tuple val(slide_ids), path(slides, arity: '1..*', stageAs: 'slides/*')
+    tuple val(slide_ids), path(slides, arity: '1..*', stageAs: 'slides??/*')
     path models, stageAs: 'models'
 
     output:
@@ -22,10 +22,8 @@ process FINETUNE {
 
     script:
     def args = task.ext.args ?: ''
-    def models_dir = models ?: '/opt/bmseg/models'
-    def bindings = [slide_ids, slides].transpose().collect { slide_id, slide -> "${slide_id}=${slide}" }.join(' ')
     """
-    bmseg --no-progress finetune ${cells} ${labels} --batches ${batch_dirs} --slides ${bindings} --models ${models_dir} ${args} --out finetuned_models
+    bmseg --no-progress finetune ${cells} ${labels} --batches ${batch_dirs} --slides ${slides} --slide-ids ${slide_ids} --models ${models} ${args} --out finetuned_models
 
     bmseg versions --process ${task.process} > versions.yml
     """

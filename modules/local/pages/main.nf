@@ -18,9 +18,8 @@ process PAGES {
 
     script:
     def args = task.ext.args ?: ''
-    def ranked = ranking ? "--ranking ${ranking}" : ''
     """
-    bmseg --no-progress pages ${cells} ${ranked} ${args} --out site
+    bmseg --no-progress pages ${cells} --ranking ${ranking} ${args} --out site
 
     bmseg versions --process ${task.process} > versions.yml
     """

@@ -1,7 +1,9 @@
 /*
  * PLAN: one slide in, its tissue tiles out (tile table, slide facts, tissue QC picture).
  * Runs once per slide on the CPU; reads only a low-resolution level of the slide. The
- * calibration (optional: an empty list) is CALIBRATE's threshold shared by all slides.
+ * calibration (optional: an empty list) is CALIBRATE's threshold shared by the slides of this
+ * slide's modality. An unset pixel size or modality renders as null, which bmseg reads as
+ * "from the slide's metadata"; an empty calibration leaves --calibration alone (per-slide Otsu).
  */
 process PLAN {
     tag "${meta.id}"
@@ -9,8 +11,7 @@ process PLAN {
     container 'ghcr.io/bmseg/bmseg:0.1.0-cuda'
 
     input:
-    tuple val(meta), path(slide)
-    path calibration
+    tuple val(meta), path(slide), path(calibration)
 
     output:
     tuple val(meta), path("${meta.id}.tiles.parquet"), emit: tiles
@@ -20,11 +21,8 @@ process PLAN {
 
     script:
     def args = task.ext.args ?: ''
-    def pixel_size = meta.pixel_size_um ? "--pixel-size-um ${meta.pixel_size_um}" : ''
-    def modality = meta.modality ? "--modality ${meta.modality}" : ''
-    def shared_threshold = calibration ? "--calibration ${calibration}" : ''
     """
-    bmseg --no-progress plan ${slide} --slide-id ${meta.id} ${pixel_size} ${modality} ${shared_threshold} ${args} --out .
+    bmseg --no-progress plan ${slide} --slide-id ${meta.id} --pixel-size-um ${meta.pixel_size_um} --modality ${meta.modality} --calibration ${calibration} ${args} --out .
 
     bmseg versions --process ${task.process} > versions.yml
     """

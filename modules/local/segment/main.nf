@@ -2,10 +2,10 @@
  * SEGMENT: one batch of tiles through SAM2 (MKs), Cellpose-SAM + SAM2 (HSPCs) and ResNet-50
  * (embeddings) on one GPU. One task per batch, so a resumed run redoes only failed batches.
  * The slides its batch reads are staged (as links, in indexed folders: two may share a file
- * name) and bound to their slide ids (ID=PATH), so slide ids that differ from file names
- * (samplesheet ids) still match. Their PLAN records (slide.json: the modality and plane PLAN
+ * name) and bound to their slide ids (--slide-ids, comma-separated in the slides' order), so
+ * slide ids that differ from file names (samplesheet ids) still match. Their PLAN records (slide.json: the modality and plane PLAN
  * read, the intensity range) come along, so every tile is read and scaled as PLAN saw it.
- * Without a models folder (an empty list) it uses the weights baked into the image.
+ * Without a models folder (an empty list: --models alone) it uses the weights baked into the image.
  */
 process SEGMENT {
     tag "${batch_id}"
@@ -22,10 +22,8 @@ process SEGMENT {
 
     script:
     def args = task.ext.args ?: ''
-    def models_dir = models ?: '/opt/bmseg/models'
-    def bindings = [slide_ids, slides].transpose().collect { slide_id, slide -> "${slide_id}=${slide}" }.join(' ')
     """
-    bmseg --no-progress segment ${batch} --slides ${bindings} --plans ${plans} --models ${models_dir} ${args} --out ${batch_id}
+    bmseg --no-progress segment ${batch} --slides ${slides} --slide-ids ${slide_ids} --plans ${plans} --models ${models} ${args} --out ${batch_id}
 
     bmseg versions --process ${task.process} > versions.yml
     """

@@ -1,9 +1,10 @@
 /*
- * TESTMODELS: tiny random-initialised checkpoints in the official file formats, for the test
- * profile. They load through the real model code but cannot segment real images.
+ * DEMOMODELS: the demo models folder for the test profile, made here with no download: a small
+ * Cellpose-SAM trained on synthetic slides' planted HSPCs (bmseg models make-demo, docs/models.md),
+ * with random-initialised SAM2 and ResNet-50 checkpoints beside it.
  */
-process TESTMODELS {
-    tag "test checkpoints"
+process DEMOMODELS {
+    tag "demo models"
     label 'process_single'
     container 'ghcr.io/bmseg/bmseg:0.1.0-cuda'
 
@@ -14,7 +15,7 @@ process TESTMODELS {
     script:
     def args = task.ext.args ?: ''
     """
-    bmseg --no-progress models make-test ${args} --dest models
+    bmseg --no-progress models make-demo ${args} --dest models
 
     bmseg versions --process ${task.process} > versions.yml
     """
