@@ -158,4 +158,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"bmseg {args.command}: interrupted\n")
         return 130
-
