@@ -131,6 +131,21 @@ BATCH_COLUMNS = (
 )
 """Columns of a batch table SEGMENT needs (a subset of :data:`TILE_SCHEMA`)."""
 
+DEFAULT_TILE_SIZE = 3000
+"""Side of a tile's core in px (``bmseg plan --tile-size``): docs/tiles.md."""
+DEFAULT_MIN_TISSUE_FRACTION = 0.0
+"""A tile is kept when its core holds more tissue than this share (0: any tissue)."""
+DEFAULT_BATCH_SIZE = 32
+"""Tiles per ``batch_NNNN.parquet`` (``bmseg batch --batch-size``)."""
+BATCH_TABLE_PATTERN = "batch_{number:04d}.parquet"
+"""BATCH's tables, one per SEGMENT task; beside each, its slide list (:data:`SLIDE_LIST_SUFFIX`)."""
+SLIDE_LIST_SUFFIX = ".slides.json"
+"""``batch_NNNN.slides.json``: the sorted slide ids of a batch, so a task stages only those."""
+SYNTH_DENSITIES = ("sparse", "marrow")
+"""How densely ``bmseg synth`` plants cells: ~120 or ~6 000 per 3000² tile."""
+TRUTH_SUFFIX = ".truth.parquet"
+"""``bmseg synth OUT.czi`` lists the planted cells in ``OUT.truth.parquet``."""
+
 # --- SEGMENT: cells ----------------------------------------------------------------------------
 
 SHAPE_COLUMNS = (

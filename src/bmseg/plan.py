@@ -11,27 +11,47 @@ its core plus a *margin*, so that every cell whose centroid lies in the core is 
 
 from __future__ import annotations
 
-import argparse
+import io
 import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
 
-from bmseg.contract import MODALITIES, TILE_SCHEMA
+from bmseg.contract import (
+    DEFAULT_MIN_TISSUE_FRACTION,
+    DEFAULT_TILE_SIZE,
+    SLIDE_RECORD_SUFFIX,
+    TILE_SCHEMA,
+    TILES_SUFFIX,
+    TISSUE_PICTURE_SUFFIX,
+    slide_file,
+)
 from bmseg.errors import BmsegError
-from bmseg.slide import Rect, Slide, open_slide, parse_plane
+from bmseg.models.settings import MKSettings
+from bmseg.slide import Rect, Slide, intensity_ranges, open_slide
+from bmseg.storage import atomic_path, write_json
+from bmseg.tissue import (
+    acquired_pixels,
+    calibrate,
+    detect_scene_tissue,
+    load_calibration,
+    scene_contrasts,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TILE_SIZE = 3000
-DEFAULT_MK_MAX_AREA_UM2 = 2000.0
+DEFAULT_MK_MAX_AREA_UM2 = MKSettings.max_area_um2
+"""The largest MK area SEGMENT keeps by default: it sets PLAN's default margin."""
 MARGIN_SLACK = 1.05  # margin = slack x the diameter of a disk of the largest MK area
-DEFAULT_MIN_TISSUE_FRACTION = 0.0
 THUMBNAIL_SIDE = 2048  # px, longer side of the low-resolution read
 THUMBNAIL_BANDS = 8  # the low-resolution read is done in bands, for progress
 PICTURE_SIDE = 1400  # px, longer side of tissue.png (small slides are enlarged to it)
@@ -135,8 +155,6 @@ def scene_tissue_px(mask: np.ndarray, scene: Rect, grid: dict[str, np.ndarray]) 
     every thumbnail pixel it touches (floor/ceil), so a sliver of tissue at a core's edge is
     never lost to rounding; 0 for cores that miss the scene.
     """
-    import cv2
-
     height, width = mask.shape
     scale_x, scale_y = width / scene.w, height / scene.h
     left = np.maximum(grid["core_x"], scene.x) - scene.x
@@ -176,8 +194,6 @@ def thumbnail_factor(scenes: list[Rect], max_side: int = THUMBNAIL_SIDE) -> int:
 def read_thumbnails(slide: Slide, max_side: int = THUMBNAIL_SIDE) -> tuple[list[np.ndarray], int]:
     """Each scene downsampled by one integer factor, read in bands with progress (libCZI
     takes the pyramid level that fits where the file has one)."""
-    from tqdm import tqdm
-
     factor = thumbnail_factor(slide.scenes, max_side)
     thumbnails = []
     with tqdm(
@@ -203,8 +219,6 @@ def slide_intensity(slide: Slide, thumbnails: list[np.ndarray], masks: list[np.n
     """slide.json ``intensity``: per-channel ranges of the tissue in the low-resolution read of
     every scene and the file's bit depth; SEGMENT shows every tile of the slide to the models
     with them."""
-    from bmseg.slide import intensity_ranges
-
     channels = thumbnails[0].shape[-1]
     pixels = np.concatenate([t.reshape(-1, 1, channels) for t in thumbnails])
     where = np.concatenate(
@@ -231,8 +245,6 @@ def display_image(thumbnail: np.ndarray, modality: str, fill: np.ndarray) -> np.
         if thumbnail.dtype != np.uint8:
             image *= 255.0 / max(float(np.iinfo(thumbnail.dtype).max), 1.0)
         return np.clip(image, 0, 255).astype(np.uint8)
-    from bmseg.tissue import acquired_pixels
-
     acquired = acquired_pixels(thumbnail, fill)
     sample = thumbnail[acquired] if acquired.any() else thumbnail.reshape(-1, thumbnail.shape[2])
     colours = np.array([[0, 0.55, 1], [0.2, 1, 0.2], [1, 0.25, 0.2], [1, 0.9, 0.1]], np.float32)
@@ -267,8 +279,6 @@ def scene_panel(
 ) -> np.ndarray:
     """One scene's thumbnail scaled to ``size`` (w, h): the tissue outlined, the kept cores
     washed and framed, the dropped cores framed faintly."""
-    import cv2
-
     tissue_rgb, kept_rgb, dropped_rgb, _, _ = PICTURE_COLOURS[modality]
     image = display_image(thumbnail, modality, fill)
     scale = size[0] / image.shape[1]
@@ -295,8 +305,6 @@ def scene_panel(
 
 
 def _text(image: np.ndarray, text: str, origin: tuple[int, int], scale: float) -> None:
-    import cv2
-
     cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), 1, cv2.LINE_AA)
 
 
@@ -366,9 +374,6 @@ def tissue_picture(
 
 def _png(rgb: np.ndarray) -> bytes:
     """PNG bytes of an RGB image with a 256-colour palette: a few hundred kB, not megabytes."""
-    import io
-
-    from PIL import Image
 
     buffer = io.BytesIO()
     palette = Image.fromarray(rgb).quantize(colors=256, method=Image.Quantize.FASTOCTREE)
@@ -435,9 +440,6 @@ def plan_slide(
     tiles cover the scenes only. ``modality`` overrides the metadata's, ``plane`` picks the
     Z/T/... plane read (:func:`bmseg.slide.parse_plane`).
     """
-    from bmseg.storage import atomic_path
-    from bmseg.tissue import detect_scene_tissue, load_calibration
-
     if not mk_max_area_um2 > 0:
         raise BmsegError(f"--mk-max-area-um2 {mk_max_area_um2}: must be a positive area in µm²")
     out_dir = Path(out_dir)
@@ -534,8 +536,10 @@ def plan_slide(
         table = tile_table(slide.slide_id, grid, fractions, kept, slide.pixel_size_um)
         if not kept.any():
             log.warning("%s: no tissue found; the tile table is empty", slide.path)
-    stem = out_dir / info["slide_id"]
-    paths = [Path(f"{stem}.tiles.parquet"), Path(f"{stem}.slide.json"), Path(f"{stem}.tissue.png")]
+    paths = [
+        out_dir / slide_file(info["slide_id"], suffix)
+        for suffix in (TILES_SUFFIX, SLIDE_RECORD_SUFFIX, TISSUE_PICTURE_SUFFIX)
+    ]
     check_id_is_free(paths[1], info)
     with (
         atomic_path(paths[0]) as tiles_tmp,
@@ -572,26 +576,23 @@ def _plane_text(plane: dict[str, int | str]) -> str:
 
 def scene_contrasts_of(slide: Slide) -> tuple[list[np.ndarray], list[np.ndarray], int]:
     """The slide's scene thumbnails, their tissue contrasts and the downsampling factor."""
-    from bmseg.tissue import scene_contrasts
-
     thumbnails, factor = read_thumbnails(slide)
     return thumbnails, scene_contrasts(thumbnails, slide.modality, slide.background), factor
 
 
-def calibrate_slides(
-    slide_paths: list[Path],
+def calibrate_tissue(
+    slide_paths: Sequence[Path],
     out: Path,
+    *,
     pixel_size_um: float | None = None,
     slide_pixel_sizes: dict[Path, float] | None = None,
 ) -> dict:
-    """Pool several slides' contrast histograms into one threshold file (same modality).
+    """CALIBRATE-TISSUE: pool several slides' contrast histograms into one threshold file
+    (same modality) at ``out``, for :func:`plan_slide`'s ``calibration_path``.
 
     ``slide_pixel_sizes`` gives a slide its own µm per pixel (a samplesheet's value), which
     wins over ``pixel_size_um``, the value for every other slide.
     """
-    from bmseg.storage import write_json
-    from bmseg.tissue import calibrate
-
     own_sizes = dict(slide_pixel_sizes or {})
     unknown = sorted(str(path) for path in set(own_sizes) - set(slide_paths))
     if unknown:
@@ -617,124 +618,3 @@ def calibrate_slides(
         out,
     )
     return calibration
-
-
-def _plan_command(args: argparse.Namespace) -> int:
-    plan_slide(
-        args.slide,
-        args.out,
-        slide_id=args.slide_id,
-        pixel_size_um=args.pixel_size_um,
-        tile_size=args.tile_size,
-        margin=args.margin,
-        min_tissue_fraction=args.min_tissue_fraction,
-        mk_max_area_um2=args.mk_max_area_um2,
-        calibration_path=args.calibration,
-        modality=args.modality,
-        plane=parse_plane(args.plane),
-    )
-    return 0
-
-
-def _calibrate_command(args: argparse.Namespace) -> int:
-    calibrate_slides(args.slides, args.out, args.pixel_size_um, dict(args.slide_pixel_size_um))
-    return 0
-
-
-def slide_pixel_size(text: str) -> tuple[Path, float]:
-    """``SLIDE=UM`` (split at the last '=') as a path and a positive µm per pixel."""
-    slide, _, size = text.rpartition("=")
-    try:
-        value = float(size)
-    except ValueError:
-        value = 0.0
-    if not slide or not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give SLIDE=UM, e.g. slides/a.czi=0.25")
-    return Path(slide), value
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bmseg plan`` and ``bmseg calibrate-tissue``."""
-    parser = subparsers.add_parser(
-        "plan",
-        help="detect tissue and lay out the tiles of one slide",
-        description="Detect tissue on a low-resolution read and write {slide}.tiles.parquet, "
-        "{slide}.slide.json and {slide}.tissue.png (see docs/tiles.md).",
-    )
-    parser.add_argument("slide", type=Path, metavar="SLIDE", help="CZI, OME-TIFF or TIFF file")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--slide-id", help="id for tables and file names (default: file stem)")
-    parser.add_argument(
-        "--pixel-size-um", type=float, help="µm per pixel, overriding (or replacing) the metadata"
-    )
-    parser.add_argument(
-        "--tile-size", type=int, default=DEFAULT_TILE_SIZE, help="tile core side, px (3000)"
-    )
-    parser.add_argument(
-        "--margin",
-        type=int,
-        help="px read around each core (default: from --mk-max-area-um2 and the pixel size)",
-    )
-    parser.add_argument(
-        "--min-tissue-fraction",
-        type=float,
-        default=DEFAULT_MIN_TISSUE_FRACTION,
-        help="keep tiles whose core has more tissue than this share (0: any tissue)",
-    )
-    parser.add_argument(
-        "--mk-max-area-um2",
-        type=float,
-        default=DEFAULT_MK_MAX_AREA_UM2,
-        help="largest MK area, sets the default margin (2000)",
-    )
-    parser.add_argument(
-        "--calibration",
-        type=Path,
-        metavar="FILE",
-        help="shared tissue threshold from bmseg calibrate-tissue, instead of per-slide Otsu",
-    )
-    parser.add_argument(
-        "--modality",
-        choices=MODALITIES,
-        help="brightfield or fluorescence, overriding the metadata (default: the channels' "
-        "contrast method in the metadata, else the image's background)",
-    )
-    parser.add_argument(
-        "--plane",
-        metavar="DIM=N,...",
-        help="plane of a Z stack, time series or Airyscan file to read, e.g. Z=3,T=0; Z=max "
-        "(fluorescence) or Z=min (brightfield) projects over Z (default: index 0 of each, with "
-        "a warning)",
-    )
-    parser.set_defaults(handler=_plan_command)
-
-    calibrate_parser = subparsers.add_parser(
-        "calibrate-tissue",
-        help="one tissue threshold for a cohort of slides (for bmseg plan --calibration)",
-        description="Pool the tissue contrast of several slides of one modality and write one "
-        "Otsu threshold as JSON for bmseg plan --calibration.",
-    )
-    calibrate_parser.add_argument(
-        "slides", type=Path, nargs="+", metavar="SLIDE", help="the cohort's slides, one modality"
-    )
-    calibrate_parser.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        metavar="FILE.json",
-        help="the calibration to write, read by bmseg plan --calibration",
-    )
-    calibrate_parser.add_argument(
-        "--pixel-size-um",
-        type=float,
-        help="µm per pixel for every slide, overriding (or replacing) the metadata",
-    )
-    calibrate_parser.add_argument(
-        "--slide-pixel-size-um",
-        type=slide_pixel_size,
-        action="append",
-        default=[],
-        metavar="SLIDE=UM",
-        help="one slide's own µm per pixel (repeatable), over --pixel-size-um and the metadata",
-    )
-    calibrate_parser.set_defaults(handler=_calibrate_command)

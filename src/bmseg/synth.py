@@ -24,17 +24,24 @@ touch, 1–3 px apart, without sharing a pixel), all planted as HSPC-like cells.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
+import pyarrow as pa
+from pylibCZIrw import czi
+from scipy import ndimage
+from scipy.spatial import Voronoi, cKDTree
+from tqdm import tqdm
 
-from bmseg.contract import MODALITIES
+from bmseg.contract import MODALITIES, SYNTH_DENSITIES, TRUTH_SUFFIX
 from bmseg.errors import BmsegError
 from bmseg.slide import Rect, default_slide_id
+from bmseg.storage import atomic_path, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +54,6 @@ HSPC_DIAMETER_UM = (6.3, 9.7)  # inside 6-10 µm
 MK_PER_MM2 = 40.0  # planted densities per mm² of tissue
 HSPC_PER_MM2 = 400.0
 CELL_GAP_PX = 6  # minimum clearance between cells' bounding circles
-DENSITIES = ("sparse", "marrow")
 MARROW_CELL_AREA_UM2 = 38.0
 """Mean planted cell area at marrow density: ~7 000 cells would fill a 3000² px tile of tissue."""
 MARROW_MK_PER_MM2 = 60.0
@@ -80,8 +86,6 @@ def _fixed_point(polygon: np.ndarray, origin_x: int, origin_y: int) -> np.ndarra
 
 def _fill(canvas: np.ndarray, polygon: np.ndarray, origin_x: int, origin_y: int, value) -> None:
     """Fill ``polygon`` (slide px) into ``canvas``, pixel (0, 0) at slide (origin_x, origin_y)."""
-    import cv2
-
     points = _fixed_point(polygon, origin_x, origin_y)
     cv2.fillPoly(canvas, [points], value, lineType=cv2.LINE_8, shift=SUBPIXEL_SHIFT)
 
@@ -99,8 +103,8 @@ class SyntheticLayout:
     ) -> None:
         if modality not in MODALITIES:
             raise BmsegError(f"--modality {modality!r}: choose brightfield or fluorescence")
-        if density not in DENSITIES:
-            raise BmsegError(f"--density {density!r}: choose {' or '.join(DENSITIES)}")
+        if density not in SYNTH_DENSITIES:
+            raise BmsegError(f"--density {density!r}: choose {' or '.join(SYNTH_DENSITIES)}")
         self.width, self.height, self.seed, self.modality = width, height, seed, modality
         rng = np.random.default_rng(seed)
         self._field = _tissue_field(width, height, rng)
@@ -113,8 +117,6 @@ class SyntheticLayout:
 
     def _sample(self, field: np.ndarray, x: int, y: int, w: int, h: int, step: int) -> np.ndarray:
         """``field`` bilinearly interpolated at slide pixels ``x + j*step, y + i*step``."""
-        import cv2
-
         columns = (x + np.arange(0, w, step, dtype=np.float64)) / FIELD_STEP
         rows = (y + np.arange(0, h, step, dtype=np.float64)) / FIELD_STEP
         map_x = np.broadcast_to(columns.astype(np.float32), (rows.size, columns.size))
@@ -173,8 +175,6 @@ class SyntheticLayout:
 
 def _smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Gaussian-smoothed white noise scaled to unit standard deviation."""
-    from scipy import ndimage
-
     noise = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="reflect")
     return (noise / max(noise.std(), 1e-9)).astype(np.float32)
 
@@ -248,8 +248,6 @@ def _place_cells(
     hspc_per_mm2: float = HSPC_PER_MM2,
 ) -> list[PlantedCell]:
     """Cells at densities per mm² of tissue, wholly inside tissue, not touching each other."""
-    from scipy import ndimage
-
     field = layout._field
     step_mask = field > 0.5
     rows, cols = step_mask.shape
@@ -296,8 +294,6 @@ def _pack_cells(
     quarter spacing; each seed's Voronoi cell, shrunk 1.5 px towards its seed, is a cell, kept
     when it lies wholly in tissue and clear of every placed cell.
     """
-    from scipy.spatial import Voronoi, cKDTree
-
     spacing = np.sqrt(MARROW_CELL_AREA_UM2 / (np.sqrt(3) / 2)) / PIXEL_SIZE_UM
     rows = np.arange(-1, layout.height / (spacing * np.sqrt(3) / 2) + 2)
     cols = np.arange(-1, layout.width / spacing + 2)
@@ -412,9 +408,6 @@ def _draw_cell(image: np.ndarray, cell: PlantedCell, x: int, y: int, modality: s
 
 def truth_table(layout: SyntheticLayout, slide_id: str):
     """The planted cells measured on their rasterised masks, as a pyarrow table."""
-    import cv2
-    import pyarrow as pa
-
     columns: dict[str, list] = {
         key: []
         for key in (
@@ -489,7 +482,7 @@ def truth_labels(layout: SyntheticLayout, rect: Rect, cell_type: str) -> np.ndar
 def truth_path_for(path: str | Path) -> Path:
     """``OUT.czi`` -> ``OUT.truth.parquet``."""
     path = Path(path)
-    return path.with_name(f"{path.stem}.truth.parquet")
+    return path.with_name(f"{path.stem}{TRUTH_SUFFIX}")
 
 
 def write_synthetic_slide(
@@ -501,11 +494,6 @@ def write_synthetic_slide(
     density: str = "sparse",
 ) -> Path:
     """Write a synthetic CZI at ``path`` and its truth table; return the truth table's path."""
-    from pylibCZIrw import czi
-    from tqdm import tqdm
-
-    from bmseg.storage import atomic_path, write_parquet
-
     path = Path(path)
     if path.suffix.lower() != ".czi":
         raise BmsegError(f"{path}: the synthetic slide must be named *.czi; change OUT")
@@ -569,8 +557,6 @@ def section_image(
     brightfield section, a dark one with brighter tissue a fluorescence (or dark-field) image.
     With ``channels=3`` the tissue is tinted (more red than blue), as stained tissue is.
     """
-    import cv2
-
     rng = np.random.default_rng(seed)
     coarse = max(1, max(height, width) // 256)  # blobs drawn on a coarse grid, then enlarged
     small = (max(2, -(-height // coarse)), max(2, -(-width // coarse)))
@@ -607,8 +593,6 @@ def write_frames_czi(
 ) -> Path:
     """Write a CZI of ``(x, y, array, plane, scene)`` subblocks: ``array`` (h, w) gray or
     (h, w, 3) RGB (stored as Bgr24), at slide ``(x, y)``, plane e.g. ``{"Z": 2, "C": 0}``."""
-    from pylibCZIrw import czi
-
     path = Path(path)
     with czi.create_czi(str(path), exist_ok=True) as writer:
         for x, y, array, plane, scene in frames:
@@ -627,10 +611,6 @@ def describe_channels(path: str | Path, channels: list[dict[str, str | None]]) -
     ``Information/Image/Dimensions/Channels/Channel``) and ``DisplayName``, ``ShortName``,
     ``DyeName`` (of the channel's ``DisplaySetting/Channels/Channel``, made where given).
     """
-    import xml.etree.ElementTree as ET
-
-    from pylibCZIrw import czi
-
     with czi.edit_czi(str(path)) as editor:
         root = ET.fromstring(editor.read_metadata_xml())
         metadata = root.find("Metadata")
@@ -655,37 +635,3 @@ def describe_channels(path: str | Path, channels: list[dict[str, str | None]]) -
                     ET.SubElement(display, tag).text = text
         with editor.edit_session() as builder:
             builder.set_xml(ET.tostring(root, encoding="unicode"))
-
-
-def _synth_command(args: argparse.Namespace) -> int:
-    write_synthetic_slide(args.out, args.width, args.height, args.seed, args.modality, args.density)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bmseg synth``."""
-    parser = subparsers.add_parser(
-        "synth",
-        help="write a synthetic CZI slide with planted MK/HSPC cells and its truth table",
-        description="Write OUT.czi (a real CZI mosaic, 0.1725 µm/px) with tissue and planted "
-        "MK- and HSPC-like cells, and OUT.truth.parquet listing the planted cells.",
-    )
-    parser.add_argument("out", metavar="OUT.czi", type=Path, help="the CZI file to write")
-    parser.add_argument("--width", type=int, default=4000, help="slide width, px (4000)")
-    parser.add_argument("--height", type=int, default=4000, help="slide height, px (4000)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    parser.add_argument(
-        "--modality",
-        choices=MODALITIES,
-        default="brightfield",
-        help="brightfield: RGB stain (TL Brightfield); fluorescence: uint16 DAPI and CD41 "
-        "channels (%(default)s)",
-    )
-    parser.add_argument(
-        "--density",
-        choices=DENSITIES,
-        default="sparse",
-        help="sparse: ~120 cells per 3000² tile; marrow: packed and touching, ~6 000 per 3000² "
-        "(sparse)",
-    )
-    parser.set_defaults(handler=_synth_command)
