@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bmseg.cli import main
-from bmseg.plan import _area_text, default_margin, tile_grid
+from bmseg.plan import default_margin, tile_grid
 from bmseg.slide import Rect
 from bmseg.synth import (
     SyntheticLayout,
@@ -24,6 +24,7 @@ from bmseg.synth import (
     write_frames_czi,
     write_synthetic_slide,
 )
+from bmseg.tissue_picture import area_text as _area_text
 
 # docs/data.md, {slide}.tiles.parquet
 TILE_COLUMNS = {
