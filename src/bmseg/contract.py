@@ -43,6 +43,11 @@ def check_id(value: object, where: str) -> str:
     return value
 
 
+def tile_id(row: int, col: int) -> str:
+    """PLAN's id of the tile at grid ``row`` and ``col``: ``r0003c0012`` (sorts as the grid)."""
+    return f"r{row:04d}c{col:04d}"
+
+
 # --- what is found and how it is imaged -------------------------------------------------------
 
 CELL_TYPES = ("MK", "HSPC")
@@ -145,6 +150,30 @@ SYNTH_DENSITIES = ("sparse", "marrow")
 """How densely ``bmseg synth`` plants cells: ~120 or ~6 000 per 3000² tile."""
 TRUTH_SUFFIX = ".truth.parquet"
 """``bmseg synth OUT.czi`` lists the planted cells in ``OUT.truth.parquet``."""
+SLIDE_RECORD_KEYS = (
+    "slide_id",
+    "source",
+    "pixel_size_um",
+    "channels",
+    "bounds",
+    "modality",
+    "modality_source",
+    "plane",
+    "tissue_area_mm2",
+    "tile_size",
+    "margin",
+    "tiles_total",
+    "tiles_kept",
+    "min_tissue_fraction",
+    "tissue_threshold",
+    "tissue_method",
+    "thumbnail_downsample",
+    "scenes",
+    "intensity",
+)
+"""``{slide}.slide.json``'s keys, in the order PLAN writes them (docs/data.md). SEGMENT reads
+``slide_id``, ``channels``, ``modality``, ``plane`` and ``intensity``; REPORT
+``tissue_area_mm2`` and ``modality``."""
 
 # --- SEGMENT: cells ----------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from bmseg.contract import (
     TILES_SUFFIX,
     TISSUE_PICTURE_SUFFIX,
     slide_file,
+    tile_id,
 )
 from bmseg.errors import BmsegError
 from bmseg.models.settings import MKSettings
@@ -230,7 +231,7 @@ def tile_table(
     rows, cols = grid["row"][kept], grid["col"][kept]
     columns = {
         "slide_id": [slide_id] * int(rows.size),
-        "tile_id": [f"r{r:04d}c{c:04d}" for r, c in zip(rows.tolist(), cols.tolist(), strict=True)],
+        "tile_id": [tile_id(r, c) for r, c in zip(rows.tolist(), cols.tolist(), strict=True)],
         **{name: values[kept] for name, values in grid.items()},
         "tissue_fraction": fractions[kept],
         "pixel_size_um": np.full(rows.size, pixel_size_um),
