@@ -29,19 +29,19 @@ SAM2_INPUT = 1024
 
 def mk_outlines(area_um2: float, pixel_size_um: float, count: int, rng: np.random.Generator):
     """``count`` outlines (N, 2) of ``area_um2`` around the origin: half discs, half lobulated."""
-    from bmseg.synth import _lobed_outline, _polygon_area
+    from bmseg.synth import lobed_outline, polygon_area
 
     area_px = area_um2 / pixel_size_um**2
     outlines = []
     for index in range(count):
         if index % 2:
-            theta, radius = _lobed_outline(
+            theta, radius = lobed_outline(
                 1.0, int(rng.integers(2, 6)), rng.uniform(0.08, 0.18), rng
             )
         else:
             theta, radius = np.linspace(0, 2 * np.pi, 96, endpoint=False), np.ones(96)
         unit = np.column_stack([radius * np.cos(theta), radius * np.sin(theta)])
-        outlines.append(unit * math.sqrt(area_px / _polygon_area(unit)))
+        outlines.append(unit * math.sqrt(area_px / polygon_area(unit)))
     return outlines
 
 

@@ -86,15 +86,15 @@ def refinement_errors(cells: int, rng: np.random.Generator) -> dict[float, tuple
     from bmseg.models.cellpose_models import choose_refined, fine_enough
     from bmseg.models.masks import upsample_in_boxes
     from bmseg.models.settings import HSPCSettings
-    from bmseg.synth import _cell_mask, _make_hspc
+    from bmseg.synth import cell_mask, make_hspc
 
     field, settings = 400, HSPCSettings()
     results: dict[float, list[tuple[float, float]]] = {}
     for _ in range(cells):
-        cell = _make_hspc(200.0 + rng.uniform(), 200.0 + rng.uniform(), rng)
+        cell = make_hspc(200.0 + rng.uniform(), 200.0 + rng.uniform(), rng)
         x0, y0, x1, y1 = cell.box
         truth = np.zeros((field, field), bool)
-        truth[y0:y1, x0:x1] = _cell_mask(cell)
+        truth[y0:y1, x0:x1] = cell_mask(cell)
         original = torch.from_numpy(truth)[None]
         for p in (3616 / 256, 8.0, 4.0):
             side = round(field / p)

@@ -495,15 +495,15 @@ def test_refinement_never_coarser_on_cells_of_known_outline() -> None:
     # p = 14.1: a 3616 px tile seen whole (the old refinement); 8: 2x windows; 4: native ones.
     import cv2
 
-    from bmseg.synth import _cell_mask, _make_hspc
+    from bmseg.synth import cell_mask, make_hspc
 
     rng = np.random.default_rng(0)
     field = 400
     for _ in range(12):
-        cell = _make_hspc(200.0 + rng.uniform(), 200.0 + rng.uniform(), rng)
+        cell = make_hspc(200.0 + rng.uniform(), 200.0 + rng.uniform(), rng)
         x0, y0, x1, y1 = cell.box
         truth = np.zeros((field, field), bool)
-        truth[y0:y1, x0:x1] = _cell_mask(cell)
+        truth[y0:y1, x0:x1] = cell_mask(cell)
         original = torch.from_numpy(truth)[None]
         for px_per_logit in (2.0, 4.0, 8.0, field / 28):
             side = round(field / px_per_logit)

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from bmseg.cli import main
-from bmseg.plan import _area_text, default_margin, tile_grid
+from bmseg.contract import SLIDE_RECORD_KEYS
+from bmseg.plan import default_margin, tile_grid
 from bmseg.slide import Rect
 from bmseg.synth import (
     SyntheticLayout,
@@ -24,6 +25,7 @@ from bmseg.synth import (
     write_frames_czi,
     write_synthetic_slide,
 )
+from bmseg.tissue_picture import area_text as _area_text
 
 # docs/data.md, {slide}.tiles.parquet
 TILE_COLUMNS = {
@@ -119,6 +121,13 @@ def test_tissue_area_matches_the_planted_tissue(planned):
     layout = SyntheticLayout(4000, 4000, seed=0)
     true_mm2 = layout.tissue_mask(0, 0, 4000, 4000, step=4).mean() * (4000 * 0.1725 / 1000) ** 2
     assert info["tissue_area_mm2"] == pytest.approx(true_mm2, rel=0.03)
+
+
+def test_slide_json_holds_the_contract_keys_in_order(planned):
+    """bmseg.contract lists slide.json's keys for its readers: PLAN writes those, no other."""
+    _, _, info = planned
+    assert tuple(info) == SLIDE_RECORD_KEYS
+    assert set(SLIDE_RECORD_KEYS) >= SLIDE_KEYS
 
 
 def test_outputs_follow_the_data_contract(planned):

@@ -496,12 +496,12 @@ def test_an_undecodable_subblock_is_a_one_line_error(tmp_path):
 
 def test_the_image_decides_the_modality_once_per_file(tmp_path, monkeypatch):
     """SEGMENT opens one Slide per reader thread: the probe read must not repeat."""
-    import bmseg.slide
+    from bmseg.slide import modality as modality_rules
 
     calls = []
-    decide = bmseg.slide._modality_from_image
+    decide = modality_rules.modality_from_image
     monkeypatch.setattr(
-        bmseg.slide, "_modality_from_image", lambda slide: calls.append(1) or decide(slide)
+        modality_rules, "modality_from_image", lambda slide: calls.append(1) or decide(slide)
     )
     image = section_image(200, 240, 6, background=235, tissue=140)
     path = _one_frame(tmp_path, "once.czi", image, None)

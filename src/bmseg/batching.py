@@ -15,29 +15,31 @@ column, and cut into consecutive batches, so a batch reads few slides and neighb
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from bmseg.contract import check_id
+from bmseg.contract import (
+    BATCH_TABLE_PATTERN,
+    DEFAULT_BATCH_SIZE,
+    SLIDE_LIST_SUFFIX,
+    TILE_SCHEMA,
+    check_id,
+)
 from bmseg.errors import BmsegError
-from bmseg.storage import check_no_nulls, writes_output_set
+from bmseg.storage import check_no_nulls, output_set, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 32
 
-
-def read_tile_tables(paths: list[Path]) -> pa.Table:
+def read_tile_tables(paths: Sequence[Path]) -> pa.Table:
     """All tile tables concatenated; a slide id found in two tables is an error."""
-    import pyarrow.parquet as pq
-
-    from bmseg.contract import TILE_SCHEMA
 
     tables = []
     owner: dict[str, Path] = {}
@@ -90,7 +92,7 @@ def sample_keys(slide_ids: list[str], tile_ids: list[str], seed: int) -> np.ndar
     return keys
 
 
-def make_batches(tiles: pa.Table, fraction: float, seed: int, batch_size: int) -> list[pa.Table]:
+def sample_batches(tiles: pa.Table, fraction: float, seed: int, batch_size: int) -> list[pa.Table]:
     """Sample ``fraction`` of ``tiles`` with ``seed`` and cut them into ordered batches."""
     slide_ids = tiles.column("slide_id").to_pylist()
     keys = sample_keys(slide_ids, tiles.column("tile_id").to_pylist(), seed)
@@ -113,34 +115,46 @@ def make_batches(tiles: pa.Table, fraction: float, seed: int, batch_size: int) -
 
 def slide_list_path(batch_path: Path) -> Path:
     """``batch_NNNN.slides.json`` beside ``batch_NNNN.parquet``: the batch's slide ids."""
-    return batch_path.with_suffix(".slides.json")
+    return batch_path.with_suffix(SLIDE_LIST_SUFFIX)
 
 
-def batch_tiles(
-    tile_tables: list[Path],
-    out_dir: Path,
+def make_batches(
+    tile_tables: Sequence[Path],
+    out: Path,
     *,
     fraction: float = 1.0,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    require_tissue: bool = False,
 ) -> list[Path]:
-    """Write ``batch_NNNN.parquet`` files (and their slide lists); return the tables' paths."""
-    from bmseg.storage import write_json, write_parquet
+    """BATCH: write ``batch_NNNN.parquet`` files (and their slide lists) to ``out``, as one
+    output set (a rerun leaves only its own batches); return the tables' paths in ``out``.
 
+    No tile at all is a warning, or with ``require_tissue`` (the pipeline's BATCH, which has
+    nothing to hand SEGMENT then) an error saying why."""
     if not 0 < fraction <= 1:
         raise BmsegError(f"--fraction {fraction}: must lie in (0, 1], e.g. 0.1 for 10 % of tiles")
     if batch_size < 1:
         raise BmsegError(f"--batch-size {batch_size}: must be at least 1 tile")
+    tile_tables, out = [Path(path) for path in tile_tables], Path(out)
     tiles = read_tile_tables(tile_tables)
-    batches = make_batches(tiles, fraction, seed, batch_size)
+    batches = sample_batches(tiles, fraction, seed, batch_size)
+    if not batches and require_tissue:
+        raise BmsegError(
+            f"batch: no slide has a tissue tile in the {len(tile_tables)} tile tables, so "
+            "there is nothing to segment: look at the slides' {slide}.tissue.png pictures, then "
+            "lower bmseg plan's --min-tissue-fraction (the pipeline's --min_tissue_fraction) "
+            "or check the slides"
+        )
     if not batches:
         log.warning("batch: the %d tile tables hold no tiles; no batch written", len(tile_tables))
     written = []
-    for batch in batches:
-        number = batch.column("batch")[0].as_py()
-        path = write_parquet(batch, Path(out_dir) / f"batch_{number:04d}.parquet")
-        write_json(sorted(set(batch.column("slide_id").to_pylist())), slide_list_path(path))
-        written.append(path)
+    with output_set(out) as staging:
+        for batch in batches:
+            name = BATCH_TABLE_PATTERN.format(number=batch.column("batch")[0].as_py())
+            path = write_parquet(batch, staging / name)
+            write_json(sorted(set(batch.column("slide_id").to_pylist())), slide_list_path(path))
+            written.append(out / name)
     sampled = sum(b.num_rows for b in batches)
     log.info(
         "batch: %d tiles from %d tables (%d slides); sampled %d (fraction %g, seed %d); "
@@ -153,60 +167,6 @@ def batch_tiles(
         seed,
         len(written),
         batch_size,
-        out_dir,
+        out,
     )
     return written
-
-
-@writes_output_set
-def _batch_command(args: argparse.Namespace) -> int:
-    written = batch_tiles(
-        args.tile_tables,
-        args.out,
-        fraction=args.fraction,
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )
-    if not written and args.require_tissue:
-        raise BmsegError(
-            f"batch: no slide has a tissue tile in the {len(args.tile_tables)} tile tables, so "
-            "there is nothing to segment: look at the slides' {slide}.tissue.png pictures, then "
-            "lower bmseg plan's --min-tissue-fraction (the pipeline's --min_tissue_fraction) "
-            "or check the slides"
-        )
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bmseg batch``."""
-    parser = subparsers.add_parser(
-        "batch",
-        help="sample tiles from all slides and group them into batches",
-        description="Pool the tile tables of bmseg plan, sample a fraction of the tiles "
-        "(same seed, same tiles) and write batch_NNNN.parquet tables for SEGMENT.",
-    )
-    parser.add_argument(
-        "tile_tables", type=Path, nargs="+", metavar="TILE_TABLE", help="{slide}.tiles.parquet"
-    )
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    parser.add_argument(
-        "--fraction",
-        type=float,
-        default=1.0,
-        help="share of tiles to sample, in (0, 1] (1.0: every tile; the pipeline's "
-        "--sample_fraction defaults to 0.1, an annotation round)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=DEFAULT_BATCH_SIZE,
-        help=f"tiles per batch ({DEFAULT_BATCH_SIZE})",
-    )
-    parser.add_argument(
-        "--require-tissue",
-        action="store_true",
-        help="exit 2 with the reason when no table holds a tile (the pipeline's BATCH: nothing "
-        "to segment), instead of a warning",
-    )
-    parser.set_defaults(handler=_batch_command)

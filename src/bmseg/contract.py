@@ -43,6 +43,11 @@ def check_id(value: object, where: str) -> str:
     return value
 
 
+def tile_id(row: int, col: int) -> str:
+    """PLAN's id of the tile at grid ``row`` and ``col``: ``r0003c0012`` (sorts as the grid)."""
+    return f"r{row:04d}c{col:04d}"
+
+
 # --- what is found and how it is imaged -------------------------------------------------------
 
 CELL_TYPES = ("MK", "HSPC")
@@ -130,6 +135,45 @@ BATCH_COLUMNS = (
     "pixel_size_um",
 )
 """Columns of a batch table SEGMENT needs (a subset of :data:`TILE_SCHEMA`)."""
+
+DEFAULT_TILE_SIZE = 3000
+"""Side of a tile's core in px (``bmseg plan --tile-size``): docs/tiles.md."""
+DEFAULT_MIN_TISSUE_FRACTION = 0.0
+"""A tile is kept when its core holds more tissue than this share (0: any tissue)."""
+DEFAULT_BATCH_SIZE = 32
+"""Tiles per ``batch_NNNN.parquet`` (``bmseg batch --batch-size``)."""
+BATCH_TABLE_PATTERN = "batch_{number:04d}.parquet"
+"""BATCH's tables, one per SEGMENT task; beside each, its slide list (:data:`SLIDE_LIST_SUFFIX`)."""
+SLIDE_LIST_SUFFIX = ".slides.json"
+"""``batch_NNNN.slides.json``: the sorted slide ids of a batch, so a task stages only those."""
+SYNTH_DENSITIES = ("sparse", "marrow")
+"""How densely ``bmseg synth`` plants cells: ~120 or ~6 000 per 3000² tile."""
+TRUTH_SUFFIX = ".truth.parquet"
+"""``bmseg synth OUT.czi`` lists the planted cells in ``OUT.truth.parquet``."""
+SLIDE_RECORD_KEYS = (
+    "slide_id",
+    "source",
+    "pixel_size_um",
+    "channels",
+    "bounds",
+    "modality",
+    "modality_source",
+    "plane",
+    "tissue_area_mm2",
+    "tile_size",
+    "margin",
+    "tiles_total",
+    "tiles_kept",
+    "min_tissue_fraction",
+    "tissue_threshold",
+    "tissue_method",
+    "thumbnail_downsample",
+    "scenes",
+    "intensity",
+)
+"""``{slide}.slide.json``'s keys, in the order PLAN writes them (docs/data.md). SEGMENT reads
+``slide_id``, ``channels``, ``modality``, ``plane`` and ``intensity``; REPORT
+``tissue_area_mm2`` and ``modality``."""
 
 # --- SEGMENT: cells ----------------------------------------------------------------------------
 

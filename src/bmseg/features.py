@@ -16,6 +16,9 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
+import torch
+from scipy import ndimage
+from torchvision.ops import roi_align
 
 from bmseg.contract import INTENSITY_PERCENTILES, INTENSITY_STATS, intensity_columns
 
@@ -93,8 +96,6 @@ def intensity_stats(
 
 def _bboxes(labels: np.ndarray, count: int) -> np.ndarray:
     """(count, 4) tile-local ``x, y, w, h`` of labels ``1..count`` (all present)."""
-    from scipy import ndimage
-
     slices = ndimage.find_objects(labels, max_label=count)
     if any(found is None for found in slices):
         raise ValueError("labels must be consecutive 1..count, each present")
@@ -255,9 +256,6 @@ class CropSampler:
         return self._roi_align(squares, size)
 
     def _roi_align(self, squares: np.ndarray, size: int) -> np.ndarray:
-        import torch
-        from torchvision.ops import roi_align
-
         with torch.inference_mode():
             if self._image is None:
                 image = torch.from_numpy(np.ascontiguousarray(self.rgb)).to(self.device)

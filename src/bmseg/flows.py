@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
+from cellpose import dynamics, utils
+from scipy import ndimage
 
-if TYPE_CHECKING:
-    import torch
+from bmseg.models.choices import DEFAULT_FLOWS_METHOD, FLOWS_METHODS
+from bmseg.models.device import resolve_device
 
 log = logging.getLogger(__name__)
-
-#: Methods :func:`flows_to_masks` can use: ours and Cellpose 4's own post-processing.
-FLOWS_METHODS = ("bmseg", "cellpose")
-DEFAULT_FLOWS_METHOD = "bmseg"
 
 # A flow component counts as a step along its axis when it is at least tan(22.5°) of the other:
 # the flow's angle is rounded to the nearest of the 8 neighbour directions.
@@ -55,10 +54,6 @@ _SINK_REACH = 2
 def _torch_device(device: str | torch.device | None) -> torch.device:
     """The device to run on: the CPU when unset, a torch device as given, and a name as
     ``--device`` takes it (``auto``, ``cpu``, ``cuda``), through the models' own resolver."""
-    import torch
-
-    from bmseg.models.device import resolve_device
-
     if device is None:
         return torch.device("cpu")
     if isinstance(device, torch.device):
@@ -86,8 +81,6 @@ def compute_masks(
     (0 or less turns the QC off) or smaller than ``min_size`` pixels (0 or less keeps all) are
     dropped; ``fill_holes`` fills background enclosed by a single mask.
     """
-    import torch
-
     _check_inputs(dP, cellprob, niter)
     height, width = cellprob.shape
     torch_device = _torch_device(device)
@@ -149,8 +142,6 @@ def cellpose_compute_masks(
     Cellpose fills holes only together with its size filter; here ``fill_holes`` and
     ``min_size`` act independently, as in :func:`compute_masks`.
     """
-    from cellpose import dynamics, utils
-
     _check_inputs(dP, cellprob, niter)
     masks = dynamics.compute_masks(
         np.asarray(dP, np.float32),
@@ -190,8 +181,6 @@ def _neighbour_pointers(flows: torch.Tensor, foreground: torch.Tensor, niter: in
     a cell, trajectories cross the dip to the cell's centre instead of piling up at its edge as
     spurious small masks; off the cells the network's flows are about zero, so pixels stop at
     a cell's edge as in Cellpose. Only foreground pixels are counted and labelled."""
-    import torch
-
     padded_width = foreground.shape[1]
     steps = []
     for along, across in ((flows[0], flows[1]), (flows[1], flows[0])):
@@ -217,8 +206,6 @@ def _follow(pointers: torch.Tensor, niter: int) -> torch.Tensor:
     """Where each pixel is after ``niter`` pointer steps: the niter-th power of the pointer map
     by repeated squaring, so all trajectories share their work (pointer jumping). Once a power
     2^k <= niter maps every pixel to a fixed point, every trajectory has stopped: done."""
-    import torch
-
     position = None
     power = pointers
     remaining = niter
@@ -241,8 +228,6 @@ def _cluster_ends(ends: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
     grown over points reached by more than 2; a discrete trajectory ends on a cycle of 1-4
     points, hence the total). Labels are 1..n in order of the sinks' first pixel. Only the
     foreground's end points count, and only foreground pixels get a label."""
-    import torch
-
     device = ends.device
     hits = torch.bincount(ends[foreground.reshape(-1)], minlength=ends.numel())
     sink = torch.nonzero(hits > _SINK_MIN_HITS).reshape(-1)
@@ -264,8 +249,6 @@ def _connected_components(flat_pixels: torch.Tensor, padded_width: int) -> torch
     frame keeps offsets from wrapping onto a neighbouring row's pixels): for each pixel the
     position of its component's first pixel. Min-label propagation with pointer jumping, so it
     runs on any device without SciPy."""
-    import torch
-
     device = flat_pixels.device
     order = torch.arange(flat_pixels.numel(), device=device)
     offsets = torch.tensor(
@@ -300,8 +283,6 @@ def _connected_components(flat_pixels: torch.Tensor, padded_width: int) -> torch
 def _drop_labels(labels: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     """``labels`` (labels 1..n) with the labels flagged in ``drop`` (indexed by label) set to 0
     and the rest renumbered 1..n in order, as int32."""
-    import torch
-
     if not bool(drop[1:].any()):
         return labels.to(torch.int32)
     keep = ~drop
@@ -314,8 +295,6 @@ def centre_flows(labels: np.ndarray, device: str | torch.device | None = None) -
     """Unit flows (2, H, W; dy, dx; float32) pointing from each mask pixel at its mask's centre,
     zero on background and at the centre: the flows the QC compares the network's against, and
     analytic input flows for large benchmarks (Cellpose's network predicts 5 × such flows)."""
-    import torch
-
     with torch.inference_mode():
         tensor = torch.as_tensor(np.ascontiguousarray(labels), device=_torch_device(device))
         tensor = tensor.to(torch.int64)
@@ -329,8 +308,6 @@ def _centre_unit_vectors(
     """Unit vectors (H, W each, float32) from every labelled pixel to its mask's centre, where
     Cellpose starts its diffusion: the rounded centroid, or the mask pixel nearest to it (first
     in raster order on ties) when the centroid lies outside the mask."""
-    import torch
-
     height, width = labels.shape
     device = labels.device
     n_labels = sizes.numel()
@@ -370,8 +347,6 @@ def _flow_errors(labels: torch.Tensor, flows: torch.Tensor, sizes: torch.Tensor)
     """Per label (index 0 unused): mean squared difference between the network's flows / 5 and
     the mask's :func:`centre_flows`, Cellpose's flow error with straight-line flows in place of
     its heat-diffusion flows."""
-    import torch
-
     unit_y, unit_x = _centre_unit_vectors(labels, sizes)
     error = (unit_y - flows[0] / _FLOW_SCALE).square_()
     error += (unit_x - flows[1] / _FLOW_SCALE).square_()
@@ -383,8 +358,6 @@ def _fill_single_mask_holes(masks: np.ndarray) -> None:
     """Fill, in place, every background region that does not reach the image border and touches
     exactly one mask: the holes Cellpose fills mask by mask, found with one labelling of the
     background (4-connected, as a flood fill from the border sees it)."""
-    from scipy import ndimage
-
     regions, n_regions = ndimage.label(masks == 0)
     enclosed = np.ones(n_regions + 1, bool)
     enclosed[0] = False

@@ -11,45 +11,48 @@ its core plus a *margin*, so that every cell whose centroid lies in the core is 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
-from bmseg.argtypes import nullable, nullable_choice, nullable_float_list
-from bmseg.contract import MODALITIES, TILE_SCHEMA
+from bmseg.contract import (
+    DEFAULT_MIN_TISSUE_FRACTION,
+    DEFAULT_TILE_SIZE,
+    SLIDE_RECORD_SUFFIX,
+    TILE_SCHEMA,
+    TILES_SUFFIX,
+    TISSUE_PICTURE_SUFFIX,
+    slide_file,
+    tile_id,
+)
 from bmseg.errors import BmsegError
-from bmseg.slide import Rect, Slide, open_slide, parse_plane
+from bmseg.models.settings import MKSettings
+from bmseg.slide import Rect, Slide, intensity_ranges, open_slide
+from bmseg.storage import atomic_path, write_json
+from bmseg.tissue import (
+    calibrate,
+    detect_scene_tissue,
+    load_calibration,
+    scene_contrasts,
+)
+from bmseg.tissue_picture import area_text, tissue_picture
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TILE_SIZE = 3000
-DEFAULT_MK_MAX_AREA_UM2 = 2000.0
+DEFAULT_MK_MAX_AREA_UM2 = MKSettings.max_area_um2
+"""The largest MK area SEGMENT keeps by default: it sets PLAN's default margin."""
 MARGIN_SLACK = 1.05  # margin = slack x the diameter of a disk of the largest MK area
-DEFAULT_MIN_TISSUE_FRACTION = 0.0
 THUMBNAIL_SIDE = 2048  # px, longer side of the low-resolution read
 THUMBNAIL_BANDS = 8  # the low-resolution read is done in bands, for progress
-PICTURE_SIDE = 1400  # px, longer side of tissue.png (small slides are enlarged to it)
-PICTURE_MIN_WIDTH = 640  # px, so that the caption fits
-PANEL_LABEL_H = 22  # px, the strip above each scene's panel naming it
-PANEL_GAP = 8  # px between scene panels
-# Opacity of the colour laid over kept cores: light on white glass, where the stain must stay
-# readable; stronger on black, where a light wash would vanish.
-KEPT_WASH = {"brightfield": 0.18, "fluorescence": 0.35}
-# Picture colours per modality: (tissue outline, kept cores, dropped cores), and their names.
-# The kept cores' wash is a saturated colour that stands out from the background of its
-# modality (blue on white glass; magenta on black, apart from the stains' blue and green),
-# the dropped cores a faint grey frame.
-PICTURE_COLOURS = {
-    "brightfield": ((0, 170, 60), (40, 90, 230), (175, 175, 175), "green", "blue"),
-    "fluorescence": ((255, 215, 0), (255, 60, 220), (110, 110, 110), "yellow", "magenta"),
-}
 
 
 def default_margin(pixel_size_um: float, mk_max_area_um2: float = DEFAULT_MK_MAX_AREA_UM2) -> int:
@@ -136,8 +139,6 @@ def scene_tissue_px(mask: np.ndarray, scene: Rect, grid: dict[str, np.ndarray]) 
     every thumbnail pixel it touches (floor/ceil), so a sliver of tissue at a core's edge is
     never lost to rounding; 0 for cores that miss the scene.
     """
-    import cv2
-
     height, width = mask.shape
     scale_x, scale_y = width / scene.w, height / scene.h
     left = np.maximum(grid["core_x"], scene.x) - scene.x
@@ -177,8 +178,6 @@ def thumbnail_factor(scenes: list[Rect], max_side: int = THUMBNAIL_SIDE) -> int:
 def read_thumbnails(slide: Slide, max_side: int = THUMBNAIL_SIDE) -> tuple[list[np.ndarray], int]:
     """Each scene downsampled by one integer factor, read in bands with progress (libCZI
     takes the pyramid level that fits where the file has one)."""
-    from tqdm import tqdm
-
     factor = thumbnail_factor(slide.scenes, max_side)
     thumbnails = []
     with tqdm(
@@ -204,8 +203,6 @@ def slide_intensity(slide: Slide, thumbnails: list[np.ndarray], masks: list[np.n
     """slide.json ``intensity``: per-channel ranges of the tissue in the low-resolution read of
     every scene and the file's bit depth; SEGMENT shows every tile of the slide to the models
     with them."""
-    from bmseg.slide import intensity_ranges
-
     channels = thumbnails[0].shape[-1]
     pixels = np.concatenate([t.reshape(-1, 1, channels) for t in thumbnails])
     where = np.concatenate(
@@ -223,160 +220,6 @@ def slide_intensity(slide: Slide, thumbnails: list[np.ndarray], masks: list[np.n
     }
 
 
-def display_image(thumbnail: np.ndarray, modality: str, fill: np.ndarray) -> np.ndarray:
-    """An 8-bit RGB view of a thumbnail: brightfield RGB as is, brightfield grey as grey,
-    fluorescence as a false-colour composite; each channel stretched between percentiles of
-    its acquired pixels (those that differ from the reader's ``fill``) where not RGB."""
-    if modality == "brightfield" and thumbnail.shape[2] >= 3:  # the first RGB triple
-        image = thumbnail[:, :, :3].astype(np.float32)
-        if thumbnail.dtype != np.uint8:
-            image *= 255.0 / max(float(np.iinfo(thumbnail.dtype).max), 1.0)
-        return np.clip(image, 0, 255).astype(np.uint8)
-    from bmseg.tissue import acquired_pixels
-
-    acquired = acquired_pixels(thumbnail, fill)
-    sample = thumbnail[acquired] if acquired.any() else thumbnail.reshape(-1, thumbnail.shape[2])
-    colours = np.array([[0, 0.55, 1], [0.2, 1, 0.2], [1, 0.25, 0.2], [1, 0.9, 0.1]], np.float32)
-    if modality == "brightfield":  # grey (or several grey channels): the first, as grey
-        colours = np.ones((1, 3), np.float32)
-    rgb = np.zeros((*thumbnail.shape[:2], 3), np.float32)
-    for index in range(thumbnail.shape[2] if modality != "brightfield" else 1):
-        channel = thumbnail[:, :, index].astype(np.float32)
-        low, high = np.percentile(
-            sample[:, index], (0.5, 99.8) if modality == "brightfield" else (1, 99.8)
-        )
-        scaled = np.clip((channel - low) / max(high - low, 1e-6), 0, 1)
-        rgb += scaled[..., None] * colours[index % len(colours)]
-    rgb[~acquired] = 1.0 if modality == "brightfield" else 0.0
-    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
-
-
-def _area_text(mm2: float) -> str:
-    """An area in mm² to three significant digits: 0.00213, 0.213, 21.3, 213."""
-    return "0" if mm2 == 0 else f"{mm2:.3g}" if mm2 < 1000 else f"{mm2:.0f}"
-
-
-def scene_panel(
-    thumbnail: np.ndarray,
-    modality: str,
-    fill: np.ndarray,
-    mask: np.ndarray,
-    scene: Rect,
-    grid: dict[str, np.ndarray],
-    kept: np.ndarray,
-    size: tuple[int, int],
-) -> np.ndarray:
-    """One scene's thumbnail scaled to ``size`` (w, h): the tissue outlined, the kept cores
-    washed and framed, the dropped cores framed faintly."""
-    import cv2
-
-    tissue_rgb, kept_rgb, dropped_rgb, _, _ = PICTURE_COLOURS[modality]
-    image = display_image(thumbnail, modality, fill)
-    scale = size[0] / image.shape[1]
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST
-    image = np.ascontiguousarray(cv2.resize(image, size, interpolation=interpolation))
-    small_mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-    contours, _ = cv2.findContours(small_mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-    px_x, px_y = size[0] / scene.w, size[1] / scene.h
-    x0 = np.round((grid["core_x"] - scene.x) * px_x).astype(int)
-    y0 = np.round((grid["core_y"] - scene.y) * px_y).astype(int)
-    x1 = np.round((grid["core_x"] + grid["core_w"] - scene.x) * px_x).astype(int) - 1
-    y1 = np.round((grid["core_y"] + grid["core_h"] - scene.y) * px_y).astype(int) - 1
-    wash = image.copy()
-    for index in np.flatnonzero(kept):
-        cv2.rectangle(wash, (x0[index], y0[index]), (x1[index], y1[index]), kept_rgb, -1)
-    opacity = KEPT_WASH[modality]
-    image = cv2.addWeighted(wash, opacity, image, 1 - opacity, 0)
-    for index in np.flatnonzero(~kept):
-        cv2.rectangle(image, (x0[index], y0[index]), (x1[index], y1[index]), dropped_rgb, 1)
-    for index in np.flatnonzero(kept):
-        cv2.rectangle(image, (x0[index], y0[index]), (x1[index], y1[index]), kept_rgb, 2)
-    cv2.drawContours(image, contours, -1, tissue_rgb, 2, lineType=cv2.LINE_AA)
-    return image
-
-
-def _text(image: np.ndarray, text: str, origin: tuple[int, int], scale: float) -> None:
-    import cv2
-
-    cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), 1, cv2.LINE_AA)
-
-
-def panel_sizes(scenes: list[Rect]) -> tuple[int, list[tuple[int, int]]]:
-    """Columns of the picture's grid of scene panels and each panel's (w, h) in px.
-
-    One scene: its longer side at :data:`PICTURE_SIDE`. Several: a grid about as wide as
-    that, each panel fitted into its square cell, so that a small scene far from a large
-    one still shows at a readable size (each panel has its own scale, printed above it).
-    """
-    columns = math.ceil(math.sqrt(len(scenes)))
-    cell = (
-        PICTURE_SIDE if len(scenes) == 1 else (PICTURE_SIDE - PANEL_GAP * (columns - 1)) // columns
-    )
-    sizes = []
-    for scene in scenes:
-        scale = cell / max(scene.w, scene.h)
-        sizes.append((max(1, round(scene.w * scale)), max(1, round(scene.h * scale))))
-    return columns, sizes
-
-
-def tissue_picture(
-    thumbnails: list[np.ndarray],
-    modality: str,
-    fill: np.ndarray,
-    masks: list[np.ndarray],
-    scenes: list[Rect],
-    grid: dict[str, np.ndarray],
-    kept: np.ndarray,
-    caption: str,
-    labels: list[str],
-) -> bytes:
-    """PNG bytes: a caption with a legend over one panel per scene (:func:`scene_panel`),
-    each labelled (``labels``) when the slide has several scenes."""
-    _, _, _, tissue_name, kept_name = PICTURE_COLOURS[modality]
-    legend = f"{tissue_name}: tissue outline   {kept_name}: kept tile cores   grey: no tissue"
-    columns, sizes = panel_sizes(scenes)
-    label_h = PANEL_LABEL_H if len(scenes) > 1 else 0
-    panels = [
-        scene_panel(t, modality, fill, m, s, grid, kept, size)
-        for t, m, s, size in zip(thumbnails, masks, scenes, sizes, strict=True)
-    ]
-    rows = [panels[i : i + columns] for i in range(0, len(panels), columns)]
-    row_labels = [labels[i : i + columns] for i in range(0, len(labels), columns)]
-    width = max(
-        PICTURE_MIN_WIDTH,
-        max(sum(p.shape[1] for p in row) + PANEL_GAP * (len(row) - 1) for row in rows),
-    )
-    blocks = []
-    for row, names in zip(rows, row_labels, strict=True):
-        height = max(p.shape[0] for p in row) + label_h
-        block = np.full((height, width, 3), 255, np.uint8)
-        x = 0
-        for panel, name in zip(row, names, strict=True):
-            block[label_h : label_h + panel.shape[0], x : x + panel.shape[1]] = panel
-            if label_h:
-                _text(block, name, (x + 2, label_h - 6), 0.45)
-            x += panel.shape[1] + PANEL_GAP
-        blocks.append(block)
-        blocks.append(np.full((PANEL_GAP, width, 3), 255, np.uint8))
-    bar = np.full((52, width, 3), 255, np.uint8)
-    font_scale = 0.5 if width >= 700 else 0.4
-    for line, text in enumerate((caption, legend)):
-        _text(bar, text, (8, 20 + 22 * line), font_scale)
-    return _png(np.vstack([bar, *blocks[:-1]]))
-
-
-def _png(rgb: np.ndarray) -> bytes:
-    """PNG bytes of an RGB image with a 256-colour palette: a few hundred kB, not megabytes."""
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    palette = Image.fromarray(rgb).quantize(colors=256, method=Image.Quantize.FASTOCTREE)
-    palette.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def tile_table(
     slide_id: str,
     grid: dict[str, np.ndarray],
@@ -388,7 +231,7 @@ def tile_table(
     rows, cols = grid["row"][kept], grid["col"][kept]
     columns = {
         "slide_id": [slide_id] * int(rows.size),
-        "tile_id": [f"r{r:04d}c{c:04d}" for r, c in zip(rows.tolist(), cols.tolist(), strict=True)],
+        "tile_id": [tile_id(r, c) for r, c in zip(rows.tolist(), cols.tolist(), strict=True)],
         **{name: values[kept] for name, values in grid.items()},
         "tissue_fraction": fractions[kept],
         "pixel_size_um": np.full(rows.size, pixel_size_um),
@@ -436,9 +279,6 @@ def plan_slide(
     tiles cover the scenes only. ``modality`` overrides the metadata's, ``plane`` picks the
     Z/T/... plane read (:func:`bmseg.slide.parse_plane`).
     """
-    from bmseg.storage import atomic_path
-    from bmseg.tissue import detect_scene_tissue, load_calibration
-
     if not mk_max_area_um2 > 0:
         raise BmsegError(f"--mk-max-area-um2 {mk_max_area_um2}: must be a positive area in µm²")
     out_dir = Path(out_dir)
@@ -510,14 +350,14 @@ def plan_slide(
             "intensity": slide_intensity(slide, thumbnails, masks),
         }
         scenes_text = f"  {len(slide.scenes)} scenes" if len(slide.scenes) > 1 else ""
-        found = f"tissue {_area_text(tissue_mm2)} mm2" if kept.any() else "NO TISSUE FOUND"
+        found = f"tissue {area_text(tissue_mm2)} mm2" if kept.any() else "NO TISSUE FOUND"
         caption = (
             f"{slide.slide_id}  {slide.modality}{scenes_text}  {found}  "
             f"tiles kept {info['tiles_kept']}/{info['tiles_total']}  "
             f"(core {tile_size} px, margin {margin} px)"
         )
         labels = [
-            f"scene {i}: {_area_text(a)} mm2, {k} tiles, "
+            f"scene {i}: {area_text(a)} mm2, {k} tiles, "
             f"{slide.pixel_size_um * s.w / 1000:.3g} mm wide"
             for i, (s, a, k) in enumerate(zip(slide.scenes, scene_mm2, scene_kept, strict=True))
         ]
@@ -535,8 +375,10 @@ def plan_slide(
         table = tile_table(slide.slide_id, grid, fractions, kept, slide.pixel_size_um)
         if not kept.any():
             log.warning("%s: no tissue found; the tile table is empty", slide.path)
-    stem = out_dir / info["slide_id"]
-    paths = [Path(f"{stem}.tiles.parquet"), Path(f"{stem}.slide.json"), Path(f"{stem}.tissue.png")]
+    paths = [
+        out_dir / slide_file(info["slide_id"], suffix)
+        for suffix in (TILES_SUFFIX, SLIDE_RECORD_SUFFIX, TISSUE_PICTURE_SUFFIX)
+    ]
     check_id_is_free(paths[1], info)
     with (
         atomic_path(paths[0]) as tiles_tmp,
@@ -554,7 +396,7 @@ def plan_slide(
         factor,
         um_per_px[0],
         read_seconds,
-        _area_text(tissue_mm2),
+        area_text(tissue_mm2),
         info["tissue_method"],
         threshold,
         info["tiles_kept"],
@@ -573,26 +415,23 @@ def _plane_text(plane: dict[str, int | str]) -> str:
 
 def scene_contrasts_of(slide: Slide) -> tuple[list[np.ndarray], list[np.ndarray], int]:
     """The slide's scene thumbnails, their tissue contrasts and the downsampling factor."""
-    from bmseg.tissue import scene_contrasts
-
     thumbnails, factor = read_thumbnails(slide)
     return thumbnails, scene_contrasts(thumbnails, slide.modality, slide.background), factor
 
 
-def calibrate_slides(
-    slide_paths: list[Path],
+def calibrate_tissue(
+    slide_paths: Sequence[Path],
     out: Path,
+    *,
     pixel_size_um: float | None = None,
     slide_pixel_sizes: dict[Path, float] | None = None,
 ) -> dict:
-    """Pool several slides' contrast histograms into one threshold file (same modality).
+    """CALIBRATE-TISSUE: pool several slides' contrast histograms into one threshold file
+    (same modality) at ``out``, for :func:`plan_slide`'s ``calibration_path``.
 
     ``slide_pixel_sizes`` gives a slide its own µm per pixel (a samplesheet's value), which
     wins over ``pixel_size_um``, the value for every other slide.
     """
-    from bmseg.storage import write_json
-    from bmseg.tissue import calibrate
-
     own_sizes = dict(slide_pixel_sizes or {})
     unknown = sorted(str(path) for path in set(own_sizes) - set(slide_paths))
     if unknown:
@@ -619,147 +458,3 @@ def calibrate_slides(
         out,
     )
     return calibration
-
-
-def _plan_command(args: argparse.Namespace) -> int:
-    plan_slide(
-        args.slide,
-        args.out,
-        slide_id=args.slide_id,
-        pixel_size_um=args.pixel_size_um,
-        tile_size=args.tile_size,
-        margin=args.margin,
-        min_tissue_fraction=args.min_tissue_fraction,
-        mk_max_area_um2=args.mk_max_area_um2,
-        calibration_path=args.calibration,
-        modality=args.modality,
-        plane=parse_plane(args.plane),
-    )
-    return 0
-
-
-def _calibrate_command(args: argparse.Namespace) -> int:
-    own_sizes = dict(args.slide_pixel_size_um)
-    if args.pixel_sizes_um is not None:
-        if len(args.pixel_sizes_um) != len(args.slides):
-            raise BmsegError(
-                f"--pixel-sizes-um gives {len(args.pixel_sizes_um)} sizes for "
-                f"{len(args.slides)} slides: give one per slide, null where the metadata has it"
-            )
-        for slide, size in zip(args.slides, args.pixel_sizes_um, strict=True):
-            if size is not None:
-                own_sizes[slide] = size
-    calibrate_slides(args.slides, args.out, args.pixel_size_um, own_sizes)
-    return 0
-
-
-def slide_pixel_size(text: str) -> tuple[Path, float]:
-    """``SLIDE=UM`` (split at the last '=') as a path and a positive µm per pixel."""
-    slide, _, size = text.rpartition("=")
-    try:
-        value = float(size)
-    except ValueError:
-        value = 0.0
-    if not slide or not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give SLIDE=UM, e.g. slides/a.czi=0.25")
-    return Path(slide), value
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bmseg plan`` and ``bmseg calibrate-tissue``."""
-    parser = subparsers.add_parser(
-        "plan",
-        help="detect tissue and lay out the tiles of one slide",
-        description="Detect tissue on a low-resolution read and write {slide}.tiles.parquet, "
-        "{slide}.slide.json and {slide}.tissue.png (see docs/tiles.md).",
-    )
-    parser.add_argument("slide", type=Path, metavar="SLIDE", help="CZI, OME-TIFF or TIFF file")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--slide-id", help="id for tables and file names (default: file stem)")
-    parser.add_argument(
-        "--pixel-size-um",
-        type=nullable(float),
-        help="µm per pixel, overriding (or replacing) the metadata (null: the metadata's)",
-    )
-    parser.add_argument(
-        "--tile-size", type=int, default=DEFAULT_TILE_SIZE, help="tile core side, px (3000)"
-    )
-    parser.add_argument(
-        "--margin",
-        type=nullable(int),
-        help="px read around each core (default or null: from --mk-max-area-um2 and the pixel "
-        "size)",
-    )
-    parser.add_argument(
-        "--min-tissue-fraction",
-        type=float,
-        default=DEFAULT_MIN_TISSUE_FRACTION,
-        help="keep tiles whose core has more tissue than this share (0: any tissue)",
-    )
-    parser.add_argument(
-        "--mk-max-area-um2",
-        type=float,
-        default=DEFAULT_MK_MAX_AREA_UM2,
-        help="largest MK area, sets the default margin (2000)",
-    )
-    parser.add_argument(
-        "--calibration",
-        type=Path,
-        nargs="?",
-        metavar="FILE",
-        help="shared tissue threshold from bmseg calibrate-tissue, instead of per-slide Otsu "
-        "(the flag alone: per-slide Otsu)",
-    )
-    parser.add_argument(
-        "--modality",
-        type=nullable_choice(MODALITIES),
-        metavar="{" + ",".join(MODALITIES) + "}",
-        help="brightfield or fluorescence, overriding the metadata (default or null: the "
-        "channels' contrast method in the metadata, else the image's background)",
-    )
-    parser.add_argument(
-        "--plane",
-        metavar="DIM=N,...",
-        help="plane of a Z stack, time series or Airyscan file to read, e.g. Z=3,T=0; Z=max "
-        "(fluorescence) or Z=min (brightfield) projects over Z (default: index 0 of each, with "
-        "a warning)",
-    )
-    parser.set_defaults(handler=_plan_command)
-
-    calibrate_parser = subparsers.add_parser(
-        "calibrate-tissue",
-        help="one tissue threshold for a cohort of slides (for bmseg plan --calibration)",
-        description="Pool the tissue contrast of several slides of one modality and write one "
-        "Otsu threshold as JSON for bmseg plan --calibration.",
-    )
-    calibrate_parser.add_argument(
-        "slides", type=Path, nargs="+", metavar="SLIDE", help="the cohort's slides, one modality"
-    )
-    calibrate_parser.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        metavar="FILE.json",
-        help="the calibration to write, read by bmseg plan --calibration",
-    )
-    calibrate_parser.add_argument(
-        "--pixel-size-um",
-        type=float,
-        help="µm per pixel for every slide, overriding (or replacing) the metadata",
-    )
-    calibrate_parser.add_argument(
-        "--slide-pixel-size-um",
-        type=slide_pixel_size,
-        action="append",
-        default=[],
-        metavar="SLIDE=UM",
-        help="one slide's own µm per pixel (repeatable), over --pixel-size-um and the metadata",
-    )
-    calibrate_parser.add_argument(
-        "--pixel-sizes-um",
-        type=nullable_float_list,
-        metavar="UM,...",
-        help="each slide's own µm per pixel, in the order of SLIDE, null for a slide without "
-        "one (the pipeline's form of --slide-pixel-size-um)",
-    )
-    calibrate_parser.set_defaults(handler=_calibrate_command)

@@ -213,7 +213,7 @@ def _plots_section(summary: pd.DataFrame, areas: pd.DataFrame | None) -> str:
 
 
 def _tissue_section(roots: Sequence[Path], slides: Sequence[str]) -> str:
-    from bmseg.plan import PICTURE_COLOURS
+    from bmseg.tissue_picture import PICTURE_COLOURS
 
     figures = []
     for slide in slides:

@@ -42,8 +42,8 @@ from bmseg.contract import (
     embedding_type,
 )
 from bmseg.errors import BmsegError
-from bmseg.flows import FLOWS_METHODS
 from bmseg.models.base import Detections, Embedder, Segmenter
+from bmseg.models.choices import FLOWS_METHODS
 from bmseg.models.settings import (
     DEVICE_CHOICES,
     EmbedderSettings,

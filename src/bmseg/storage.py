@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import io
 import json
 import logging
 import os
@@ -19,6 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import h5py
+import hdf5plugin
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -318,8 +321,6 @@ class MaskWriter:
     ) -> None:
         """Store ``labels`` (uint32, the tile's read window) as ``/{slide_id}/{tile_id}/labels``,
         and ``hspc_labels`` (the whole HSPC layer, same shape) beside it when given."""
-        import hdf5plugin
-
         group = self._file.require_group(slide_id).create_group(tile_id)
         group.attrs["read_x"] = int(read_x)
         group.attrs["read_y"] = int(read_y)
@@ -340,9 +341,6 @@ def masks_writer(path: str | os.PathLike[str]) -> Iterator[MaskWriter]:
     which closing the file crashes the process (exit 139, which Nextflow retries); a plain
     write meets it as an OSError, reported as one line.
     """
-    import io
-
-    import h5py
 
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as h5file:

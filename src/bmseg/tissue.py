@@ -34,6 +34,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from bmseg.errors import BmsegError
@@ -213,8 +214,6 @@ def background_noise(contrasts: list[np.ndarray], threshold: float) -> float:
 
 def _smooth(contrast: np.ndarray) -> np.ndarray:
     """Gaussian smoothing that leaves un-acquired pixels (NaN) out of their neighbours' means."""
-    import cv2
-
     valid = np.isfinite(contrast).astype(np.float32)
     filled = np.where(valid > 0, contrast, 0).astype(np.float32)
     blurred = cv2.GaussianBlur(filled, (0, 0), SMOOTH_SIGMA_PX)
@@ -321,8 +320,6 @@ def slide_split(contrasts: list[np.ndarray]) -> Split:
 
 def _drop_small_components(mask: np.ndarray, min_pixels: float) -> np.ndarray:
     """``mask`` without its 8-connected components smaller than ``min_pixels``."""
-    import cv2
-
     _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_pixels
     keep[0] = False
@@ -331,8 +328,6 @@ def _drop_small_components(mask: np.ndarray, min_pixels: float) -> np.ndarray:
 
 def _fill_small_holes(mask: np.ndarray, pixel_um2: float) -> np.ndarray:
     """``mask`` with enclosed background holes under ``MAX_HOLE_UM2`` filled in."""
-    import cv2
-
     holes = (~mask).astype(np.uint8)
     _, labels, stats, _ = cv2.connectedComponentsWithStats(holes, connectivity=4)
     left, top = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]

@@ -24,11 +24,11 @@ from bmseg.errors import BmsegError
 from bmseg.versions import versions_yaml
 
 STEP_MODULES = (
-    "bmseg.synth",
-    "bmseg.plan",
-    "bmseg.batching",
+    "bmseg.cli.synth",
+    "bmseg.cli.plan",
+    "bmseg.cli.batching",
     "bmseg.segment",
-    "bmseg.models.cli",
+    "bmseg.cli.models",
     "bmseg.gather",
     "bmseg.pages",
     "bmseg.annotate",

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from bmseg.errors import BmsegError
-from bmseg.models.settings import DEVICE_CHOICES
+from bmseg.models.choices import DEVICE_CHOICES
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,11 @@ import math
 from dataclasses import dataclass
 
 from bmseg.errors import BmsegError
-from bmseg.flows import DEFAULT_FLOWS_METHOD, FLOWS_METHODS
+from bmseg.models.choices import DEFAULT_FLOWS_METHOD, DEVICE_CHOICES, FLOWS_METHODS
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-"""What ``--device`` takes: a GPU when there is one, the CPU, or a GPU or an error."""
+# DEVICE_CHOICES lives in bmseg.models.choices; named here too for the callers that import it
+# from the settings (segment, finetune) until their own re-cut.
+__all__ = ["DEVICE_CHOICES", "EmbedderSettings", "HSPCSettings", "MKSettings"]
 
 
 @dataclass(frozen=True)

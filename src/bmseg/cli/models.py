@@ -1,4 +1,5 @@
-"""``bmseg models fetch``, ``make-test`` and ``make-demo``: filling a models directory."""
+"""``bmseg models fetch``, ``make-test`` and ``make-demo``: the command line of
+:mod:`bmseg.models.making`, which fills a models directory."""
 
 from __future__ import annotations
 

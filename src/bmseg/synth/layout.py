@@ -1,40 +1,24 @@
-"""Synthetic slides: real CZI mosaics with tissue, planted MK- and HSPC-like cells, and their truth.
+"""The synthetic slide itself: tissue, planted MK- and HSPC-like cells, their pixels and truth.
 
-``bmseg synth OUT.czi`` writes a CZI with pylibCZIrw, one subblock per 1024 × 1024 mosaic tile,
-pixel size 0.1725 µm in its metadata, plus ``OUT.truth.parquet`` listing every planted cell.
-Everything derives from ``--seed``:
-
-* tissue: a smooth random field sampled every 32 px, thresholded after bilinear interpolation,
-  so any pixel's tissue state is computed the same way in whichever tile draws it;
-* cells: placed once for the whole slide (MKs first, then HSPCs), each a polygon in slide
-  pixels, kept only where it lies wholly in tissue and clear of every other cell;
-* pixels: each mosaic tile is rendered on its own (tissue, then the cells whose box meets the
-  tile, then noise), so the slide is never held in memory. A cell is rasterised in its own
-  box and that mask is pasted into every tile it meets, so a cell spanning tiles is drawn
-  exactly as its truth mask was measured.
-
-Mosaic tiles far from any tissue are not acquired, as a scanner's tile regions would leave them.
-The truth's areas and centroids are measured on the rasterised masks, not the parametric shapes.
-
-``--density marrow`` packs the tissue as marrow is packed (~6 000 cells per 3000² of tissue instead
-of ~120): MKs placed as above, then every free stretch of tissue tiled by small round-ish
-cells (the Voronoi cells of a jittered hexagonal grid, each shrunk by 1.5 px so neighbours
-touch, 1–3 px apart, without sharing a pixel), all planted as HSPC-like cells.
+Everything derives from the seed; a mosaic tile is rendered on its own, so the slide is never
+held in memory (see :mod:`bmseg.synth`).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
+import cv2
 import numpy as np
+import pyarrow as pa
+from scipy import ndimage
+from scipy.spatial import Voronoi, cKDTree
 
-from bmseg.contract import MODALITIES
+from bmseg.contract import MODALITIES, SYNTH_DENSITIES
 from bmseg.errors import BmsegError
-from bmseg.slide import Rect, default_slide_id
+from bmseg.slide import Rect
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +31,6 @@ HSPC_DIAMETER_UM = (6.3, 9.7)  # inside 6-10 µm
 MK_PER_MM2 = 40.0  # planted densities per mm² of tissue
 HSPC_PER_MM2 = 400.0
 CELL_GAP_PX = 6  # minimum clearance between cells' bounding circles
-DENSITIES = ("sparse", "marrow")
 MARROW_CELL_AREA_UM2 = 38.0
 """Mean planted cell area at marrow density: ~7 000 cells would fill a 3000² px tile of tissue."""
 MARROW_MK_PER_MM2 = 60.0
@@ -80,8 +63,6 @@ def _fixed_point(polygon: np.ndarray, origin_x: int, origin_y: int) -> np.ndarra
 
 def _fill(canvas: np.ndarray, polygon: np.ndarray, origin_x: int, origin_y: int, value) -> None:
     """Fill ``polygon`` (slide px) into ``canvas``, pixel (0, 0) at slide (origin_x, origin_y)."""
-    import cv2
-
     points = _fixed_point(polygon, origin_x, origin_y)
     cv2.fillPoly(canvas, [points], value, lineType=cv2.LINE_8, shift=SUBPIXEL_SHIFT)
 
@@ -99,12 +80,12 @@ class SyntheticLayout:
     ) -> None:
         if modality not in MODALITIES:
             raise BmsegError(f"--modality {modality!r}: choose brightfield or fluorescence")
-        if density not in DENSITIES:
-            raise BmsegError(f"--density {density!r}: choose {' or '.join(DENSITIES)}")
+        if density not in SYNTH_DENSITIES:
+            raise BmsegError(f"--density {density!r}: choose {' or '.join(SYNTH_DENSITIES)}")
         self.width, self.height, self.seed, self.modality = width, height, seed, modality
         rng = np.random.default_rng(seed)
         self._field = _tissue_field(width, height, rng)
-        self._shade_field = _smooth_noise(self._field.shape, 4.0, rng)
+        self._shade_field = smooth_noise(self._field.shape, 4.0, rng)
         if density == "marrow":
             self.cells = _place_cells(self, rng, mk_per_mm2=MARROW_MK_PER_MM2, hspc_per_mm2=0.0)
             self.cells += _pack_cells(self, rng, self.cells)
@@ -113,8 +94,6 @@ class SyntheticLayout:
 
     def _sample(self, field: np.ndarray, x: int, y: int, w: int, h: int, step: int) -> np.ndarray:
         """``field`` bilinearly interpolated at slide pixels ``x + j*step, y + i*step``."""
-        import cv2
-
         columns = (x + np.arange(0, w, step, dtype=np.float64)) / FIELD_STEP
         rows = (y + np.arange(0, h, step, dtype=np.float64)) / FIELD_STEP
         map_x = np.broadcast_to(columns.astype(np.float32), (rows.size, columns.size))
@@ -171,10 +150,8 @@ class SyntheticLayout:
         return np.array([c.box for c in self.cells], dtype=np.int64).reshape(-1, 4)
 
 
-def _smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
+def smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Gaussian-smoothed white noise scaled to unit standard deviation."""
-    from scipy import ndimage
-
     noise = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="reflect")
     return (noise / max(noise.std(), 1e-9)).astype(np.float32)
 
@@ -193,11 +170,11 @@ def _tissue_field(width: int, height: int, rng: np.random.Generator) -> np.ndarr
         u = (dx * np.cos(angle) + dy * np.sin(angle)) / rx
         v = (-dx * np.sin(angle) + dy * np.cos(angle)) / ry
         field += np.exp(-(u**2 + v**2))
-    field += 0.25 * _smooth_noise((rows, cols), max(2.0, side / 25), rng)
+    field += 0.25 * smooth_noise((rows, cols), max(2.0, side / 25), rng)
     return field
 
 
-def _lobed_outline(
+def lobed_outline(
     radius: float, lobes: int, amplitude: float, rng: np.random.Generator, vertices: int = 96
 ) -> tuple[np.ndarray, np.ndarray]:
     """Angles and radii of an irregular lobulated outline around the origin."""
@@ -208,18 +185,18 @@ def _lobed_outline(
     return theta, radius * r
 
 
-def _polygon_area(points: np.ndarray) -> float:
+def polygon_area(points: np.ndarray) -> float:
     x, y = points[:, 0], points[:, 1]
     return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
 
 
-def _make_mk(cx: float, cy: float, rng: np.random.Generator) -> PlantedCell:
+def make_mk(cx: float, cy: float, rng: np.random.Generator) -> PlantedCell:
     """An MK-like cell: irregular lobulated outline of 250-1900 µm², lobulated nucleus inside."""
     area_px = np.exp(rng.uniform(*np.log(MK_AREA_UM2))) / PIXEL_SIZE_UM**2
     lobes = int(rng.integers(2, 6))
-    theta, r = _lobed_outline(1.0, lobes, rng.uniform(0.08, 0.18), rng)
+    theta, r = lobed_outline(1.0, lobes, rng.uniform(0.08, 0.18), rng)
     unit = np.column_stack([r * np.cos(theta), r * np.sin(theta)])
-    scale = np.sqrt(area_px / _polygon_area(unit))
+    scale = np.sqrt(area_px / polygon_area(unit))
     outline = unit * scale + (cx, cy)
     nuclear_lobes = int(rng.integers(3, 6))
     fraction = 0.42 + 0.14 * (1 + np.cos(nuclear_lobes * theta + rng.uniform(0, 2 * np.pi))) / 2
@@ -227,7 +204,7 @@ def _make_mk(cx: float, cy: float, rng: np.random.Generator) -> PlantedCell:
     return PlantedCell("MK", outline, nucleus, float(rng.uniform(0.9, 1.1)))
 
 
-def _make_hspc(cx: float, cy: float, rng: np.random.Generator) -> PlantedCell:
+def make_hspc(cx: float, cy: float, rng: np.random.Generator) -> PlantedCell:
     """An HSPC-like cell: round, 6.3-9.7 µm across, slightly elliptical."""
     diameter_px = rng.uniform(*HSPC_DIAMETER_UM) / PIXEL_SIZE_UM
     ratio = rng.uniform(0.88, 1.0)
@@ -248,8 +225,6 @@ def _place_cells(
     hspc_per_mm2: float = HSPC_PER_MM2,
 ) -> list[PlantedCell]:
     """Cells at densities per mm² of tissue, wholly inside tissue, not touching each other."""
-    from scipy import ndimage
-
     field = layout._field
     step_mask = field > 0.5
     rows, cols = step_mask.shape
@@ -261,8 +236,8 @@ def _place_cells(
     grid: dict[tuple[int, int], list[tuple[float, float, float]]] = {}
     bucket = 512
     for cell_type, density, make, erosion in (
-        ("MK", mk_per_mm2, _make_mk, 6),
-        ("HSPC", hspc_per_mm2, _make_hspc, 2),
+        ("MK", mk_per_mm2, make_mk, 6),
+        ("HSPC", hspc_per_mm2, make_hspc, 2),
     ):
         allowed = np.argwhere(ndimage.binary_erosion(step_mask, iterations=erosion))
         wanted = round(density * tissue_mm2)
@@ -296,8 +271,6 @@ def _pack_cells(
     quarter spacing; each seed's Voronoi cell, shrunk 1.5 px towards its seed, is a cell, kept
     when it lies wholly in tissue and clear of every placed cell.
     """
-    from scipy.spatial import Voronoi, cKDTree
-
     spacing = np.sqrt(MARROW_CELL_AREA_UM2 / (np.sqrt(3) / 2)) / PIXEL_SIZE_UM
     rows = np.arange(-1, layout.height / (spacing * np.sqrt(3) / 2) + 2)
     cols = np.arange(-1, layout.width / spacing + 2)
@@ -345,12 +318,12 @@ def _inside_tissue(layout: SyntheticLayout, cell: PlantedCell) -> bool:
     x0, y0, x1, y1 = cell.box
     if x0 < 0 or y0 < 0 or x1 > layout.width or y1 > layout.height:
         return False
-    mask = _cell_mask(cell)
+    mask = cell_mask(cell)
     tissue = layout.tissue_mask(x0, y0, x1 - x0, y1 - y0)
     return not bool((mask & ~tissue).any())
 
 
-def _cell_mask(cell: PlantedCell, part: str = "outline") -> np.ndarray:
+def cell_mask(cell: PlantedCell, part: str = "outline") -> np.ndarray:
     """The cell's (or its nucleus') rasterised mask over the cell's box.
 
     Tiles paste this very mask, so a cell is drawn identically whichever tiles it spans.
@@ -406,15 +379,12 @@ def _draw_cell(image: np.ndarray, cell: PlantedCell, x: int, y: int, modality: s
         return
     region = image[top - y : bottom - y, left - x : right - x]
     for part, colour in parts:
-        mask = _cell_mask(cell, part)[top - y0 : bottom - y0, left - x0 : right - x0]
+        mask = cell_mask(cell, part)[top - y0 : bottom - y0, left - x0 : right - x0]
         region[mask] = colours[colour] * cell.shade
 
 
 def truth_table(layout: SyntheticLayout, slide_id: str):
     """The planted cells measured on their rasterised masks, as a pyarrow table."""
-    import cv2
-    import pyarrow as pa
-
     columns: dict[str, list] = {
         key: []
         for key in (
@@ -434,7 +404,7 @@ def truth_table(layout: SyntheticLayout, slide_id: str):
     }
     for cell in layout.cells:
         x0, y0, _, _ = cell.box
-        mask = _cell_mask(cell)
+        mask = cell_mask(cell)
         rows, cols = np.nonzero(mask)
         cx, cy = float(cols.mean() + x0), float(rows.mean() + y0)
         contours, _ = cv2.findContours(
@@ -481,211 +451,6 @@ def truth_labels(layout: SyntheticLayout, rect: Rect, cell_type: str) -> np.ndar
         x0, y0, x1, y1 = cell.box
         left, top = max(x0, rect.x), max(y0, rect.y)
         right, bottom = min(x1, rect.right), min(y1, rect.bottom)
-        mask = _cell_mask(cell)[top - y0 : bottom - y0, left - x0 : right - x0]
+        mask = cell_mask(cell)[top - y0 : bottom - y0, left - x0 : right - x0]
         labels[top - rect.y : bottom - rect.y, left - rect.x : right - rect.x][mask] = number
     return labels
-
-
-def truth_path_for(path: str | Path) -> Path:
-    """``OUT.czi`` -> ``OUT.truth.parquet``."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.truth.parquet")
-
-
-def write_synthetic_slide(
-    path: str | Path,
-    width: int = 4000,
-    height: int = 4000,
-    seed: int = 0,
-    modality: str = "brightfield",
-    density: str = "sparse",
-) -> Path:
-    """Write a synthetic CZI at ``path`` and its truth table; return the truth table's path."""
-    from pylibCZIrw import czi
-    from tqdm import tqdm
-
-    from bmseg.storage import atomic_path, write_parquet
-
-    path = Path(path)
-    if path.suffix.lower() != ".czi":
-        raise BmsegError(f"{path}: the synthetic slide must be named *.czi; change OUT")
-    for name, value in (("--width", width), ("--height", height)):
-        if value < 256:
-            raise BmsegError(f"{name} {value}: a synthetic slide needs at least 256 px; raise it")
-    layout = SyntheticLayout(width, height, seed, modality, density)
-    slide_id = default_slide_id(path)
-    tiles = [
-        Rect(x, y, min(MOSAIC_TILE, width - x), min(MOSAIC_TILE, height - y))
-        for y in range(0, height, MOSAIC_TILE)
-        for x in range(0, width, MOSAIC_TILE)
-    ]
-    acquired = [tile for tile in tiles if layout.acquired(tile)]
-    log.info(
-        "synth %s: %d x %d px, seed %d, %s, %d cells, %d of %d mosaic tiles acquired",
-        path,
-        width,
-        height,
-        seed,
-        modality,
-        len(layout.cells),
-        len(acquired),
-        len(tiles),
-    )
-    truth_path = truth_path_for(path)
-    with atomic_path(path) as tmp:
-        tmp.unlink(missing_ok=True)
-        with czi.create_czi(str(tmp), exist_ok=True) as writer:
-            progress = tqdm(acquired, desc="synth", unit="tile", leave=False, delay=2)
-            for tile in progress:
-                image = layout.render(tile)
-                if modality == "brightfield":
-                    writer.write(image[:, :, ::-1], location=(tile.x, tile.y))  # Bgr24
-                else:
-                    for channel in range(image.shape[2]):
-                        plane = np.ascontiguousarray(image[:, :, channel : channel + 1])
-                        writer.write(plane, location=(tile.x, tile.y), plane={"C": channel})
-            names = {0: "TL Brightfield"} if modality == "brightfield" else {}
-            if modality == "fluorescence":
-                names = dict(enumerate(FLUORESCENCE_CHANNELS))
-            writer.write_metadata(
-                document_name=slide_id,
-                channel_names=names,
-                scale_x=PIXEL_SIZE_UM * 1e-6,  # libCZI stores metres
-                scale_y=PIXEL_SIZE_UM * 1e-6,
-            )
-        contrast = "Brightfield" if modality == "brightfield" else "Fluorescence"
-        describe_channels(tmp, [{"ContrastMethod": contrast}] * len(names))
-        write_parquet(truth_table(layout, slide_id), truth_path)
-    log.info("wrote %s and %s", path, truth_path)
-    return truth_path
-
-
-def section_image(
-    height: int, width: int, seed: int, *, background: float, tissue: float, channels: int = 1
-) -> np.ndarray:
-    """A small field with a few blobs of "tissue" on an even background, uint8 (h, w[, 3]).
-
-    ``background`` and ``tissue`` are grey levels: a bright background with darker tissue is a
-    brightfield section, a dark one with brighter tissue a fluorescence (or dark-field) image.
-    With ``channels=3`` the tissue is tinted (more red than blue), as stained tissue is.
-    """
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    coarse = max(1, max(height, width) // 256)  # blobs drawn on a coarse grid, then enlarged
-    small = (max(2, -(-height // coarse)), max(2, -(-width // coarse)))
-    blobs = _smooth_noise(small, max(small) / 12, rng)
-    blobs = cv2.resize(blobs, (width, height), interpolation=cv2.INTER_LINEAR)
-    inside = blobs > np.quantile(blobs[:: max(1, coarse), :: max(1, coarse)], 0.7)  # 30 % tissue
-    image = np.where(inside, tissue, background).astype(np.float32)
-    image += rng.normal(0, 2, image.shape)
-    if channels == 3:
-        tint = np.array([1.0, 0.8, 0.9], np.float32)
-        image = np.where(inside[..., None], image[..., None] * tint, image[..., None] * [1, 1, 1])
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def blank_frame(
-    height: int, width: int, seed: int, *, level: float, gradient: float, noise: float
-) -> np.ndarray:
-    """An empty field, uint8 (h, w, 3): ``level`` grey with an illumination fall-off of
-    ``gradient`` grey levels from one corner to the opposite one (the vignetting of a
-    widefield camera, a tilted lamp) and Gaussian camera noise of ``noise`` levels."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    ramp = (xx / max(width - 1, 1) + yy / max(height - 1, 1)) / 2
-    radial = ((xx / width - 0.5) ** 2 + (yy / height - 0.5) ** 2) * 2
-    image = level - gradient * (0.7 * ramp + 0.3 * radial)
-    image = image[..., None] + rng.normal(0, noise, (height, width, 3))
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def write_frames_czi(
-    path: str | Path,
-    frames: list[tuple[int, int, np.ndarray, dict[str, int], int]],
-    pixel_size_um: float,
-) -> Path:
-    """Write a CZI of ``(x, y, array, plane, scene)`` subblocks: ``array`` (h, w) gray or
-    (h, w, 3) RGB (stored as Bgr24), at slide ``(x, y)``, plane e.g. ``{"Z": 2, "C": 0}``."""
-    from pylibCZIrw import czi
-
-    path = Path(path)
-    with czi.create_czi(str(path), exist_ok=True) as writer:
-        for x, y, array, plane, scene in frames:
-            data = array[:, :, ::-1] if array.ndim == 3 else array[:, :, None]
-            writer.write(np.ascontiguousarray(data), location=(x, y), plane=plane, scene=scene)
-        scale = pixel_size_um * 1e-6
-        writer.write_metadata(document_name=path.stem, scale_x=scale, scale_y=scale)
-    return path
-
-
-def describe_channels(path: str | Path, channels: list[dict[str, str | None]]) -> None:
-    """Edit the channel metadata of a CZI in place, as ZEN would have written it.
-
-    One dict per channel (in C order): ``Name`` (``None`` removes it), ``ContrastMethod``,
-    ``IlluminationType``, ``AcquisitionMode`` (child elements of
-    ``Information/Image/Dimensions/Channels/Channel``) and ``DisplayName``, ``ShortName``,
-    ``DyeName`` (of the channel's ``DisplaySetting/Channels/Channel``, made where given).
-    """
-    import xml.etree.ElementTree as ET
-
-    from pylibCZIrw import czi
-
-    with czi.edit_czi(str(path)) as editor:
-        root = ET.fromstring(editor.read_metadata_xml())
-        metadata = root.find("Metadata")
-        elements = root.findall("Metadata/Information/Image/Dimensions/Channels/Channel")
-        displays = None
-        for index, (element, fields) in enumerate(zip(elements, channels, strict=False)):
-            if "Name" in fields:
-                element.attrib.pop("Name", None)
-                if fields["Name"] is not None:
-                    element.set("Name", fields["Name"])
-            for tag in ("ContrastMethod", "IlluminationType", "AcquisitionMode"):
-                if fields.get(tag):
-                    ET.SubElement(element, tag).text = fields[tag]
-            shown = {k: fields[k] for k in ("DisplayName", "ShortName", "DyeName") if fields.get(k)}
-            if shown:
-                if displays is None:
-                    displays = ET.SubElement(ET.SubElement(metadata, "DisplaySetting"), "Channels")
-                display = ET.SubElement(displays, "Channel", Id=f"Channel:{index}")
-                if "DisplayName" in shown:
-                    display.set("Name", shown.pop("DisplayName"))
-                for tag, text in shown.items():
-                    ET.SubElement(display, tag).text = text
-        with editor.edit_session() as builder:
-            builder.set_xml(ET.tostring(root, encoding="unicode"))
-
-
-def _synth_command(args: argparse.Namespace) -> int:
-    write_synthetic_slide(args.out, args.width, args.height, args.seed, args.modality, args.density)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bmseg synth``."""
-    parser = subparsers.add_parser(
-        "synth",
-        help="write a synthetic CZI slide with planted MK/HSPC cells and its truth table",
-        description="Write OUT.czi (a real CZI mosaic, 0.1725 µm/px) with tissue and planted "
-        "MK- and HSPC-like cells, and OUT.truth.parquet listing the planted cells.",
-    )
-    parser.add_argument("out", metavar="OUT.czi", type=Path, help="the CZI file to write")
-    parser.add_argument("--width", type=int, default=4000, help="slide width, px (4000)")
-    parser.add_argument("--height", type=int, default=4000, help="slide height, px (4000)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    parser.add_argument(
-        "--modality",
-        choices=MODALITIES,
-        default="brightfield",
-        help="brightfield: RGB stain (TL Brightfield); fluorescence: uint16 DAPI and CD41 "
-        "channels (%(default)s)",
-    )
-    parser.add_argument(
-        "--density",
-        choices=DENSITIES,
-        default="sparse",
-        help="sparse: ~120 cells per 3000² tile; marrow: packed and touching, ~6 000 per 3000² "
-        "(sparse)",
-    )
-    parser.set_defaults(handler=_synth_command)
