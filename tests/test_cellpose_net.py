@@ -162,3 +162,24 @@ def test_segmenter_flows_stay_tensors_and_skip_cellposes_numpy_path(
     np.testing.assert_allclose(cellprob.numpy(), flows[2], rtol=1e-4, atol=1e-4)
     labels = segmenter.masks(d_p, cellprob, PIXEL_UM)  # tensors go straight into bmseg.flows
     assert labels.shape == (280, 310)
+
+
+def test_cellpose_sam_runs_in_its_own_dtype_without_autocast(cellpose_model, monkeypatch) -> None:
+    """Cellpose-SAM is loaded in bf16 on GPUs already; an autocast around it would only turn
+    its softmax back to float32. Even where the models' autocast would switch on, the
+    network sees none."""
+    import bmseg.models.device as device
+    from bmseg.models.cellpose_models import CellposeHSPCSegmenter
+    from bmseg.models.settings import HSPCSettings
+
+    monkeypatch.setattr(device, "use_bf16", lambda _: True)  # as on a bf16-capable GPU
+    seen = []
+    hook = cellpose_model.net.register_forward_pre_hook(
+        lambda module, args: seen.append(torch.is_autocast_enabled("cpu"))
+    )
+    try:
+        segmenter = CellposeHSPCSegmenter(cellpose_model, None, HSPCSettings(), torch.device("cpu"))
+        segmenter.flows(textured(6, 100, 100), PIXEL_UM)
+    finally:
+        hook.remove()
+    assert seen == [False]
