@@ -20,7 +20,7 @@ from bmseg.errors import BmsegError
 from bmseg.models.attention import DEFAULT_ATTENTION, use_sdpa_attention
 from bmseg.models.cellpose_models import CellposeHSPCSegmenter, sam_encoder_as
 from bmseg.models.device import StageTimer, resolve_device, use_bf16
-from bmseg.models.embedder import ResNetEmbedder
+from bmseg.models.embedder import ResNetEmbedder, fold_batch_norms
 from bmseg.models.layout import Manifest, check_sha256, corrupt, read_manifest, weight_path
 from bmseg.models.sam2_models import Sam2Engine, Sam2MKSegmenter
 from bmseg.models.settings import EmbedderSettings, HSPCSettings, MKSettings
@@ -201,7 +201,8 @@ def load_cellpose(path: Path, device: torch.device, *, attention: str = DEFAULT_
 
 
 def load_resnet50(path: Path, device: torch.device) -> torch.nn.Module:
-    """torchvision ResNet-50 with the weights in ``path`` and ``fc`` replaced by the identity."""
+    """torchvision ResNet-50 with the weights in ``path``, ``fc`` replaced by the identity, its
+    batch norms folded into the convolutions, in ``channels_last`` on a GPU; eval mode."""
     from torchvision.models import resnet50
 
     state = read_state_dict(path, "ResNet-50")
@@ -211,5 +212,7 @@ def load_resnet50(path: Path, device: torch.device) -> torch.nn.Module:
     except RuntimeError as error:
         raise corrupt(path, "ResNet-50", error) from error
     net.fc = torch.nn.Identity()
-    log.info("ResNet-50: %s", path.name)
-    return net.to(device).eval()
+    folded = fold_batch_norms(net.eval())
+    log.info("ResNet-50: %s (%d batch norms folded)", path.name, folded)
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return net.to(device, memory_format=layout)
