@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from bmseg.features import CropSampler
-from bmseg.models.device import StageTimer
 from bmseg.models.embedder import HSPC_CROP_SIZE, ResNetEmbedder, fold_batch_norms
+from bmseg.models.timing import StageTimer
 
 CPU = torch.device("cpu")
 

@@ -20,7 +20,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops import roi_align
 
 from bmseg.features import CropSampler
-from bmseg.models.device import StageTimer, inference
+from bmseg.models.device import inference
+from bmseg.models.timing import StageTimer
 from bmseg.models.transfer import upload
 
 HSPC_CROP_SIZE = 112

@@ -19,11 +19,12 @@ import torch
 from bmseg.errors import BmsegError
 from bmseg.models.attention import DEFAULT_ATTENTION, use_sdpa_attention
 from bmseg.models.cellpose_models import CellposeHSPCSegmenter, sam_encoder_as
-from bmseg.models.device import StageTimer, resolve_device, use_bf16
+from bmseg.models.device import resolve_device, use_bf16
 from bmseg.models.embedder import ResNetEmbedder, fold_batch_norms
 from bmseg.models.layout import Manifest, check_sha256, corrupt, read_manifest, weight_path
 from bmseg.models.sam2_models import Sam2Engine, Sam2MKSegmenter
 from bmseg.models.settings import EmbedderSettings, HSPCSettings, MKSettings
+from bmseg.models.timing import StageTimer
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from sam2.utils.amg import build_point_grid, is_box_near_crop_edge
 from torchvision.ops import batched_nms
 
 from bmseg.models.base import Detections
-from bmseg.models.device import StageTimer, inference
+from bmseg.models.device import inference
 from bmseg.models.masks import (
     LowResFilter,
     Painter,
@@ -42,6 +42,7 @@ from bmseg.models.masks import (
     window_pixels,
 )
 from bmseg.models.settings import MKSettings, area_px
+from bmseg.models.timing import StageTimer
 
 log = logging.getLogger(__name__)
 
