@@ -10,9 +10,9 @@ tensor operations where the tile already lives:
   statistics), on the same strided subsample ``normalize99(downsample=True)`` takes above
   224³ pixels;
 - :func:`network_output`: the image resized (bilinear, as cv2's ``INTER_LINEAR``) and padded as
-  ``run_net`` does, tiles cut at ``make_tiles``' corners with one gather, the network called
+  ``run_net`` does, tiles cut at ``make_tiles``' corners (slices), the network called
   directly in batches (in its own dtype: bf16 on GPUs, float32 on the CPU, no autocast), and
-  the outputs stitched with ``average_tiles``' taper by ``index_add_``.
+  the outputs stitched with ``average_tiles``' taper, added in place.
 
 The test of this module runs both on the same input and compares.
 """
@@ -43,8 +43,9 @@ def percentiles_uint8(image: torch.Tensor, quantiles: tuple[float, ...]) -> torc
     no host round trip.
     """
     channels = image.shape[-1]
-    values = image.reshape(-1, channels).long() + 256 * torch.arange(channels, device=image.device)
-    counts = torch.bincount(values.flatten(), minlength=256 * channels).view(channels, 256)
+    counts = torch.stack(
+        [torch.bincount(image[..., c].flatten(), minlength=256) for c in range(channels)]
+    )
     cumulative = counts.cumsum(dim=1)
     n = image.numel() // channels
     position = torch.tensor(quantiles, dtype=torch.float64, device=image.device) / 100 * (n - 1)
@@ -69,13 +70,12 @@ def normalise(tile: torch.Tensor) -> torch.Tensor:
     if height * width > SUBSAMPLE_ABOVE_PX:
         sample = tile[:: max(1, height // SUBSAMPLE_GRID), :: max(1, width // SUBSAMPLE_GRID)]
     low, high = percentiles_uint8(sample, NORMALISE_PERCENTILES).float().unbind(dim=1)
-    flat = tile.reshape(-1, tile.shape[-1])
-    varies = flat.amax(dim=0) > flat.amin(dim=0)
+    lowest, highest = torch.aminmax(tile.reshape(-1, tile.shape[-1]), dim=0)
     span = high - low
-    good = (varies & (span > MIN_SPAN))[:, None, None]
-    image = tile.permute(2, 0, 1).float()
-    scaled = (image - low[:, None, None]) / torch.where(good, span[:, None, None], 1.0)
-    return torch.where(good, scaled, 0.0)
+    good = (highest > lowest) & (span > MIN_SPAN)
+    scale = torch.where(good, 1.0 / torch.where(good, span, 1.0), 0.0)[:, None, None]
+    # One affine pass, x · scale − low · scale: (x − low) / span to float32 rounding.
+    return tile.permute(2, 0, 1).float().mul_(scale).sub_(low[:, None, None] * scale)
 
 
 def tile_starts(length: int, block: int, overlap: float) -> list[int]:
@@ -98,14 +98,6 @@ class Stitcher:
         taper = torch.from_numpy(_taper_mask(ly=block, lx=block))
         self.taper = taper.to(device=device, dtype=torch.float32)
 
-    def pixels(self, corners: torch.Tensor, width: int) -> torch.Tensor:
-        """Flat indices (N, block, block) into a ``width``-wide image of the blocks whose
-        top-left corners (N, 2: y, x) are given."""
-        span = torch.arange(self.block, device=corners.device)
-        rows = corners[:, 0, None] + span  # (N, block)
-        cols = corners[:, 1, None] + span
-        return rows[:, :, None] * width + cols[:, None, :]
-
 
 def network_output(
     net: torch.nn.Module,
@@ -121,8 +113,9 @@ def network_output(
     (dy, dx) and cell probability logits, on the image's device.
 
     The image is resized by ``rescale`` (if given), padded as ``run_net`` pads it, cut into
-    ``block``² tiles at ``make_tiles``' corners, the network runs ``batch_size`` tiles at a
-    time, and the outputs are stitched with the taper and brought back to (H, W).
+    ``block``² tiles at ``make_tiles``' corners (views, stacked per batch), the network runs
+    ``batch_size`` tiles at a time, and the tapered outputs are added back in place, divided
+    by the summed taper and brought back to (H, W).
     """
     _, height, width = image.shape
     if rescale is not None:
@@ -131,30 +124,25 @@ def network_output(
     rows, cols = image.shape[-2:]
     top, bottom, left, right = get_pad_yx(rows, cols, min_size=(block, block))
     padded = F.pad(image, (left, right, top, bottom))
-    channels, padded_rows, padded_cols = padded.shape
-    stitcher = stitcher or Stitcher(block, image.device)
-    corners = torch.tensor(
-        [
-            (y, x)
-            for y in tile_starts(padded_rows, block, overlap)
-            for x in tile_starts(padded_cols, block, overlap)
-        ],
-        device=image.device,
-    )
-    flat_image = padded.reshape(channels, -1)
+    _, padded_rows, padded_cols = padded.shape
+    taper = (stitcher or Stitcher(block, image.device)).taper
+    corners = [
+        (y, x)
+        for y in tile_starts(padded_rows, block, overlap)
+        for x in tile_starts(padded_cols, block, overlap)
+    ]
     summed: torch.Tensor | None = None
-    weight = torch.zeros(padded_rows * padded_cols, device=image.device)
+    weight = torch.zeros((padded_rows, padded_cols), device=image.device)
     for start in range(0, len(corners), batch_size):
-        pixels = stitcher.pixels(corners[start : start + batch_size], padded_cols)
-        tiles = flat_image[:, pixels].transpose(0, 1)  # (N, C, block, block)
-        out = net(tiles.to(net.dtype))[0].float() * stitcher.taper
+        chunk = corners[start : start + batch_size]
+        tiles = torch.stack([padded[:, y : y + block, x : x + block] for y, x in chunk])
+        out = net(tiles.to(net.dtype))[0].float() * taper
         if summed is None:
-            summed = torch.zeros(out.shape[1], padded_rows * padded_cols, device=image.device)
-        flat_pixels = pixels.flatten()
-        summed.index_add_(1, flat_pixels, out.transpose(0, 1).reshape(out.shape[1], -1))
-        weight.index_add_(0, flat_pixels, stitcher.taper.expand(len(pixels), -1, -1).flatten())
-    stitched = (summed / weight).view(-1, padded_rows, padded_cols)
-    stitched = stitched[:, top : padded_rows - bottom, left : padded_cols - right]
+            summed = torch.zeros((out.shape[1], padded_rows, padded_cols), device=image.device)
+        for (y, x), tile_out in zip(chunk, out, strict=True):
+            summed[:, y : y + block, x : x + block] += tile_out
+            weight[y : y + block, x : x + block] += taper
+    stitched = (summed / weight)[:, top : padded_rows - bottom, left : padded_cols - right]
     if rescale is not None:
         stitched = F.interpolate(
             stitched[None], size=(height, width), mode="bilinear", align_corners=False
