@@ -183,3 +183,26 @@ def test_cellpose_sam_runs_in_its_own_dtype_without_autocast(cellpose_model, mon
     finally:
         hook.remove()
     assert seen == [False]
+
+
+def test_bf16_network_as_loaded_on_gpus_matches_run_net(test_models_dir: Path) -> None:
+    """With Cellpose-SAM's weights in bf16 (as ``use_bfloat16`` loads it on GPUs) the blocks go
+    in as bf16 and come out as float32 exactly as Cellpose's ``_forward`` does (here on the
+    CPU, which runs bf16 too)."""
+    from bmseg.models.layout import read_manifest
+    from bmseg.models.loading import load_cellpose
+
+    manifest = read_manifest(test_models_dir)
+    model = load_cellpose(test_models_dir / manifest.cellpose_checkpoint, torch.device("cpu"))
+    model.net.dtype = torch.bfloat16
+    tile = textured(7, 300, 280)
+    image = stock_normalised(tile)
+    stock, _ = core.run_net(
+        model.net, image.transpose(1, 2, 0)[np.newaxis].copy(), batch_size=8, bsize=256
+    )
+    with torch.no_grad():
+        ours = network_output(
+            model.net, torch.from_numpy(image), block=256, overlap=0.1, batch_size=8
+        )
+    assert next(model.net.parameters()).dtype == torch.bfloat16
+    np.testing.assert_allclose(ours.numpy(), stock[0].transpose(2, 0, 1), rtol=1e-3, atol=1e-3)
