@@ -132,3 +132,29 @@ def test_segment_loads_cellpose_sam_with_fused_attention(test_models_dir) -> Non
     model = load_cellpose(test_models_dir / manifest.cellpose_checkpoint, torch.device("cpu"))
     blocks = [m for m in model.net.modules() if isinstance(m, Attention)]
     assert blocks and all(isinstance(m, SdpaAttention) for m in blocks)
+
+
+def test_attention_kind_is_selectable_at_load(test_models_dir) -> None:
+    from bmseg.models.layout import read_manifest
+    from bmseg.models.loading import load_cellpose
+
+    manifest = read_manifest(test_models_dir)
+    path = test_models_dir / manifest.cellpose_checkpoint
+    model = load_cellpose(path, torch.device("cpu"), attention="stock")
+    blocks = [m for m in model.net.modules() if isinstance(m, Attention)]
+    assert blocks and all(type(m) is Attention for m in blocks)
+
+
+def test_compile_only_on_a_gpu(monkeypatch) -> None:
+    """torch.compile is a setting that stays off on the CPU; on a GPU the module compiles in
+    place, keeping its state dict keys (no ``_orig_mod.`` prefix for checkpoints)."""
+    from bmseg.models.loading import compile_on_gpu
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(self))
+    network = torch.nn.Linear(3, 3)
+    keys = set(network.state_dict())
+    assert not compile_on_gpu(network, torch.device("cpu"))
+    assert compiled == []
+    assert compile_on_gpu(network, torch.device("cuda"))
+    assert compiled == [network] and set(network.state_dict()) == keys

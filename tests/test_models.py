@@ -21,7 +21,6 @@ from bmseg.models import (
     resolve_device,
 )
 from bmseg.models.cellpose_models import choose_refined, fine_enough
-from bmseg.models.device import StageTimer
 from bmseg.models.masks import (
     LowResFilter,
     Painter,
@@ -49,6 +48,7 @@ from bmseg.models.sam2_models import (
     window_overlap_px,
     window_points,
 )
+from bmseg.models.timing import StageTimer
 
 PIXEL_UM = 0.5  # 4 px per µm²: areas stay small on small test tiles
 

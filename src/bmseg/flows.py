@@ -85,7 +85,7 @@ def compute_masks(
     height, width = cellprob.shape
     torch_device = _torch_device(device)
     with torch.inference_mode():
-        prob = torch.as_tensor(np.ascontiguousarray(cellprob), device=torch_device)
+        prob = _tensor(cellprob, torch_device)
         # One pixel of background around the image: steps never leave the array, and a step
         # out of the image ends on background, so the pixel stays (Cellpose clamps there).
         foreground = torch.zeros((height + 2, width + 2), dtype=torch.bool, device=torch_device)
@@ -94,7 +94,7 @@ def compute_masks(
         if not bool(foreground.any()):
             log.debug("no pixel above cellprob_threshold %s", cellprob_threshold)
             return np.zeros((height, width), np.int32)
-        flows = torch.as_tensor(np.ascontiguousarray(dP), device=torch_device).to(torch.float32)
+        flows = _tensor(dP, torch_device).to(torch.float32)
         flows = torch.nan_to_num(flows, nan=0.0, posinf=0.0, neginf=0.0)
         ends = _follow(_neighbour_pointers(flows, foreground, niter), niter)
         labels = _cluster_ends(ends, foreground).reshape(height + 2, width + 2)
@@ -144,8 +144,8 @@ def cellpose_compute_masks(
     """
     _check_inputs(dP, cellprob, niter)
     masks = dynamics.compute_masks(
-        np.asarray(dP, np.float32),
-        np.asarray(cellprob, np.float32),
+        _tensor(dP, "cpu").numpy().astype(np.float32, copy=False),
+        _tensor(cellprob, "cpu").numpy().astype(np.float32, copy=False),
         niter=niter,
         cellprob_threshold=cellprob_threshold,
         flow_threshold=flow_threshold,
@@ -169,6 +169,16 @@ def _check_inputs(dP: np.ndarray, cellprob: np.ndarray, niter: int) -> None:
         )
     if niter < 1:
         raise ValueError(f"niter must be >= 1, got {niter}")
+
+
+def _tensor(values: np.ndarray | torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """``values`` (an array, or a tensor on any device: the network output stays where it
+    was computed) as a tensor on ``device``."""
+    import torch
+
+    if isinstance(values, torch.Tensor):
+        return values.to(device)
+    return torch.as_tensor(np.ascontiguousarray(values), device=device)
 
 
 def _neighbour_pointers(flows: torch.Tensor, foreground: torch.Tensor, niter: int) -> torch.Tensor:

@@ -21,10 +21,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from cellpose import core, transforms
 
 from bmseg.models.base import Detections
-from bmseg.models.device import inference
+from bmseg.models.cellpose_net import Stitcher, network_output, normalise
 from bmseg.models.masks import (
     Painter,
     crop_labels,
@@ -43,6 +42,7 @@ from bmseg.models.sam2_models import (
     window_side,
 )
 from bmseg.models.settings import HSPCSettings, area_px
+from bmseg.models.transfer import upload
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class CellposeHSPCSegmenter:
         self.engine = engine
         self.settings = settings
         self.device = device
+        self.stitcher: Stitcher | None = None
 
     def windows(self, tile_hw: tuple[int, int], pixel_size_um: float) -> list[Window]:
         """The SAM2 windows refinement encodes for a tile of this size."""
@@ -155,23 +156,31 @@ class CellposeHSPCSegmenter:
             return None
         return CELLPOSE_DIAMETER_PX * pixel_size_um / self.settings.diameter_um
 
-    def flows(self, tile: np.ndarray, pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:
-        """Cellpose-SAM's flows (2, H, W) and cell probability logits (H, W) for one tile."""
-        image = transforms.normalize_img(tile[np.newaxis].astype(np.float32), normalize=True)
-        rescale = self.rescale(pixel_size_um)
-        with inference(self.device):
-            net_out, _ = core.run_net(
-                self.cellpose.net,
+    def flows(self, tile: np.ndarray, pixel_size_um: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cellpose-SAM's flows (2, H, W) and cell probability logits (H, W) for one (H, W, 3)
+        uint8 tile, as float32 tensors on the device (:mod:`bmseg.models.cellpose_net`: the
+        output of ``CellposeModel.eval(compute_masks=False)``, without its numpy path).
+
+        The network runs in the dtype it was loaded in (bf16 on capable GPUs), no autocast."""
+        net = self.cellpose.net
+        net.eval()
+        with torch.no_grad():
+            image = normalise(upload(tile, self.device))
+            out = network_output(
+                net,
                 image,
+                block=CELLPOSE_BLOCK,
+                overlap=self.settings.tile_overlap,
                 batch_size=self.settings.cellpose_batch_size,
-                tile_overlap=self.settings.tile_overlap,
-                bsize=CELLPOSE_BLOCK,
-                rsz=rescale,
+                rescale=self.rescale(pixel_size_um),
+                stitcher=self._stitcher(),
             )
-        net_out = net_out[0]
-        if rescale is not None:
-            net_out = transforms.resize_image(net_out, tile.shape[0], tile.shape[1])
-        return net_out[..., :2].transpose(2, 0, 1), net_out[..., 2]
+        return out[:2], out[2]
+
+    def _stitcher(self) -> Stitcher:
+        if self.stitcher is None:
+            self.stitcher = Stitcher(CELLPOSE_BLOCK, self.device)
+        return self.stitcher
 
     def niter(self, pixel_size_um: float) -> int:
         """Flow iterations: the setting, or Cellpose's ``int(200 / rescale)`` (200 unscaled)."""
@@ -180,8 +189,14 @@ class CellposeHSPCSegmenter:
         rescale = self.rescale(pixel_size_um)
         return 200 if rescale is None else int(200 / rescale)
 
-    def masks(self, d_p: np.ndarray, cellprob: np.ndarray, pixel_size_um: float) -> np.ndarray:
-        """Label image from flows, through :func:`bmseg.flows.flows_to_masks`."""
+    def masks(
+        self,
+        d_p: torch.Tensor | np.ndarray,
+        cellprob: torch.Tensor | np.ndarray,
+        pixel_size_um: float,
+    ) -> np.ndarray:
+        """Label image from flows (tensors on the device, or arrays), through
+        :func:`bmseg.flows.flows_to_masks`."""
         from bmseg.flows import flows_to_masks
 
         s = self.settings
@@ -198,7 +213,7 @@ class CellposeHSPCSegmenter:
     def refine(
         self,
         labels: np.ndarray,
-        cellprob: np.ndarray,
+        cellprob: torch.Tensor | np.ndarray,
         features: list[WindowFeatures] | None,
         pixel_size_um: float,
     ) -> Detections:
@@ -212,7 +227,7 @@ class CellposeHSPCSegmenter:
         count = int(labels_t.max())
         flat = labels_t.flatten()
         area = torch.bincount(flat, minlength=count + 1)[1:]
-        prob = torch.sigmoid(torch.from_numpy(cellprob).to(self.device).flatten().float())
+        prob = torch.sigmoid(torch.as_tensor(cellprob, device=self.device).flatten().float())
         scores = torch.bincount(flat, weights=prob, minlength=count + 1)[1:] / area.clamp(min=1)
         keep = torch.nonzero((area > 0) & (area >= min_px) & (area <= max_px)).flatten()
         log.debug("HSPC: %d Cellpose cells, %d within the area range", count, len(keep))

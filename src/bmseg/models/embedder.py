@@ -1,11 +1,31 @@
-"""ResNet-50 embeddings of cell crops: 2048-d pooled features, batched on the device."""
+"""ResNet-50 embeddings of cell crops: 2048-d pooled features, batched on the device.
+
+Two ways in: :meth:`ResNetEmbedder.embed` takes crops already cut on the host;
+:meth:`ResNetEmbedder.embed_squares` takes the tile and the cells' squares and, on a GPU, cuts
+the crops there (``torchvision.ops.roi_align``, as :class:`bmseg.features.CropSampler` does on
+a GPU) and feeds them to the network without a host round trip, in ``channels_last``. On the
+CPU roi_align's kernel is slow (docs/benchmarks.md), so there the crops are cut by the
+CropSampler's OpenCV path as before. ResNet-50's global pooling makes the embedding 2048-d at
+any crop size, so HSPCs (~70 px across) can be embedded at :data:`HSPC_CROP_SIZE` instead of 224.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
+import torchvision
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.ops import roi_align
 
-from bmseg.models.device import StageTimer, inference
+from bmseg.features import CropSampler
+from bmseg.models.device import inference
+from bmseg.models.timing import StageTimer
+from bmseg.models.transfer import upload
+
+HSPC_CROP_SIZE = 112
+"""The smaller crop side offered for HSPC crops (a quarter of the pixels of 224², same 2048-d)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,14 +58,81 @@ class ResNetEmbedder:
         if crops.ndim != 4 or crops.shape[1:] != expected or crops.dtype != np.uint8:
             raise ValueError(f"crops must be (N, *{expected}) uint8: {crops.shape} {crops.dtype}")
         with self.timer("embed"):
-            return self._embed(crops)
+            return self._embed_batches(len(crops), lambda part: crops[part])
 
-    def _embed(self, crops: np.ndarray) -> np.ndarray:
-        out = np.empty((len(crops), self.dim), dtype=np.float32)
-        for start in range(0, len(crops), self.batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(crops[start : start + self.batch_size]))
-            images = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
-            with inference(self.device):
-                features = self.net((images - self.mean) / self.std)
-            out[start : start + len(batch)] = features.float().cpu().numpy()
+    def embed_squares(
+        self, rgb: np.ndarray | torch.Tensor, squares: np.ndarray, size: int | None = None
+    ) -> np.ndarray:
+        """Embed the (N, 3) ``x, y, side`` squares of an (H, W, 3) uint8 tile, resampled to
+        ``size`` (the embedder's ``crop_size`` by default): (N, 2048) float32. On a GPU the
+        tile is uploaded once (or taken as the device tensor given) and the crops never leave
+        it; on the CPU they are cut on the host, as for :meth:`embed`."""
+        size = size or self.crop_size
+        with self.timer("embed"):
+            if self.device.type == "cuda":
+                return self._embed_on_device(rgb, squares, size)
+            host = rgb.cpu().numpy() if isinstance(rgb, torch.Tensor) else rgb
+            sampler = CropSampler(host, device="cpu")
+            return self._embed_batches(
+                len(squares), lambda part: sampler.sample(squares[part], size)
+            )
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        """The network on (N, 3, S, S) float crops with values 0–255, ImageNet-normalised, on a
+        GPU in ``channels_last`` (the layout cuDNN's convolutions run fastest in)."""
+        images = (crops / 255.0 - self.mean) / self.std
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with inference(self.device):
+            return self.net(images).float()
+
+    def _embed_on_device(
+        self, rgb: np.ndarray | torch.Tensor, squares: np.ndarray, size: int
+    ) -> np.ndarray:
+        """Crops by roi_align on the embedder's device, straight into the network."""
+        tile = rgb.to(self.device) if isinstance(rgb, torch.Tensor) else upload(rgb, self.device)
+        planes = tile.permute(2, 0, 1)[None].float()
+        boxes = torch.as_tensor(np.asarray(squares), device=self.device)
+        out = torch.empty((len(boxes), self.dim), device=self.device)
+        with torch.no_grad():
+            for start in range(0, len(boxes), self.batch_size):
+                crops = roi_crops(planes, boxes[start : start + self.batch_size], size)
+                out[start : start + len(crops)] = self.forward(crops)
+        return out.cpu().numpy()
+
+    def _embed_batches(self, count: int, crops_of: Callable[[slice], np.ndarray]) -> np.ndarray:
+        """(count, 2048) embeddings of the host (n, S, S, 3) uint8 crops ``crops_of(part)``
+        returns for each ``batch_size`` slice (so at most one batch of crops exists at once)."""
+        out = np.empty((count, self.dim), dtype=np.float32)
+        for start in range(0, count, self.batch_size):
+            part = slice(start, min(start + self.batch_size, count))
+            batch = torch.from_numpy(np.ascontiguousarray(crops_of(part)))
+            crops = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+            out[part] = self.forward(crops).cpu().numpy()
         return out
+
+
+def roi_crops(planes: torch.Tensor, squares: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, size, size) crops of the (N, 3) ``x, y, side`` squares of a (1, 3, H, W) float
+    tile by ``roi_align`` (adaptive sampling: each output pixel averages the source pixels
+    under it; black outside the tile), rounded to the uint8 values the host path would hold."""
+    boxes = squares.to(planes.dtype)
+    rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1)
+    crops = roi_align(planes, rois, output_size=size, sampling_ratio=-1, aligned=True)
+    return crops.round().clamp(0, 255)
+
+
+def fold_batch_norms(net: torch.nn.Module) -> int:
+    """Fold every eval-mode BatchNorm of a torchvision ResNet into the convolution before it
+    (the same affine map, one kernel less per convolution); returns how many were folded."""
+    pairs = [(net, "conv1", "bn1")]
+    for block in net.modules():
+        if isinstance(block, torchvision.models.resnet.Bottleneck):
+            pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+            if block.downsample is not None:
+                pairs.append((block.downsample, "0", "1"))
+    for owner, conv, norm in pairs:
+        fused = fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, norm))
+        setattr(owner, conv, fused)
+        setattr(owner, norm, torch.nn.Identity())
+    return len(pairs)

@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 
 from bmseg.errors import BmsegError
+from bmseg.models.attention import DEFAULT_ATTENTION, use_sdpa_attention
 from bmseg.models.cellpose_models import CellposeHSPCSegmenter, sam_encoder_as
-from bmseg.models.device import StageTimer, resolve_device, use_bf16
-from bmseg.models.embedder import ResNetEmbedder
+from bmseg.models.device import resolve_device, use_bf16
+from bmseg.models.embedder import ResNetEmbedder, fold_batch_norms
 from bmseg.models.layout import Manifest, check_sha256, corrupt, read_manifest, weight_path
 from bmseg.models.sam2_models import Sam2Engine, Sam2MKSegmenter
 from bmseg.models.settings import EmbedderSettings, HSPCSettings, MKSettings
+from bmseg.models.timing import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +60,15 @@ def load_models(
     mk_settings: MKSettings | None = None,
     hspc_settings: HSPCSettings | None = None,
     embedder_settings: EmbedderSettings | None = None,
+    attention: str = DEFAULT_ATTENTION,
+    compile_networks: bool = False,
 ) -> ModelSet:
     """Load SAM2, Cellpose-SAM and ResNet-50 from ``models_dir`` onto ``device``.
 
     Every weight file is checked before the first heavy load, so a missing file fails fast
-    with a one-line error naming it and ``bmseg models fetch``.
+    with a one-line error naming it and ``bmseg models fetch``. ``attention`` picks Cellpose-SAM's
+    attention (:data:`bmseg.models.attention.ATTENTION_KINDS`); ``compile_networks`` compiles
+    the three networks with ``torch.compile`` on a GPU (:func:`compile_on_gpu`).
     """
     models_dir = Path(models_dir)
     manifest = read_manifest(models_dir)
@@ -76,8 +82,11 @@ def load_models(
     sam2 = load_sam2(paths["sam2"], manifest.sam2_config, torch_device, manifest.sam2_image_size)
     timer = StageTimer(torch_device)
     engine = Sam2Engine(sam2, torch_device, timer)
-    cellpose_model = load_cellpose(paths["cellpose"], torch_device)
+    cellpose_model = load_cellpose(paths["cellpose"], torch_device, attention=attention)
     resnet = load_resnet50(paths["resnet50"], torch_device)
+    if compile_networks:
+        for network in (sam2.image_encoder, cellpose_model.net, resnet):
+            compile_on_gpu(network, torch_device)
     check_sha256(manifest, paths)  # after the loads: a file that does not load says so first
     log.info("loaded models from %s onto %s", models_dir, torch_device)
     return ModelSet(
@@ -156,8 +165,20 @@ def cellpose_encoder_dims(state: Mapping[str, torch.Tensor]) -> dict:
     return {"width": width, "depth": depth, "heads": heads, "global_blocks": global_blocks}
 
 
-def load_cellpose(path: Path, device: torch.device):
-    """Cellpose-SAM through ``CellposeModel(pretrained_model=path)``, bf16 on capable GPUs."""
+def compile_on_gpu(network: torch.nn.Module, device: torch.device) -> bool:
+    """Compile ``network`` in place (``nn.Module.compile``: same module, same state dict) when
+    ``device`` is a GPU; on the CPU compiling costs minutes for little, so it stays eager there.
+    Returns whether it was compiled."""
+    if device.type != "cuda":
+        log.warning("torch.compile is off on the CPU: %s runs eager", type(network).__name__)
+        return False
+    network.compile()
+    return True
+
+
+def load_cellpose(path: Path, device: torch.device, *, attention: str = DEFAULT_ATTENTION):
+    """Cellpose-SAM through ``CellposeModel(pretrained_model=path)``, bf16 on capable GPUs, its
+    attention switched to ``attention`` (fused ``"sdpa"`` by default, or ``"stock"``)."""
     from cellpose.models import CellposeModel
 
     state = read_state_dict(path, "Cellpose-SAM")
@@ -175,15 +196,14 @@ def load_cellpose(path: Path, device: torch.device):
     missing = set(model.net.state_dict()) - set(state)
     if missing:
         raise corrupt(path, "Cellpose-SAM", KeyError(f"missing {sorted(missing)[:3]}"))
-    from bmseg.models.attention import use_sdpa_attention
-
-    fused = use_sdpa_attention(model)
-    log.info("Cellpose-SAM: %s (%d attention blocks fused)", path.name, fused)
+    switched = use_sdpa_attention(model, attention)
+    log.info("Cellpose-SAM: %s (%d attention blocks %s)", path.name, switched, attention)
     return model
 
 
 def load_resnet50(path: Path, device: torch.device) -> torch.nn.Module:
-    """torchvision ResNet-50 with the weights in ``path`` and ``fc`` replaced by the identity."""
+    """torchvision ResNet-50 with the weights in ``path``, ``fc`` replaced by the identity, its
+    batch norms folded into the convolutions, in ``channels_last`` on a GPU; eval mode."""
     from torchvision.models import resnet50
 
     state = read_state_dict(path, "ResNet-50")
@@ -193,5 +213,7 @@ def load_resnet50(path: Path, device: torch.device) -> torch.nn.Module:
     except RuntimeError as error:
         raise corrupt(path, "ResNet-50", error) from error
     net.fc = torch.nn.Identity()
-    log.info("ResNet-50: %s", path.name)
-    return net.to(device).eval()
+    folded = fold_batch_norms(net.eval())
+    log.info("ResNet-50: %s (%d batch norms folded)", path.name, folded)
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return net.to(device, memory_format=layout)

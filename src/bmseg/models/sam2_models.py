@@ -28,7 +28,7 @@ from sam2.utils.amg import build_point_grid, is_box_near_crop_edge
 from torchvision.ops import batched_nms
 
 from bmseg.models.base import Detections
-from bmseg.models.device import StageTimer, inference
+from bmseg.models.device import inference
 from bmseg.models.masks import (
     LowResFilter,
     Painter,
@@ -42,6 +42,8 @@ from bmseg.models.masks import (
     window_pixels,
 )
 from bmseg.models.settings import MKSettings, area_px
+from bmseg.models.timing import StageTimer
+from bmseg.models.transfer import upload
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +167,7 @@ class Sam2Engine:
     def window_input(self, tile: np.ndarray, window: Window) -> torch.Tensor:
         """(1, 3, S, S) float model input of one window: cut, padded, resized, normalised."""
         crop = tile[window.y : window.y + window.height, window.x : window.x + window.width]
-        square = torch.from_numpy(np.ascontiguousarray(crop)).to(self.device, non_blocking=True)
+        square = upload(crop, self.device)  # through a pinned buffer on CUDA
         if crop.shape[:2] != (window.side, window.side):
             padded = square.new_tensor(PAD_RGB).expand(window.side, window.side, 3).clone()
             padded[: window.height, : window.width] = square

@@ -1,0 +1,150 @@
+"""Cellpose-SAM's network output computed on the device, tensors in and tensors out.
+
+Cellpose's own path (``transforms.normalize_img`` → ``core.run_net`` → ``average_tiles``)
+builds every tile, every network output and the stitched image in numpy on the thread that
+drives the device, copying each batch to the device and back. Here the same function runs as
+tensor operations where the tile already lives:
+
+- :func:`normalise`: each channel to its 1st–99th percentile, the percentiles read from a
+  256-bin histogram of the uint8 tile (exact: numpy's linear interpolation between order
+  statistics), on the same strided subsample ``normalize99(downsample=True)`` takes above
+  224³ pixels;
+- :func:`network_output`: the image resized (bilinear, as cv2's ``INTER_LINEAR``) and padded as
+  ``run_net`` does, tiles cut at ``make_tiles``' corners (slices), the network called
+  directly in batches (in its own dtype: bf16 on GPUs, float32 on the CPU, no autocast), and
+  the outputs stitched with ``average_tiles``' taper, added in place.
+
+The test of this module runs both on the same input and compares.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from cellpose.transforms import _taper_mask, get_pad_yx
+
+NORMALISE_PERCENTILES = (1.0, 99.0)
+"""Cellpose's default normalisation range."""
+SUBSAMPLE_ABOVE_PX = 224**3
+"""``normalize99(downsample=True)`` reads percentiles from a strided subsample above this size."""
+SUBSAMPLE_GRID = 224
+"""... taking every ``side // 224``-th row and column."""
+MIN_SPAN = 1e-3
+"""A channel whose percentile range is at most this becomes 0 (Cellpose's rule)."""
+
+
+def percentiles_uint8(image: torch.Tensor, quantiles: tuple[float, ...]) -> torch.Tensor:
+    """Per channel of an (H, W, C) uint8 image, its ``quantiles`` (percent) as numpy's default
+    (linear) ``np.percentile`` gives them: a (C, len(quantiles)) float64 tensor.
+
+    The order statistics come from each channel's 256-bin histogram: one pass, no sort, and
+    no host round trip.
+    """
+    channels = image.shape[-1]
+    counts = torch.stack(
+        [torch.bincount(image[..., c].flatten(), minlength=256) for c in range(channels)]
+    )
+    cumulative = counts.cumsum(dim=1)
+    n = image.numel() // channels
+    position = torch.tensor(quantiles, dtype=torch.float64, device=image.device) / 100 * (n - 1)
+    below = position.floor()
+    ranks = torch.stack([below, (below + 1).clamp(max=n - 1)]).long()  # (2, Q)
+    # The value of order statistic r is the first grey level whose cumulative count exceeds r.
+    order = torch.searchsorted(
+        cumulative, ranks.T.reshape(1, -1).expand(channels, -1).contiguous(), right=True
+    )
+    order = order.view(channels, len(quantiles), 2).double()
+    return order[..., 0] + (position - below) * (order[..., 1] - order[..., 0])
+
+
+def normalise(tile: torch.Tensor) -> torch.Tensor:
+    """An (H, W, C) uint8 tile as Cellpose's ``normalize_img(tile[None], normalize=True)``
+    makes it, channels first: (C, H, W) float32, 0 at each channel's 1st percentile and 1 at its
+    99th; a flat channel (or one whose range is ≤ 1e-3) is all 0."""
+    if tile.dtype != torch.uint8 or tile.ndim != 3:
+        raise ValueError(f"tile must be (H, W, C) uint8: {tuple(tile.shape)} {tile.dtype}")
+    height, width, _ = tile.shape
+    sample = tile
+    if height * width > SUBSAMPLE_ABOVE_PX:
+        sample = tile[:: max(1, height // SUBSAMPLE_GRID), :: max(1, width // SUBSAMPLE_GRID)]
+    low, high = percentiles_uint8(sample, NORMALISE_PERCENTILES).float().unbind(dim=1)
+    lowest, highest = torch.aminmax(tile.reshape(-1, tile.shape[-1]), dim=0)
+    span = high - low
+    good = (highest > lowest) & (span > MIN_SPAN)
+    scale = torch.where(good, 1.0 / torch.where(good, span, 1.0), 0.0)[:, None, None]
+    # One affine pass, x · scale − low · scale: (x − low) / span to float32 rounding.
+    return tile.permute(2, 0, 1).float().mul_(scale).sub_(low[:, None, None] * scale)
+
+
+def tile_starts(length: int, block: int, overlap: float) -> list[int]:
+    """Where ``make_tiles`` starts its blocks along an axis of ``length`` ≥ ``block`` pixels:
+    ``ceil((1 + 2·overlap)·length / block)`` evenly spaced starts (``np.linspace`` truncated),
+    ``overlap`` clamped to [0.05, 0.5] as Cellpose clamps it."""
+    overlap = min(0.5, max(0.05, overlap))
+    count = 1 if length <= block else math.ceil((1.0 + 2 * overlap) * length / block)
+    if count == 1:
+        return [0]
+    step = (length - block) / (count - 1)
+    return [int(i * step) for i in range(count - 1)] + [length - block]
+
+
+class Stitcher:
+    """The taper ``average_tiles`` weights each block's output with, kept on the device."""
+
+    def __init__(self, block: int, device: torch.device) -> None:
+        self.block = block
+        taper = torch.from_numpy(_taper_mask(ly=block, lx=block))
+        self.taper = taper.to(device=device, dtype=torch.float32)
+
+
+def network_output(
+    net: torch.nn.Module,
+    image: torch.Tensor,
+    *,
+    block: int,
+    overlap: float,
+    batch_size: int,
+    rescale: float | None = None,
+    stitcher: Stitcher | None = None,
+) -> torch.Tensor:
+    """``run_net``'s output for one normalised (C, H, W) float32 image: (3, H, W) float32 flows
+    (dy, dx) and cell probability logits, on the image's device.
+
+    The image is resized by ``rescale`` (if given), padded as ``run_net`` pads it, cut into
+    ``block``² tiles at ``make_tiles``' corners (views, stacked per batch), the network runs
+    ``batch_size`` tiles at a time, and the tapered outputs are added back in place, divided
+    by the summed taper and brought back to (H, W).
+    """
+    _, height, width = image.shape
+    if rescale is not None:
+        size = (int(height * rescale), int(width * rescale))
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    rows, cols = image.shape[-2:]
+    top, bottom, left, right = get_pad_yx(rows, cols, min_size=(block, block))
+    padded = F.pad(image, (left, right, top, bottom))
+    _, padded_rows, padded_cols = padded.shape
+    taper = (stitcher or Stitcher(block, image.device)).taper
+    corners = [
+        (y, x)
+        for y in tile_starts(padded_rows, block, overlap)
+        for x in tile_starts(padded_cols, block, overlap)
+    ]
+    summed: torch.Tensor | None = None
+    weight = torch.zeros((padded_rows, padded_cols), device=image.device)
+    for start in range(0, len(corners), batch_size):
+        chunk = corners[start : start + batch_size]
+        tiles = torch.stack([padded[:, y : y + block, x : x + block] for y, x in chunk])
+        out = net(tiles.to(net.dtype))[0].float() * taper
+        if summed is None:
+            summed = torch.zeros((out.shape[1], padded_rows, padded_cols), device=image.device)
+        for (y, x), tile_out in zip(chunk, out, strict=True):
+            summed[:, y : y + block, x : x + block] += tile_out
+            weight[y : y + block, x : x + block] += taper
+    stitched = (summed / weight)[:, top : padded_rows - bottom, left : padded_cols - right]
+    if rescale is not None:
+        stitched = F.interpolate(
+            stitched[None], size=(height, width), mode="bilinear", align_corners=False
+        )[0]
+    return stitched
