@@ -11,11 +11,20 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pyarrow as pa
 
-from bmseg.contract import EMBEDDING_DIM
+from bmseg.contract import (
+    EMBEDDING_COLUMN,
+    EMBEDDING_DIM,
+    INTENSITY_PERCENTILES,
+    cells_schema,
+    channel_column_name,
+    intensity_column_parts,
+    intensity_columns,
+)
 from bmseg.storage import (
     embedding_array,
     parquet_writer,
@@ -25,7 +34,6 @@ from bmseg.storage import (
 )
 
 CHANNELS = ("R", "G", "B")
-SHAPE_COLUMNS = ("perimeter_um", "eccentricity", "solidity", "major_axis_um", "minor_axis_um")
 
 
 def cells_table(
@@ -91,15 +99,13 @@ def cells_table(
         "area_px": pa.array(area_px),
         "area_um2": pa.array(area_px * pixel_size_um**2),
         "perimeter_um": pa.array(2 * np.pi * radius * pixel_size_um),
+        "equivalent_diameter_um": pa.array(2 * radius * pixel_size_um),
         "eccentricity": pa.array(rng.uniform(0.0, 0.6, n)),
         "solidity": pa.array(rng.uniform(0.85, 1.0, n)),
         "major_axis_um": pa.array(2 * radius * pixel_size_um * rng.uniform(1.0, 1.2, n)),
         "minor_axis_um": pa.array(2 * radius * pixel_size_um * rng.uniform(0.8, 1.0, n)),
     }
-    intensity_names = (f"intensity_{stat}_{c}" for stat in ("mean", "std") for c in channels)
-    for name in intensity_names:
-        base = rng.normal(120.0 if "mean" in name else 20.0, 10.0, n) + 15.0 * shift
-        columns[name] = pa.array(base.astype(np.float32))
+    columns.update(_intensities(rng, channels, shift))
     columns["score"] = pa.array(scores.astype(np.float32))
     columns["mask_label"] = pa.array(np.arange(1, n + 1, dtype=np.int32))
     offsets = pa.array(np.arange(0, (n + 1) * contour_points, contour_points, dtype=np.int32))
@@ -107,8 +113,33 @@ def cells_table(
     columns["contour_y_px"] = pa.ListArray.from_arrays(offsets, pa.array(contour_y.ravel()))
     embedding = rng.standard_normal((n, embedding_dim), dtype=np.float32)
     embedding[:, :8] += 1.5 * shift[:, None]
-    columns["embedding"] = embedding_array(embedding)
-    return pa.table(columns)
+    columns[EMBEDDING_COLUMN] = embedding_array(embedding)
+    # Drawn last, so the columns above keep the values they had before these were added.
+    columns["circularity"] = pa.array(rng.uniform(0.8, 1.0, n))
+    columns["overlap_fraction"] = pa.array(rng.uniform(0.0, 0.1, n).astype(np.float32))
+    return pa.Table.from_pydict(columns, schema=cells_schema(channels, embedding_dim))
+
+
+def _intensities(
+    rng: np.random.Generator, channels: Sequence[str], shift: np.ndarray
+) -> dict[str, pa.Array]:
+    """Every ``intensity_{stat}_{channel}`` column: seeded means and standard deviations
+    (shifted by ``shift``), percentiles as those of a normal distribution of that mean and std."""
+    n = shift.shape[0]
+    safe = [channel_column_name(c) for c in channels]
+    mean = {c: rng.normal(120.0, 10.0, n) + 15.0 * shift for c in safe}
+    std = {c: np.abs(rng.normal(20.0, 10.0, n) + 15.0 * shift) for c in safe}
+    z_scores = {f"p{q}": NormalDist().inv_cdf(q / 100) for q in INTENSITY_PERCENTILES}
+    by_channel = {
+        c: {"mean": mean[c], "std": std[c]}
+        | {stat: mean[c] + z * std[c] for stat, z in z_scores.items()}
+        for c in safe
+    }
+    columns = {}
+    for name in intensity_columns(channels):
+        stat, channel = intensity_column_parts(name)
+        columns[name] = pa.array(by_channel[channel][stat].astype(np.float32))
+    return columns
 
 
 def random_cells(
