@@ -8,10 +8,20 @@ SEGMENT's, column for column and type for type.
 
 from __future__ import annotations
 
+import pyarrow.parquet as pq
 import pytest
 
-from bmseg.contract import cells_schema
-from bmseg.fake_cells import cells_table, random_cells
+from bmseg.cli import main
+from bmseg.contract import CELLS_FILE, TILES_SUFFIX, cells_schema
+from bmseg.segment import (
+    SegmentOptions,
+    hspc_windows,
+    match_slides,
+    read_batch_table,
+    segment_batch,
+)
+from bmseg.testing.cells import cells_table, random_cells
+from bmseg.testing.oracle import MeanColourEmbedder, OracleSegmenter
 
 
 @pytest.mark.parametrize(
@@ -40,3 +50,33 @@ def test_random_cells_have_segments_schema():
     expected = cells_schema(("R", "G", "B"), 8)
     assert table.schema.names == expected.names
     assert table.schema.equals(expected)
+
+
+def test_fabricated_cells_have_the_schema_of_a_real_segment_run(synthetic_slide, tmp_path):
+    """SEGMENT's own cells.parquet (oracle models, one tile of the synthetic CZI) and a
+    fabricated table of the same channels and embedding size have one schema."""
+    slide_path, truth_path = synthetic_slide
+    truth = pq.read_table(truth_path)
+    plans, batches = tmp_path / "plans", tmp_path / "batches"
+    plan_args = ["plan", str(slide_path), "--out", str(plans), "--tile-size", "1200"]
+    assert main(["-q", *plan_args, "--margin", "320", "--min-tissue-fraction", "0"]) == 0
+    tiles_table = str(next(plans.glob(f"*{TILES_SUFFIX}")))
+    assert main(["-q", "batch", tiles_table, "--out", str(batches), "--batch-size", "1"]) == 0
+    number, tiles = read_batch_table(sorted(batches.glob("batch_*.parquet"))[0])
+    options = SegmentOptions(progress=False)
+    embedder = MeanColourEmbedder()
+    segment_batch(
+        tiles,
+        match_slides([t.slide_id for t in tiles], [str(slide_path)]),
+        OracleSegmenter("MK", truth, [t.read for t in tiles]),
+        OracleSegmenter("HSPC", truth, hspc_windows(tiles, options.hspc_max_area_um2)),
+        embedder,
+        tmp_path / "out",
+        options,
+        {"batch": number, "device": "cpu"},
+    )
+    written = pq.read_schema(tmp_path / "out" / CELLS_FILE)
+    assert pq.read_metadata(tmp_path / "out" / CELLS_FILE).num_rows > 0
+    fabricated = random_cells(5, embedding_dim=embedder.dim).schema
+    assert fabricated.names == written.names
+    assert fabricated.equals(written)

@@ -1,9 +1,11 @@
 """Cell tables in the exact schema of SEGMENT's ``cells.parquet``, made from circles.
 
-Tests and benchmarks of the downstream steps (gather, train, classify, report) need cell tables
-without running the models: this builds them with every column of the data contract, geometry
-consistent with the given circles and seeded random measurements. ``signal`` shifts intensity
-and embedding features so a classifier has something (or nothing) to learn.
+For tests and benchmarks, not for production. The downstream steps' tests and benchmarks
+(gather, train, classify, report, pages) need cell tables without running the models: this
+builds them in :func:`bmseg.contract.cells_schema`, every column SEGMENT writes, with geometry
+consistent with the given circles and seeded random measurements, and writes SEGMENT's batch
+folders and PLAN's slide records around them. ``signal`` shifts intensity and embedding
+features so a classifier has something (or nothing) to learn.
 """
 
 from __future__ import annotations
@@ -15,15 +17,24 @@ from statistics import NormalDist
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from bmseg.contract import (
+    BATCH_FILE,
+    CELL_TYPES,
+    CELLS_FILE,
+    CROPS_FILE,
+    CROPS_SCHEMA,
     EMBEDDING_COLUMN,
     EMBEDDING_DIM,
     INTENSITY_PERCENTILES,
+    SLIDE_RECORD_SUFFIX,
+    TISSUE_PICTURE_SUFFIX,
     cells_schema,
     channel_column_name,
     intensity_column_parts,
     intensity_columns,
+    slide_file,
 )
 from bmseg.storage import (
     embedding_array,
@@ -191,10 +202,10 @@ def write_batch(
     batch_dir = Path(batch_dir)
     batch_dir.mkdir(parents=True, exist_ok=True)
     cells = pa.concat_tables(tables)
-    with parquet_writer(batch_dir / "cells.parquet", cells.schema) as writer:
+    with parquet_writer(batch_dir / CELLS_FILE, cells.schema) as writer:
         writer.write_table(cells, row_group_size=4096)
     n = cells.num_rows
-    crops = pa.table(
+    crops = pa.Table.from_pydict(
         {
             "cell_uid": cells["cell_uid"],
             "x": pa.array(np.zeros(n, np.int64)),
@@ -203,9 +214,10 @@ def write_batch(
             "width": pa.array(np.full(n, 8, np.int32)),
             "height": pa.array(np.full(n, 8, np.int32)),
             "image": pa.array([b"\xff\xd8fake"] * n, pa.binary()),
-        }
+        },
+        schema=CROPS_SCHEMA,
     )
-    write_parquet(crops, batch_dir / "crops.parquet")
+    write_parquet(crops, batch_dir / CROPS_FILE)
     slide_tile = cells.select(["slide_id", "tile_id", "cell_type"]).to_pandas()
     keys = sorted(set(map(tuple, slide_tile[["slide_id", "tile_id"]].to_numpy())) | set(tiles))
     counts = slide_tile.groupby(["slide_id", "tile_id", "cell_type"]).size()
@@ -234,7 +246,7 @@ def write_batch(
                 "write": 0.2,
             },
             "wall_s": 4.0,
-            "cells": {t: int(type_counts.get(t, 0)) for t in ("MK", "HSPC")},
+            "cells": {t: int(type_counts.get(t, 0)) for t in CELL_TYPES},
             "versions": {"bmseg": "test"},
             "models": {
                 "dir": "models",
@@ -247,7 +259,7 @@ def write_batch(
                 "hspc": {"refine": True},
             },
         },
-        batch_dir / "batch.json",
+        batch_dir / BATCH_FILE,
     )
     return batch_dir
 
@@ -262,12 +274,10 @@ def write_plan(
     tiles_kept: int = 1,
 ) -> Path:
     """Write a ``{slide}.slide.json`` (and a small ``{slide}.tissue.png``) as PLAN would."""
-    from PIL import Image
-
     plans_dir = Path(plans_dir)
     plans_dir.mkdir(parents=True, exist_ok=True)
     x, y, w, h = bounds
-    path = plans_dir / f"{slide_id}.slide.json"
+    path = plans_dir / slide_file(slide_id, SLIDE_RECORD_SUFFIX)
     write_json(
         {
             "slide_id": slide_id,
@@ -286,7 +296,7 @@ def write_plan(
     )
     picture = np.zeros((60, 80, 3), np.uint8)
     picture[10:50, 10:70] = (200, 120, 160)
-    Image.fromarray(picture).save(plans_dir / f"{slide_id}.tissue.png")
+    Image.fromarray(picture).save(plans_dir / slide_file(slide_id, TISSUE_PICTURE_SUFFIX))
     return path
 
 
