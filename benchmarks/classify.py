@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from bmseg.classifiers import feature_matrix, load_model
 from bmseg.cli import main as bmseg
-from bmseg.fake_cells import random_cells, write_random_cells
+from bmseg.testing.cells import random_cells, write_random_cells
 
 
 def make_models(work: Path) -> Path:

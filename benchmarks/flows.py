@@ -30,8 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from flows_synth import add_noise, network_output, packed_cells, touching_disks
+from bmseg.testing.flows import add_noise, network_output, packed_cells, touching_disks
 
 CELLS_PER_PIXEL = 7000 / 3000**2
 

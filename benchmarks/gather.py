@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from bmseg.cli import main as bmseg
-from bmseg.fake_cells import random_cells, write_batch, write_plan
+from bmseg.testing.cells import random_cells, write_batch, write_plan
 
 CHUNK = 32768
 

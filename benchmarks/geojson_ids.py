@@ -18,8 +18,8 @@ import uuid
 from pathlib import Path
 
 from bmseg.contract import EMBEDDING_COLUMN, feature_columns
-from bmseg.fake_cells import random_cells
 from bmseg.gather import CELL_UUID_NAMESPACE, cell_uuids, write_geojson
+from bmseg.testing.cells import random_cells
 
 
 def run(cells: int) -> dict:

@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import base64
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bmseg.pages import build_site
-from pages_synth import make_gathered
+from bmseg.testing.gathered import make_gathered
 
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

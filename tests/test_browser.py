@@ -23,7 +23,7 @@ import pytest
 from annotate_server import start_server
 from bmseg.labels import merge_labels, validate_labels
 from bmseg.pages import build_site
-from pages_synth import make_gathered
+from bmseg.testing.gathered import make_gathered
 
 CHROMIUM = Path("/usr/bin/chromium")
 HOSTILE = "<img src=x onerror=alert(1)>"

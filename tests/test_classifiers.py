@@ -14,8 +14,8 @@ import pytest
 from bmseg.classifiers import load_model, save_model
 from bmseg.cli import main
 from bmseg.errors import BmsegError
-from bmseg.fake_cells import cells_table, write_batch, write_plan
 from bmseg.storage import embedding_array, embeddings_to_numpy
+from bmseg.testing.cells import cells_table, write_batch, write_plan
 from qupath_geojson import read_like_qupath
 
 N_HSPC, N_MK = 160, 40

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from bmseg.errors import BmsegError
-from bmseg.fake_cells import cells_table, write_batch, write_plan
 from bmseg.storage import MANIFEST, STAGING_PREFIX, check_complete, read_manifest
+from bmseg.testing.cells import cells_table, write_batch, write_plan
 
 KILLER = """
 import os, signal, sys

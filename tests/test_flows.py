@@ -21,7 +21,7 @@ from bmseg.flows import (
     compute_masks,
     flows_to_masks,
 )
-from flows_synth import add_noise, network_output, packed_cells, touching_disks
+from bmseg.testing.flows import add_noise, network_output, packed_cells, touching_disks
 
 
 def cellpose_flows(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

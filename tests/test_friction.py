@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from bmseg.cli import build_parser, main
-from bmseg.fake_cells import cells_table, write_batch, write_plan
+from bmseg.testing.cells import cells_table, write_batch, write_plan
 
 IMPORT_CELLPOSE = (
     "import logging, sys; logging.basicConfig(stream=sys.stderr); {first}import cellpose.models"

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from bmseg.cli import main
-from bmseg.fake_cells import cells_table, write_batch, write_plan
+from bmseg.contract import INTENSITY_STATS
 from bmseg.gather import CELL_UUID_NAMESPACE, cell_uuids, find_duplicates
+from bmseg.testing.cells import cells_table, write_batch, write_plan
 from qupath_geojson import read_like_qupath
 
 SMALL_EMBEDDING = 16
@@ -247,7 +248,7 @@ def test_brightfield_and_fluorescence_slides_gather_into_one_schema(tmp_path):
     assert intensity == [
         f"intensity_{stat}_{channel}"
         for channel in ("DAPI", "CD41", "R", "G", "B")
-        for stat in ("mean", "std")
+        for stat in INTENSITY_STATS
     ]
     # where the slide's own intensities were: after the shape columns, before the score
     assert names.index("intensity_mean_DAPI") == brightfield.schema.names.index("intensity_mean_R")

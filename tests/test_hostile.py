@@ -115,7 +115,7 @@ def test_an_interrupted_pages_rebuild_never_pairs_a_uid_with_another_cells_image
     tmp_path, monkeypatch
 ):
     import bmseg.pages
-    from pages_synth import make_gathered
+    from bmseg.testing.gathered import make_gathered
 
     gathered = make_gathered(tmp_path / "g", {"S1": {"HSPC": 12, "MK": 5}})
     site = tmp_path / "site"
@@ -268,8 +268,8 @@ def _labels_file(path: Path, uids: list[str], truth) -> Path:
 
 def _train_inputs(root: Path, cell_types: list[str]):
     """A cell table with 40 labelled cells of each of ``cell_types`` (separable) and labels."""
-    from bmseg.fake_cells import cells_table
     from bmseg.storage import write_parquet
+    from bmseg.testing.cells import cells_table
 
     n = 40 * len(cell_types)
     truth = np.arange(n) % 2 == 0
@@ -323,7 +323,7 @@ def test_a_train_crash_on_the_second_cell_type_leaves_no_model(tmp_path, monkeyp
 
 def test_a_rerun_into_a_used_folder_leaves_only_its_own_files(tmp_path):
     from bmseg.cli import main
-    from bmseg.fake_cells import cells_table, write_batch, write_plan
+    from bmseg.testing.cells import cells_table, write_batch, write_plan
 
     def gathered(slides: list[str]) -> set[str]:
         tables = [
@@ -349,7 +349,7 @@ def test_a_rerun_into_a_used_folder_leaves_only_its_own_files(tmp_path):
 
 def test_a_slide_id_that_climbs_out_in_a_batch_record_is_refused(tmp_path, capsys):
     from bmseg.cli import main
-    from bmseg.fake_cells import cells_table, write_batch, write_plan
+    from bmseg.testing.cells import cells_table, write_batch, write_plan
 
     table = cells_table([100.0], [100.0], [10.0], slide_id="s1", tile_id="r0000c0000",
                         cell_type="HSPC", embedding_dim=8)  # fmt: skip
@@ -421,7 +421,7 @@ def _one_line(capsys, *words: str) -> str:
 
 def test_an_out_that_is_a_file_is_one_line(tmp_path, capsys):
     from bmseg.cli import main
-    from bmseg.fake_cells import cells_table, write_batch, write_plan
+    from bmseg.testing.cells import cells_table, write_batch, write_plan
 
     table = cells_table([100.0], [100.0], [10.0], slide_id="s1", tile_id="r0000c0000",
                         cell_type="HSPC", embedding_dim=8)  # fmt: skip
@@ -557,7 +557,7 @@ def test_nulls_in_a_batch_table_and_a_cell_table_are_one_line(tmp_path, capsys):
 
     from bmseg.cli import main
     from bmseg.contract import BATCH_COLUMNS
-    from bmseg.fake_cells import cells_table, write_batch, write_plan
+    from bmseg.testing.cells import cells_table, write_batch, write_plan
 
     batch = pa.table({name: pa.array([None], pa.int64()) for name in BATCH_COLUMNS})
     batch = batch.append_column("batch", pa.array([0])).append_column("order", pa.array([0]))

@@ -313,13 +313,13 @@ def fake_segment_outputs(root: Path) -> tuple[list[Path], list[Path]]:
     """Two SEGMENT batch folders and PLAN's files for one slide, cells carrying a signal.
 
     Random-initialised checkpoints find no cells, so the labelled half of the DAG starts from
-    cell tables in SEGMENT's exact schema (bmseg.fake_cells): half the cells carry a signal
+    cell tables in SEGMENT's exact schema (bmseg.testing.cells): half the cells carry a signal
     in their features that a classifier can learn, and the labels say which.
     """
     import numpy as np
     import pyarrow.compute as pc
 
-    from bmseg.fake_cells import random_cells, write_batch, write_plan
+    from bmseg.testing.cells import random_cells, write_batch, write_plan
 
     signal = (np.random.default_rng(5).random(400) < 0.5).astype(float)
     table = random_cells(

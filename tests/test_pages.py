@@ -17,7 +17,7 @@ from PIL import Image
 from bmseg.cli import main
 from bmseg.errors import BmsegError
 from bmseg.pages import build_site, json_for_script
-from pages_synth import PIXEL_SIZE_UM, make_gathered, make_slide
+from bmseg.testing.gathered import PIXEL_SIZE_UM, make_gathered, make_slide
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 BUDGET_BYTES = 2 * 1024 * 1024

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bmseg.cli import main
-from bmseg.fake_cells import random_cells, write_batch, write_plan
+from bmseg.testing.cells import random_cells, write_batch, write_plan
 
 HOSTILE = "<script>alert('x')</script>&amp;"
 

@@ -42,6 +42,7 @@ from bmseg.segment import (
 from bmseg.slide import Rect
 from bmseg.storage import MANIFEST, embeddings_to_numpy, unique_cell_uids, write_parquet
 from bmseg.synth import write_synthetic_slide
+from bmseg.testing.oracle import MeanColourEmbedder, OracleSegmenter
 
 TILE = 700
 MARGIN = 320  # > the largest planted MK's diameter (~50 µm = 290 px)
@@ -59,62 +60,9 @@ def plan_batches(slide_path: Path, out: Path, tile: int = TILE, batch_size: int 
     return sorted(batches.glob("batch_*.parquet"))
 
 
-class OracleSegmenter:
-    """Returns the truth cells of one type drawn into each tile it is given.
-
-    SEGMENT calls a segmenter on the batch's tiles in order, once each, so the oracle learns
-    each tile's read window by walking the batch table alongside.
-    """
-
-    def __init__(self, cell_type: str, truth: pa.Table, windows: Sequence[Rect]):
-        self.cell_type = cell_type
-        rows = [r for r in truth.to_pylist() if r["cell_type"] == cell_type]
-        self._contours = [
-            np.stack([r["contour_x_px"], r["contour_y_px"]], axis=1).astype(np.int32) for r in rows
-        ]
-        self._windows = iter(windows)
-        self.calls = 0
-
-    def segment(self, tiles: Sequence[np.ndarray], pixel_size_um: float) -> list[Detections]:
-        self.calls += 1
-        found = []
-        for tile in tiles:
-            window = next(self._windows)
-            assert tile.shape == (window.h, window.w, 3) and tile.dtype == np.uint8
-            labels = np.zeros(tile.shape[:2], np.int32)
-            count = 0
-            for contour in self._contours:
-                local = contour - (window.x, window.y)
-                if (local.max(axis=0) < 0).any() or (
-                    local.min(axis=0) >= (window.w, window.h)
-                ).any():
-                    continue
-                count += 1
-                cv2.drawContours(labels, [local.reshape(-1, 1, 2)], -1, count, thickness=-1)
-            found.append(Detections(labels=labels, scores=np.linspace(1.0, 0.5, count)))
-        return found
-
-
 def hspc_windows(tiles: Sequence[Tile], options: SegmentOptions) -> list[Rect]:
     """The slide rectangles SEGMENT hands the HSPC segmenter: core + HSPC margin."""
     return segment_hspc_windows(tiles, options.hspc_max_area_um2)
-
-
-class MeanColourEmbedder:
-    """A cheap embedder: the crop's mean R, G, B, then zeros."""
-
-    dim = 2048
-    crop_size = 32
-
-    def __init__(self) -> None:
-        self.batches: list[int] = []
-
-    def embed(self, crops: np.ndarray) -> np.ndarray:
-        assert crops.shape[1:] == (32, 32, 3) and crops.dtype == np.uint8
-        self.batches.append(len(crops))
-        out = np.zeros((len(crops), self.dim), np.float32)
-        out[:, :3] = crops.reshape(len(crops), -1, 3).mean(axis=1)
-        return out
 
 
 @pytest.fixture(scope="module")

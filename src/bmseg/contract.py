@@ -285,6 +285,35 @@ def feature_columns(schema: pa.Schema) -> list[str]:
     ]
 
 
+def cells_schema(channel_names: Sequence[str], embedding_dim: int = EMBEDDING_DIM) -> pa.Schema:
+    """The ``cells.parquet`` schema (docs/data.md, docs/cells.md); embedding last.
+
+    SEGMENT writes it and the test helpers (``bmseg.testing``) fabricate tables in it, so the
+    downstream steps' tests see every column a real run writes.
+    """
+    float64 = pa.float64()
+    fields = [
+        ("cell_uid", pa.string()),
+        ("slide_id", pa.string()),
+        ("tile_id", pa.string()),
+        ("cell_type", pa.string()),
+        *((name, float64) for name in ("centroid_x_px", "centroid_y_px")),
+        *((name, float64) for name in ("centroid_x_um", "centroid_y_um")),
+        *((name, pa.int64()) for name in ("bbox_x_px", "bbox_y_px", "bbox_w_px", "bbox_h_px")),
+        ("area_px", float64),
+        ("area_um2", float64),
+        *((name, float64) for name in SHAPE_COLUMNS),
+        *((name, pa.float32()) for name in intensity_columns(channel_names)),
+        ("score", pa.float32()),
+        ("overlap_fraction", pa.float32()),
+        ("mask_label", pa.int32()),
+        ("contour_x_px", pa.list_(pa.float32())),
+        ("contour_y_px", pa.list_(pa.float32())),
+        (EMBEDDING_COLUMN, embedding_type(embedding_dim)),
+    ]
+    return pa.schema(fields)
+
+
 CROPS_SCHEMA = pa.schema(
     [
         ("cell_uid", pa.string()),

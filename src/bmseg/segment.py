@@ -37,9 +37,8 @@ from bmseg.contract import (
     CROPS_SCHEMA,
     EMBEDDING_COLUMN,
     MODALITIES,
-    SHAPE_COLUMNS,
+    cells_schema,
     check_id,
-    embedding_type,
 )
 from bmseg.errors import BmsegError
 from bmseg.models.base import Detections, Embedder, Segmenter
@@ -498,33 +497,6 @@ def overlap_fraction(cells: Detections, others: np.ndarray) -> np.ndarray:
     area = np.bincount(flat, minlength=cells.count + 1)[1:]
     shared = np.bincount(flat[others.ravel() > 0], minlength=cells.count + 1)[1:]
     return (shared / np.maximum(area, 1)).astype(np.float32)
-
-
-def cells_schema(channel_names: Sequence[str], embedding_dim: int) -> pa.Schema:
-    """The ``cells.parquet`` schema (docs/data.md, docs/cells.md); embedding last."""
-    from bmseg.contract import intensity_columns
-
-    float64 = pa.float64()
-    fields = [
-        ("cell_uid", pa.string()),
-        ("slide_id", pa.string()),
-        ("tile_id", pa.string()),
-        ("cell_type", pa.string()),
-        *((name, float64) for name in ("centroid_x_px", "centroid_y_px")),
-        *((name, float64) for name in ("centroid_x_um", "centroid_y_um")),
-        *((name, pa.int64()) for name in ("bbox_x_px", "bbox_y_px", "bbox_w_px", "bbox_h_px")),
-        ("area_px", float64),
-        ("area_um2", float64),
-        *((name, float64) for name in SHAPE_COLUMNS),
-        *((name, pa.float32()) for name in intensity_columns(channel_names)),
-        ("score", pa.float32()),
-        ("overlap_fraction", pa.float32()),
-        ("mask_label", pa.int32()),
-        ("contour_x_px", pa.list_(pa.float32())),
-        ("contour_y_px", pa.list_(pa.float32())),
-        (EMBEDDING_COLUMN, embedding_type(embedding_dim)),
-    ]
-    return pa.schema(fields)
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""Gathered cell and crop tables in the docs/data.md schema, made for the pages tests.
+"""Gathered cell and crop tables in the docs/data.md schema, made for the pages and browser
+tests and the pages benchmark.
 
-Cells are wobbly closed contours in slide coordinates; each crop is a real JPEG drawn like a
-brightfield bone-marrow crop (pink stroma, purple cell, darker lobed nucleus, noise), with the
-cell's contour drawn in pure green so tests can check that the page's overlay lands on it.
+For tests and benchmarks, not for production. Cells are wobbly closed contours in slide
+coordinates; each crop is a real JPEG drawn like a brightfield bone-marrow crop (pink stroma,
+purple cell, darker lobed nucleus, noise), with the cell's contour drawn in pure green so tests
+can check that the page's overlay lands on it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bmseg.fake_cells import cells_table
+from bmseg.contract import CELLS_SUFFIX, CROPS_SCHEMA, CROPS_SUFFIX, slide_file
+from bmseg.testing.cells import cells_table
 
 PIXEL_SIZE_UM = 0.1725
 CONTOUR_POINTS = 48
@@ -87,8 +90,8 @@ def make_slide(
 ) -> tuple[Path, Path]:
     """Write ``{slide}.cells.parquet`` and ``{slide}.crops.parquet`` (file names made safe).
 
-    The cell table is ``fake_cells``'s, with the wobbly contours (and the bbox and area they
-    give) in place of its circles.
+    The cell table is :func:`bmseg.testing.cells.cells_table`'s, with the wobbly contours (and
+    the bbox and area they give) in place of its circles.
     """
     rng = np.random.default_rng(seed)
     types, centres, radii, scores, contours, crops = [], [], [], [], [], []
@@ -141,7 +144,7 @@ def make_slide(
     for name, column in geometry.items():
         cell_table = cell_table.set_column(cell_table.schema.get_field_index(name), name, column)
     x0, y0, scale, width, height, jpeg = zip(*crops, strict=True)
-    crop_table = pa.table(
+    crop_table = pa.Table.from_pydict(
         {
             "cell_uid": cell_table["cell_uid"],
             "x": pa.array(x0, pa.int64()),
@@ -150,11 +153,13 @@ def make_slide(
             "width": pa.array(width, pa.int32()),
             "height": pa.array(height, pa.int32()),
             "image": pa.array(jpeg, pa.binary()),
-        }
+        },
+        schema=CROPS_SCHEMA,
     )
     stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in slide_id)
     folder.mkdir(parents=True, exist_ok=True)
-    cells_path, crops_path = folder / f"{stem}.cells.parquet", folder / f"{stem}.crops.parquet"
+    cells_path = folder / slide_file(stem, CELLS_SUFFIX)
+    crops_path = folder / slide_file(stem, CROPS_SUFFIX)
     pq.write_table(cell_table, cells_path)
     pq.write_table(crop_table, crops_path)
     return cells_path, crops_path

@@ -1,11 +1,19 @@
-"""Inputs for flows → masks, shared by the flows tests and benchmark: touching disks and what
-a perfect (or noisy) Cellpose network would output for them: touching disks, and packed cells of
-marrow-like shapes (round, oval, bilobed, kidney-shaped)."""
+"""Inputs for flows → masks: label images of touching disks and of packed cells of marrow-like
+shapes (oval, bilobed, kidney-shaped), and what a perfect (or noisy) Cellpose network would
+output for them.
+
+For tests and benchmarks (tests/test_flows.py, benchmarks/flows.py), not for production.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+from cellpose.dynamics import masks_to_flows_gpu
 from scipy import ndimage
+from skimage.measure import label as connected_regions
+
+from bmseg.flows import centre_flows
 
 
 def touching_disks(size: int, n_cells: int, seed: int = 0) -> np.ndarray:
@@ -53,8 +61,6 @@ def packed_cells(size: int, n_cells: int, seed: int = 0) -> np.ndarray:
     it), randomly turned, 0.75 × the grid spacing in radius so that neighbours press into each
     other, then clipped to their Voronoi cell. A cell left in pieces by the clipping keeps only
     its pieces as separate labels; pieces under 15 px become background."""
-    from skimage.measure import label as connected_regions
-
     rng = np.random.default_rng(seed)
     labels, distance, seeds, spacing = _voronoi(size, n_cells, rng, jitter=0.3)
     del distance
@@ -94,13 +100,8 @@ def network_output(labels: np.ndarray, cellpose_flows: bool) -> tuple[np.ndarray
     """What a perfect Cellpose network would output for ``labels``: flows 5 × unit vectors
     (Cellpose's masks_to_flows_gpu, or straight at each cell's centre) and ±5 logits."""
     if cellpose_flows:
-        import torch
-        from cellpose.dynamics import masks_to_flows_gpu
-
         unit, _ = masks_to_flows_gpu(labels, device=torch.device("cpu"))
     else:
-        from bmseg.flows import centre_flows
-
         unit = centre_flows(labels)
     flows = (5.0 * unit).astype(np.float32)
     cellprob = np.where(labels > 0, 5.0, -5.0).astype(np.float32)

@@ -1,9 +1,11 @@
 """Cell tables in the exact schema of SEGMENT's ``cells.parquet``, made from circles.
 
-Tests and benchmarks of the downstream steps (gather, train, classify, report) need cell tables
-without running the models: this builds them with every column of the data contract, geometry
-consistent with the given circles and seeded random measurements. ``signal`` shifts intensity
-and embedding features so a classifier has something (or nothing) to learn.
+For tests and benchmarks, not for production. The downstream steps' tests and benchmarks
+(gather, train, classify, report, pages) need cell tables without running the models: this
+builds them in :func:`bmseg.contract.cells_schema`, every column SEGMENT writes, with geometry
+consistent with the given circles and seeded random measurements, and writes SEGMENT's batch
+folders and PLAN's slide records around them. ``signal`` shifts intensity and embedding
+features so a classifier has something (or nothing) to learn.
 """
 
 from __future__ import annotations
@@ -11,11 +13,29 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
-from bmseg.contract import EMBEDDING_DIM
+from bmseg.contract import (
+    BATCH_FILE,
+    CELL_TYPES,
+    CELLS_FILE,
+    CROPS_FILE,
+    CROPS_SCHEMA,
+    EMBEDDING_COLUMN,
+    EMBEDDING_DIM,
+    INTENSITY_PERCENTILES,
+    SLIDE_RECORD_SUFFIX,
+    TISSUE_PICTURE_SUFFIX,
+    cells_schema,
+    channel_column_name,
+    intensity_column_parts,
+    intensity_columns,
+    slide_file,
+)
 from bmseg.storage import (
     embedding_array,
     parquet_writer,
@@ -25,7 +45,6 @@ from bmseg.storage import (
 )
 
 CHANNELS = ("R", "G", "B")
-SHAPE_COLUMNS = ("perimeter_um", "eccentricity", "solidity", "major_axis_um", "minor_axis_um")
 
 
 def cells_table(
@@ -91,15 +110,13 @@ def cells_table(
         "area_px": pa.array(area_px),
         "area_um2": pa.array(area_px * pixel_size_um**2),
         "perimeter_um": pa.array(2 * np.pi * radius * pixel_size_um),
+        "equivalent_diameter_um": pa.array(2 * radius * pixel_size_um),
         "eccentricity": pa.array(rng.uniform(0.0, 0.6, n)),
         "solidity": pa.array(rng.uniform(0.85, 1.0, n)),
         "major_axis_um": pa.array(2 * radius * pixel_size_um * rng.uniform(1.0, 1.2, n)),
         "minor_axis_um": pa.array(2 * radius * pixel_size_um * rng.uniform(0.8, 1.0, n)),
     }
-    intensity_names = (f"intensity_{stat}_{c}" for stat in ("mean", "std") for c in channels)
-    for name in intensity_names:
-        base = rng.normal(120.0 if "mean" in name else 20.0, 10.0, n) + 15.0 * shift
-        columns[name] = pa.array(base.astype(np.float32))
+    columns.update(_intensities(rng, channels, shift))
     columns["score"] = pa.array(scores.astype(np.float32))
     columns["mask_label"] = pa.array(np.arange(1, n + 1, dtype=np.int32))
     offsets = pa.array(np.arange(0, (n + 1) * contour_points, contour_points, dtype=np.int32))
@@ -107,8 +124,33 @@ def cells_table(
     columns["contour_y_px"] = pa.ListArray.from_arrays(offsets, pa.array(contour_y.ravel()))
     embedding = rng.standard_normal((n, embedding_dim), dtype=np.float32)
     embedding[:, :8] += 1.5 * shift[:, None]
-    columns["embedding"] = embedding_array(embedding)
-    return pa.table(columns)
+    columns[EMBEDDING_COLUMN] = embedding_array(embedding)
+    # Drawn last, so the columns above keep the values they had before these were added.
+    columns["circularity"] = pa.array(rng.uniform(0.8, 1.0, n))
+    columns["overlap_fraction"] = pa.array(rng.uniform(0.0, 0.1, n).astype(np.float32))
+    return pa.Table.from_pydict(columns, schema=cells_schema(channels, embedding_dim))
+
+
+def _intensities(
+    rng: np.random.Generator, channels: Sequence[str], shift: np.ndarray
+) -> dict[str, pa.Array]:
+    """Every ``intensity_{stat}_{channel}`` column: seeded means and standard deviations
+    (shifted by ``shift``), percentiles as those of a normal distribution of that mean and std."""
+    n = shift.shape[0]
+    safe = [channel_column_name(c) for c in channels]
+    mean = {c: rng.normal(120.0, 10.0, n) + 15.0 * shift for c in safe}
+    std = {c: np.abs(rng.normal(20.0, 10.0, n) + 15.0 * shift) for c in safe}
+    z_scores = {f"p{q}": NormalDist().inv_cdf(q / 100) for q in INTENSITY_PERCENTILES}
+    by_channel = {
+        c: {"mean": mean[c], "std": std[c]}
+        | {stat: mean[c] + z * std[c] for stat, z in z_scores.items()}
+        for c in safe
+    }
+    columns = {}
+    for name in intensity_columns(channels):
+        stat, channel = intensity_column_parts(name)
+        columns[name] = pa.array(by_channel[channel][stat].astype(np.float32))
+    return columns
 
 
 def random_cells(
@@ -160,10 +202,10 @@ def write_batch(
     batch_dir = Path(batch_dir)
     batch_dir.mkdir(parents=True, exist_ok=True)
     cells = pa.concat_tables(tables)
-    with parquet_writer(batch_dir / "cells.parquet", cells.schema) as writer:
+    with parquet_writer(batch_dir / CELLS_FILE, cells.schema) as writer:
         writer.write_table(cells, row_group_size=4096)
     n = cells.num_rows
-    crops = pa.table(
+    crops = pa.Table.from_pydict(
         {
             "cell_uid": cells["cell_uid"],
             "x": pa.array(np.zeros(n, np.int64)),
@@ -172,9 +214,10 @@ def write_batch(
             "width": pa.array(np.full(n, 8, np.int32)),
             "height": pa.array(np.full(n, 8, np.int32)),
             "image": pa.array([b"\xff\xd8fake"] * n, pa.binary()),
-        }
+        },
+        schema=CROPS_SCHEMA,
     )
-    write_parquet(crops, batch_dir / "crops.parquet")
+    write_parquet(crops, batch_dir / CROPS_FILE)
     slide_tile = cells.select(["slide_id", "tile_id", "cell_type"]).to_pandas()
     keys = sorted(set(map(tuple, slide_tile[["slide_id", "tile_id"]].to_numpy())) | set(tiles))
     counts = slide_tile.groupby(["slide_id", "tile_id", "cell_type"]).size()
@@ -203,7 +246,7 @@ def write_batch(
                 "write": 0.2,
             },
             "wall_s": 4.0,
-            "cells": {t: int(type_counts.get(t, 0)) for t in ("MK", "HSPC")},
+            "cells": {t: int(type_counts.get(t, 0)) for t in CELL_TYPES},
             "versions": {"bmseg": "test"},
             "models": {
                 "dir": "models",
@@ -216,7 +259,7 @@ def write_batch(
                 "hspc": {"refine": True},
             },
         },
-        batch_dir / "batch.json",
+        batch_dir / BATCH_FILE,
     )
     return batch_dir
 
@@ -231,12 +274,10 @@ def write_plan(
     tiles_kept: int = 1,
 ) -> Path:
     """Write a ``{slide}.slide.json`` (and a small ``{slide}.tissue.png``) as PLAN would."""
-    from PIL import Image
-
     plans_dir = Path(plans_dir)
     plans_dir.mkdir(parents=True, exist_ok=True)
     x, y, w, h = bounds
-    path = plans_dir / f"{slide_id}.slide.json"
+    path = plans_dir / slide_file(slide_id, SLIDE_RECORD_SUFFIX)
     write_json(
         {
             "slide_id": slide_id,
@@ -255,7 +296,7 @@ def write_plan(
     )
     picture = np.zeros((60, 80, 3), np.uint8)
     picture[10:50, 10:70] = (200, 120, 160)
-    Image.fromarray(picture).save(plans_dir / f"{slide_id}.tissue.png")
+    Image.fromarray(picture).save(plans_dir / slide_file(slide_id, TISSUE_PICTURE_SUFFIX))
     return path
 
 
