@@ -27,19 +27,19 @@ from bmseg import cli
 from bmseg.contract import embedding_type
 from bmseg.errors import BmsegError
 from bmseg.models.base import Detections
+from bmseg.pixels import to_rgb8
 from bmseg.segment import (
     SegmentOptions,
     Tile,
     keep_owned,
-    match_slides,
     read_batch_table,
     segment_batch,
-    to_rgb8,
 )
 from bmseg.segment import (
     hspc_windows as segment_hspc_windows,
 )
 from bmseg.slide import Rect
+from bmseg.slide_args import match_slides
 from bmseg.storage import MANIFEST, embeddings_to_numpy, unique_cell_uids, write_parquet
 from bmseg.synth import write_synthetic_slide
 

@@ -202,7 +202,7 @@ def tile_region(tile: TileCells, masks: TileMasks, slide, pixel_size_um: float):
     accepted HSPCs numbered 1..n, crops centred on them. Checks the slide against the table."""
     from bmseg.features import cell_centroids
     from bmseg.models.training import Region
-    from bmseg.segment import to_rgb8
+    from bmseg.pixels import to_rgb8
     from bmseg.slide import Rect
 
     labels = read_labels(masks, tile.slide_id, tile.tile_id).astype(np.int64)
@@ -304,8 +304,8 @@ def finetune(args: argparse.Namespace) -> Path:
         train_cellpose,
         validation_ap50,
     )
-    from bmseg.segment import match_slides
     from bmseg.slide import open_slide
+    from bmseg.slide_args import match_slides
 
     started = time.perf_counter()
     models_dir, out = Path(args.models), Path(args.out)

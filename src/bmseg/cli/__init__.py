@@ -27,7 +27,7 @@ STEP_MODULES = (
     "bmseg.synth",
     "bmseg.plan",
     "bmseg.batching",
-    "bmseg.segment",
+    "bmseg.cli.segment",
     "bmseg.models.cli",
     "bmseg.gather",
     "bmseg.pages",
@@ -158,4 +158,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"bmseg {args.command}: interrupted\n")
         return 130
-
