@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from bmseg.errors import BmsegError
+from bmseg.label_images import relabel
 
 log = logging.getLogger(__name__)
 
@@ -221,14 +222,12 @@ def tile_region(tile: TileCells, masks: TileMasks, slide, pixel_size_um: float):
             f"{masks.path}: accepted cell {(missing or list(tile.accepted.values()))[0]} has no "
             f"pixels in {where}'s label image; pass the batch folders of this very run"
         )
-    keep = np.zeros(count + 1, np.int32)
-    keep[list(tile.accepted)] = np.arange(1, len(tile.accepted) + 1)
     drop = np.ones(count + 1, bool)
     drop[0] = False
     drop[list(tile.accepted)] = False
     drop[[m for m in tile.mks if m <= count]] = False
     pixels = slide.read(window.x, window.y, window.w, window.h)
-    accepted = keep[labels]
+    accepted = relabel(labels, list(tile.accepted), size=count + 1)
     check_pixels(tile, accepted, pixels, slide)
     rgb = mask_out(to_rgb8(pixels, slide.modality), labels, drop)
     cx, cy = cell_centroids(accepted, len(tile.accepted))

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from bmseg import features
 from bmseg.contract import EMBEDDING_COLUMN, SHAPE_COLUMNS, embedding_type
+from bmseg.label_images import keep_where
 from bmseg.models.base import Detections, Embedder
 from bmseg.models.settings import hspc_margin_px
 from bmseg.segment.options import SegmentOptions
@@ -24,9 +25,8 @@ def keep_labels(detections: Detections, keep: np.ndarray) -> Detections:
     """Only the cells where ``keep`` (one bool per cell), renumbered ``1..kept``."""
     if keep.all():
         return detections
-    lookup = np.zeros(detections.count + 1, dtype=np.int32)
-    lookup[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return Detections(labels=lookup[detections.labels], scores=detections.scores[keep])
+    labels = keep_where(detections.labels, np.concatenate(([False], keep)))
+    return Detections(labels=labels, scores=detections.scores[keep])
 
 
 def checked(detections: Detections, shape: tuple[int, int], who: str) -> Detections:
