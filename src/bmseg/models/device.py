@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
-import time
 from collections.abc import Iterator
 
 import torch
 
 from bmseg.errors import BmsegError
 from bmseg.models.settings import DEVICE_CHOICES
+from bmseg.timing import StageTimer
+
+__all__ = ["StageTimer", "gpu_flavour", "inference", "resolve_device", "use_bf16"]
 
 log = logging.getLogger(__name__)
 
@@ -58,37 +59,3 @@ def inference(device: torch.device) -> Iterator[None]:
                 yield
         else:
             yield
-
-
-class StageTimer:
-    """Seconds spent per named stage, summed over calls; GPU work is waited for at each edge.
-
-    ``with timer("mk_masks"): ...`` adds that block's wall time to ``timer.seconds["mk_masks"]``;
-    :meth:`take` returns the totals so far and starts again (SEGMENT records them per batch).
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.seconds: dict[str, float] = {}
-        self._lock = threading.Lock()  # the embedder may run on another thread
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        self._sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            with self._lock:
-                self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-
-    def take(self) -> dict[str, float]:
-        """The totals per stage since the last call, in seconds."""
-        with self._lock:
-            totals, self.seconds = self.seconds, {}
-        return totals
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)

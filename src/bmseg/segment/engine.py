@@ -40,6 +40,7 @@ from bmseg.segment.tiles import ReadTile, Tile, TileReader
 from bmseg.segment.writing import write_tile
 from bmseg.slide import Channel, Rect, open_slide
 from bmseg.storage import masks_writer, parquet_writer, unique_cell_uids, write_json
+from bmseg.timing import StageTimer
 from bmseg.versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 class _Stats:
     """Running totals for batch.json."""
 
-    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SEGMENT_STAGES, 0.0))
+    timer: StageTimer = field(default_factory=StageTimer)
     cells: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CELL_TYPES, 0))
     tiles: list[dict[str, Any]] = field(default_factory=list)
     uids: set[str] = field(default_factory=set)  # written so far: a later equal one is suffixed
@@ -83,7 +84,7 @@ class _Finished:
 def _segment_group(
     reads: list[ReadTile],
     segmenters: dict[str, Segmenter],
-    timings: dict[str, float],
+    timer: StageTimer,
     options: SegmentOptions,
 ) -> dict[str, list[Detections]]:
     """Run each segmenter once on the group's RGB tiles; validated detections per stage.
@@ -108,7 +109,7 @@ def _segment_group(
             checked(d, image.shape[:2], f"{stage} segmenter")
             for d, image in zip(found, inputs[stage], strict=True)
         ]
-        timings[stage] += time.perf_counter() - start
+        timer.add(stage, time.perf_counter() - start)
     detected["hspc"] = [
         _placed(d, rgb.shape[:2], rect)
         for d, rgb, rect in zip(detected["hspc"], rgbs, rects, strict=True)
@@ -205,8 +206,8 @@ def segment_batch(
                     write_tile(cells, embeddings, schema, cells_out, crops_out, masks_out)
                 write_s = time.perf_counter() - start
                 for stage, seconds in finished.seconds.items():
-                    stats.timings[stage] += seconds
-                stats.timings["write"] += write_s
+                    stats.timer.add(stage, seconds)
+                stats.timer.add("write", write_s)
                 shared = (segment_s + sum(finished.seconds.values()) + write_s) / len(
                     finished.reads
                 )
@@ -228,10 +229,10 @@ def segment_batch(
             pending: collections.deque[tuple[Future, float]] = collections.deque()
             reads = reader.iter_read(tiles, lookahead=options.gpu_batch_tiles)
             for group in _groups(reads, options.gpu_batch_tiles):
-                stats.timings["read"] += sum(item[3] for item in group)
-                before = stats.timings["mk"] + stats.timings["hspc"]
-                detected = _segment_group(group, segmenters, stats.timings, options)
-                segment_s = stats.timings["mk"] + stats.timings["hspc"] - before
+                stats.timer.add("read", sum(item[3] for item in group))
+                start = time.perf_counter()
+                detected = _segment_group(group, segmenters, stats.timer, options)
+                segment_s = time.perf_counter() - start
                 future = workers.submit(
                     _finish_group, group, detected, channel_sets, embedder, options
                 )
@@ -246,10 +247,11 @@ def segment_batch(
     finally:
         reader.close()
     elapsed = time.perf_counter() - started
+    totals = stats.timer.take()
     summary = {
         **record,
         "tiles": stats.tiles,
-        "timings_s": {stage: round(value, 4) for stage, value in stats.timings.items()},
+        "timings_s": {stage: round(totals.get(stage, 0.0), 4) for stage in SEGMENT_STAGES},
         "wall_s": round(elapsed, 4),
         "tiles_per_s": round(len(tiles) / elapsed, 4) if elapsed > 0 else None,
         "cells": stats.cells,
