@@ -42,7 +42,7 @@ def synthetic_tile(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def ours(labels: np.ndarray, rgb: np.ndarray) -> int:
     """bmseg.features as SEGMENT calls it; returns the number of cells."""
     from bmseg import features
-    from bmseg.segment import GALLERY_CROP_PX
+    from bmseg.contract import GALLERY_CROP_PX
 
     count = int(labels.max())
     shape = features.shape_features(labels, count, 0.1725, 0, 0)

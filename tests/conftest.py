@@ -47,7 +47,7 @@ def demo_models_key() -> str:
     slides, shows them to the models and trains, and the versions of Cellpose and torch."""
     from importlib.metadata import version
 
-    from bmseg import segment, synth
+    from bmseg import pixels, synth
     from bmseg.models import making, training
 
     digest = hashlib.sha256()
@@ -55,7 +55,7 @@ def demo_models_key() -> str:
         inspect.getsource(making),
         inspect.getsource(training),
         inspect.getsource(synth),
-        inspect.getsource(segment.to_rgb8),
+        inspect.getsource(pixels.to_rgb8),
         version("cellpose"),
         version("torch"),
     ):

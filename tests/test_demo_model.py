@@ -25,7 +25,7 @@ from bmseg.models.training import (
     pooled_ap50,
     train_cellpose,
 )
-from bmseg.segment import to_rgb8
+from bmseg.pixels import to_rgb8
 from bmseg.slide import Rect
 from bmseg.synth import PIXEL_SIZE_UM, SyntheticLayout, truth_labels
 

@@ -12,7 +12,7 @@ import torch
 
 from bmseg.features import CropSampler
 from bmseg.models.embedder import HSPC_CROP_SIZE, ResNetEmbedder, fold_batch_norms
-from bmseg.models.timing import StageTimer
+from bmseg.timing import StageTimer
 
 CPU = torch.device("cpu")
 

@@ -69,7 +69,7 @@ def stock_masks(model: torch.nn.Module, tile: np.ndarray) -> list[dict]:
 
 def test_mk_proposals_match_sam2_automatic_mask_generator(sam2_full_input) -> None:
     from bmseg.models.sam2_models import Sam2Engine, Sam2MKSegmenter, paint_masks
-    from bmseg.models.timing import StageTimer
+    from bmseg.timing import StageTimer
 
     tile = textured_tile()
     stock = stock_masks(sam2_full_input, tile)

@@ -21,11 +21,11 @@ from bmseg.models.base import Detections
 from bmseg.segment import (
     SegmentOptions,
     hspc_windows,
-    match_slides,
     read_batch_table,
     segment_batch,
 )
 from bmseg.slide import Rect
+from bmseg.slide_args import match_slides
 from bmseg.synth import SyntheticLayout, truth_labels, write_synthetic_slide
 
 RUN_SIDE = 3000

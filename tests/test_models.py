@@ -48,7 +48,7 @@ from bmseg.models.sam2_models import (
     window_overlap_px,
     window_points,
 )
-from bmseg.models.timing import StageTimer
+from bmseg.timing import StageTimer
 
 PIXEL_UM = 0.5  # 4 px per µm²: areas stay small on small test tiles
 

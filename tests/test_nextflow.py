@@ -388,7 +388,7 @@ def test_bad_ext_args_fail_the_parser_check() -> None:
 
 def segment_options(params: dict[str, Any], attempt: int = 1, cpus: int = 2) -> Any:
     """SEGMENT's parsed command line with the task's resources applied, as bmseg runs it."""
-    from bmseg.segment import apply_task_resources
+    from bmseg.cli.segment import apply_task_resources
 
     argv = next(
         argv
@@ -405,7 +405,7 @@ def test_list_flags_refuse_a_count_that_does_not_match(tmp_path: Path, capsys) -
     is one line and exit 2, never a silent mispairing."""
     from bmseg.cli import main
     from bmseg.errors import BmsegError
-    from bmseg.segment import match_slides
+    from bmseg.slide_args import match_slides
 
     with pytest.raises(BmsegError, match="--slide-ids names 1 slides for 2 files"):
         match_slides(["S1"], ["a.czi", "b.czi"], ["S1"])
@@ -1003,7 +1003,7 @@ def test_segment_host_memory_is_not_the_gpus() -> None:
 
 @pytest.mark.parametrize("label", LABELS)
 def test_retries_grow_host_resources_only_when_killed(label: str) -> None:
-    """137/143 double memory and time; a GPU out-of-memory (exit 1) retry keeps them."""
+    """137/143 double memory and time; another retried exit (a GPU out-of-memory) keeps them."""
     first = label_request(label)
     for code in (137, 143):
         grown = retried(label, [code])

@@ -27,19 +27,19 @@ from bmseg import cli
 from bmseg.contract import embedding_type
 from bmseg.errors import BmsegError
 from bmseg.models.base import Detections
+from bmseg.pixels import to_rgb8
 from bmseg.segment import (
     SegmentOptions,
     Tile,
     keep_owned,
-    match_slides,
     read_batch_table,
     segment_batch,
-    to_rgb8,
 )
 from bmseg.segment import (
     hspc_windows as segment_hspc_windows,
 )
 from bmseg.slide import Rect
+from bmseg.slide_args import match_slides
 from bmseg.storage import MANIFEST, embeddings_to_numpy, unique_cell_uids, write_parquet
 from bmseg.synth import write_synthetic_slide
 from bmseg.testing.oracle import MeanColourEmbedder, OracleSegmenter
@@ -741,3 +741,42 @@ def test_segment_reads_the_plane_and_modality_plan_chose(tmp_path: Path) -> None
     bad.write_text(json.dumps({**info, "plane": ["Z", 1]}))
     with pytest.raises(BmsegError, match=r"bad\.slide\.json.*plane"):
         read_plans([str(bad)], ["stack"])
+
+
+class OutOfMemorySegmenter(OracleSegmenter):
+    """The oracle, until its second call: then the GPU runs out of memory."""
+
+    def segment(self, tiles: Sequence[np.ndarray], pixel_size_um: float) -> list[Detections]:
+        if self.calls == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().segment(tiles, pixel_size_um)
+
+
+def test_gpu_out_of_memory_exits_for_a_retry_with_fewer_tiles_and_writes_nothing(
+    slide, coarse_batch, tmp_path, monkeypatch, capsys
+):
+    from bmseg.contract import GPU_OUT_OF_MEMORY_EXIT
+    from bmseg.models.loading import ModelSet
+    from bmseg.segment import run
+    from bmseg.timing import StageTimer
+
+    slide_path, truth = slide
+    _, tiles = read_batch_table(coarse_batch)
+    cpu = torch.device("cpu")
+
+    def stub_models(*args, **kwargs) -> ModelSet:
+        return ModelSet(
+            mk=OracleSegmenter("MK", truth, [t.read for t in tiles]),
+            hspc=OutOfMemorySegmenter("HSPC", truth, hspc_windows(tiles, SegmentOptions())),
+            embedder=MeanColourEmbedder(),
+            device=cpu,
+            timer=StageTimer(cpu),
+        )
+
+    monkeypatch.setattr(run, "load_models", stub_models)
+    out = tmp_path / "out"
+    args = [coarse_batch, "--slides", slide_path, "--models", tmp_path, "--out", out]
+    assert run_cli(*args, "--gpu-batch-tiles", "4", "--no-progress") == GPU_OUT_OF_MEMORY_EXIT
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and "--gpu-batch-tiles 2" in message[0], message
+    assert not out.exists()

@@ -16,10 +16,10 @@ from bmseg.contract import CELLS_FILE, TILES_SUFFIX, cells_schema
 from bmseg.segment import (
     SegmentOptions,
     hspc_windows,
-    match_slides,
     read_batch_table,
     segment_batch,
 )
+from bmseg.slide_args import match_slides
 from bmseg.testing.cells import cells_table, random_cells
 from bmseg.testing.oracle import MeanColourEmbedder, OracleSegmenter
 

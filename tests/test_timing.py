@@ -1,6 +1,7 @@
-"""bmseg.models.timing.StageTimer: wall time per stage on the CPU; on CUDA one pair of events
+"""bmseg.timing.StageTimer: wall time per stage on the CPU; on CUDA one pair of events
 per stage on the calling thread's stream, read in take(), never a device-wide synchronize
-(a fake Event stands in for CUDA's here, with a clock the test controls)."""
+(a fake Event stands in for CUDA's here, with a clock the test controls); seconds added from
+several threads sum."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import ClassVar
 import pytest
 import torch
 
-from bmseg.models.timing import StageTimer
+from bmseg.timing import StageTimer
 
 
 def test_cpu_stages_sum_wall_time_across_threads_and_take_resets() -> None:
@@ -76,3 +77,18 @@ def test_cuda_stages_are_timed_by_events_without_device_wide_sync(monkeypatch) -
     assert totals == pytest.approx({"sam2_encode": 0.3, "embed": 0.04})
     assert len(FakeEvent.waited) == 3  # each stage's end event, and only those
     assert timer.take() == {}
+
+
+def test_totals_sum_blocks_and_added_seconds_from_several_threads() -> None:
+    timer = StageTimer()
+    threads = [threading.Thread(target=timer.add, args=("read", 0.25)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with timer("write"):
+        time.sleep(0.01)
+    totals = timer.take()
+    assert totals["read"] == 2.0
+    assert totals["write"] >= 0.01
+    assert timer.take() == {}  # taking starts again

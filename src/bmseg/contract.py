@@ -326,5 +326,13 @@ CROPS_SCHEMA = pa.schema(
     ]
 )
 """``crops.parquet``: one gallery JPEG per cell, where it was cut and at which scale."""
+GALLERY_CROP_PX = 128
+"""Default largest side of a gallery JPEG (``--crop-px``); smaller crops keep full resolution."""
+SEGMENT_STAGES = ("read", "mk", "hspc", "features", "embed", "write")
+"""SEGMENT's stages, the keys of batch.json's ``timings_s``."""
+GPU_OUT_OF_MEMORY_EXIT = 75
+"""Exit code of ``bmseg segment`` when the GPU ran out of memory (sysexits' EX_TEMPFAIL: try
+again): the pipeline retries the task with half as many ``--gpu-batch-tiles``. Nothing of the
+batch is written. Bad input exits 2 and is never retried."""
 
 # --- GATHER, CLASSIFY, PAGES, REPORT -----------------------------------------------------------

@@ -35,6 +35,7 @@ import numpy as np
 
 from bmseg.argtypes import BAKED_MODELS_DIR, id_list
 from bmseg.errors import BmsegError
+from bmseg.label_images import relabel
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def tile_region(tile: TileCells, masks: TileMasks, slide, pixel_size_um: float):
     accepted HSPCs numbered 1..n, crops centred on them. Checks the slide against the table."""
     from bmseg.features import cell_centroids
     from bmseg.models.training import Region
-    from bmseg.segment import to_rgb8
+    from bmseg.pixels import to_rgb8
     from bmseg.slide import Rect
 
     labels = read_labels(masks, tile.slide_id, tile.tile_id).astype(np.int64)
@@ -222,14 +223,12 @@ def tile_region(tile: TileCells, masks: TileMasks, slide, pixel_size_um: float):
             f"{masks.path}: accepted cell {(missing or list(tile.accepted.values()))[0]} has no "
             f"pixels in {where}'s label image; pass the batch folders of this very run"
         )
-    keep = np.zeros(count + 1, np.int32)
-    keep[list(tile.accepted)] = np.arange(1, len(tile.accepted) + 1)
     drop = np.ones(count + 1, bool)
     drop[0] = False
     drop[list(tile.accepted)] = False
     drop[[m for m in tile.mks if m <= count]] = False
     pixels = slide.read(window.x, window.y, window.w, window.h)
-    accepted = keep[labels]
+    accepted = relabel(labels, list(tile.accepted), size=count + 1)
     check_pixels(tile, accepted, pixels, slide)
     rgb = mask_out(to_rgb8(pixels, slide.modality), labels, drop)
     cx, cy = cell_centroids(accepted, len(tile.accepted))
@@ -305,8 +304,8 @@ def finetune(args: argparse.Namespace) -> Path:
         train_cellpose,
         validation_ap50,
     )
-    from bmseg.segment import match_slides
     from bmseg.slide import open_slide
+    from bmseg.slide_args import match_slides
 
     started = time.perf_counter()
     models_dir, out = Path(args.models), Path(args.out)

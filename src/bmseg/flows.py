@@ -32,6 +32,7 @@ import torch
 from cellpose import dynamics, utils
 from scipy import ndimage
 
+from bmseg.label_images import keep_where, renumber
 from bmseg.models.choices import DEFAULT_FLOWS_METHOD, FLOWS_METHODS
 from bmseg.models.device import resolve_device
 
@@ -158,7 +159,7 @@ def cellpose_compute_masks(
     elif min_size > 0:
         sizes = np.bincount(masks.ravel())
         masks = np.where(sizes[masks] >= min_size, masks, 0)
-    return _renumbered(masks.astype(np.int32))
+    return renumber(masks.astype(np.int32))
 
 
 def _check_inputs(dP: np.ndarray, cellprob: np.ndarray, niter: int) -> None:
@@ -295,10 +296,7 @@ def _drop_labels(labels: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     and the rest renumbered 1..n in order, as int32."""
     if not bool(drop[1:].any()):
         return labels.to(torch.int32)
-    keep = ~drop
-    keep[0] = False
-    lookup = torch.where(keep, torch.cumsum(keep.to(torch.int32), 0, dtype=torch.int32), 0)
-    return lookup.to(torch.int32).index_select(0, labels.reshape(-1)).reshape(labels.shape)
+    return keep_where(labels, ~drop)
 
 
 def centre_flows(labels: np.ndarray, device: str | torch.device | None = None) -> np.ndarray:
@@ -389,12 +387,3 @@ def _fill_single_mask_holes(masks: np.ndarray) -> None:
         np.maximum.at(highest, hole_region[touching], neighbour[touching])
     fill = np.where(lowest == highest, highest, 0)
     flat_masks[hole_pixels] = fill[hole_region]
-
-
-def _renumbered(masks: np.ndarray) -> np.ndarray:
-    """``masks`` with its labels renumbered 1..n in ascending order (0 stays 0)."""
-    present = np.zeros(int(masks.max()) + 1, bool)
-    present[masks.ravel()] = True
-    present[0] = False
-    lookup = np.where(present, np.cumsum(present), 0).astype(np.int32)
-    return lookup[masks]

@@ -27,7 +27,7 @@ STEP_MODULES = (
     "bmseg.cli.synth",
     "bmseg.cli.plan",
     "bmseg.cli.batching",
-    "bmseg.segment",
+    "bmseg.cli.segment",
     "bmseg.cli.models",
     "bmseg.gather",
     "bmseg.pages",

@@ -21,8 +21,8 @@ from torchvision.ops import roi_align
 
 from bmseg.features import CropSampler
 from bmseg.models.device import inference
-from bmseg.models.timing import StageTimer
 from bmseg.models.transfer import upload
+from bmseg.timing import StageTimer
 
 HSPC_CROP_SIZE = 112
 """The smaller crop side offered for HSPC crops (a quarter of the pixels of 224², same 2048-d)."""

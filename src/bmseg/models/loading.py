@@ -24,7 +24,7 @@ from bmseg.models.embedder import ResNetEmbedder, fold_batch_norms
 from bmseg.models.layout import Manifest, check_sha256, corrupt, read_manifest, weight_path
 from bmseg.models.sam2_models import Sam2Engine, Sam2MKSegmenter
 from bmseg.models.settings import EmbedderSettings, HSPCSettings, MKSettings
-from bmseg.models.timing import StageTimer
+from bmseg.timing import StageTimer
 
 log = logging.getLogger(__name__)
 

@@ -176,10 +176,10 @@ def demo_layout_seeds(seed: int) -> dict[str, tuple[list[int], int]]:
 
 def synthetic_regions(layout_seed: int, modality: str, side: int = DEMO_SLIDE_PX) -> list[Region]:
     """The mosaic tiles of a synthetic layout that hold a cell, as SEGMENT sees them (RGB by
-    :func:`bmseg.segment.to_rgb8`), with the planted HSPCs' masks. Crops centre on every HSPC
+    :func:`bmseg.pixels.to_rgb8`), with the planted HSPCs' masks. Crops centre on every HSPC
     and MK (so the network learns that an MK is no HSPC) and on as many random points of the
     tile (background, tissue, their edges: what a tile shows away from cells)."""
-    from bmseg.segment import to_rgb8
+    from bmseg.pixels import to_rgb8
     from bmseg.slide import Rect
     from bmseg.synth import MOSAIC_TILE, SyntheticLayout, truth_labels
 

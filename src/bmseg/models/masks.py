@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from sam2.utils.amg import batched_mask_to_box, calculate_stability_score
 
+from bmseg.label_images import relabel
 from bmseg.models.base import Detections
 
 WINDOW_BUDGET = 1 << 26
@@ -306,9 +307,8 @@ class Painter:
             return empty, painted
         priorities, areas = torch.unique(painted, return_counts=True)
         kept = priorities[areas >= min_area_px].flip(0)
-        lookup = torch.zeros(int(priorities.max()) + 2, dtype=torch.int32, device=painted.device)
-        lookup[kept + 1] = torch.arange(1, len(kept) + 1, dtype=torch.int32, device=kept.device)
-        return lookup[self.winner + 1].reshape(self.tile_hw), kept
+        size = int(priorities.max()) + 2
+        return relabel(self.winner + 1, kept + 1, size).reshape(self.tile_hw), kept
 
     def detections(
         self, scores: torch.Tensor, priority: torch.Tensor, min_area_px: float

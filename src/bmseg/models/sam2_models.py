@@ -42,8 +42,8 @@ from bmseg.models.masks import (
     window_pixels,
 )
 from bmseg.models.settings import MKSettings, area_px
-from bmseg.models.timing import StageTimer
 from bmseg.models.transfer import upload
+from bmseg.timing import StageTimer
 
 log = logging.getLogger(__name__)
 

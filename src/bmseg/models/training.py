@@ -2,7 +2,7 @@
 
 Both `bmseg models make-demo` (a small network trained on synthetic slides) and `bmseg finetune`
 (a lab's network adapted to its accepted HSPC masks) come here. A training *region* is an RGB
-image as SEGMENT shows it to the models (:func:`bmseg.segment.to_rgb8`) with its label image;
+image as SEGMENT shows it to the models (:func:`bmseg.pixels.to_rgb8`) with its label image;
 Cellpose's training targets (cell probability and Cellpose's own flows, laid out as
 ``cellpose.dynamics.labels_to_flows`` does) are computed once per region, then crops around the
 cells are cut from image and targets together.

@@ -1,4 +1,5 @@
-"""Seconds per named stage without stalling the device.
+"""Seconds per named stage without stalling the device: the one timer of bmseg (SEGMENT's
+stages and the models' own).
 
 The previous timer called ``torch.cuda.synchronize`` at every stage edge: a device-wide wait
 that, from several threads at once, serialised them and charged each stage with whatever the
@@ -22,10 +23,12 @@ import torch
 
 class StageTimer:
     """``with timer("mk_masks"): ...`` adds that block's time to stage ``mk_masks``;
-    :meth:`take` returns the totals so far (device time on CUDA, wall time on the CPU) and
-    starts again (SEGMENT records them per batch). Safe to use from several threads."""
+    :meth:`add` adds seconds measured elsewhere (a reader thread's read time); :meth:`take`
+    returns the totals so far (device time on CUDA, wall time on the CPU or without a device:
+    SEGMENT's host stages) and starts again (SEGMENT records them per batch). Safe to use from
+    several threads."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         self.device = device
         self._lock = threading.Lock()
         self._host: dict[str, float] = {}
@@ -35,7 +38,7 @@ class StageTimer:
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
         events = None
-        if self.device.type == "cuda":
+        if self.device is not None and self.device.type == "cuda":
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record()
         start = time.perf_counter()
@@ -51,6 +54,12 @@ class StageTimer:
                     self._wall[stage] = self._wall.get(stage, 0.0) + elapsed
                 else:
                     self._pending.append((stage, *events))
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Add ``seconds`` of wall time to ``stage``'s total (host and, on the CPU, device)."""
+        with self._lock:
+            self._host[stage] = self._host.get(stage, 0.0) + seconds
+            self._wall[stage] = self._wall.get(stage, 0.0) + seconds
 
     def take(self) -> dict[str, float]:
         """Seconds per stage since the last call: device time on CUDA, wall time on the CPU."""
