@@ -13,7 +13,8 @@ import pytest
 
 from bmseg.cli import main
 from bmseg.fake_cells import cells_table, write_batch, write_plan
-from bmseg.gather import CELL_UUID_NAMESPACE, cell_uuids, find_duplicates
+from bmseg.qupath import CELL_UUID_NAMESPACE, cell_uuids
+from bmseg.seams import find_duplicates
 from qupath_geojson import read_like_qupath
 
 SMALL_EMBEDDING = 16

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from bmseg.cell_tables import EMBEDDED_COLUMNS, find_cell_tables, meta_columns, table_uids
 from bmseg.contract import (
     CELL_TYPES,
     EMBEDDING_COLUMN,
@@ -34,19 +35,16 @@ from bmseg.contract import (
     SUMMARY_FILE,
     check_id,
     feature_columns,
+    label_column,
+    probability_column,
 )
 from bmseg.errors import BmsegError, reading
-from bmseg.gather import (
-    area_histogram_png,
-    density_plot_png,
-    png_bytes,
-    read_plans,
-    summarise,
-    write_geojson,
-)
+from bmseg.html_page import CSP as REPORT_CSP
+from bmseg.html_page import img_tag, png_bytes
 from bmseg.labels import LabelReport, merge_labels, read_label_file
-from bmseg.report import CSP as REPORT_CSP
-from bmseg.report import img_tag
+from bmseg.metrics_html import label_summary_html, metrics_tables
+from bmseg.qupath import write_geojson
+from bmseg.slide_records import read_plans
 from bmseg.storage import (
     atomic_path,
     check_complete,
@@ -57,6 +55,7 @@ from bmseg.storage import (
     write_parquet,
     writes_output_set,
 )
+from bmseg.summaries import summarise, write_summary
 from bmseg.versions import package_versions
 
 if TYPE_CHECKING:
@@ -139,39 +138,6 @@ TISSUE_COLUMNS = (
 )
 
 
-def probability_column(cell_type: str) -> str:
-    """Name of the probability column a ``cell_type`` classifier adds."""
-    return f"{cell_type.lower()}_probability"
-
-
-def label_column(cell_type: str) -> str:
-    """Name of the accepted/rejected column a ``cell_type`` classifier adds."""
-    return f"{cell_type.lower()}_label"
-
-
-def cell_files(paths: Sequence[Path]) -> list[Path]:
-    """Cell tables named by ``paths``: gathered directories (their ``*.cells.parquet``) or files."""
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            check_complete(path)
-            found = sorted(path.glob("*.cells.parquet"))
-            if not found:
-                raise BmsegError(f"{path}: no *.cells.parquet; pass the directory gather wrote")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise BmsegError(f"{path}: no such file or directory; pass gathered cell tables")
-    for path in files:
-        with reading(path, "pass the cell tables bmseg gather wrote"):
-            names = pq.read_schema(path).names
-        missing = [c for c in ("cell_uid", "cell_type", EMBEDDING_COLUMN) if c not in names]
-        if missing:
-            raise BmsegError(f"{path}: columns {', '.join(missing)} missing; not a cell table")
-    return files
-
-
 def feature_matrix(table: pa.Table, features: Sequence[str]) -> np.ndarray:
     """float32 matrix: the measurement columns, then the embedding's dimensions."""
     embedding = embeddings_to_numpy(table[EMBEDDING_COLUMN])
@@ -180,14 +146,6 @@ def feature_matrix(table: pa.Table, features: Sequence[str]) -> np.ndarray:
         matrix[:, index] = table[name].to_numpy(zero_copy_only=False)
     matrix[:, len(features) :] = embedding
     return matrix
-
-
-def table_uids(files: Sequence[Path]) -> set[str]:
-    """Every cell uid in the tables."""
-    uids: set[str] = set()
-    for path in files:
-        uids.update(pq.read_table(path, columns=["cell_uid"])["cell_uid"].to_pylist())
-    return uids
 
 
 def read_labelled(files: Sequence[Path], labelled: dict[str, bool]) -> pa.Table:
@@ -485,7 +443,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.folds < 2:
         raise BmsegError(f"--folds {args.folds}: need at least 2")
     check_train_out(Path(args.final_out), [Path(args.cells), *map(Path, args.labels)])
-    files = cell_files([Path(args.cells)])
+    files = find_cell_tables([Path(args.cells)], EMBEDDED_COLUMNS)
     label_paths = [Path(p) for p in args.labels]
     merged, report = merge_labels(label_paths, table_uids(files))
     if not merged:
@@ -587,62 +545,6 @@ text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:
 .FAIL{color:#fff;background:#c62828;padding:2px 8px;border-radius:4px}
 img{max-width:100%}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}.muted{color:#666}
 """
-
-
-def _status(value: Any) -> str:
-    """PASS or FAIL, whatever a metrics file says: the value becomes a CSS class."""
-    return "PASS" if value == "PASS" else "FAIL"
-
-
-def metrics_tables(cell_type: str, entry: dict) -> str:
-    """HTML for one cell type's candidates and confusion matrix (shared with bmseg report).
-
-    Every value is converted (``float``, ``int``, PASS/FAIL) or escaped: ``entry`` may come from
-    a metrics.json on disk. A value of the wrong type raises ValueError, TypeError or KeyError.
-    """
-    esc = html.escape
-    chosen = str(entry["chosen"])
-    rows = "".join(
-        f"<tr><td>{esc(str(name))}{' (chosen)' if name == chosen else ''}</td>"
-        + "".join(f"<td>{float(m[k]):.3f}</td>" for k in ("accuracy", "precision", "recall", "f1"))
-        + f"<td>{float(m['roc_auc']):.3f}</td>"
-        f"<td><span class='{_status(m['status'])}'>{_status(m['status'])}</span></td></tr>"
-        for name, m in entry["candidates"].items()
-    )
-    (tn, fp), (fn, tp) = (map(int, row) for row in entry["candidates"][chosen]["confusion_matrix"])
-    status = _status(entry["status"])
-    return (
-        f"<h3>{esc(str(cell_type))} <span class='{status}'>{status}</span></h3>"
-        f"<p>{int(entry['counts']['yes'])} yes, {int(entry['counts']['no'])} no labels; model "
-        f"<code>{esc(str(entry['model']))}</code></p>"
-        "<table><tr><th>model</th><th>accuracy</th><th>precision</th><th>recall</th><th>F1</th>"
-        f"<th>ROC-AUC</th><th>acceptance</th></tr>{rows}</table>"
-        "<table><tr><th>chosen model</th><th>predicted no</th><th>predicted yes</th></tr>"
-        f"<tr><td>labelled no</td><td>{tn}</td><td>{fp}</td></tr>"
-        f"<tr><td>labelled yes</td><td>{fn}</td><td>{tp}</td></tr></table>"
-    )
-
-
-def label_summary_html(labels: dict) -> str:
-    """HTML list of what label merging did (shared with bmseg report); counts are ``int``-ed and
-    text escaped, as ``labels`` may come from a metrics.json on disk."""
-    esc = html.escape
-    count = {key: int(labels[key]) for key in (
-        "entries", "superseded", "cells_labelled", "unsure", "disagreements", "ties_left_out",
-        "not_found",
-    )}  # fmt: skip
-    examples = [str(uid) for uid in labels["not_found_examples"][:3]]
-    items = [
-        f"{len(labels['files'])} file(s), {count['entries']} entries, "
-        f"{count['superseded']} superseded by a later label of the same annotator",
-        f"{count['cells_labelled']} cells labelled, {count['unsure']} only unsure (left out)",
-        f"{count['disagreements']} cells with disagreeing annotators "
-        f"({count['ties_left_out']} ties left out, the rest decided by majority)",
-        f"{count['not_found']} labelled cells not in the cell tables (left out)"
-        + (f": e.g. {esc(', '.join(examples))}" if count["not_found"] else ""),
-    ]
-    files = "".join(f"<li><code>{esc(str(f))}</code></li>" for f in labels["files"])
-    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + f"</ul><ul>{files}</ul>"
 
 
 def training_report(trained: list[TrainedType], report: LabelReport, features: list[str]) -> str:
@@ -819,7 +721,7 @@ def run_classify(args: argparse.Namespace) -> int:
     import pandas as pd
     from tqdm import tqdm
 
-    files = cell_files([Path(p) for p in args.cells])
+    files = find_cell_tables([Path(p) for p in args.cells], EMBEDDED_COLUMNS)
     names = [p.name for p in files]
     if len(set(names)) != len(names):
         raise BmsegError("CELLS: two tables share a file name; pass each slide's table once")
@@ -862,10 +764,7 @@ def run_classify(args: argparse.Namespace) -> int:
     empty = [p.name.removesuffix(".cells.parquet") for p in files if not _rows(p)]
     slides = sorted(set(cells["slide_id"].unique()) | set(empty))
     summary = summarise(cells, _tissue_frame(files, slides))
-    with atomic_path(out / SUMMARY_FILE) as tmp:
-        summary.to_csv(tmp, index=False, float_format="%.6g")
-    write_bytes(density_plot_png(summary), out / "density.png")
-    write_bytes(area_histogram_png(cells), out / "area_histograms.png")
+    write_summary(summary, cells, out)
     if args.ranking:
         ranking = uncertainty_ranking(cells, exclude)
         write_parquet(ranking, out / RANKING_FILE)
@@ -896,11 +795,6 @@ def run_classify(args: argparse.Namespace) -> int:
     )
     log.info("classified %d cells in %d tables -> %s", len(cells), len(files), out)
     return 0
-
-
-def meta_columns(schema: pa.Schema) -> list[str]:
-    """Every column but the embedding."""
-    return [name for name in schema.names if name != EMBEDDING_COLUMN]
 
 
 def _rows(path: Path) -> int:

@@ -32,9 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from bmseg.cell_tables import find_cell_tables, flat_contours, require_columns
 from bmseg.errors import BmsegError
-from bmseg.gather import flat_contours
-from bmseg.storage import atomic_path, check_complete, output_set, write_bytes
+from bmseg.storage import atomic_path, output_set, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -76,41 +76,16 @@ def crops_path_for(cells_path: Path) -> Path:
 def find_sources(inputs: list[Path]) -> list[CellSource]:
     """Expand CELLS arguments (gathered directories or cell tables) into cell/crop pairs."""
     sources: list[CellSource] = []
-    for item in inputs:
-        if item.is_dir():
-            check_complete(item)
-            tables = sorted(item.glob("*cells.parquet"))
-            if not tables:
-                raise BmsegError(
-                    f"{item}: no *.cells.parquet in this directory; pass the output of bmseg gather"
-                )
-        elif item.is_file():
-            tables = [item]
-        else:
-            raise BmsegError(f"{item}: no such file or directory; pass a gathered directory")
-        for table in tables:
-            crops = crops_path_for(table)
-            if not crops.is_file():
-                raise BmsegError(
-                    f"{table}: its crops {crops.name} are missing beside it; "
-                    "pass the directory bmseg gather wrote (it holds both)"
-                )
-            sources.append(CellSource(table, crops))
+    for table in find_cell_tables(inputs, CELL_COLUMNS):
+        crops = crops_path_for(table)
+        if not crops.is_file():
+            raise BmsegError(
+                f"{table}: its crops {crops.name} are missing beside it; "
+                "pass the directory bmseg gather wrote (it holds both)"
+            )
+        require_columns(crops, CROP_COLUMNS, "the crop table")
+        sources.append(CellSource(table, crops))
     return sources
-
-
-def _require_columns(path: Path, wanted: tuple[str, ...], what: str) -> None:
-    try:
-        names = set(pq.read_schema(path).names)
-    except (OSError, pa.ArrowException) as error:
-        raise BmsegError(
-            f"{path}: not a readable Parquet file ({error}); re-run the step"
-        ) from error
-    missing = [name for name in wanted if name not in names]
-    if missing:
-        raise BmsegError(
-            f"{path}: {what} lacks column(s) {', '.join(missing)}; see docs/data.md for the schema"
-        )
 
 
 def find_ranking(inputs: list[Path], ranking: Path | None) -> Path | None:
@@ -218,7 +193,7 @@ def page_order(
 
 def load_uncertainty(cells: pa.Table, ranking: Path) -> np.ndarray:
     """Per-cell uncertainty from the ranking table, NaN where a cell is not ranked."""
-    _require_columns(ranking, ("cell_uid", "uncertainty"), "the ranking table")
+    require_columns(ranking, ("cell_uid", "uncertainty"), "the ranking table")
     table = pq.read_table(ranking, columns=["cell_uid", "uncertainty"])
     position = pc.index_in(cells["cell_uid"], value_set=table["cell_uid"])
     values = table["uncertainty"].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -573,9 +548,6 @@ def build_site(
     if site.exists() and not site.is_dir():
         raise BmsegError(f"{site}: exists and is not a directory; choose another --out")
     sources = find_sources(inputs)
-    for source in sources:
-        _require_columns(source.cells, CELL_COLUMNS, "the cell table")
-        _require_columns(source.crops, CROP_COLUMNS, "the crop table")
     ranking_path = find_ranking(inputs, ranking)
     if order == "uncertainty" and ranking_path is None:
         raise BmsegError(

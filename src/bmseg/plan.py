@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from bmseg.contract import MODALITIES, TILE_SCHEMA
 from bmseg.errors import BmsegError
+from bmseg.pictures import PICTURE_COLOURS
 from bmseg.slide import Rect, Slide, open_slide, parse_plane
 
 log = logging.getLogger(__name__)
@@ -41,16 +42,6 @@ PANEL_GAP = 8  # px between scene panels
 # Opacity of the colour laid over kept cores: light on white glass, where the stain must stay
 # readable; stronger on black, where a light wash would vanish.
 KEPT_WASH = {"brightfield": 0.18, "fluorescence": 0.35}
-# Picture colours per modality: (tissue outline, kept cores, dropped cores), and their names.
-# The kept cores' wash is a saturated colour that stands out from the background of its
-# modality (blue on white glass; magenta on black, apart from the stains' blue and green),
-# the dropped cores a faint grey frame.
-PICTURE_COLOURS = {
-    "brightfield": ((0, 170, 60), (40, 90, 230), (175, 175, 175), "green", "blue"),
-    "fluorescence": ((255, 215, 0), (255, 60, 220), (110, 110, 110), "yellow", "magenta"),
-}
-
-
 def default_margin(pixel_size_um: float, mk_max_area_um2: float = DEFAULT_MK_MAX_AREA_UM2) -> int:
     """Margin in px: ``ceil(1.05 * 2 * sqrt(A / pi) / pixel size)`` for the largest MK area A.
 
