@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from bmseg.pages import build_site
+from bmseg.pages import build_pages
 from pages_synth import make_gathered
 
 CHROMIUM_ARGS = [
@@ -69,7 +69,7 @@ def main() -> None:
         folder = Path(tmp)
         gathered = make_gathered(folder / "g", {"S1": {"MK": args.cells}})
         site = folder / "site"
-        build_site([gathered], site, per_page=args.cells)
+        build_pages([gathered], site, per_page=args.cells)
         page = site / "MK" / "page-0001.html"
         ours = page.stat().st_size + sum(
             p.stat().st_size for p in (site / "MK" / "p0001").iterdir()

@@ -312,3 +312,8 @@ def accepted_density_column(cell_type: str) -> str:
 def area_quantile_column(cell_type: str, percentile: int) -> str:
     """``{type}_area_um2_p{q}``: the q-th percentile of the type's cell areas."""
     return f"{cell_type}_area_um2_p{percentile}"
+
+
+GALLERY_ORDERS = ("random", "size", "uncertainty")
+"""PAGES' gallery orders: seeded random, largest first, most uncertain first (from
+``ranking.parquet``)."""

@@ -9,7 +9,6 @@ touched by Python; kept cells' uids are made unique across batches (docs/data.md
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import json
@@ -30,14 +29,20 @@ from bmseg.contract import (
     BATCH_FILE,
     BATCHES_RECORD,
     CELLS_FILE,
+    CELLS_SUFFIX,
     CROPS_FILE,
+    CROPS_SUFFIX,
     EMBEDDING_COLUMN,
     GATHER_RECORD,
+    GEOJSON_SUFFIX,
     INTENSITY_STATS,
     REQUIRED_COLUMNS,
+    SLIDE_RECORD_SUFFIX,
+    TISSUE_PICTURE_SUFFIX,
     check_id,
     feature_columns,
     intensity_column_parts,
+    slide_file,
 )
 from bmseg.errors import BmsegError, reading
 from bmseg.qupath import write_geojson
@@ -46,11 +51,11 @@ from bmseg.slide_records import SlidePlan, read_plans
 from bmseg.storage import (
     check_complete,
     check_no_nulls,
+    output_set,
     parquet_writer,
     unique_cell_uids,
     write_bytes,
     write_json,
-    writes_output_set,
 )
 from bmseg.summaries import summarise, write_summary
 from bmseg.versions import package_versions
@@ -305,12 +310,20 @@ def _stream_rows(
         writers.flush_all()
 
 
-@writes_output_set
-def run_gather(args: argparse.Namespace) -> int:
-    """``bmseg gather``: validate everything, then write per-slide tables and run summaries."""
-    if not 0.0 < args.min_overlap <= 1.0:
-        raise BmsegError(f"--min-overlap {args.min_overlap}: must lie in (0, 1]")
-    batches = read_batch_inputs([Path(d) for d in args.batch_dirs])
+def gather(
+    batch_dirs: Sequence[Path], plans_dir: Path, out: Path, *, min_overlap: float = 0.5
+) -> Path:
+    """``bmseg gather``: validate everything, then write per-slide tables and run summaries.
+
+    ``batch_dirs`` are SEGMENT's output folders, ``plans_dir`` the folder PLAN wrote; two cells
+    of different tiles whose contours overlap by ``min_overlap`` of the smaller are one cell
+    (the higher score is kept). ``out`` receives, as one output set, per slide the cell and crop
+    tables, the QuPath GeoJSON and PLAN's record and picture; for the run the summary, its
+    plots, the batches' records and ``gather.json``. Returns ``out``.
+    """
+    if not 0.0 < min_overlap <= 1.0:
+        raise BmsegError(f"--min-overlap {min_overlap}: must lie in (0, 1]")
+    batches = read_batch_inputs(list(batch_dirs))
     tiles_by_slide: dict[str, set[str]] = {}
     for batch in batches:
         for tile in batch.record["tiles"]:
@@ -323,10 +336,10 @@ def run_gather(args: argparse.Namespace) -> int:
             f"{batches[0].directory}: cells of slides {sorted(unknown)} but no tiles in any "
             "batch.json; pass complete SEGMENT outputs"
         )
-    plans = read_plans(Path(args.plans), tiles_by_slide)
+    plans = read_plans(plans_dir, tiles_by_slide)
     log.info("read %d cells from %d batches, %d slides", meta.num_rows, len(batches), len(plans))
 
-    dropped, compared = find_duplicates(meta, args.min_overlap)
+    dropped, compared = find_duplicates(meta, min_overlap)
     keep = np.ones(meta.num_rows, bool)
     keep[dropped] = False
     log.info(
@@ -339,126 +352,101 @@ def run_gather(args: argparse.Namespace) -> int:
         log.info("%d kept cells shared a cell_uid with another batch's: suffixed", renamed)
         meta = meta.set_column(meta.schema.get_field_index("cell_uid"), "cell_uid", uids)
 
-    out = Path(args.out)
-    slides = sorted(plans)
-    slide_index = {s: i for i, s in enumerate(slides)}
-    slide_code, slide_values = dictionary_codes(meta["slide_id"])
-    row_slide = np.array([slide_index[s] for s in slide_values], np.int64)[slide_code]
-    per_slide_dropped = np.bincount(row_slide[dropped], minlength=len(slides))
-    row_slide[~keep] = -1
-    batch_rows = np.cumsum([0] + [pq.ParquetFile(b.cells).metadata.num_rows for b in batches])
-    batch_slices = [slice(int(start), int(stop)) for start, stop in itertools.pairwise(batch_rows)]
-    _stream_rows(
-        [b.cells for b in batches],
-        [row_slide[rows] for rows in batch_slices],
-        [uids[rows] for rows in batch_slices] if renamed else None,
-        slides,
-        {s: out / f"{s}.cells.parquet" for s in slides},
-        "cells",
-    )
-    with_crops = [i for i, b in enumerate(batches) if b.crops is not None]
-    if with_crops:
-        # A crop belongs to the cell of its own batch with its (batch-unique) uid.
-        crop_codes, crop_uids = [], []
-        for i in with_crops:
-            crop_of = pq.read_table(batches[i].crops, columns=["cell_uid"])["cell_uid"]
-            local = pc.index_in(crop_of, value_set=read_uids[batch_slices[i]])
-            local = local.fill_null(-1).to_numpy()
-            rows = batch_rows[i] + local.clip(0)
-            crop_codes.append(np.where(local >= 0, row_slide[rows], -1))
-            if renamed:
-                crop_uids.append(uids.take(rows))
+    with output_set(out) as staging:
+        slides = sorted(plans)
+        slide_index = {s: i for i, s in enumerate(slides)}
+        slide_code, slide_values = dictionary_codes(meta["slide_id"])
+        row_slide = np.array([slide_index[s] for s in slide_values], np.int64)[slide_code]
+        per_slide_dropped = np.bincount(row_slide[dropped], minlength=len(slides))
+        row_slide[~keep] = -1
+        batch_rows = np.cumsum([0] + [pq.ParquetFile(b.cells).metadata.num_rows for b in batches])
+        batch_slices = [
+            slice(int(start), int(stop)) for start, stop in itertools.pairwise(batch_rows)
+        ]
         _stream_rows(
-            [batches[i].crops for i in with_crops],
-            crop_codes,
-            crop_uids if renamed else None,
+            [b.cells for b in batches],
+            [row_slide[rows] for rows in batch_slices],
+            [uids[rows] for rows in batch_slices] if renamed else None,
             slides,
-            {s: out / f"{s}.crops.parquet" for s in slides},
-            "crops",
+            {s: staging / slide_file(s, CELLS_SUFFIX) for s in slides},
+            "cells",
         )
+        with_crops = [i for i, b in enumerate(batches) if b.crops is not None]
+        if with_crops:
+            # A crop belongs to the cell of its own batch with its (batch-unique) uid.
+            crop_codes, crop_uids = [], []
+            for i in with_crops:
+                crop_of = pq.read_table(batches[i].crops, columns=["cell_uid"])["cell_uid"]
+                local = pc.index_in(crop_of, value_set=read_uids[batch_slices[i]])
+                local = local.fill_null(-1).to_numpy()
+                rows = batch_rows[i] + local.clip(0)
+                crop_codes.append(np.where(local >= 0, row_slide[rows], -1))
+                if renamed:
+                    crop_uids.append(uids.take(rows))
+            _stream_rows(
+                [batches[i].crops for i in with_crops],
+                crop_codes,
+                crop_uids if renamed else None,
+                slides,
+                {s: staging / slide_file(s, CROPS_SUFFIX) for s in slides},
+                "crops",
+            )
 
-    kept_meta = meta.filter(pa.array(keep))
-    measurements = feature_columns(kept_meta.schema)
-    for slide in slides:
-        plan = plans[slide]
-        slide_meta = kept_meta.filter(pc.equal(kept_meta["slide_id"], slide))
-        write_geojson(
-            slide_meta,
-            (plan.origin_x, plan.origin_y),
-            measurements,
-            out / f"{slide}.cells.geojson",
+        kept_meta = meta.filter(pa.array(keep))
+        measurements = feature_columns(kept_meta.schema)
+        for slide in slides:
+            plan = plans[slide]
+            slide_meta = kept_meta.filter(pc.equal(kept_meta["slide_id"], slide))
+            write_geojson(
+                slide_meta,
+                (plan.origin_x, plan.origin_y),
+                measurements,
+                staging / slide_file(slide, GEOJSON_SUFFIX),
+            )
+            write_bytes(
+                plan.slide_json.read_bytes(), staging / slide_file(slide, SLIDE_RECORD_SUFFIX)
+            )
+            if plan.tissue_png is not None:
+                write_bytes(
+                    plan.tissue_png.read_bytes(), staging / slide_file(slide, TISSUE_PICTURE_SUFFIX)
+                )
+
+        tissue = pd.DataFrame(
+            {
+                "slide_id": slides,
+                "pixel_size_um": [plans[s].pixel_size_um for s in slides],
+                "tissue_area_mm2": [plans[s].tissue_area_mm2 for s in slides],
+                "tiles_segmented": [len(tiles_by_slide[s]) for s in slides],
+                "segmented_tissue_mm2": [
+                    segmented_tissue_mm2(plans[s], tiles_by_slide[s]) for s in slides
+                ],
+                "duplicates_removed": per_slide_dropped,
+            }
+        ).set_index("slide_id")
+        cells_frame = kept_meta.select(["slide_id", "cell_type", "area_um2"]).to_pandas()
+        summary = summarise(cells_frame, tissue)
+        write_summary(summary, cells_frame, staging)
+        write_json(
+            {"batches": [dict(b.record, directory=b.directory.name) for b in batches]},
+            staging / BATCHES_RECORD,
         )
-        write_bytes(plan.slide_json.read_bytes(), out / f"{slide}.slide.json")
-        if plan.tissue_png is not None:
-            write_bytes(plan.tissue_png.read_bytes(), out / f"{slide}.tissue.png")
-
-    tissue = pd.DataFrame(
-        {
-            "slide_id": slides,
-            "pixel_size_um": [plans[s].pixel_size_um for s in slides],
-            "tissue_area_mm2": [plans[s].tissue_area_mm2 for s in slides],
-            "tiles_segmented": [len(tiles_by_slide[s]) for s in slides],
-            "segmented_tissue_mm2": [
-                segmented_tissue_mm2(plans[s], tiles_by_slide[s]) for s in slides
-            ],
-            "duplicates_removed": per_slide_dropped,
-        }
-    ).set_index("slide_id")
-    cells_frame = kept_meta.select(["slide_id", "cell_type", "area_um2"]).to_pandas()
-    summary = summarise(cells_frame, tissue)
-    write_summary(summary, cells_frame, out)
-    write_json(
-        {"batches": [dict(b.record, directory=b.directory.name) for b in batches]},
-        out / BATCHES_RECORD,
-    )
-    write_json(
-        {
-            "cells_read": meta.num_rows,
-            "cells_kept": kept_meta.num_rows,
-            "pairs_compared": compared,
-            "duplicates_removed": len(dropped),
-            "uids_suffixed": renamed,
-            "min_overlap": args.min_overlap,
-            "slides": slides,
-            "versions": package_versions(),
-        },
-        out / GATHER_RECORD,
-    )
+        write_json(
+            {
+                "cells_read": meta.num_rows,
+                "cells_kept": kept_meta.num_rows,
+                "pairs_compared": compared,
+                "duplicates_removed": len(dropped),
+                "uids_suffixed": renamed,
+                "min_overlap": min_overlap,
+                "slides": slides,
+                "versions": package_versions(),
+            },
+            staging / GATHER_RECORD,
+        )
     log.info(
         "wrote %d cells of %d slides, summary, GeoJSON and plots to %s",
         kept_meta.num_rows,
         len(slides),
         out,
     )
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bmseg gather``."""
-    parser = subparsers.add_parser(
-        "gather",
-        help="per-slide cell tables, summary.csv, QuPath GeoJSON and plots from batch outputs",
-        description="Gather SEGMENT batch outputs into per-slide results; cells that two tiles "
-        "both kept are resolved (overlap over the smaller area >= --min-overlap keeps the "
-        "higher score).",
-    )
-    parser.add_argument(
-        "batch_dirs",
-        nargs="+",
-        metavar="BATCH_DIR",
-        help="SEGMENT output directories (cells.parquet, batch.json, ...)",
-    )
-    parser.add_argument(
-        "--plans",
-        required=True,
-        metavar="DIR",
-        help="directory with PLAN's {slide}.slide.json and {slide}.tissue.png",
-    )
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    parser.add_argument(
-        "--min-overlap",
-        type=float,
-        default=0.5,
-        help="overlap over the smaller cell that makes two cells one (0.5)",
-    )
-    parser.set_defaults(handler=run_gather)
+    return out

@@ -42,6 +42,8 @@ PANEL_GAP = 8  # px between scene panels
 # Opacity of the colour laid over kept cores: light on white glass, where the stain must stay
 # readable; stronger on black, where a light wash would vanish.
 KEPT_WASH = {"brightfield": 0.18, "fluorescence": 0.35}
+
+
 def default_margin(pixel_size_um: float, mk_max_area_um2: float = DEFAULT_MK_MAX_AREA_UM2) -> int:
     """Margin in px: ``ceil(1.05 * 2 * sqrt(A / pi) / pixel size)`` for the largest MK area A.
 

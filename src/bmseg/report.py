@@ -9,7 +9,6 @@ user text (slide names, paths, metadata) is HTML-escaped.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -374,26 +373,16 @@ def build_report(roots: Sequence[Path]) -> str:
     )
 
 
-def run_report(args: argparse.Namespace) -> int:
-    """``bmseg report``: check the inputs exist, then write the page atomically."""
-    roots = [Path(p) for p in args.results]
-    for root in roots:
+def report(results: Sequence[Path], out: Path) -> Path:
+    """``bmseg report``: check the result directories exist, then write the page atomically.
+
+    ``results`` are the run's result directories (gathered, classified, classifiers), searched
+    at any depth; ``out`` is the one HTML file written. Returns ``out``.
+    """
+    for root in results:
         if not root.is_dir():
             raise BmsegError(f"{root}: no such directory; pass the run's result directories")
-    page = build_report(roots)
-    write_bytes(page.encode("utf-8"), args.out)
-    log.info("wrote the run report (%d kB) to %s", len(page) // 1024, args.out)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bmseg report``."""
-    parser = subparsers.add_parser("report", help="one self-contained HTML page summarising a run")
-    parser.add_argument(
-        "results",
-        nargs="+",
-        metavar="RESULTS",
-        help="result directories (gathered, classified, classifiers), searched at any depth",
-    )
-    parser.add_argument("--out", required=True, type=Path, help="the HTML file to write")
-    parser.set_defaults(handler=run_report)
+    page = build_report(results)
+    write_bytes(page.encode("utf-8"), out)
+    log.info("wrote the run report (%d kB) to %s", len(page) // 1024, out)
+    return out

@@ -29,12 +29,12 @@ STEP_MODULES = (
     "bmseg.batching",
     "bmseg.segment",
     "bmseg.models.cli",
-    "bmseg.gather",
-    "bmseg.pages",
-    "bmseg.annotate",
-    "bmseg.classifiers",
+    "bmseg.cli.gather",
+    "bmseg.cli.pages",
+    "bmseg.cli.annotate",
+    "bmseg.cli.classifiers",
     "bmseg.finetune",
-    "bmseg.report",
+    "bmseg.cli.report",
 )
 
 log = logging.getLogger("bmseg")
@@ -158,4 +158,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"bmseg {args.command}: interrupted\n")
         return 130
-
