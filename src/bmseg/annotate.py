@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from bmseg.contract import LABELS_FILE
+from bmseg.contract import LABELS_FILE, SITE_INDEX
 from bmseg.errors import BmsegError
 from bmseg.labels import (
     LABEL_VERSION,
@@ -296,7 +296,7 @@ class SiteHandler(SimpleHTTPRequestHandler):
         if hidden or not target.is_relative_to(self.site) or not target.exists():
             self.send_error(HTTPStatus.NOT_FOUND, "not found")
             return None
-        if target.is_dir() and not (target / "index.html").is_file():
+        if target.is_dir() and not (target / SITE_INDEX).is_file():
             self.send_error(HTTPStatus.NOT_FOUND, "not found")
             return None
         return super().send_head()
@@ -319,7 +319,7 @@ class LabelServer(ThreadingHTTPServer):
 def make_server(site: Path, labels: Path, host: str, port: int) -> LabelServer:
     """A threaded HTTP server for ``site`` writing labels to ``labels`` (validated first)."""
     site = site.resolve()
-    if not (site / "index.html").is_file():
+    if not (site / SITE_INDEX).is_file():
         raise BmsegError(f"{site}: no index.html here; make the site with bmseg pages --out SITE")
     if labels.exists() and not labels.is_file():
         raise BmsegError(f"{labels}: is not a file; pass --labels FILE")

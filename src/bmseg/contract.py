@@ -317,3 +317,5 @@ def area_quantile_column(cell_type: str, percentile: int) -> str:
 GALLERY_ORDERS = ("random", "size", "uncertainty")
 """PAGES' gallery orders: seeded random, largest first, most uncertain first (from
 ``ranking.parquet``)."""
+SITE_INDEX = "index.html"
+"""PAGES' site entry page, which the label server requires."""

@@ -42,6 +42,7 @@ from bmseg.contract import (
     CROPS_FILE,
     GALLERY_ORDERS,
     RANKING_FILE,
+    SITE_INDEX,
 )
 from bmseg.errors import BmsegError
 from bmseg.storage import atomic_path, output_set, write_bytes
@@ -518,7 +519,7 @@ def write_index(cells: pa.Table, layout: Layout, site: Path, site_key: str) -> N
         total=len(cells),
         data=json_for_script(data),
     )
-    write_bytes(text.encode(), site / "index.html")
+    write_bytes(text.encode(), site / SITE_INDEX)
 
 
 def copy_assets(site: Path) -> None:

@@ -21,7 +21,22 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from bmseg import __version__
-from bmseg.contract import CELL_TYPES
+from bmseg.cell_tables import CELL_TABLES_GLOB
+from bmseg.contract import (
+    BATCHES_RECORD,
+    CELL_TYPES,
+    GATHER_RECORD,
+    METRICS_FILE,
+    SLIDE_RECORD_SUFFIX,
+    SUMMARY_FILE,
+    TISSUE_PICTURE_SUFFIX,
+    accepted_column,
+    accepted_density_column,
+    area_quantile_column,
+    count_column,
+    density_column,
+    slide_file,
+)
 from bmseg.errors import BmsegError, reading
 from bmseg.html_page import CSP, esc, img_tag
 from bmseg.metrics_html import label_summary_html, metrics_tables
@@ -82,7 +97,7 @@ def _find(roots: Sequence[Path], pattern: str) -> list[Path]:
 
 def _load_summary(roots: Sequence[Path]) -> tuple[pd.DataFrame, Path]:
     """The run's summary: a classified one (with accepted counts) wins over the gathered one."""
-    paths = _find(roots, "summary.csv")
+    paths = _find(roots, SUMMARY_FILE)
     if not paths:
         raise BmsegError(
             f"{roots[0]}: no summary.csv found; pass the directories gather (and classify) wrote"
@@ -91,13 +106,13 @@ def _load_summary(roots: Sequence[Path]) -> tuple[pd.DataFrame, Path]:
     for path in paths:
         with reading(path, "re-run bmseg gather or classify, which write it"):
             frames.append((pd.read_csv(path, dtype={"slide_id": str}), path))
-    frames.sort(key=lambda item: any(c.endswith("_accepted") for c in item[0].columns))
+    frames.sort(key=lambda item: any(accepted_column(t) in item[0] for t in CELL_TYPES))
     return frames[-1]
 
 
 def _cell_areas(roots: Sequence[Path]) -> pd.DataFrame | None:
     """Cell type and area of every gathered cell (two columns only), or None without tables."""
-    tables = _find(roots, "*.cells.parquet")
+    tables = _find(roots, CELL_TABLES_GLOB)
     by_name = {p.name: p for p in tables}
     if not by_name:
         return None
@@ -114,12 +129,11 @@ def _summary_section(summary: pd.DataFrame) -> str:
     if "segmented_tissue_mm2" in summary:
         cards.append(("mm² tissue segmented", f"{summary['segmented_tissue_mm2'].sum():,.2f}"))
     for cell_type in CELL_TYPES:
-        if f"{cell_type}_count" in summary:
-            cards.append((f"{cell_type} detected", f"{int(summary[f'{cell_type}_count'].sum()):,}"))
-        if f"{cell_type}_accepted" in summary:
-            cards.append(
-                (f"{cell_type} accepted", f"{int(summary[f'{cell_type}_accepted'].sum()):,}")
-            )
+        count, accepted = count_column(cell_type), accepted_column(cell_type)
+        if count in summary:
+            cards.append((f"{cell_type} detected", f"{int(summary[count].sum()):,}"))
+        if accepted in summary:
+            cards.append((f"{cell_type} accepted", f"{int(summary[accepted].sum()):,}"))
     if "duplicates_removed" in summary:
         cards.append(("seam duplicates removed", f"{int(summary['duplicates_removed'].sum()):,}"))
     card_html = "".join(f"<div class='card'><b>{esc(v)}</b>{esc(k)}</div>" for k, v in cards)
@@ -140,11 +154,11 @@ def _summary_section(summary: pd.DataFrame) -> str:
             (
                 cell_type,
                 [
-                    (f"{cell_type}_count", "cells", "{:,.0f}"),
-                    (f"{cell_type}_per_mm2", "/mm²", "{:.1f}"),
-                    (f"{cell_type}_accepted", "accepted", "{:,.0f}"),
-                    (f"{cell_type}_accepted_per_mm2", "accepted /mm²", "{:.1f}"),
-                    (f"{cell_type}_area_um2_p50", "median µm²", "{:.0f}"),
+                    (count_column(cell_type), "cells", "{:,.0f}"),
+                    (density_column(cell_type), "/mm²", "{:.1f}"),
+                    (accepted_column(cell_type), "accepted", "{:,.0f}"),
+                    (accepted_density_column(cell_type), "accepted /mm²", "{:.1f}"),
+                    (area_quantile_column(cell_type, 50), "median µm²", "{:.0f}"),
                 ],
             )
         )
@@ -174,7 +188,7 @@ def _is_missing(value: object) -> bool:
 
 
 def _plots_section(summary: pd.DataFrame, areas: pd.DataFrame | None) -> str:
-    counts = [summary[f"{t}_count"].sum() for t in CELL_TYPES if f"{t}_count" in summary]
+    counts = [summary[count_column(t)].sum() for t in CELL_TYPES if count_column(t) in summary]
     if counts and not any(counts):
         return "<p class='muted'>No cells were detected, so there is nothing to plot.</p>"
     parts = [img_tag(density_plot_png(summary), "density per slide")]
@@ -186,8 +200,8 @@ def _plots_section(summary: pd.DataFrame, areas: pd.DataFrame | None) -> str:
 def _tissue_section(roots: Sequence[Path], slides: Sequence[str]) -> str:
     figures = []
     for slide in slides:
-        pictures = _find(roots, f"{slide}.tissue.png")
-        records = _find(roots, f"{slide}.slide.json")
+        pictures = _find(roots, slide_file(slide, TISSUE_PICTURE_SUFFIX))
+        records = _find(roots, slide_file(slide, SLIDE_RECORD_SUFFIX))
         caption = esc(slide)
         if records:
             record = json.loads(records[0].read_text(encoding="utf-8"))
@@ -207,7 +221,7 @@ def _tissue_section(roots: Sequence[Path], slides: Sequence[str]) -> str:
 
 
 def _classifier_section(roots: Sequence[Path]) -> str:
-    paths = _find(roots, "metrics.json")
+    paths = _find(roots, METRICS_FILE)
     if not paths:
         return "<p class='muted'>No classifiers were trained in this run.</p>"
     parts = []
@@ -229,7 +243,7 @@ def _classifier_section(roots: Sequence[Path]) -> str:
 def _timing_section(roots: Sequence[Path]) -> tuple[str, list[dict]]:
     """Per-stage seconds summed over batches, devices, and a per-batch table."""
     records = []
-    for path in _find(roots, "batches.json"):
+    for path in _find(roots, BATCHES_RECORD):
         with reading(path, "re-run bmseg gather, which writes it"):
             found = json.loads(path.read_text(encoding="utf-8"))["batches"]
             for record in found:  # the fields the tables below use, of the types they need
@@ -309,7 +323,7 @@ def _models_summary(models: object) -> str:
 def _versions_section(roots: Sequence[Path], batches: list[dict]) -> str:
     """Package versions of this report, the gather step and the SEGMENT batches."""
     columns: dict[str, dict[str, str]] = {"report": package_versions()}
-    for path in _find(roots, "gather.json"):
+    for path in _find(roots, GATHER_RECORD):
         columns["gather"] = json.loads(path.read_text(encoding="utf-8")).get("versions", {})
     segment: dict[str, set[str]] = {}
     for record in batches:
