@@ -352,65 +352,16 @@ def gather(
         log.info("%d kept cells shared a cell_uid with another batch's: suffixed", renamed)
         meta = meta.set_column(meta.schema.get_field_index("cell_uid"), "cell_uid", uids)
 
+    slides = sorted(plans)
+    slide_code, slide_values = dictionary_codes(meta["slide_id"])
+    slide_index = {s: i for i, s in enumerate(slides)}
+    row_slide = np.array([slide_index[s] for s in slide_values], np.int64)[slide_code]
+    per_slide_dropped = np.bincount(row_slide[dropped], minlength=len(slides))
+    row_slide[~keep] = -1
+    kept_meta = meta.filter(pa.array(keep))
     with output_set(out) as staging:
-        slides = sorted(plans)
-        slide_index = {s: i for i, s in enumerate(slides)}
-        slide_code, slide_values = dictionary_codes(meta["slide_id"])
-        row_slide = np.array([slide_index[s] for s in slide_values], np.int64)[slide_code]
-        per_slide_dropped = np.bincount(row_slide[dropped], minlength=len(slides))
-        row_slide[~keep] = -1
-        batch_rows = np.cumsum([0] + [pq.ParquetFile(b.cells).metadata.num_rows for b in batches])
-        batch_slices = [
-            slice(int(start), int(stop)) for start, stop in itertools.pairwise(batch_rows)
-        ]
-        _stream_rows(
-            [b.cells for b in batches],
-            [row_slide[rows] for rows in batch_slices],
-            [uids[rows] for rows in batch_slices] if renamed else None,
-            slides,
-            {s: staging / slide_file(s, CELLS_SUFFIX) for s in slides},
-            "cells",
-        )
-        with_crops = [i for i, b in enumerate(batches) if b.crops is not None]
-        if with_crops:
-            # A crop belongs to the cell of its own batch with its (batch-unique) uid.
-            crop_codes, crop_uids = [], []
-            for i in with_crops:
-                crop_of = pq.read_table(batches[i].crops, columns=["cell_uid"])["cell_uid"]
-                local = pc.index_in(crop_of, value_set=read_uids[batch_slices[i]])
-                local = local.fill_null(-1).to_numpy()
-                rows = batch_rows[i] + local.clip(0)
-                crop_codes.append(np.where(local >= 0, row_slide[rows], -1))
-                if renamed:
-                    crop_uids.append(uids.take(rows))
-            _stream_rows(
-                [batches[i].crops for i in with_crops],
-                crop_codes,
-                crop_uids if renamed else None,
-                slides,
-                {s: staging / slide_file(s, CROPS_SUFFIX) for s in slides},
-                "crops",
-            )
-
-        kept_meta = meta.filter(pa.array(keep))
-        measurements = feature_columns(kept_meta.schema)
-        for slide in slides:
-            plan = plans[slide]
-            slide_meta = kept_meta.filter(pc.equal(kept_meta["slide_id"], slide))
-            write_geojson(
-                slide_meta,
-                (plan.origin_x, plan.origin_y),
-                measurements,
-                staging / slide_file(slide, GEOJSON_SUFFIX),
-            )
-            write_bytes(
-                plan.slide_json.read_bytes(), staging / slide_file(slide, SLIDE_RECORD_SUFFIX)
-            )
-            if plan.tissue_png is not None:
-                write_bytes(
-                    plan.tissue_png.read_bytes(), staging / slide_file(slide, TISSUE_PICTURE_SUFFIX)
-                )
-
+        _write_tables(batches, row_slide, read_uids, uids if renamed else None, slides, staging)
+        _write_slide_files(kept_meta, plans, staging)
         tissue = pd.DataFrame(
             {
                 "slide_id": slides,
@@ -424,8 +375,7 @@ def gather(
             }
         ).set_index("slide_id")
         cells_frame = kept_meta.select(["slide_id", "cell_type", "area_um2"]).to_pandas()
-        summary = summarise(cells_frame, tissue)
-        write_summary(summary, cells_frame, staging)
+        write_summary(summarise(cells_frame, tissue), cells_frame, staging)
         write_json(
             {"batches": [dict(b.record, directory=b.directory.name) for b in batches]},
             staging / BATCHES_RECORD,
@@ -450,3 +400,62 @@ def gather(
         out,
     )
     return out
+
+
+def _write_tables(
+    batches: Sequence[BatchInput],
+    row_slide: np.ndarray,
+    read_uids: pa.Array,
+    new_uids: pa.Array | None,
+    slides: list[str],
+    out: Path,
+) -> None:
+    """Per-slide cell and crop tables from the batches' rows, ``row_slide`` -1 = dropped.
+
+    ``read_uids`` are the uids as the batches hold them, ``new_uids`` (when some were
+    suffixed) the uids to write instead, both over all batches' rows in order.
+    """
+    batch_rows = np.cumsum([0] + [pq.ParquetFile(b.cells).metadata.num_rows for b in batches])
+    batch_slices = [slice(int(start), int(stop)) for start, stop in itertools.pairwise(batch_rows)]
+    _stream_rows(
+        [b.cells for b in batches],
+        [row_slide[rows] for rows in batch_slices],
+        None if new_uids is None else [new_uids[rows] for rows in batch_slices],
+        slides,
+        {s: out / slide_file(s, CELLS_SUFFIX) for s in slides},
+        "cells",
+    )
+    with_crops = [i for i, b in enumerate(batches) if b.crops is not None]
+    if not with_crops:
+        return
+    # A crop belongs to the cell of its own batch with its (batch-unique) uid.
+    crop_codes, crop_uids = [], []
+    for i in with_crops:
+        crop_of = pq.read_table(batches[i].crops, columns=["cell_uid"])["cell_uid"]
+        local = pc.index_in(crop_of, value_set=read_uids[batch_slices[i]])
+        local = local.fill_null(-1).to_numpy()
+        rows = batch_rows[i] + local.clip(0)
+        crop_codes.append(np.where(local >= 0, row_slide[rows], -1))
+        if new_uids is not None:
+            crop_uids.append(new_uids.take(rows))
+    _stream_rows(
+        [batches[i].crops for i in with_crops],
+        crop_codes,
+        None if new_uids is None else crop_uids,
+        slides,
+        {s: out / slide_file(s, CROPS_SUFFIX) for s in slides},
+        "crops",
+    )
+
+
+def _write_slide_files(kept_meta: pa.Table, plans: dict[str, SlidePlan], out: Path) -> None:
+    """Per slide: the QuPath GeoJSON of its kept cells, PLAN's record and tissue picture."""
+    measurements = feature_columns(kept_meta.schema)
+    for slide, plan in sorted(plans.items()):
+        slide_meta = kept_meta.filter(pc.equal(kept_meta["slide_id"], slide))
+        origin = (plan.origin_x, plan.origin_y)
+        write_geojson(slide_meta, origin, measurements, out / slide_file(slide, GEOJSON_SUFFIX))
+        write_bytes(plan.slide_json.read_bytes(), out / slide_file(slide, SLIDE_RECORD_SUFFIX))
+        if plan.tissue_png is not None:
+            picture = out / slide_file(slide, TISSUE_PICTURE_SUFFIX)
+            write_bytes(plan.tissue_png.read_bytes(), picture)
