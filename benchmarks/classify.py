@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from bmseg.classifiers import feature_matrix, load_model
+from bmseg.classifiers.bundles import feature_matrix, load_model
 from bmseg.cli import main as bmseg
 from bmseg.testing.cells import random_cells, write_random_cells
 

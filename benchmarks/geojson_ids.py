@@ -2,7 +2,7 @@
 
 Times ``gather.cell_uuids`` on ``--cells`` uids against the baseline in the same run, one
 ``str(uuid.uuid5(...))`` per cell, checks both give the same ids, and times
-``gather.write_geojson`` on the same cells (random circles in SEGMENT's schema) to show the
+``qupath.write_geojson`` on the same cells (random circles in SEGMENT's schema) to show the
 share of the ids in writing the file.
 
     python benchmarks/geojson_ids.py --cells 1000000
@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 from bmseg.contract import EMBEDDING_COLUMN, feature_columns
-from bmseg.gather import CELL_UUID_NAMESPACE, cell_uuids, write_geojson
+from bmseg.qupath import CELL_UUID_NAMESPACE, cell_uuids, write_geojson
 from bmseg.testing.cells import random_cells
 
 

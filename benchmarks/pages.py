@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from bmseg.pages import build_site
+from bmseg.pages import build_pages
 from bmseg.testing.gathered import make_gathered
 
 CHROMIUM_ARGS = [
@@ -67,7 +67,7 @@ def main() -> None:
         folder = Path(tmp)
         gathered = make_gathered(folder / "g", {"S1": {"MK": args.cells}})
         site = folder / "site"
-        build_site([gathered], site, per_page=args.cells)
+        build_pages([gathered], site, per_page=args.cells)
         page = site / "MK" / "page-0001.html"
         ours = page.stat().st_size + sum(
             p.stat().st_size for p in (site / "MK" / "p0001").iterdir()

@@ -22,7 +22,7 @@ import pytest
 
 from annotate_server import start_server
 from bmseg.labels import merge_labels, validate_labels
-from bmseg.pages import build_site
+from bmseg.pages import build_pages
 from bmseg.testing.gathered import make_gathered
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -57,7 +57,7 @@ def site(tmp_path_factory) -> Path:
         tmp_path_factory.mktemp("gathered"), {"S1": {"MK": 14, "HSPC": 5}, HOSTILE: {"MK": 4}}
     )
     out = tmp_path_factory.mktemp("site") / "site"
-    build_site([gathered], out, per_page=8)
+    build_pages([gathered], out, per_page=8)
     return out
 
 
@@ -327,7 +327,7 @@ def test_300_cell_page_weight_budget_and_time_to_interactive(browser, tmp_path, 
     """All requests of a 300-cell page (HTML, JS, CSS, every crop) weigh at most 2 MB."""
     gathered = make_gathered(tmp_path / "g", {"S1": {"MK": 200}, "S2": {"MK": 100}})
     site = tmp_path / "site"
-    build_site([gathered], site)
+    build_pages([gathered], site)
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     watch = Watch(context)
     requested: list[Path] = []

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bmseg.classifiers import load_model, save_model
+from bmseg.classifiers.bundles import load_model, save_model
 from bmseg.cli import main
 from bmseg.errors import BmsegError
 from bmseg.storage import embedding_array, embeddings_to_numpy

@@ -13,7 +13,8 @@ import pytest
 
 from bmseg.cli import main
 from bmseg.contract import INTENSITY_STATS
-from bmseg.gather import CELL_UUID_NAMESPACE, cell_uuids, find_duplicates
+from bmseg.qupath import CELL_UUID_NAMESPACE, cell_uuids
+from bmseg.seams import find_duplicates
 from bmseg.testing.cells import cells_table, write_batch, write_plan
 from qupath_geojson import read_like_qupath
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bmseg.classifiers import MODEL_TYPES, _candidates, load_model, model_file_types, save_model
+from bmseg.classifiers.bundles import MODEL_TYPES, load_model, model_file_types, save_model
+from bmseg.classifiers.training import _candidates
 from bmseg.contract import MAX_ID_LENGTH, check_id
 from bmseg.errors import BmsegError
 from bmseg.versions import package_versions
@@ -119,7 +120,7 @@ def test_an_interrupted_pages_rebuild_never_pairs_a_uid_with_another_cells_image
 
     gathered = make_gathered(tmp_path / "g", {"S1": {"HSPC": 12, "MK": 5}})
     site = tmp_path / "site"
-    bmseg.pages.build_site([gathered], site, per_page=4, seed=0)
+    bmseg.pages.build_pages([gathered], site, per_page=4, seed=0)
     real = bmseg.pages.write_galleries
 
     def killed(*args, **kwargs):
@@ -127,10 +128,10 @@ def test_an_interrupted_pages_rebuild_never_pairs_a_uid_with_another_cells_image
 
     monkeypatch.setattr(bmseg.pages, "write_galleries", killed)
     with pytest.raises(KeyboardInterrupt):
-        bmseg.pages.build_site([gathered], site, per_page=4, seed=1)
+        bmseg.pages.build_pages([gathered], site, per_page=4, seed=1)
     assert _shown_images_match_their_uids(site, gathered) == 17
     monkeypatch.setattr(bmseg.pages, "write_galleries", real)
-    bmseg.pages.build_site([gathered], site, per_page=6, seed=1)
+    bmseg.pages.build_pages([gathered], site, per_page=6, seed=1)
     assert _shown_images_match_their_uids(site, gathered) == 17
     assert not list(site.glob(".bmseg-staging-*"))
 
@@ -302,18 +303,18 @@ def test_a_cell_type_that_climbs_out_of_out_is_refused_and_nothing_is_written(tm
 
 def test_a_train_crash_on_the_second_cell_type_leaves_no_model(tmp_path, monkeypatch):
     """classify must never find the first type's model of a run that failed."""
-    import bmseg.classifiers
+    import bmseg.classifiers.training
     from bmseg.cli import main
 
     cells, labels = _train_inputs(tmp_path, ["HSPC", "MK"])
-    real = bmseg.classifiers.train_cell_type
+    real = bmseg.classifiers.training.train_cell_type
 
     def crash_on_mk(cell_type, *args, **kwargs):
         if cell_type == "MK":
             raise MemoryError("killed while training MK")
         return real(cell_type, *args, **kwargs)
 
-    monkeypatch.setattr(bmseg.classifiers, "train_cell_type", crash_on_mk)
+    monkeypatch.setattr(bmseg.classifiers.training, "train_cell_type", crash_on_mk)
     out = tmp_path / "models"
     flags = ["--folds", "2", "--pca-components", "2"]
     with pytest.raises(MemoryError):

@@ -16,7 +16,7 @@ from PIL import Image
 
 from bmseg.cli import main
 from bmseg.errors import BmsegError
-from bmseg.pages import build_site, json_for_script
+from bmseg.pages import build_pages, json_for_script
 from bmseg.testing.gathered import PIXEL_SIZE_UM, make_gathered, make_slide
 
 HOSTILE = "<img src=x onerror=alert(1)>"
@@ -188,13 +188,13 @@ def test_orders_size_random_and_uncertainty(gathered, tmp_path):
         for f in gathered.glob("*.cells.parquet")
         for row in pq.read_table(f, columns=["cell_uid", "area_um2"]).to_pylist()
     }
-    build_site([gathered], tmp_path / "size", per_page=4, order="size")
+    build_pages([gathered], tmp_path / "size", per_page=4, order="size")
     by_size = order_of(tmp_path / "size", "MK")
     assert [areas[u] for u in by_size] == sorted((areas[u] for u in by_size), reverse=True)
 
-    build_site([gathered], tmp_path / "r1", per_page=4, seed=1)
-    build_site([gathered], tmp_path / "r1b", per_page=4, seed=1)
-    build_site([gathered], tmp_path / "r2", per_page=4, seed=2)
+    build_pages([gathered], tmp_path / "r1", per_page=4, seed=1)
+    build_pages([gathered], tmp_path / "r1b", per_page=4, seed=1)
+    build_pages([gathered], tmp_path / "r2", per_page=4, seed=2)
     assert order_of(tmp_path / "r1", "MK") == order_of(tmp_path / "r1b", "MK")
     assert order_of(tmp_path / "r1", "MK") != order_of(tmp_path / "r2", "MK")
 
@@ -205,7 +205,7 @@ def test_orders_size_random_and_uncertainty(gathered, tmp_path):
         pa.table({"cell_uid": ranked, "uncertainty": uncertainty}), gathered / "ranking.parquet"
     )
     try:
-        build_site([gathered], tmp_path / "u", per_page=4, order="uncertainty")
+        build_pages([gathered], tmp_path / "u", per_page=4, order="uncertainty")
     finally:
         (gathered / "ranking.parquet").unlink()
     rank = dict(zip(ranked, uncertainty, strict=True))
@@ -255,14 +255,14 @@ def test_duplicate_cells_across_inputs_are_refused(tmp_path):
     make_slide(tmp_path / "a", "S1", {"MK": 2}, seed=3)
     make_slide(tmp_path / "b", "S1", {"MK": 2}, seed=3)
     with pytest.raises(BmsegError, match="more than once"):
-        build_site([tmp_path / "a", tmp_path / "b"], tmp_path / "site")
+        build_pages([tmp_path / "a", tmp_path / "b"], tmp_path / "site")
 
 
 def test_page_of_300_realistic_crops_stays_within_2_mb(tmp_path):
     """Page + its images + the shared JS/CSS, with 256 px JPEG crops (q90) as SEGMENT stores."""
     gathered = make_gathered(tmp_path / "g", {"S1": {"MK": 300}})
     site = tmp_path / "site"
-    build_site([gathered], site)
+    build_pages([gathered], site)
     page = site / "MK" / "page-0001.html"
     cells = page_data(page)["cells"]
     assert len(cells) == 300
@@ -289,7 +289,7 @@ def test_unreadable_crop_and_unknown_pixel_size_still_show_the_cell(tmp_path):
     pq.write_table(
         cell_table.set_column(cell_table.schema.get_field_index("area_px"), "area_px", zero), cells
     )
-    build_site([tmp_path / "g"], tmp_path / "site")
+    build_pages([tmp_path / "g"], tmp_path / "site")
     shown = page_data(tmp_path / "site" / "HSPC" / "page-0001.html")["cells"]
     assert len(shown) == 2
     assert all(cell["b"] is None and cell["c"] for cell in shown)
@@ -303,9 +303,9 @@ def test_unreadable_crop_and_unknown_pixel_size_still_show_the_cell(tmp_path):
 def test_rerun_into_the_same_site_leaves_no_stale_pages_or_crops(tmp_path):
     gathered = make_gathered(tmp_path / "g", {"S1": {"HSPC": 7}})
     site = tmp_path / "site"
-    build_site([gathered], site, per_page=2)  # 4 pages
+    build_pages([gathered], site, per_page=2)  # 4 pages
     (site / "labels.json").write_text("{}")  # the user's file stays
-    build_site([gathered], site, per_page=5)  # 2 pages
+    build_pages([gathered], site, per_page=5)  # 2 pages
     assert sorted(p.name for p in (site / "HSPC").glob("page-*.html")) == [
         "page-0001.html",
         "page-0002.html",

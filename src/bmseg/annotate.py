@@ -14,7 +14,6 @@ kept one. One server per labels file: a lock beside it refuses a second. Standar
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import logging
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from bmseg.contract import LABELS_FILE, SITE_INDEX
 from bmseg.errors import BmsegError
 from bmseg.labels import (
     LABEL_VERSION,
@@ -296,7 +296,7 @@ class SiteHandler(SimpleHTTPRequestHandler):
         if hidden or not target.is_relative_to(self.site) or not target.exists():
             self.send_error(HTTPStatus.NOT_FOUND, "not found")
             return None
-        if target.is_dir() and not (target / "index.html").is_file():
+        if target.is_dir() and not (target / SITE_INDEX).is_file():
             self.send_error(HTTPStatus.NOT_FOUND, "not found")
             return None
         return super().send_head()
@@ -319,7 +319,7 @@ class LabelServer(ThreadingHTTPServer):
 def make_server(site: Path, labels: Path, host: str, port: int) -> LabelServer:
     """A threaded HTTP server for ``site`` writing labels to ``labels`` (validated first)."""
     site = site.resolve()
-    if not (site / "index.html").is_file():
+    if not (site / SITE_INDEX).is_file():
         raise BmsegError(f"{site}: no index.html here; make the site with bmseg pages --out SITE")
     if labels.exists() and not labels.is_file():
         raise BmsegError(f"{labels}: is not a file; pass --labels FILE")
@@ -335,33 +335,23 @@ def make_server(site: Path, labels: Path, host: str, port: int) -> LabelServer:
     return server
 
 
-def _serve_command(args: argparse.Namespace) -> int:
-    labels = args.labels if args.labels is not None else args.site / "labels.json"
-    server = make_server(args.site, labels, args.host, args.port)
-    host, port = server.server_address[:2]
-    log.info("serving %s at http://%s:%d/ ; labels are saved to %s", args.site, host, port, labels)
+def serve(
+    site: Path, labels: Path | None = None, *, host: str = "127.0.0.1", port: int = 8080
+) -> None:
+    """``bmseg annotate serve``: serve ``site`` until interrupted, saving labels to ``labels``.
+
+    ``labels`` defaults to ``labels.json`` inside the site; ``port`` 0 picks a free port (the
+    log line names it).
+    """
+    labels = labels if labels is not None else site / LABELS_FILE
+    server = make_server(site, labels, host, port)
+    bound_host, bound_port = server.server_address[:2]
+    log.info(
+        "serving %s at http://%s:%d/ ; labels are saved to %s", site, bound_host, bound_port, labels
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         log.info("stopped; labels are in %s", labels)
     finally:
         server.server_close()
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bmseg annotate serve``."""
-    parser = subparsers.add_parser("annotate", help="label cells: serve the annotation site")
-    commands = parser.add_subparsers(dest="annotate_command", metavar="ACTION", required=True)
-    serve = commands.add_parser(
-        "serve",
-        help="serve SITE and save every label to a file as it is made",
-        description="Serve an annotation site (bmseg pages) and save every label to disk.",
-    )
-    serve.add_argument("site", type=Path, metavar="SITE", help="the folder bmseg pages wrote")
-    serve.add_argument(
-        "--labels", type=Path, help="labels file to keep up to date (default: SITE/labels.json)"
-    )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8080, help="port (8080; 0 picks a free one)")
-    serve.set_defaults(handler=_serve_command)

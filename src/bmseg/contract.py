@@ -336,3 +336,67 @@ again): the pipeline retries the task with half as many ``--gpu-batch-tiles``. N
 batch is written. Bad input exits 2 and is never retried."""
 
 # --- GATHER, CLASSIFY, PAGES, REPORT -----------------------------------------------------------
+# Per run folder, continued: GATHER's and CLASSIFY's plots, TRAIN's and CLASSIFY's files.
+DENSITY_PLOT = "density.png"
+AREA_HISTOGRAMS_PLOT = "area_histograms.png"
+MODEL_SUFFIX = ".skops"
+"""TRAIN's classifier of a cell type: ``{type}.skops``, what CLASSIFY loads."""
+METRICS_FILE = "metrics.json"
+"""TRAIN's cross-validated metrics, read by REPORT."""
+TRAINING_REPORT_FILE = "report.html"
+RANKING_FILE = "ranking.parquet"
+"""CLASSIFY's uncertainty ranking (:data:`RANKING_SCHEMA`), PAGES' ``--order uncertainty``."""
+CLASSIFY_RECORD = "classify.json"
+RANKING_SCHEMA = pa.schema(
+    [
+        ("cell_uid", pa.string()),
+        ("cell_type", pa.string()),
+        ("probability", pa.float32()),
+        ("uncertainty", pa.float32()),
+    ]
+)
+"""``ranking.parquet``: unlabelled cells, most uncertain (1 - |2p - 1|) first."""
+
+# summary.csv: one row per slide.
+TISSUE_COLUMNS = (
+    "pixel_size_um",
+    "tissue_area_mm2",
+    "tiles_segmented",
+    "segmented_tissue_mm2",
+    "duplicates_removed",
+)
+"""Per-slide columns of ``summary.csv`` that GATHER measures and CLASSIFY carries over."""
+AREA_QUANTILES = (10, 25, 50, 75, 90)
+"""Percentiles of cell area (µm²) per slide and type in ``summary.csv``."""
+
+
+def count_column(cell_type: str) -> str:
+    """``{type}_count``: cells of ``cell_type`` per slide."""
+    return f"{cell_type}_count"
+
+
+def density_column(cell_type: str) -> str:
+    """``{type}_per_mm2``: cells per mm² of segmented tissue."""
+    return f"{cell_type}_per_mm2"
+
+
+def accepted_column(cell_type: str) -> str:
+    """``{type}_accepted``: cells the classifier accepted (classified summaries only)."""
+    return f"{cell_type}_accepted"
+
+
+def accepted_density_column(cell_type: str) -> str:
+    """``{type}_accepted_per_mm2``: accepted cells per mm² of segmented tissue."""
+    return f"{cell_type}_accepted_per_mm2"
+
+
+def area_quantile_column(cell_type: str, percentile: int) -> str:
+    """``{type}_area_um2_p{q}``: the q-th percentile of the type's cell areas."""
+    return f"{cell_type}_area_um2_p{percentile}"
+
+
+GALLERY_ORDERS = ("random", "size", "uncertainty")
+"""PAGES' gallery orders: seeded random, largest first, most uncertain first (from
+``ranking.parquet``)."""
+SITE_INDEX = "index.html"
+"""PAGES' site entry page, which the label server requires."""

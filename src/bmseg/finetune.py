@@ -86,10 +86,10 @@ def accepted_tiles(cell_paths: Sequence[Path], label_paths: Sequence[Path]) -> l
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from bmseg.classifiers import cell_files, table_uids
+    from bmseg.cell_tables import EMBEDDED_COLUMNS, find_cell_tables, table_uids
     from bmseg.labels import merge_labels
 
-    files = cell_files(cell_paths)
+    files = find_cell_tables(cell_paths, EMBEDDED_COLUMNS)
     merged, _ = merge_labels(label_paths, table_uids(files))
     yes = pa.array(sorted(uid for uid, is_yes in merged.items() if is_yes), pa.string())
     means = sorted(
@@ -133,10 +133,10 @@ def pixel_sizes(cell_paths: Sequence[Path]) -> dict[str, float]:
     """µm per pixel of each slide, from its cells' areas in px and µm²."""
     import pyarrow.parquet as pq
 
-    from bmseg.classifiers import cell_files
+    from bmseg.cell_tables import EMBEDDED_COLUMNS, find_cell_tables
 
     sizes: dict[str, float] = {}
-    for path in cell_files(cell_paths):
+    for path in find_cell_tables(cell_paths, EMBEDDED_COLUMNS):
         table = pq.read_table(path, columns=["slide_id", "area_px", "area_um2"]).to_pandas()
         table = table[table["area_px"] > 0]
         ratio = np.sqrt(table["area_um2"] / table["area_px"])

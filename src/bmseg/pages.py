@@ -10,7 +10,6 @@ disk. Every piece of user text is escaped (``html.escape`` here, ``textContent``
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import html
 import io
@@ -22,19 +21,31 @@ import os
 import re
 import shutil
 import string
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
+from bmseg.cell_tables import find_cell_tables, flat_contours, require_columns
+from bmseg.contract import (
+    BATCHES_RECORD,
+    CELLS_FILE,
+    CROPS_FILE,
+    GALLERY_ORDERS,
+    RANKING_FILE,
+    SITE_INDEX,
+)
 from bmseg.errors import BmsegError
-from bmseg.gather import flat_contours
-from bmseg.storage import atomic_path, check_complete, output_set, write_bytes
+from bmseg.storage import atomic_path, output_set, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +59,6 @@ CELL_COLUMNS = (
     "contour_y_px",
 )
 CROP_COLUMNS = ("cell_uid", "x", "y", "scale", "width", "height", "image")
-ORDERS = ("random", "size", "uncertainty")
 JPEG_QUALITY = 80
 SCALE_BAR_UM = np.array([0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], dtype=np.float64)
 ASSET_FILES = ("bmseg.js", "bmseg.css", "favicon.svg")
@@ -65,55 +75,30 @@ class CellSource:
 def crops_path_for(cells_path: Path) -> Path:
     """``X.cells.parquet`` → ``X.crops.parquet`` (and ``cells.parquet`` → ``crops.parquet``)."""
     name = cells_path.name
-    if not name.endswith("cells.parquet"):
+    if not name.endswith(CELLS_FILE):
         raise BmsegError(
-            f"{cells_path}: a cell table's name must end in 'cells.parquet' "
+            f"{cells_path}: a cell table's name must end in '{CELLS_FILE}' "
             "(e.g. SLIDE.cells.parquet); pass the gathered directory or its cell tables"
         )
-    return cells_path.with_name(name[: -len("cells.parquet")] + "crops.parquet")
+    return cells_path.with_name(name.removesuffix(CELLS_FILE) + CROPS_FILE)
 
 
-def find_sources(inputs: list[Path]) -> list[CellSource]:
+def find_sources(inputs: Sequence[Path]) -> list[CellSource]:
     """Expand CELLS arguments (gathered directories or cell tables) into cell/crop pairs."""
     sources: list[CellSource] = []
-    for item in inputs:
-        if item.is_dir():
-            check_complete(item)
-            tables = sorted(item.glob("*cells.parquet"))
-            if not tables:
-                raise BmsegError(
-                    f"{item}: no *.cells.parquet in this directory; pass the output of bmseg gather"
-                )
-        elif item.is_file():
-            tables = [item]
-        else:
-            raise BmsegError(f"{item}: no such file or directory; pass a gathered directory")
-        for table in tables:
-            crops = crops_path_for(table)
-            if not crops.is_file():
-                raise BmsegError(
-                    f"{table}: its crops {crops.name} are missing beside it; "
-                    "pass the directory bmseg gather wrote (it holds both)"
-                )
-            sources.append(CellSource(table, crops))
+    for table in find_cell_tables(inputs, CELL_COLUMNS):
+        crops = crops_path_for(table)
+        if not crops.is_file():
+            raise BmsegError(
+                f"{table}: its crops {crops.name} are missing beside it; "
+                "pass the directory bmseg gather wrote (it holds both)"
+            )
+        require_columns(crops, CROP_COLUMNS, "the crop table")
+        sources.append(CellSource(table, crops))
     return sources
 
 
-def _require_columns(path: Path, wanted: tuple[str, ...], what: str) -> None:
-    try:
-        names = set(pq.read_schema(path).names)
-    except (OSError, pa.ArrowException) as error:
-        raise BmsegError(
-            f"{path}: not a readable Parquet file ({error}); re-run the step"
-        ) from error
-    missing = [name for name in wanted if name not in names]
-    if missing:
-        raise BmsegError(
-            f"{path}: {what} lacks column(s) {', '.join(missing)}; see docs/data.md for the schema"
-        )
-
-
-def find_ranking(inputs: list[Path], ranking: Path | None) -> Path | None:
+def find_ranking(inputs: Sequence[Path], ranking: Path | None) -> Path | None:
     """The ranking table given by flag, else a ``ranking.parquet`` in or beside the inputs."""
     if ranking is not None:
         if not ranking.is_file():
@@ -121,8 +106,8 @@ def find_ranking(inputs: list[Path], ranking: Path | None) -> Path | None:
         return ranking
     for item in inputs:
         folder = item if item.is_dir() else item.parent
-        if (folder / "ranking.parquet").is_file():
-            return folder / "ranking.parquet"
+        if (folder / RANKING_FILE).is_file():
+            return folder / RANKING_FILE
     return None
 
 
@@ -162,7 +147,7 @@ def segmenting_weights(sources: list[CellSource]) -> str | None:
     ran make-test's random weights or make-demo's synthetic-only ones; else None."""
     kinds = set()
     for folder in dict.fromkeys(source.cells.parent for source in sources):
-        record = folder / "batches.json"
+        record = folder / BATCHES_RECORD
         try:
             batches = json.loads(record.read_text(encoding="utf-8"))["batches"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -218,7 +203,7 @@ def page_order(
 
 def load_uncertainty(cells: pa.Table, ranking: Path) -> np.ndarray:
     """Per-cell uncertainty from the ranking table, NaN where a cell is not ranked."""
-    _require_columns(ranking, ("cell_uid", "uncertainty"), "the ranking table")
+    require_columns(ranking, ("cell_uid", "uncertainty"), "the ranking table")
     table = pq.read_table(ranking, columns=["cell_uid", "uncertainty"])
     position = pc.index_in(cells["cell_uid"], value_set=table["cell_uid"])
     values = table["uncertainty"].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -264,8 +249,6 @@ def scale_bar(length_px: float, length_um: float) -> list | None:
 
 def svg_path(points: np.ndarray) -> str:
     """A closed SVG path from (n, 2) points in thumbnail px, simplified to 0.5 px."""
-    import cv2
-
     if len(points) < 3:
         return ""
     simple = cv2.approxPolyDP(points.astype(np.float32).reshape(-1, 1, 2), 0.5, True)
@@ -280,8 +263,6 @@ def make_thumbnail(jpeg: bytes, width: int, height: int, size: int) -> tuple[byt
     A crop that cannot be decoded becomes a grey placeholder of the crop's shape, so the cell
     still shows (with its contour) instead of the whole site failing.
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(jpeg)) as source:
             source.draft("RGB", (size, size))
@@ -359,8 +340,6 @@ def render_crops(
 
     Reads one crop table at a time, so memory stays bounded by the largest slide's crops.
     """
-    from tqdm import tqdm
-
     rows = len(cells)
     thumb_w = np.zeros(rows, np.int64)
     thumb_h = np.zeros(rows, np.int64)
@@ -540,7 +519,7 @@ def write_index(cells: pa.Table, layout: Layout, site: Path, site_key: str) -> N
         total=len(cells),
         data=json_for_script(data),
     )
-    write_bytes(text.encode(), site / "index.html")
+    write_bytes(text.encode(), site / SITE_INDEX)
 
 
 def copy_assets(site: Path) -> None:
@@ -554,28 +533,32 @@ def copy_assets(site: Path) -> None:
             shutil.copyfileobj(source, target)
 
 
-def build_site(
-    inputs: list[Path],
+def build_pages(
+    inputs: Sequence[Path],
     site: Path,
+    *,
     per_page: int = 300,
     order: str = "random",
     seed: int = 0,
     image_size: int = 160,
     ranking: Path | None = None,
 ) -> dict[str, int]:
-    """Validate the inputs, then write the whole site; return pages per cell type."""
+    """``bmseg pages``: validate the inputs, then write the whole site as one output set.
+
+    ``inputs`` are gathered (or classified) directories or their cell tables, each with its
+    crops beside it. Galleries list each cell type in ``order`` (``random`` by ``seed``,
+    ``size``, or ``uncertainty`` from ``ranking`` or the ranking.parquet beside the inputs),
+    ``per_page`` cells a page, crops shrunk to ``image_size`` px. Returns pages per cell type.
+    """
     if per_page < 1:
         raise BmsegError(f"--per-page {per_page}: must be at least 1")
     if not 32 <= image_size <= 512:
         raise BmsegError(f"--image-size {image_size}: choose between 32 and 512 px")
-    if order not in ORDERS:
-        raise BmsegError(f"--order {order}: choose one of {', '.join(ORDERS)}")
+    if order not in GALLERY_ORDERS:
+        raise BmsegError(f"--order {order}: choose one of {', '.join(GALLERY_ORDERS)}")
     if site.exists() and not site.is_dir():
         raise BmsegError(f"{site}: exists and is not a directory; choose another --out")
     sources = find_sources(inputs)
-    for source in sources:
-        _require_columns(source.cells, CELL_COLUMNS, "the cell table")
-        _require_columns(source.crops, CROP_COLUMNS, "the crop table")
     ranking_path = find_ranking(inputs, ranking)
     if order == "uncertainty" and ranking_path is None:
         raise BmsegError(
@@ -596,53 +579,3 @@ def build_site(
         write_index(cells, layout, staging, site_key)
     log.info("wrote site %s: %d cells, pages %s", site, len(cells), layout.pages)
     return layout.pages
-
-
-def _pages_command(args: argparse.Namespace) -> int:
-    build_site(
-        args.cells,
-        args.out,
-        per_page=args.per_page,
-        order=args.order,
-        seed=args.seed,
-        image_size=args.image_size,
-        ranking=args.ranking,
-    )
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bmseg pages``."""
-    parser = subparsers.add_parser(
-        "pages",
-        help="write the static annotation site (index + galleries per cell type)",
-        description="Write a static annotation site from gathered cells and their crops.",
-    )
-    parser.add_argument(
-        "cells",
-        nargs="+",
-        type=Path,
-        metavar="CELLS",
-        help="a gathered directory, or *cells.parquet files (crops are found beside them by name)",
-    )
-    parser.add_argument("--out", type=Path, required=True, metavar="SITE", help="site folder")
-    parser.add_argument("--per-page", type=int, default=300, help="cells per page (300)")
-    parser.add_argument(
-        "--order",
-        choices=ORDERS,
-        default="random",
-        help="gallery order: random (seeded), size (largest first) or uncertainty (most "
-        "uncertain first, from bmseg classify --ranking) (%(default)s)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random order (0)")
-    parser.add_argument(
-        "--ranking",
-        type=Path,
-        nargs="?",
-        help="uncertainty ranking (cell_uid, uncertainty); default (or the flag alone): "
-        "ranking.parquet beside CELLS",
-    )
-    parser.add_argument(
-        "--image-size", type=int, default=160, help="crop size shown, px (160; never enlarged)"
-    )
-    parser.set_defaults(handler=_pages_command)

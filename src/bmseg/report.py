@@ -9,23 +9,41 @@ user text (slide names, paths, metadata) is HTML-escaped.
 
 from __future__ import annotations
 
-import argparse
-import html
 import io
 import json
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import pandas as pd
+import pyarrow.parquet as pq
+from PIL import Image
 
 from bmseg import __version__
+from bmseg.cell_tables import CELL_TABLES_GLOB
+from bmseg.contract import (
+    BATCHES_RECORD,
+    CELL_TYPES,
+    GATHER_RECORD,
+    METRICS_FILE,
+    SLIDE_RECORD_SUFFIX,
+    SUMMARY_FILE,
+    TISSUE_PICTURE_SUFFIX,
+    accepted_column,
+    accepted_density_column,
+    area_quantile_column,
+    count_column,
+    density_column,
+    slide_file,
+)
 from bmseg.errors import BmsegError, reading
+from bmseg.html_page import CSP, esc, img_tag
+from bmseg.metrics_html import label_summary_html, metrics_tables
 from bmseg.storage import write_bytes
+from bmseg.summaries import area_histogram_png, density_plot_png
+from bmseg.tissue_picture import PICTURE_COLOURS
 from bmseg.versions import package_versions
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -58,30 +76,8 @@ code{background:#f3f4f6;padding:0 .25em;border-radius:3px}
 """
 
 
-CSP = (
-    '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-    "style-src 'unsafe-inline'; img-src data:\">"
-)
-"""Content-Security-Policy of bmseg's self-contained HTML reports: no script runs at all, so a
-value that slipped past escaping still cannot act."""
-
-
-def _esc(value: object) -> str:
-    return html.escape(str(value))
-
-
-def img_tag(png: bytes, alt: str) -> str:
-    """PNG bytes as an inline ``<img>`` (the reports are single self-contained files)."""
-    import base64
-
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
-
-
 def _thumbnail(path: Path) -> bytes:
     """The QC picture scaled down to at most THUMBNAIL_PX wide, as PNG bytes."""
-    from PIL import Image
-
     with Image.open(path) as image:
         image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX * 4))
         buffer = io.BytesIO()
@@ -101,9 +97,7 @@ def _find(roots: Sequence[Path], pattern: str) -> list[Path]:
 
 def _load_summary(roots: Sequence[Path]) -> tuple[pd.DataFrame, Path]:
     """The run's summary: a classified one (with accepted counts) wins over the gathered one."""
-    import pandas as pd
-
-    paths = _find(roots, "summary.csv")
+    paths = _find(roots, SUMMARY_FILE)
     if not paths:
         raise BmsegError(
             f"{roots[0]}: no summary.csv found; pass the directories gather (and classify) wrote"
@@ -112,16 +106,13 @@ def _load_summary(roots: Sequence[Path]) -> tuple[pd.DataFrame, Path]:
     for path in paths:
         with reading(path, "re-run bmseg gather or classify, which write it"):
             frames.append((pd.read_csv(path, dtype={"slide_id": str}), path))
-    frames.sort(key=lambda item: any(c.endswith("_accepted") for c in item[0].columns))
+    frames.sort(key=lambda item: any(accepted_column(t) in item[0] for t in CELL_TYPES))
     return frames[-1]
 
 
 def _cell_areas(roots: Sequence[Path]) -> pd.DataFrame | None:
     """Cell type and area of every gathered cell (two columns only), or None without tables."""
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    tables = _find(roots, "*.cells.parquet")
+    tables = _find(roots, CELL_TABLES_GLOB)
     by_name = {p.name: p for p in tables}
     if not by_name:
         return None
@@ -134,21 +125,18 @@ def _cell_areas(roots: Sequence[Path]) -> pd.DataFrame | None:
 
 def _summary_section(summary: pd.DataFrame) -> str:
     """Headline cards and the per-slide table."""
-    from bmseg.contract import CELL_TYPES
-
     cards = [("slides", f"{len(summary)}")]
     if "segmented_tissue_mm2" in summary:
         cards.append(("mm² tissue segmented", f"{summary['segmented_tissue_mm2'].sum():,.2f}"))
     for cell_type in CELL_TYPES:
-        if f"{cell_type}_count" in summary:
-            cards.append((f"{cell_type} detected", f"{int(summary[f'{cell_type}_count'].sum()):,}"))
-        if f"{cell_type}_accepted" in summary:
-            cards.append(
-                (f"{cell_type} accepted", f"{int(summary[f'{cell_type}_accepted'].sum()):,}")
-            )
+        count, accepted = count_column(cell_type), accepted_column(cell_type)
+        if count in summary:
+            cards.append((f"{cell_type} detected", f"{int(summary[count].sum()):,}"))
+        if accepted in summary:
+            cards.append((f"{cell_type} accepted", f"{int(summary[accepted].sum()):,}"))
     if "duplicates_removed" in summary:
         cards.append(("seam duplicates removed", f"{int(summary['duplicates_removed'].sum()):,}"))
-    card_html = "".join(f"<div class='card'><b>{_esc(v)}</b>{_esc(k)}</div>" for k, v in cards)
+    card_html = "".join(f"<div class='card'><b>{esc(v)}</b>{esc(k)}</div>" for k, v in cards)
 
     groups: list[tuple[str, list[tuple[str, str, str]]]] = [
         (
@@ -166,25 +154,25 @@ def _summary_section(summary: pd.DataFrame) -> str:
             (
                 cell_type,
                 [
-                    (f"{cell_type}_count", "cells", "{:,.0f}"),
-                    (f"{cell_type}_per_mm2", "/mm²", "{:.1f}"),
-                    (f"{cell_type}_accepted", "accepted", "{:,.0f}"),
-                    (f"{cell_type}_accepted_per_mm2", "accepted /mm²", "{:.1f}"),
-                    (f"{cell_type}_area_um2_p50", "median µm²", "{:.0f}"),
+                    (count_column(cell_type), "cells", "{:,.0f}"),
+                    (density_column(cell_type), "/mm²", "{:.1f}"),
+                    (accepted_column(cell_type), "accepted", "{:,.0f}"),
+                    (accepted_density_column(cell_type), "accepted /mm²", "{:.1f}"),
+                    (area_quantile_column(cell_type, 50), "median µm²", "{:.0f}"),
                 ],
             )
         )
     groups = [(g, [c for c in cols if c[0] in summary]) for g, cols in groups]
     columns = [c for _, cols in groups for c in cols]
-    group_head = "".join(f"<th colspan='{len(cols)}'>{_esc(g)}</th>" for g, cols in groups if cols)
-    head = "".join(f"<th>{_esc(title)}</th>" for _, title, _ in columns)
+    group_head = "".join(f"<th colspan='{len(cols)}'>{esc(g)}</th>" for g, cols in groups if cols)
+    head = "".join(f"<th>{esc(title)}</th>" for _, title, _ in columns)
     rows = []
     for _, record in summary.iterrows():
         cells = []
         for name, _, fmt in columns:
             value = record[name]
             text = "–" if _is_missing(value) else fmt.format(value)
-            cells.append(f"<td>{_esc(text)}</td>")
+            cells.append(f"<td>{esc(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (
         f"<div class='cards'>{card_html}</div>"
@@ -200,10 +188,7 @@ def _is_missing(value: object) -> bool:
 
 
 def _plots_section(summary: pd.DataFrame, areas: pd.DataFrame | None) -> str:
-    from bmseg.contract import CELL_TYPES
-    from bmseg.gather import area_histogram_png, density_plot_png
-
-    counts = [summary[f"{t}_count"].sum() for t in CELL_TYPES if f"{t}_count" in summary]
+    counts = [summary[count_column(t)].sum() for t in CELL_TYPES if count_column(t) in summary]
     if counts and not any(counts):
         return "<p class='muted'>No cells were detected, so there is nothing to plot.</p>"
     parts = [img_tag(density_plot_png(summary), "density per slide")]
@@ -213,20 +198,18 @@ def _plots_section(summary: pd.DataFrame, areas: pd.DataFrame | None) -> str:
 
 
 def _tissue_section(roots: Sequence[Path], slides: Sequence[str]) -> str:
-    from bmseg.tissue_picture import PICTURE_COLOURS
-
     figures = []
     for slide in slides:
-        pictures = _find(roots, f"{slide}.tissue.png")
-        records = _find(roots, f"{slide}.slide.json")
-        caption = _esc(slide)
+        pictures = _find(roots, slide_file(slide, TISSUE_PICTURE_SUFFIX))
+        records = _find(roots, slide_file(slide, SLIDE_RECORD_SUFFIX))
+        caption = esc(slide)
         if records:
             record = json.loads(records[0].read_text(encoding="utf-8"))
             area = float(record.get("tissue_area_mm2", 0))
             caption += (
-                f"<br>{_esc(record.get('source', ''))} · {area:.2f} mm² tissue · "
-                f"{_esc(record.get('pixel_size_um', ''))} µm/px · "
-                f"{_esc(record.get('tiles_kept', '?'))}/{_esc(record.get('tiles_total', '?'))} "
+                f"<br>{esc(record.get('source', ''))} · {area:.2f} mm² tissue · "
+                f"{esc(record.get('pixel_size_um', ''))} µm/px · "
+                f"{esc(record.get('tiles_kept', '?'))}/{esc(record.get('tiles_total', '?'))} "
                 "tiles kept"
             )
             if record.get("modality") in PICTURE_COLOURS:  # the picture's legend, legible here
@@ -238,9 +221,7 @@ def _tissue_section(roots: Sequence[Path], slides: Sequence[str]) -> str:
 
 
 def _classifier_section(roots: Sequence[Path]) -> str:
-    from bmseg.classifiers import label_summary_html, metrics_tables
-
-    paths = _find(roots, "metrics.json")
+    paths = _find(roots, METRICS_FILE)
     if not paths:
         return "<p class='muted'>No classifiers were trained in this run.</p>"
     parts = []
@@ -248,10 +229,10 @@ def _classifier_section(roots: Sequence[Path]) -> str:
         with reading(path, "re-run bmseg train, which writes it"):
             metrics = json.loads(path.read_text(encoding="utf-8"))
             criteria = ", ".join(
-                f"{_esc(k)} ≥ {float(v):.2f}" for k, v in metrics["acceptance"].items()
+                f"{esc(k)} ≥ {float(v):.2f}" for k, v in metrics["acceptance"].items()
             )
             parts.append(
-                f"<p class='muted'>{_esc(path.parent.name)}: {int(metrics['folds'])}-fold "
+                f"<p class='muted'>{esc(path.parent.name)}: {int(metrics['folds'])}-fold "
                 f"stratified cross-validation; acceptance {criteria}.</p>"
             )
             parts += [metrics_tables(t, entry) for t, entry in metrics["cell_types"].items()]
@@ -262,7 +243,7 @@ def _classifier_section(roots: Sequence[Path]) -> str:
 def _timing_section(roots: Sequence[Path]) -> tuple[str, list[dict]]:
     """Per-stage seconds summed over batches, devices, and a per-batch table."""
     records = []
-    for path in _find(roots, "batches.json"):
+    for path in _find(roots, BATCHES_RECORD):
         with reading(path, "re-run bmseg gather, which writes it"):
             found = json.loads(path.read_text(encoding="utf-8"))["batches"]
             for record in found:  # the fields the tables below use, of the types they need
@@ -280,7 +261,7 @@ def _timing_section(roots: Sequence[Path]) -> tuple[str, list[dict]]:
     tiles = sum(len(r.get("tiles", [])) for r in records)
     total = sum(stages.values())
     stage_rows = "".join(
-        f"<tr><td>{_esc(stage)}</td><td>{seconds:,.1f}</td>"
+        f"<tr><td>{esc(stage)}</td><td>{seconds:,.1f}</td>"
         f"<td>{100 * seconds / total if total else 0:.0f} %</td>"
         f"<td>{seconds / tiles if tiles else 0:.2f}</td></tr>"
         for stage, seconds in sorted(stages.items(), key=lambda item: -item[1])
@@ -288,16 +269,16 @@ def _timing_section(roots: Sequence[Path]) -> tuple[str, list[dict]]:
     models = [_models_summary(r.get("models")) for r in records]
     per_batch_models = len(set(models)) > 1  # a column only when batches differ
     batch_rows = "".join(
-        f"<tr><td>{_esc(r.get('batch', '?'))}</td><td class='text'>{_esc(r.get('device', '?'))}"
+        f"<tr><td>{esc(r.get('batch', '?'))}</td><td class='text'>{esc(r.get('device', '?'))}"
         f"</td><td>{len(r.get('tiles', []))}</td>"
         f"<td>{sum(r.get('cells', {}).values()):,}</td>"
         f"<td>{r['wall_s']:,.1f}</td>"
-        + (f"<td class='text'>{_esc(summary)}</td>" if per_batch_models else "")
+        + (f"<td class='text'>{esc(summary)}</td>" if per_batch_models else "")
         + "</tr>"
         for r, summary in zip(records, models, strict=True)
     )
     devices = sorted({str(r.get("device", "?")) for r in records})
-    models_line = "" if per_batch_models else f" Models: {_esc(models[0])}."
+    models_line = "" if per_batch_models else f" Models: {esc(models[0])}."
     batch_table = (
         "<div class='scroll'><table><tr><th>batch</th><th>device</th><th>tiles</th><th>cells</th>"
         f"<th>wall s</th>{'<th>models</th>' if per_batch_models else ''}</tr>{batch_rows}"
@@ -306,7 +287,7 @@ def _timing_section(roots: Sequence[Path]) -> tuple[str, list[dict]]:
     if len(records) > BATCHES_SHOWN_OPEN:
         batch_table = f"<details><summary>per batch</summary>{batch_table}</details>"
     return (
-        f"<p>{len(records)} batches, {tiles:,} tiles, devices: {_esc(', '.join(devices))}."
+        f"<p>{len(records)} batches, {tiles:,} tiles, devices: {esc(', '.join(devices))}."
         f"{models_line}</p>"
         "<p class='muted'>Stages overlap (readers and workers run beside the device), so "
         "their seconds add up to more than a batch's wall time.</p>"
@@ -342,7 +323,7 @@ def _models_summary(models: object) -> str:
 def _versions_section(roots: Sequence[Path], batches: list[dict]) -> str:
     """Package versions of this report, the gather step and the SEGMENT batches."""
     columns: dict[str, dict[str, str]] = {"report": package_versions()}
-    for path in _find(roots, "gather.json"):
+    for path in _find(roots, GATHER_RECORD):
         columns["gather"] = json.loads(path.read_text(encoding="utf-8")).get("versions", {})
     segment: dict[str, set[str]] = {}
     for record in batches:
@@ -351,10 +332,10 @@ def _versions_section(roots: Sequence[Path], batches: list[dict]) -> str:
     if segment:
         columns["segment"] = {k: " / ".join(sorted(v)) for k, v in segment.items()}
     names = list(dict.fromkeys(n for versions in columns.values() for n in versions))
-    head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     rows = "".join(
-        f"<tr><td>{_esc(n)}</td>"
-        + "".join(f"<td>{_esc(v.get(n, '–'))}</td>" for v in columns.values())
+        f"<tr><td>{esc(n)}</td>"
+        + "".join(f"<td>{esc(v.get(n, '–'))}</td>" for v in columns.values())
         + "</tr>"
         for n in names
     )
@@ -387,14 +368,14 @@ def build_report(roots: Sequence[Path]) -> str:
     timing_html, batches = _timing_section(roots)
     slides = summary["slide_id"].astype(str).tolist()
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    sources = ", ".join(f"<code>{_esc(r)}</code>" for r in roots)
+    sources = ", ".join(f"<code>{esc(r)}</code>" for r in roots)
     return (
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'>{CSP}"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>bmseg run report</title><style>{STYLE}</style></head><body>"
         "<h1>bmseg run report</h1>"
-        f"<p class='muted'>bmseg {_esc(__version__)} · generated {generated} · from {sources} "
-        f"(summary: <code>{_esc(summary_path.parent.name)}/{_esc(summary_path.name)}</code>)</p>"
+        f"<p class='muted'>bmseg {esc(__version__)} · generated {generated} · from {sources} "
+        f"(summary: <code>{esc(summary_path.parent.name)}/{esc(summary_path.name)}</code>)</p>"
         f"{_test_weights_warning(batches)}"
         f"<h2>Slides</h2>{_summary_section(summary)}"
         f"<h2>Density and size</h2>{_plots_section(summary, areas)}"
@@ -406,26 +387,16 @@ def build_report(roots: Sequence[Path]) -> str:
     )
 
 
-def run_report(args: argparse.Namespace) -> int:
-    """``bmseg report``: check the inputs exist, then write the page atomically."""
-    roots = [Path(p) for p in args.results]
-    for root in roots:
+def report(results: Sequence[Path], out: Path) -> Path:
+    """``bmseg report``: check the result directories exist, then write the page atomically.
+
+    ``results`` are the run's result directories (gathered, classified, classifiers), searched
+    at any depth; ``out`` is the one HTML file written. Returns ``out``.
+    """
+    for root in results:
         if not root.is_dir():
             raise BmsegError(f"{root}: no such directory; pass the run's result directories")
-    page = build_report(roots)
-    write_bytes(page.encode("utf-8"), args.out)
-    log.info("wrote the run report (%d kB) to %s", len(page) // 1024, args.out)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bmseg report``."""
-    parser = subparsers.add_parser("report", help="one self-contained HTML page summarising a run")
-    parser.add_argument(
-        "results",
-        nargs="+",
-        metavar="RESULTS",
-        help="result directories (gathered, classified, classifiers), searched at any depth",
-    )
-    parser.add_argument("--out", required=True, type=Path, help="the HTML file to write")
-    parser.set_defaults(handler=run_report)
+    page = build_report(results)
+    write_bytes(page.encode("utf-8"), out)
+    log.info("wrote the run report (%d kB) to %s", len(page) // 1024, out)
+    return out

@@ -29,12 +29,12 @@ STEP_MODULES = (
     "bmseg.cli.batching",
     "bmseg.cli.segment",
     "bmseg.cli.models",
-    "bmseg.gather",
-    "bmseg.pages",
-    "bmseg.annotate",
-    "bmseg.classifiers",
+    "bmseg.cli.gather",
+    "bmseg.cli.pages",
+    "bmseg.cli.annotate",
+    "bmseg.cli.classifiers",
     "bmseg.finetune",
-    "bmseg.report",
+    "bmseg.cli.report",
 )
 
 log = logging.getLogger("bmseg")
