@@ -229,16 +229,11 @@ def test_masks_missing_from_the_batches_given(run, test_models_dir, tmp_path, ca
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finetune.check_pixels does not catch this other slide yet (it trained on it, "
-    "2026-12-01): to debug",
-)
 def test_a_slide_that_does_not_match_the_tables(run, test_models_dir, tmp_path, capsys):
     other = tmp_path / "other" / run["slide"].name
     other.parent.mkdir()
     write_synthetic_slide(other, RUN_SIDE, RUN_SIDE, seed=RUN_SEED + 1)
-    args = finetune_args({**run, "slides": other}, test_models_dir, tmp_path / "out")
+    args = finetune_args({**run, "slide": other}, test_models_dir, tmp_path / "out")
     assert run_cli(*args) == 2
     err = capsys.readouterr().err
     assert "pass the slide file the run segmented" in err and len(err.strip().splitlines()) == 1
