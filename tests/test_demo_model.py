@@ -153,7 +153,7 @@ def centroid_f1(truth: np.ndarray, found: np.ndarray, radius_px: float) -> tuple
 
 def test_training_is_deterministic_from_the_seed(tmp_path: Path):
     """Two short trainings from one seed write identical weights (same threads, same build)."""
-    from bmseg.models.making import DEMO_CELLPOSE_ENCODER, synthetic_regions, test_cellpose_net
+    from bmseg.models.making import DEMO_CELLPOSE_ENCODER, demo_cellpose_net, synthetic_regions
 
     train_seeds, _ = demo_layout_seeds(0)["brightfield"]
     regions = synthetic_regions(train_seeds[0], "brightfield", side=2048)[:2]
@@ -162,7 +162,7 @@ def test_training_is_deterministic_from_the_seed(tmp_path: Path):
     weights = []
     for run in range(2):
         torch.manual_seed(0)
-        net = test_cellpose_net(DEMO_CELLPOSE_ENCODER)
+        net = demo_cellpose_net(DEMO_CELLPOSE_ENCODER)
         images, targets = crops_around(regions, settings.crop_px, np.random.default_rng(0))
         dest = tmp_path / f"run{run}"
         train_cellpose(net, images, targets, settings, dest, progress=False)
