@@ -143,11 +143,6 @@ def finetune_args(run: dict, models: Path, out: Path, *extra) -> list:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the demo parent collapses to all-background (AP@0.5 0.0 before and after 120 crops); "
-    "remove once make-demo segments",
-)
 @pytest.mark.timeout(3600)  # may build the demo folder, then trains
 def test_finetune_improves_validation_ap_and_writes_a_models_folder(
     run: dict, demo_models_dir: Path, tmp_path: Path
