@@ -31,10 +31,11 @@ from bmseg.synth import PIXEL_SIZE_UM, SyntheticLayout, truth_labels
 
 pytestmark = pytest.mark.timeout(3600)  # the first test here may build the demo folder
 
-DEMO_COLLAPSES = pytest.mark.xfail(
+DEMO_TOO_WEAK = pytest.mark.xfail(
     strict=True,
-    reason="with DEMO_TRAINING the demo network collapses to all-background (validation "
-    "AP@0.5 0.000 on 2026-12-01); remove this mark once make-demo's training segments",
+    reason="the demo network finds part of the HSPCs only (validation AP@0.5 0.17 on "
+    "2026-12-01; its flows over-split cells, fluorescence most: docs/benchmarks.md); remove "
+    "this mark once make-demo's training reaches these bars",
 )
 
 UNSEEN_SEED = 777
@@ -91,7 +92,7 @@ def test_manifest_says_plainly_what_the_demo_is(demo_models_dir: Path):
         assert (demo_models_dir / name).is_file()
 
 
-@DEMO_COLLAPSES
+@DEMO_TOO_WEAK
 def test_demo_network_segments_unseen_synthetic_hspcs(unseen_flows):
     """SEGMENT's HSPC masks (flows by the network, masks by bmseg.flows) match the planted
     HSPCs of a layout the network never saw: AP@0.5 well above what a random network gets."""
@@ -103,7 +104,7 @@ def test_demo_network_segments_unseen_synthetic_hspcs(unseen_flows):
         assert ap >= 0.7, f"{modality}: AP@0.5 {ap:.2f} of the demo network on unseen HSPCs"
 
 
-@DEMO_COLLAPSES
+@DEMO_TOO_WEAK
 def test_bmseg_flows_matches_cellpose_on_real_network_flows(unseen_flows):
     """On a trained network's own flows, bmseg.flows finds what Cellpose's compute_masks finds
     (AP@0.5 of one against the other) and scores at least as well against the truth."""
@@ -117,7 +118,7 @@ def test_bmseg_flows_matches_cellpose_on_real_network_flows(unseen_flows):
         assert ours_ap >= theirs_ap - 0.02, f"{modality}: {ours_ap:.3f} vs Cellpose {theirs_ap:.3f}"
 
 
-@DEMO_COLLAPSES
+@DEMO_TOO_WEAK
 def test_hspc_path_of_segment_finds_the_planted_hspcs(demo_models_dir: Path, tmp_path: Path):
     """`bmseg segment` with the demo folder (Cellpose-SAM, random SAM2 refinement and MKs, the
     area filter, ownership) finds the planted HSPCs of an unseen slide by centroid."""
@@ -154,7 +155,7 @@ def centroid_f1(truth: np.ndarray, found: np.ndarray, radius_px: float) -> tuple
 
 def test_training_is_deterministic_from_the_seed(tmp_path: Path):
     """Two short trainings from one seed write identical weights (same threads, same build)."""
-    from bmseg.models.making import DEMO_CELLPOSE_ENCODER, synthetic_regions, test_cellpose_net
+    from bmseg.models.making import DEMO_CELLPOSE_ENCODER, demo_cellpose_net, synthetic_regions
 
     train_seeds, _ = demo_layout_seeds(0)["brightfield"]
     regions = synthetic_regions(train_seeds[0], "brightfield", side=2048)[:2]
@@ -163,7 +164,7 @@ def test_training_is_deterministic_from_the_seed(tmp_path: Path):
     weights = []
     for run in range(2):
         torch.manual_seed(0)
-        net = test_cellpose_net(DEMO_CELLPOSE_ENCODER)
+        net = demo_cellpose_net(DEMO_CELLPOSE_ENCODER)
         images, targets = crops_around(regions, settings.crop_px, np.random.default_rng(0))
         dest = tmp_path / f"run{run}"
         train_cellpose(net, images, targets, settings, dest, progress=False)
@@ -208,3 +209,22 @@ def test_make_demo_refuses_a_non_empty_destination(tmp_path: Path, capsys):
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["keep.txt"]
     with pytest.raises(Exception, match="not empty"):
         make_demo_models(tmp_path / "models")
+
+
+def test_demo_network_starts_with_a_lossless_patch_embedding_and_token_positions():
+    """CPSAM's forward never trains its patch embedding (read through ``.data``) and SAM starts
+    its position embedding at zeros: the demo network, trained from scratch, starts with an
+    orthonormal patch embedding (no patch information lost) and distinct token positions."""
+    from bmseg.models.making import DEMO_CELLPOSE_ENCODER, PATCH_EMBED_GAIN, demo_cellpose_net
+
+    torch.manual_seed(0)
+    net = demo_cellpose_net(DEMO_CELLPOSE_ENCODER)
+    weight = net.encoder.patch_embed.proj.weight.detach().reshape(
+        len(net.encoder.patch_embed.proj.weight), -1
+    )
+    gram = weight @ weight.T / PATCH_EMBED_GAIN**2
+    assert torch.allclose(gram, torch.eye(len(weight)), atol=1e-4)
+    positions = net.encoder.pos_embed.detach()[0].reshape(-1, net.encoder.pos_embed.shape[-1])
+    distances = torch.cdist(positions, positions) + torch.eye(len(positions)) * 1e9
+    assert distances.min() > 0.1, "every token has its own position"
+    assert net.rdrop == 0.0

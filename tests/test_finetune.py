@@ -143,11 +143,6 @@ def finetune_args(run: dict, models: Path, out: Path, *extra) -> list:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the demo parent collapses to all-background (AP@0.5 0.0 before and after 120 crops); "
-    "remove once make-demo segments",
-)
 @pytest.mark.timeout(3600)  # may build the demo folder, then trains
 def test_finetune_improves_validation_ap_and_writes_a_models_folder(
     run: dict, demo_models_dir: Path, tmp_path: Path
@@ -229,16 +224,11 @@ def test_masks_missing_from_the_batches_given(run, test_models_dir, tmp_path, ca
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finetune.check_pixels does not catch this other slide yet (it trained on it, "
-    "2026-12-01): to debug",
-)
 def test_a_slide_that_does_not_match_the_tables(run, test_models_dir, tmp_path, capsys):
     other = tmp_path / "other" / run["slide"].name
     other.parent.mkdir()
     write_synthetic_slide(other, RUN_SIDE, RUN_SIDE, seed=RUN_SEED + 1)
-    args = finetune_args({**run, "slides": other}, test_models_dir, tmp_path / "out")
+    args = finetune_args({**run, "slide": other}, test_models_dir, tmp_path / "out")
     assert run_cli(*args) == 2
     err = capsys.readouterr().err
     assert "pass the slide file the run segmented" in err and len(err.strip().splitlines()) == 1

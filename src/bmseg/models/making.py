@@ -136,8 +136,53 @@ def fetch_models(dest: Path) -> Manifest:
 DEMO_CELLPOSE_ENCODER = TEST_CELLPOSE_ENCODER
 """The demo Cellpose-SAM has the test architecture: small enough to train on a CPU."""
 
-DEMO_TRAINING = TrainSettings(epochs=100, images_per_epoch=12, batch_size=6, learning_rate=1e-3)
-"""1 200 crops seen in 100 of Cellpose's epochs of two steps each: warm-up, hold, halving."""
+PATCH_EMBED_GAIN = 3.0
+"""Norm of each row of the demo's orthonormal patch embedding (inputs are 0–1 normalised)."""
+
+
+def demo_cellpose_net(encoder: dict) -> torch.nn.Module:
+    """The test Cellpose-SAM initialised to be trained from scratch (draws from torch's RNG).
+
+    Two of CPSAM's initial values only make sense under pretrained SAM weights:
+
+    * the patch embedding: CPSAM's forward reads it through ``.data``, so training never
+      changes it, and SAM's default initialisation, subsampled from 16 to 8 px, leaves a tiny
+      random projection that loses most of a patch. An orthonormal one keeps it.
+    * the position embedding: SAM starts it at zeros, so the tokens of a network trained from
+      scratch know no position, and the flows (pointing at each cell's centre) learn slowly.
+      A 2-D sine-cosine embedding (trainable, as SAM's) gives every token its place.
+
+    Measured (docs/benchmarks.md "Demo model"): with SAM's initial values the demo network
+    collapses to all-background or over-splits cells; with these it segments.
+    """
+    net = test_cellpose_net(encoder)
+    proj = net.encoder.patch_embed.proj
+    rows = torch.empty(proj.weight.shape[0], proj.weight[0].numel())
+    torch.nn.init.orthogonal_(rows)
+    proj.weight.data = (PATCH_EMBED_GAIN * rows).reshape(proj.weight.shape).contiguous()
+    net.encoder.pos_embed.data = sincos_position_embedding(*net.encoder.pos_embed.shape[1:])
+    net.rdrop = 0.0  # two blocks only: no random skipping of one in training (CPSAM: 0.4)
+    return net
+
+
+def sincos_position_embedding(rows: int, columns: int, width: int) -> torch.Tensor:
+    """(1, rows, columns, width) 2-D sine-cosine position embedding: a quarter of the width
+    each for sin / cos of the row and of the column, at geometric frequencies (as in MAE)."""
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    row_angles = torch.arange(rows, dtype=torch.float32)[:, None, None] * frequencies
+    column_angles = torch.arange(columns, dtype=torch.float32)[None, :, None] * frequencies
+    size = (rows, columns, quarter)
+    parts = [torch.sin(row_angles), torch.cos(row_angles)]
+    parts += [torch.sin(column_angles), torch.cos(column_angles)]
+    embedding = torch.cat([p.expand(size) for p in parts], dim=-1)
+    padding = torch.zeros(rows, columns, width - 4 * quarter)
+    return torch.cat([embedding, padding], dim=-1)[None].contiguous()
+
+
+DEMO_TRAINING = TrainSettings(epochs=100, images_per_epoch=24, batch_size=2, learning_rate=1e-3)
+"""2 400 crops seen in 100 of Cellpose's epochs of 12 steps each: warm-up, hold, halving.
+Small batches: at batch 6 the same crops left the network at all-background."""
 
 DEMO_SLIDE_PX = 4000
 """Side of the synthetic layouts the demo trains and validates on (``bmseg synth``'s default)."""
@@ -147,9 +192,9 @@ DEMO_TRAIN_LAYOUTS = 2
 DEMO_DESCRIPTION = (
     "DEMO weights: a small Cellpose-SAM trained here on synthetic slides (bmseg synth, "
     "brightfield and fluorescence) to segment their HSPC-like discs, with random-initialised "
-    "SAM2 and ResNet-50. At this version's training settings it does not yet find them "
-    "(validation AP@0.5 is in the training record), and it does NOT segment real bone "
-    "marrow (use `bmseg models fetch` for the real weights)."
+    "SAM2 and ResNet-50. It finds part of them (validation AP@0.5 is in the training "
+    "record), and it does NOT segment real bone marrow (use `bmseg models fetch` for the "
+    "real weights)."
 )
 
 DEMO_MANIFEST = Manifest(
@@ -228,7 +273,7 @@ def make_demo_models(
         manifest = DEMO_MANIFEST
         _write_sam2(manifest, work)
         _write_resnet50(manifest, work)
-        net = test_cellpose_net(DEMO_CELLPOSE_ENCODER)
+        net = demo_cellpose_net(DEMO_CELLPOSE_ENCODER)
         rng = np.random.default_rng(seed)
         train_regions, val_regions = [], []
         layouts = demo_layout_seeds(seed)
@@ -254,6 +299,8 @@ def make_demo_models(
             "kind": "demo",
             "parent": "random initialisation",
             "encoder": DEMO_CELLPOSE_ENCODER,
+            "initialisation": "orthonormal patch embedding, sine-cosine position embedding, "
+            "no layer drop (demo_cellpose_net)",
             "data": {
                 "synthetic_layouts": {
                     m: {"train": t, "validation": v} for m, (t, v) in layouts.items()
