@@ -20,7 +20,6 @@ built under a temporary name and renamed when complete, and never replaces its i
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -31,11 +30,33 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
+import h5py
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
 
-from bmseg.argtypes import BAKED_MODELS_DIR, id_list
+from bmseg.cell_tables import EMBEDDED_COLUMNS, find_cell_tables, table_uids
 from bmseg.errors import BmsegError
+from bmseg.features import cell_centroids, intensity_stats
 from bmseg.label_images import relabel
+from bmseg.labels import merge_labels
+from bmseg.models.choices import FINETUNE_SPLITS
+from bmseg.models.device import resolve_device
+from bmseg.models.layout import read_manifest, weight_path, write_manifest
+from bmseg.models.loading import load_cellpose
+from bmseg.models.training import (
+    Region,
+    TrainSettings,
+    crops_around,
+    train_cellpose,
+    validation_ap50,
+)
+from bmseg.pixels import to_rgb8
+from bmseg.slide import Rect, open_slide
+from bmseg.slide_args import match_slides
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +73,6 @@ TABLE_COLUMNS = (
     "area_px",
     "area_um2",
 )
-SPLITS = ("tile", "slide")
 MEAN_PREFIX = "intensity_mean_"
 MEAN_TOLERANCE = 0.5
 """Largest difference between a cell's mean intensity in the tables and in the slide file:
@@ -82,12 +102,6 @@ class TileMasks:
 
 def accepted_tiles(cell_paths: Sequence[Path], label_paths: Sequence[Path]) -> list[TileCells]:
     """The tiles holding HSPCs labelled yes, with each tile's accepted HSPCs and MKs."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from bmseg.cell_tables import EMBEDDED_COLUMNS, find_cell_tables, table_uids
-    from bmseg.labels import merge_labels
 
     files = find_cell_tables(cell_paths, EMBEDDED_COLUMNS)
     merged, _ = merge_labels(label_paths, table_uids(files))
@@ -131,9 +145,6 @@ def accepted_tiles(cell_paths: Sequence[Path], label_paths: Sequence[Path]) -> l
 
 def pixel_sizes(cell_paths: Sequence[Path]) -> dict[str, float]:
     """µm per pixel of each slide, from its cells' areas in px and µm²."""
-    import pyarrow.parquet as pq
-
-    from bmseg.cell_tables import EMBEDDED_COLUMNS, find_cell_tables
 
     sizes: dict[str, float] = {}
     for path in find_cell_tables(cell_paths, EMBEDDED_COLUMNS):
@@ -146,8 +157,6 @@ def pixel_sizes(cell_paths: Sequence[Path]) -> dict[str, float]:
 
 def index_masks(batch_dirs: Sequence[Path]) -> dict[tuple[str, str], TileMasks]:
     """``{(slide, tile): TileMasks}`` over the masks.h5 of every batch folder given."""
-    import h5py
-    import hdf5plugin  # noqa: F401  (registers the LZ4 filter before h5py reads)
 
     index: dict[tuple[str, str], TileMasks] = {}
     for folder in batch_dirs:
@@ -167,8 +176,6 @@ def index_masks(batch_dirs: Sequence[Path]) -> dict[tuple[str, str], TileMasks]:
 
 def read_labels(masks: TileMasks, slide_id: str, tile_id: str) -> np.ndarray:
     """The tile's label image from its masks.h5."""
-    import h5py
-    import hdf5plugin  # noqa: F401
 
     with h5py.File(masks.path, "r") as h5:
         return h5[f"{slide_id}/{tile_id}/labels"][...]
@@ -189,7 +196,6 @@ def check_masks(tiles: Sequence[TileCells], index: dict, batch_dirs: Sequence[Pa
 def mask_out(rgb: np.ndarray, labels: np.ndarray, drop: np.ndarray) -> np.ndarray:
     """``rgb`` with the pixels of the labels in ``drop`` (bool per label value) inpainted from
     their surroundings (OpenCV's Telea method) over the masks grown by MASK_OUT_GROWTH_PX."""
-    import cv2
 
     hidden = drop[labels]
     if not hidden.any():
@@ -202,10 +208,6 @@ def mask_out(rgb: np.ndarray, labels: np.ndarray, drop: np.ndarray) -> np.ndarra
 def tile_region(tile: TileCells, masks: TileMasks, slide, pixel_size_um: float):
     """The tile as a training region: SEGMENT's RGB with the unaccepted HSPCs masked out, the
     accepted HSPCs numbered 1..n, crops centred on them. Checks the slide against the table."""
-    from bmseg.features import cell_centroids
-    from bmseg.models.training import Region
-    from bmseg.pixels import to_rgb8
-    from bmseg.slide import Rect
 
     labels = read_labels(masks, tile.slide_id, tile.tile_id).astype(np.int64)
     height, width = labels.shape
@@ -238,7 +240,6 @@ def tile_region(tile: TileCells, masks: TileMasks, slide, pixel_size_um: float):
 def check_pixels(tile: TileCells, accepted: np.ndarray, pixels: np.ndarray, slide) -> None:
     """The accepted cells' mean intensities in this slide file are the tables' (measured by
     SEGMENT on the same pixels): otherwise the file is not the slide the run segmented."""
-    from bmseg.features import intensity_stats
 
     names = [channel.name for channel in slide.channels]
     measured = intensity_stats(accepted, pixels, names, len(tile.accepted))
@@ -291,62 +292,70 @@ def link_or_copy(source: Path, dest: Path) -> None:
         shutil.copy2(source, dest)
 
 
-def finetune(args: argparse.Namespace) -> Path:
-    """Run ``bmseg finetune`` and return the new models folder."""
-    from tqdm import tqdm
-
-    from bmseg.models.device import resolve_device
-    from bmseg.models.layout import read_manifest, weight_path, write_manifest
-    from bmseg.models.loading import load_cellpose
-    from bmseg.models.training import (
-        TrainSettings,
-        crops_around,
-        train_cellpose,
-        validation_ap50,
-    )
-    from bmseg.slide import open_slide
-    from bmseg.slide_args import match_slides
-
+def finetune(
+    cells: Path,
+    labels: Sequence[Path],
+    *,
+    batches: Sequence[Path],
+    slides: Sequence[str],
+    models_dir: Path,
+    out: Path,
+    slide_ids: Sequence[str] | None = None,
+    split: str = "tile",
+    validation_fraction: float = 0.2,
+    seed: int = 0,
+    epochs: int = 100,
+    images_per_epoch: int = 0,
+    batch_size: int = 8,
+    learning_rate: float = 1e-5,
+    weight_decay: float = 0.1,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """FINETUNE: train ``models_dir``'s Cellpose-SAM on the HSPCs ``labels`` accept in the
+    gathered ``cells``, their masks in the SEGMENT ``batches`` and the pixels of ``slides``
+    (file names, or ``ID=PATH``, or named by ``slide_ids``); write and return the new models
+    folder ``out`` (never ``models_dir`` itself). ``images_per_epoch`` 0 is every crop."""
     started = time.perf_counter()
-    models_dir, out = Path(args.models), Path(args.out)
+    models_dir, out = Path(models_dir), Path(out)
     if out.resolve() == models_dir.resolve() or models_dir.resolve() in out.resolve().parents:
         raise BmsegError(f"--out {out}: is the input models folder {models_dir}; pass a new folder")
     if out.exists():
         raise BmsegError(f"--out {out}: exists; pass a new folder (finetune never overwrites)")
-    if not 0.0 < args.validation_fraction < 1.0:
-        raise BmsegError(f"--validation-fraction {args.validation_fraction}: must lie in (0, 1)")
-    for flag in ("epochs", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise BmsegError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be ≥ 1")
+    if split not in FINETUNE_SPLITS:
+        raise BmsegError(f"--split {split}: choose one of {', '.join(FINETUNE_SPLITS)}")
+    if not 0.0 < validation_fraction < 1.0:
+        raise BmsegError(f"--validation-fraction {validation_fraction}: must lie in (0, 1)")
+    for flag, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if value < 1:
+            raise BmsegError(f"--{flag.replace('_', '-')} {value}: must be ≥ 1")
     parent = read_manifest(models_dir)
     cellpose_path = weight_path(models_dir, parent.cellpose_checkpoint)
     others = [weight_path(models_dir, parent.sam2_checkpoint)]
     others.append(weight_path(models_dir, parent.resnet50_weights))
-    cell_paths, label_paths = [Path(args.cells)], [Path(p) for p in args.labels]
-    batch_dirs = [Path(p) for p in args.batches]
+    cell_paths, label_paths = [Path(cells)], [Path(p) for p in labels]
+    batch_dirs = [Path(p) for p in batches]
     tiles = accepted_tiles(cell_paths, label_paths)
     index = index_masks(batch_dirs)
     check_masks(tiles, index, batch_dirs)
-    slide_paths = match_slides((t.slide_id for t in tiles), args.slides, args.slide_ids)
+    slide_paths = match_slides((t.slide_id for t in tiles), slides, slide_ids)
     sizes = pixel_sizes(cell_paths)
-    device = resolve_device(args.device)
-    model = load_cellpose(cellpose_path, device)
+    torch_device = resolve_device(device)
+    model = load_cellpose(cellpose_path, torch_device)
 
-    train_tiles, validation_tiles = split_tiles(
-        tiles, args.validation_fraction, args.split, args.seed
-    )
-    rng = np.random.default_rng(args.seed)
+    train_tiles, validation_tiles = split_tiles(tiles, validation_fraction, split, seed)
+    rng = np.random.default_rng(seed)
     images: list[np.ndarray] = []
     targets: list[np.ndarray] = []
     validation = []
-    slides = {}
+    opened = {}
     try:
         for slide_id, path in slide_paths.items():
-            slides[slide_id] = open_slide(path, pixel_size_um=sizes[slide_id], slide_id=slide_id)
+            opened[slide_id] = open_slide(path, pixel_size_um=sizes[slide_id], slide_id=slide_id)
         held = {(t.slide_id, t.tile_id) for t in validation_tiles}
-        for tile in tqdm(tiles, desc="finetune: read tiles", unit="tile", disable=args.no_progress):
+        for tile in tqdm(tiles, desc="finetune: read tiles", unit="tile", disable=not progress):
             key = (tile.slide_id, tile.tile_id)
-            region = tile_region(tile, index[key], slides[tile.slide_id], sizes[tile.slide_id])
+            region = tile_region(tile, index[key], opened[tile.slide_id], sizes[tile.slide_id])
             if key in held:
                 validation.append(region)
             else:
@@ -354,7 +363,7 @@ def finetune(args: argparse.Namespace) -> Path:
                 images += crops[0]
                 targets += crops[1]
     finally:
-        for slide in slides.values():
+        for slide in opened.values():
             slide.close()
     pixel_size = float(np.median(list(sizes.values())))
     accepted_train = sum(len(t.accepted) for t in train_tiles)
@@ -369,12 +378,12 @@ def finetune(args: argparse.Namespace) -> Path:
     ap_before = validation_ap50(model, validation, pixel_size)
     log.info("validation AP@0.5 of %s: %.3f", cellpose_path, ap_before)
     settings = TrainSettings(
-        epochs=args.epochs,
-        images_per_epoch=args.images_per_epoch or len(images),
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
+        epochs=epochs,
+        images_per_epoch=images_per_epoch or len(images),
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        seed=seed,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
@@ -385,10 +394,10 @@ def finetune(args: argparse.Namespace) -> Path:
             targets,
             settings,
             work / FINETUNED_NAME,
-            not args.no_progress,
+            progress,
             desc="finetune Cellpose-SAM",
         )
-        tuned = load_cellpose(work / FINETUNED_NAME, device)
+        tuned = load_cellpose(work / FINETUNED_NAME, torch_device)
         ap_after = validation_ap50(tuned, validation, pixel_size)
         log.info("validation AP@0.5 fine-tuned: %.3f (was %.3f)", ap_after, ap_before)
         for source in others:
@@ -408,11 +417,11 @@ def finetune(args: argparse.Namespace) -> Path:
                 "slides": {s: str(p) for s, p in slide_paths.items()},
                 "accepted_hspcs": {"train": accepted_train, "validation": accepted_val},
                 "tiles": {"train": len(train_tiles), "validation": len(validation_tiles)},
-                "split": args.split,
-                "validation_fraction": args.validation_fraction,
+                "split": split,
+                "validation_fraction": validation_fraction,
             },
             "settings": settings.as_dict(),
-            "device": str(device),
+            "device": str(torch_device),
             **record,
             "validation_ap50_before": round(ap_before, 4),
             "validation_ap50_after": round(ap_after, 4),
@@ -437,96 +446,3 @@ def finetune(args: argparse.Namespace) -> Path:
         raise
     log.info("wrote %s: validation AP@0.5 %.3f → %.3f", out, ap_before, ap_after)
     return out
-
-
-def _finetune_command(args: argparse.Namespace) -> int:
-    finetune(args)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bmseg finetune``."""
-    from bmseg.models.settings import DEVICE_CHOICES
-
-    parser = subparsers.add_parser(
-        "finetune",
-        help="fine-tune the models folder's Cellpose-SAM on the HSPCs labelled yes",
-        description="Train Cellpose-SAM (cellpose.train) on the accepted HSPC masks of a run "
-        "and write a new models folder with it, its parent and its validation AP@0.5.",
-    )
-    parser.add_argument("cells", metavar="CELLS", help="gathered folder (or a cell table)")
-    parser.add_argument("labels", metavar="LABELS", nargs="+", help="label JSON files")
-    parser.add_argument(
-        "--batches",
-        nargs="+",
-        required=True,
-        metavar="DIR",
-        help="SEGMENT's batch folders of the run (their masks.h5)",
-    )
-    parser.add_argument(
-        "--slides",
-        nargs="+",
-        required=True,
-        metavar="SLIDE",
-        help="the run's slide files, matched to slide ids by file name (or ID=PATH)",
-    )
-    parser.add_argument(
-        "--slide-ids",
-        type=id_list,
-        metavar="ID,...",
-        help="the id of each file in --slides, in their order (instead of names or ID=PATH)",
-    )
-    parser.add_argument(
-        "--models",
-        required=True,
-        nargs="?",
-        const=BAKED_MODELS_DIR,
-        metavar="DIR",
-        help=f"models folder to start (the flag alone: the image's baked-in {BAKED_MODELS_DIR})",
-    )
-    parser.add_argument("--out", required=True, metavar="MODELS", help="new models folder")
-    parser.add_argument(
-        "--split",
-        choices=SPLITS,
-        default="tile",
-        help="hold out whole tiles or whole slides for validation (tile)",
-    )
-    parser.add_argument(
-        "--validation-fraction",
-        type=float,
-        default=0.2,
-        metavar="F",
-        help="share of tiles (or slides) held out (0.2)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of split, crops, training (0)")
-    parser.add_argument("--epochs", type=int, default=100, help="Cellpose epochs (100)")
-    parser.add_argument(
-        "--images-per-epoch",
-        type=int,
-        default=0,
-        metavar="N",
-        help="crops per epoch (0: all training crops, Cellpose's default)",
-    )
-    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="crops per step (8)")
-    parser.add_argument(
-        "--learning-rate",
-        type=float,
-        default=1e-5,
-        metavar="LR",
-        help="AdamW learning rate (%(default)s, Cellpose's fine-tuning default)",
-    )
-    parser.add_argument(
-        "--weight-decay",
-        type=float,
-        default=0.1,
-        metavar="W",
-        help="AdamW weight decay (0.1, Cellpose's default)",
-    )
-    parser.add_argument(
-        "--device",
-        default="auto",
-        choices=DEVICE_CHOICES,
-        help="compute device (auto: the GPU when torch sees one)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    parser.set_defaults(handler=_finetune_command)

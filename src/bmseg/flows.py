@@ -175,7 +175,6 @@ def _check_inputs(dP: np.ndarray, cellprob: np.ndarray, niter: int) -> None:
 def _tensor(values: np.ndarray | torch.Tensor, device: str | torch.device) -> torch.Tensor:
     """``values`` (an array, or a tensor on any device: the network output stays where it
     was computed) as a tensor on ``device``."""
-    import torch
 
     if isinstance(values, torch.Tensor):
         return values.to(device)

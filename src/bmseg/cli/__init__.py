@@ -33,7 +33,7 @@ STEP_MODULES = (
     "bmseg.cli.pages",
     "bmseg.cli.annotate",
     "bmseg.cli.classifiers",
-    "bmseg.finetune",
+    "bmseg.cli.finetune",
     "bmseg.cli.report",
 )
 

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from bmseg.flows import flows_to_masks
 from bmseg.models.base import Detections
 from bmseg.models.cellpose_net import Stitcher, network_output, normalise
 from bmseg.models.masks import (
@@ -197,7 +198,6 @@ class CellposeHSPCSegmenter:
     ) -> np.ndarray:
         """Label image from flows (tensors on the device, or arrays), through
         :func:`bmseg.flows.flows_to_masks`."""
-        from bmseg.flows import flows_to_masks
 
         s = self.settings
         return flows_to_masks(

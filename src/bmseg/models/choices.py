@@ -1,4 +1,4 @@
-"""The names the segmentation flags take: devices and flows methods.
+"""The names the model flags take: devices, flows methods and fine-tuning splits.
 
 A module of plain constants, imported by the settings, the device resolver, the flows
 post-processing and the command line alike, so none of them imports another for a name.
@@ -12,3 +12,5 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 FLOWS_METHODS = ("bmseg", "cellpose")
 """Methods :func:`bmseg.flows.flows_to_masks` can use: ours and Cellpose 4's own post-processing."""
 DEFAULT_FLOWS_METHOD = "bmseg"
+FINETUNE_SPLITS = ("tile", "slide")
+"""How ``bmseg finetune`` holds out validation data: whole tiles or whole slides."""

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from cellpose.models import CellposeModel
+from hydra.errors import MissingConfigException
+from sam2.build_sam import build_sam2
+from torchvision.models import resnet50
 
 from bmseg.errors import BmsegError
 from bmseg.models.attention import DEFAULT_ATTENTION, use_sdpa_attention
@@ -121,8 +125,6 @@ def load_sam2(
 
     ``image_size`` overrides the config's input resolution (the weights do not depend on it).
     """
-    from hydra.errors import MissingConfigException
-    from sam2.build_sam import build_sam2
 
     if not isinstance(read_state_dict(path, "SAM2").get("model"), Mapping):
         raise corrupt(path, "SAM2", KeyError("no 'model' state dict"))
@@ -179,7 +181,6 @@ def compile_on_gpu(network: torch.nn.Module, device: torch.device) -> bool:
 def load_cellpose(path: Path, device: torch.device, *, attention: str = DEFAULT_ATTENTION):
     """Cellpose-SAM through ``CellposeModel(pretrained_model=path)``, bf16 on capable GPUs, its
     attention switched to ``attention`` (fused ``"sdpa"`` by default, or ``"stock"``)."""
-    from cellpose.models import CellposeModel
 
     state = read_state_dict(path, "Cellpose-SAM")
     if "W2" not in state:
@@ -204,7 +205,6 @@ def load_cellpose(path: Path, device: torch.device, *, attention: str = DEFAULT_
 def load_resnet50(path: Path, device: torch.device) -> torch.nn.Module:
     """torchvision ResNet-50 with the weights in ``path``, ``fc`` replaced by the identity, its
     batch norms folded into the convolutions, in ``channels_last`` on a GPU; eval mode."""
-    from torchvision.models import resnet50
 
     state = read_state_dict(path, "ResNet-50")
     net = resnet50(weights=None)

@@ -12,9 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cellpose.models import _MODEL_URL
+from cellpose.vit import CPSAM
+from sam2.build_sam import build_sam2
+from torchvision.models import ResNet50_Weights, resnet50
 
+from bmseg.contract import MODALITIES
 from bmseg.errors import BmsegError
+from bmseg.models.cellpose_models import sam_encoder_as
 from bmseg.models.layout import SAM2_URL, Manifest, write_manifest
+from bmseg.models.loading import load_cellpose
 from bmseg.models.training import (
     Region,
     TrainSettings,
@@ -22,7 +29,10 @@ from bmseg.models.training import (
     train_cellpose,
     validation_ap50,
 )
+from bmseg.pixels import to_rgb8
+from bmseg.slide import Rect
 from bmseg.storage import atomic_path
+from bmseg.synth import MOSAIC_TILE, PIXEL_SIZE_UM, SyntheticLayout, truth_labels
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +69,6 @@ def make_test_models(dest: Path, seed: int = 0, full_size: bool = False) -> Mani
 
     ``full_size`` writes the production architectures (about 2.3 GB) instead of the tiny ones.
     """
-    from cellpose.vit import CPSAM
 
     torch.manual_seed(seed)
     manifest = FULL_SIZE_MANIFEST if full_size else TEST_MANIFEST
@@ -77,9 +86,6 @@ def make_test_models(dest: Path, seed: int = 0, full_size: bool = False) -> Mani
 
 def test_cellpose_net(encoder: dict) -> torch.nn.Module:
     """Cellpose's own ``CPSAM`` network with a SAM ViT encoder of these dimensions."""
-    from cellpose.vit import CPSAM
-
-    from bmseg.models.cellpose_models import sam_encoder_as
 
     with sam_encoder_as(**encoder):
         return CPSAM()
@@ -87,7 +93,6 @@ def test_cellpose_net(encoder: dict) -> torch.nn.Module:
 
 def _write_sam2(manifest: Manifest, dest: Path) -> None:
     """SAM2 of the manifest's config, random weights, in SAM2's checkpoint format."""
-    from sam2.build_sam import build_sam2
 
     sam2 = build_sam2(manifest.sam2_config, None, device="cpu")
     with atomic_path(dest / manifest.sam2_checkpoint) as tmp:
@@ -96,7 +101,6 @@ def _write_sam2(manifest: Manifest, dest: Path) -> None:
 
 def _write_resnet50(manifest: Manifest, dest: Path) -> None:
     """torchvision's ResNet-50, random weights, as a state dict."""
-    from torchvision.models import resnet50
 
     with atomic_path(dest / manifest.resnet50_weights) as tmp:
         torch.save(resnet50(weights=None).state_dict(), tmp)
@@ -104,8 +108,6 @@ def _write_resnet50(manifest: Manifest, dest: Path) -> None:
 
 def fetch_plan() -> dict[str, str]:
     """``{file name: URL}`` of the official weights, URLs taken from the libraries' sources."""
-    from cellpose.models import _MODEL_URL
-    from torchvision.models import ResNet50_Weights
 
     manifest = Manifest()
     return {
@@ -210,7 +212,6 @@ DEMO_MANIFEST = Manifest(
 
 def demo_layout_seeds(seed: int) -> dict[str, tuple[list[int], int]]:
     """``{modality: (training layout seeds, held-out layout seed)}``, distinct, from ``seed``."""
-    from bmseg.contract import MODALITIES
 
     seeds = {}
     for index, modality in enumerate(MODALITIES):
@@ -224,9 +225,6 @@ def synthetic_regions(layout_seed: int, modality: str, side: int = DEMO_SLIDE_PX
     :func:`bmseg.pixels.to_rgb8`), with the planted HSPCs' masks. Crops centre on every HSPC
     and MK (so the network learns that an MK is no HSPC) and on as many random points of the
     tile (background, tissue, their edges: what a tile shows away from cells)."""
-    from bmseg.pixels import to_rgb8
-    from bmseg.slide import Rect
-    from bmseg.synth import MOSAIC_TILE, SyntheticLayout, truth_labels
 
     layout = SyntheticLayout(side, side, layout_seed, modality)
     rng = np.random.default_rng(layout_seed)
@@ -260,8 +258,6 @@ def make_demo_models(
     Everything derives from ``seed`` (weights, layouts, crops, training order). The folder is
     built under a temporary name beside ``dest`` and renamed when complete.
     """
-    from bmseg.models.loading import load_cellpose
-    from bmseg.synth import PIXEL_SIZE_UM
 
     if dest.exists() and any(dest.iterdir()):
         raise BmsegError(f"--dest {dest}: exists and is not empty; pass a new folder")

@@ -10,6 +10,7 @@ inside its own box. A set of masks is carried as ``boxes`` (K, 4) int64 ``x0, y0
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sam2.utils.amg import batched_mask_to_box, calculate_stability_score
+from scipy.sparse.csgraph import connected_components
 
 from bmseg.label_images import relabel
 from bmseg.models.base import Detections
@@ -169,7 +171,6 @@ def window_pixels(
 
 def _sparse_gram(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Dense ``A @ A.T`` of the 0/1 matrix with ones at (rows, cols), through sparse storage."""
-    import warnings
 
     ones = torch.ones(len(rows), device=rows.device)
     matrix = torch.sparse_coo_tensor(
@@ -196,7 +197,6 @@ def pair_intersections(
     dense layout would exceed ``budget`` entries (boxes chaining across a packed tile) is
     multiplied in sparse storage instead.
     """
-    from scipy.sparse.csgraph import connected_components
 
     count = len(boxes)
     b = boxes.cpu().numpy()

@@ -26,6 +26,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from cellpose import train
+from cellpose.dynamics import masks_to_flows_gpu
+from cellpose.metrics import average_precision
+from scipy import ndimage
+from scipy.sparse.csgraph import maximum_bipartite_matching
+from scipy.spatial import cKDTree
+from tqdm import tqdm
+
+from bmseg.models.cellpose_models import CellposeHSPCSegmenter
+from bmseg.models.settings import HSPCSettings
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +91,6 @@ def training_targets(label_images: Sequence[np.ndarray]) -> list[np.ndarray]:
     one canvas with a gap between them: a cell's diffusion never leaves the cell, so packing
     changes nothing but the cost (one call, instead of a fixed ~0.2 s per image on a CPU).
     """
-    from cellpose.dynamics import masks_to_flows_gpu
-    from scipy import ndimage
 
     pieces = []  # (image index, label, box slices, packed y, packed x)
     cursor_x = cursor_y = row_height = 0
@@ -148,7 +156,6 @@ class _TrainProgress(logging.Handler):
     LOSS = re.compile(r"^(\d+), train_loss=([0-9.]+)")
 
     def __init__(self, net: torch.nn.Module, total: int, enabled: bool, desc: str) -> None:
-        from tqdm import tqdm
 
         super().__init__(level=logging.INFO)
         self.bar = tqdm(total=total, desc=desc, unit="img", disable=not enabled, delay=1)
@@ -206,7 +213,6 @@ def train_cellpose(
     """
     if not images:
         raise ValueError("no training crops")
-    from cellpose import train
 
     torch.manual_seed(settings.seed)
     started = time.perf_counter()
@@ -261,7 +267,6 @@ def _one_cpu_thread() -> Iterator[None]:
 def pooled_ap50(truths: Sequence[np.ndarray], predictions: Sequence[np.ndarray]) -> float:
     """AP@0.5 over all regions together: TP / (TP + FP + FN), matched by ``cellpose.metrics``
     (IoU ≥ 0.5, one-to-one), so a region with few cells weighs what its cells weigh."""
-    from cellpose.metrics import average_precision
 
     if not truths:
         return float("nan")
@@ -277,8 +282,6 @@ def pooled_ap50(truths: Sequence[np.ndarray], predictions: Sequence[np.ndarray])
 def hspc_masks(cellpose_model: Any, regions: Sequence[Region], pixel_size_um: float) -> list:
     """Each region's HSPC label image by SEGMENT's own Cellpose path (network through
     ``cellpose.core.run_net``, masks by :mod:`bmseg.flows`), without SAM2 or area filter."""
-    from bmseg.models.cellpose_models import CellposeHSPCSegmenter
-    from bmseg.models.settings import HSPCSettings
 
     device = cellpose_model.device
     segmenter = CellposeHSPCSegmenter(cellpose_model, None, HSPCSettings(refine=False), device)
@@ -299,8 +302,6 @@ def validation_ap50(cellpose_model: Any, regions: Sequence[Region], pixel_size_u
 def centroid_matches(truth_xy: np.ndarray, found_xy: np.ndarray, radius_px: float) -> int:
     """How many found cells pair one-to-one with a true cell whose centroid lies within
     ``radius_px`` (a maximum bipartite matching, so no cell counts twice)."""
-    from scipy.sparse.csgraph import maximum_bipartite_matching
-    from scipy.spatial import cKDTree
 
     if not len(truth_xy) or not len(found_xy):
         return 0
