@@ -47,14 +47,14 @@ def demo_models_key() -> str:
     slides, shows them to the models and trains, and the versions of Cellpose and torch."""
     from importlib.metadata import version
 
-    from bmseg import pixels, synth
+    from bmseg import pixels, synthetic
     from bmseg.models import making, training
 
     digest = hashlib.sha256()
     for part in (
         inspect.getsource(making),
         inspect.getsource(training),
-        inspect.getsource(synth),
+        inspect.getsource(synthetic),
         inspect.getsource(pixels.to_rgb8),
         version("cellpose"),
         version("torch"),

@@ -19,8 +19,6 @@ STEPS = (
     "finetune", "report", "models.making",
 )  # fmt: skip
 """The step modules (or subpackages): each a pipeline step's logic, called by one CLI module."""
-ALLOWED = {"models.making": {"synth"}}
-"""The one step-to-step use by design: the demo model is trained on synthetic slides."""
 
 
 def module_name(path: Path) -> str:
@@ -63,8 +61,7 @@ def imported_modules(path: Path, top_only: bool = False) -> set[str]:
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if not m.startswith("bmseg.cli")))
 def test_a_module_imports_no_step_but_its_own(name):
     own = step_of(name)
-    allowed = ALLOWED.get(own or "", set())
-    others = {m for m in imported_modules(MODULES[name]) if step_of(m) not in (None, own, *allowed)}
+    others = {m for m in imported_modules(MODULES[name]) if step_of(m) not in (None, own)}
     assert not others, f"{name} imports steps {sorted(others)}"
 
 

@@ -32,7 +32,7 @@ from bmseg.models.training import (
 from bmseg.pixels import to_rgb8
 from bmseg.slide import Rect
 from bmseg.storage import atomic_path
-from bmseg.synth import MOSAIC_TILE, PIXEL_SIZE_UM, SyntheticLayout, truth_labels
+from bmseg.synthetic import MOSAIC_TILE, PIXEL_SIZE_UM, SyntheticLayout, truth_labels
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,20 @@ of ~120): MKs placed as above, then every free stretch of tissue tiled by small 
 cells (the Voronoi cells of a jittered hexagonal grid, each shrunk by 1.5 px so neighbours
 touch, 1–3 px apart, without sharing a pixel), all planted as HSPC-like cells.
 
-The package: :mod:`~bmseg.synth.layout` (tissue, cells, pixels, truth),
+The package: :mod:`~bmseg.synthetic` (tissue, cells, pixels, truth),
 :mod:`~bmseg.synth.writing` (the CZI files) and :mod:`~bmseg.synth.frames` (single test frames).
 """
 
 from __future__ import annotations
 
 from bmseg.synth.frames import blank_frame, section_image
-from bmseg.synth.layout import (
+from bmseg.synth.writing import (
+    describe_channels,
+    truth_path_for,
+    write_frames_czi,
+    write_synthetic_slide,
+)
+from bmseg.synthetic import (
     MOSAIC_TILE,
     PIXEL_SIZE_UM,
     PlantedCell,
@@ -39,12 +45,6 @@ from bmseg.synth.layout import (
     polygon_area,
     truth_labels,
     truth_table,
-)
-from bmseg.synth.writing import (
-    describe_channels,
-    truth_path_for,
-    write_frames_czi,
-    write_synthetic_slide,
 )
 
 __all__ = [

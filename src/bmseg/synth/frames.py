@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from bmseg.synth.layout import smooth_noise
+from bmseg.synthetic import smooth_noise
 
 
 def section_image(

@@ -15,7 +15,7 @@ from bmseg.contract import TRUTH_SUFFIX
 from bmseg.errors import BmsegError
 from bmseg.slide import Rect, default_slide_id
 from bmseg.storage import atomic_path, write_parquet
-from bmseg.synth.layout import (
+from bmseg.synthetic import (
     FLUORESCENCE_CHANNELS,
     MOSAIC_TILE,
     PIXEL_SIZE_UM,
