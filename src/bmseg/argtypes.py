@@ -62,3 +62,22 @@ def nullable_float_list(text: str) -> list[float | None]:
         raise argparse.ArgumentTypeError(
             f"{text!r}: give comma-separated numbers or null, e.g. 0.25,null"
         ) from None
+
+
+def add_slide_ids_and_models(parser: argparse.ArgumentParser, models_help: str) -> None:
+    """``--slide-ids`` (each ``--slides`` file's id, in order) and ``--models`` (the flag
+    alone: the image's baked-in weights), as SEGMENT and FINETUNE both take them."""
+    parser.add_argument(
+        "--slide-ids",
+        type=id_list,
+        metavar="ID,...",
+        help="the id of each file in --slides, in their order (instead of names or ID=PATH)",
+    )
+    parser.add_argument(
+        "--models",
+        required=True,
+        nargs="?",
+        const=BAKED_MODELS_DIR,
+        metavar="DIR",
+        help=f"{models_help} (the flag alone: the image's baked-in {BAKED_MODELS_DIR})",
+    )

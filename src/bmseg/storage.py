@@ -8,15 +8,13 @@ leaves only its own).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
 import io
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,28 +89,6 @@ def output_set(out: str | os.PathLike[str]) -> Iterator[Path]:
             out.rmdir()  # a failed first run leaves no empty folder behind
         raise
     shutil.rmtree(staging, ignore_errors=True)
-
-
-def writes_output_set(
-    handler: Callable[[argparse.Namespace], int],
-) -> Callable[[argparse.Namespace], int]:
-    """Run a step handler with ``args.out`` pointing into :func:`output_set` of ``--out``.
-
-    The handler writes as before; its outputs reach ``--out`` only when it returns, all at
-    once. ``args.final_out`` holds the real ``--out`` for checks that need it.
-    """
-
-    @functools.wraps(handler)
-    def run(args: argparse.Namespace) -> int:
-        final = Path(args.out)
-        with output_set(final) as staging:
-            args.out, args.final_out = staging, final
-            try:
-                return handler(args)
-            finally:
-                args.out = final
-
-    return run
 
 
 def _commit_order(name: str) -> tuple[int, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bmseg.argtypes import BAKED_MODELS_DIR, id_list
+from bmseg.argtypes import add_slide_ids_and_models
 from bmseg.models.choices import DEVICE_CHOICES, FINETUNE_SPLITS
 
 
@@ -58,20 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SLIDE",
         help="the run's slide files, matched to slide ids by file name (or ID=PATH)",
     )
-    parser.add_argument(
-        "--slide-ids",
-        type=id_list,
-        metavar="ID,...",
-        help="the id of each file in --slides, in their order (instead of names or ID=PATH)",
-    )
-    parser.add_argument(
-        "--models",
-        required=True,
-        nargs="?",
-        const=BAKED_MODELS_DIR,
-        metavar="DIR",
-        help=f"models folder to start (the flag alone: the image's baked-in {BAKED_MODELS_DIR})",
-    )
+    add_slide_ids_and_models(parser, "models folder to start")
     parser.add_argument("--out", required=True, metavar="MODELS", help="new models folder")
     parser.add_argument(
         "--split",

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bmseg.argtypes import BAKED_MODELS_DIR, id_list
+from bmseg.argtypes import add_slide_ids_and_models
 from bmseg.contract import GALLERY_CROP_PX, GPU_OUT_OF_MEMORY_EXIT
 from bmseg.errors import BmsegError
 from bmseg.models.choices import DEVICE_CHOICES, FLOWS_METHODS
@@ -99,20 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="slide files the batch touches, matched to slide ids by file name; ID=PATH binds "
         "a file to an id explicitly",
     )
-    parser.add_argument(
-        "--slide-ids",
-        type=id_list,
-        metavar="ID,...",
-        help="the id of each file in --slides, in their order (instead of names or ID=PATH)",
-    )
-    parser.add_argument(
-        "--models",
-        required=True,
-        nargs="?",
-        const=BAKED_MODELS_DIR,
-        metavar="DIR",
-        help=f"models directory (the flag alone: the image's baked-in {BAKED_MODELS_DIR})",
-    )
+    add_slide_ids_and_models(parser, "models directory")
     parser.add_argument(
         "--plans",
         nargs="+",

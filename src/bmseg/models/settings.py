@@ -10,11 +10,7 @@ import math
 from dataclasses import dataclass
 
 from bmseg.errors import BmsegError
-from bmseg.models.choices import DEFAULT_FLOWS_METHOD, DEVICE_CHOICES, FLOWS_METHODS
-
-# DEVICE_CHOICES lives in bmseg.models.choices; named here too for the callers that import it
-# from the settings (segment, finetune) until their own re-cut.
-__all__ = ["DEVICE_CHOICES", "EmbedderSettings", "HSPCSettings", "MKSettings"]
+from bmseg.models.choices import DEFAULT_FLOWS_METHOD, FLOWS_METHODS
 
 
 @dataclass(frozen=True)
