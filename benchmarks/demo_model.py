@@ -1,5 +1,6 @@
 """Benchmark the demo model: build it (`bmseg models make-demo`, timed), then run the pipeline's
-commands on an unseen synthetic slide per modality and score the HSPCs it finds by centroid.
+commands on an unseen synthetic slide per modality (the README walk-through's size and tiles by
+default) and score the HSPCs it finds by centroid.
 
 For each modality: `bmseg synth` (a layout no make-demo seed reaches), `bmseg plan`, `bmseg batch`,
 `bmseg segment` with the demo folder (Cellpose-SAM, the random SAM2 for MKs and refinement, the
@@ -42,13 +43,15 @@ def load() -> str:
     return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-def score_slide(models: Path, work: Path, modality: str, side: int, radius_px: float) -> dict:
+def score_slide(
+    models: Path, work: Path, modality: str, side: int, tile_px: int, radius_px: float
+) -> dict:
     """Run synth → plan → batch → segment → gather on one unseen slide; score its HSPCs."""
     slide = work / f"unseen_{modality}.czi"
     from bmseg.synth import write_synthetic_slide
 
     truth = pq.read_table(write_synthetic_slide(slide, side, side, UNSEEN_SEED, modality))
-    run("plan", slide, "--out", work / f"plan_{modality}")
+    run("plan", slide, "--tile-size", tile_px, "--out", work / f"plan_{modality}")
     run(
         "batch",
         *sorted((work / f"plan_{modality}").glob("*.tiles.parquet")),
@@ -115,7 +118,10 @@ def score_slide(models: Path, work: Path, modality: str, side: int, radius_px: f
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, help="an existing make-demo folder (else built)")
-    parser.add_argument("--side", type=int, default=4000, help="unseen slide side, px (4000)")
+    parser.add_argument("--side", type=int, default=2400, help="unseen slide side, px (2400)")
+    parser.add_argument(
+        "--tile-size", type=int, default=1200, help="PLAN's tile size, px (1200, as README's)"
+    )
     parser.add_argument(
         "--radius-px",
         type=float,
@@ -139,7 +145,7 @@ def main() -> int:
         figures["validation_ap50"] = training["validation_ap50"]
         figures["threads"] = training["threads"]
         figures["slides"] = [
-            score_slide(models, work, modality, args.side, args.radius_px)
+            score_slide(models, work, modality, args.side, args.tile_size, args.radius_px)
             for modality in MODALITIES
         ]
     print(json.dumps(figures, indent=2))
