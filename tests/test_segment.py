@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import shutil
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -598,6 +599,99 @@ def test_a_failed_batch_leaves_no_outputs(slide, coarse_batch, tmp_path):
             {"batch": 0, "device": "cpu"},
         )
     assert list(out.iterdir()) == []
+
+
+class ThreadRecordingSegmenter(OracleSegmenter):
+    """The oracle, recording the thread each call comes from (SEGMENT's device thread)."""
+
+    def __init__(self, *args, threads: set[int]) -> None:
+        super().__init__(*args)
+        self.threads = threads
+
+    def segment(self, tiles: Sequence[np.ndarray], pixel_size_um: float) -> list[Detections]:
+        self.threads.add(threading.get_ident())
+        return super().segment(tiles, pixel_size_um)
+
+
+def test_host_work_runs_off_the_thread_that_calls_the_segmenters(
+    slide, coarse_batch, tmp_path, monkeypatch
+):
+    # The thread that drives the device only calls the networks: validating their labels,
+    # placing the HSPC window, measuring, uid suffixing and every write happen elsewhere.
+    from bmseg.segment import engine
+    from bmseg.storage import MaskWriter
+
+    slide_path, truth = slide
+    _, tiles = read_batch_table(coarse_batch)
+    device_threads: set[int] = set()
+    host_threads: dict[str, set[int]] = collections.defaultdict(set)
+
+    def recorded(name: str, function):
+        def call(*args, **kwargs):
+            host_threads[name].add(threading.get_ident())
+            return function(*args, **kwargs)
+
+        return call
+
+    for name in ("checked", "write_tile", "unique_cell_uids", "measure_tile", "_placed"):
+        monkeypatch.setattr(engine, name, recorded(name, getattr(engine, name)))
+    monkeypatch.setattr(MaskWriter, "add", recorded("masks.h5", MaskWriter.add))
+    options = SegmentOptions(progress=False, gpu_batch_tiles=2)
+    summary = segment_batch(
+        tiles,
+        match_slides([t.slide_id for t in tiles], [str(slide_path)]),
+        ThreadRecordingSegmenter("MK", truth, [t.read for t in tiles], threads=device_threads),
+        ThreadRecordingSegmenter(
+            "HSPC", truth, hspc_windows(tiles, options), threads=device_threads
+        ),
+        MeanColourEmbedder(),
+        tmp_path / "out",
+        options,
+        {"batch": 0, "device": "cpu"},
+    )
+    assert device_threads == {threading.get_ident()}
+    assert set(host_threads) == {"checked", "write_tile", "unique_cell_uids", "measure_tile",
+                                 "_placed", "masks.h5"}  # fmt: skip
+    for name, threads in host_threads.items():
+        assert not threads & device_threads, f"{name} ran on the device thread"
+    cells = pq.read_table(tmp_path / "out" / "cells.parquet", columns=["tile_id"])
+    written = list(dict.fromkeys(cells["tile_id"].to_pylist()))
+    tile_order = [t["tile_id"] for t in summary["tiles"] if t["n_mk"] + t["n_hspc"]]
+    assert written == tile_order == [t.tile_id for t in tiles if t.tile_id in set(written)]
+    assert sum(summary["cells"].values()) == len(truth)
+
+
+def test_a_failed_write_stops_the_batch_and_leaves_no_outputs(
+    slide, coarse_batch, tmp_path, monkeypatch
+):
+    # Writes run on the writer thread: its error still reaches the caller, files deleted.
+    from bmseg.segment import engine
+
+    slide_path, truth = slide
+    _, tiles = read_batch_table(coarse_batch)
+    written = []
+
+    def write_then_fail(*args, **kwargs):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(args)
+        return engine_write_tile(*args, **kwargs)
+
+    engine_write_tile = engine.write_tile
+    monkeypatch.setattr(engine, "write_tile", write_then_fail)
+    out = tmp_path / "failed"
+    with pytest.raises(OSError, match="No space left"):
+        segment_batch(
+            tiles,
+            match_slides([t.slide_id for t in tiles], [str(slide_path)]),
+            OracleSegmenter("MK", truth, [t.read for t in tiles]),
+            OracleSegmenter("HSPC", truth, hspc_windows(tiles, SegmentOptions())),
+            MeanColourEmbedder(),
+            out,
+            SegmentOptions(progress=False),
+            {"batch": 0, "device": "cpu"},
+        )
+    assert len(written) == 1 and list(out.iterdir()) == []
 
 
 def test_fluorescence_slide_end_to_end(tmp_path):

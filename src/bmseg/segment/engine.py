@@ -1,20 +1,22 @@
 """The SEGMENT engine: tiles read ahead on reader threads, segmented on the calling (device)
-thread in groups of ``gpu_batch_tiles``, measured and embedded on worker threads, written in
-tile order; batch.json last."""
+thread in groups of ``gpu_batch_tiles``, checked, measured and embedded on worker threads,
+written in tile order on a writer thread; batch.json last."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 from bmseg.contract import (
@@ -83,38 +85,32 @@ class _Finished:
 
 def _segment_group(
     reads: list[ReadTile],
+    rects: list[Rect],
     segmenters: dict[str, Segmenter],
     timer: StageTimer,
-    options: SegmentOptions,
 ) -> dict[str, list[Detections]]:
-    """Run each segmenter once on the group's RGB tiles; validated detections per stage.
+    """Run each segmenter once on the group's RGB tiles (the calling, device, thread's only
+    work): their raw detections per stage, checked later by :func:`_finish_group`.
 
-    The MK segmenter sees each whole read window; the HSPC segmenter its :func:`hspc_rect`,
-    whose labels are placed back into the read window.
+    The MK segmenter sees each whole read window; the HSPC segmenter its :func:`hspc_rect`
+    (``rects``, views: nothing is copied here).
     """
     rgbs = [item[2] for item in reads]
-    rects = [hspc_rect(item[0], options.hspc_max_area_um2) for item in reads]
     inputs = {
         "mk": rgbs,
         "hspc": [rgb[r.y : r.bottom, r.x : r.right] for rgb, r in zip(rgbs, rects, strict=True)],
     }
     pixel_size = reads[0][0].pixel_size_um
-    detected = {}
+    found = {}
     for stage, segmenter in segmenters.items():
         start = time.perf_counter()
-        found = segmenter.segment(inputs[stage], pixel_size)
-        if len(found) != len(rgbs):
-            raise RuntimeError(f"{stage} segmenter returned {len(found)} results for {len(rgbs)}")
-        detected[stage] = [
-            checked(d, image.shape[:2], f"{stage} segmenter")
-            for d, image in zip(found, inputs[stage], strict=True)
-        ]
+        found[stage] = list(segmenter.segment(inputs[stage], pixel_size))
         timer.add(stage, time.perf_counter() - start)
-    detected["hspc"] = [
-        _placed(d, rgb.shape[:2], rect)
-        for d, rgb, rect in zip(detected["hspc"], rgbs, rects, strict=True)
-    ]
-    return detected
+        if len(found[stage]) != len(rgbs):
+            raise RuntimeError(
+                f"{stage} segmenter returned {len(found[stage])} results for {len(rgbs)}"
+            )
+    return found
 
 
 def _placed(detections: Detections, shape: tuple[int, int], rect: Rect) -> Detections:
@@ -128,25 +124,124 @@ def _placed(detections: Detections, shape: tuple[int, int], rect: Rect) -> Detec
 
 def _finish_group(
     reads: list[ReadTile],
-    detected: dict[str, list[Detections]],
+    rects: list[Rect],
+    found: dict[str, list[Detections]],
     channel_sets: dict[str, list[Channel]],
     embedder: Embedder,
     options: SegmentOptions,
 ) -> _Finished:
-    """Measure the group's tiles and embed their cells (runs on a worker thread)."""
+    """Check the segmenters' output, place the HSPC windows into the read windows, measure the
+    group's tiles and embed their cells (runs on a worker thread)."""
     start = time.perf_counter()
-    measured = [
-        measure_tile(tile, pixels, rgb, channel_sets[tile.slide_id], mk, hspc, options)
-        for (tile, pixels, rgb, _), mk, hspc in zip(
-            reads, detected["mk"], detected["hspc"], strict=True
+    measured = []
+    for (tile, pixels, rgb, _), rect, mk, hspc in zip(
+        reads, rects, found["mk"], found["hspc"], strict=True
+    ):
+        window = (rect.h, rect.w)
+        mk = checked(mk, rgb.shape[:2], "mk segmenter")
+        hspc = _placed(checked(hspc, window, "hspc segmenter"), rgb.shape[:2], rect)
+        measured.append(
+            measure_tile(tile, pixels, rgb, channel_sets[tile.slide_id], mk, hspc, options)
         )
-    ]
     features_s = time.perf_counter() - start
     start = time.perf_counter()
     embeddings = embed_cells(embedder, measured, options.embed_batch)
     return _Finished(
         reads, measured, embeddings, {"features": features_s, "embed": time.perf_counter() - start}
     )
+
+
+class _Writer:
+    """cells.parquet, crops.parquet and masks.h5, opened, written in tile order and closed on
+    one thread of their own: no write, uid suffixing or tally holds the device thread.
+
+    :meth:`put` queues a group's future (from a worker); the writes run in the order queued.
+    The files are renamed into place by :meth:`close` only when nothing failed.
+    """
+
+    def __init__(self, out_dir: Path, schema: pa.Schema, stats: _Stats, bar: tqdm) -> None:
+        self._stats, self._schema, self._bar = stats, schema, bar
+        self._files = contextlib.ExitStack()
+        self._failed = False
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="bmseg-write")
+        self._queued: collections.deque[Future] = collections.deque()
+        self._queued.append(self._thread.submit(self._guarded, self._open, out_dir))
+
+    def _guarded(self, job: Callable[..., None], *args: Any) -> None:
+        """Run ``job`` unless an earlier one failed (or the batch was abandoned)."""
+        if self._failed:
+            return
+        try:
+            job(*args)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _open(self, out_dir: Path) -> None:
+        enter = self._files.enter_context
+        self._cells = enter(parquet_writer(out_dir / CELLS_FILE, self._schema))
+        self._crops = enter(parquet_writer(out_dir / CROPS_FILE, CROPS_SCHEMA))
+        self._masks = enter(masks_writer(out_dir / MASKS_FILE))
+
+    def put(self, finished: Future, segment_s: float) -> None:
+        """Queue the write of a group whose measuring ``finished`` will deliver."""
+        self._queued.append(self._thread.submit(self._guarded, self._write, finished, segment_s))
+
+    def wait(self, keep: int) -> None:
+        """Block until at most ``keep`` writes are queued; raise the error of a failed one."""
+        while self._queued and (self._queued[0].done() or len(self._queued) > keep):
+            self._queued.popleft().result()
+
+    def close(self, error: BaseException | None) -> None:
+        """Finish the queued writes and close the files: renamed into place when neither
+        ``error`` (the caller's) nor a write failed, else deleted (the queued writes skipped).
+        Raises a failed write's error when the caller had none."""
+        own = None
+        if error is None:
+            try:
+                self.wait(0)
+            except BaseException as failure:
+                error = own = failure
+        if error is None:
+            closing = self._thread.submit(self._files.close)
+        else:
+            self._failed = True
+            closing = self._thread.submit(
+                self._files.__exit__, type(error), error, error.__traceback__
+            )
+        self._thread.shutdown(wait=True)
+        if own is not None:
+            raise own
+        if error is None:
+            closing.result()
+
+    def _write(self, finished_future: Future, segment_s: float) -> None:
+        finished: _Finished = finished_future.result()
+        stats = self._stats
+        start = time.perf_counter()
+        for cells, embeddings in zip(finished.measured, finished.embeddings, strict=True):
+            uids = unique_cell_uids(cells.columns["cell_uid"], stats.uids)
+            cells.columns["cell_uid"] = uids.tolist()
+            write_tile(cells, embeddings, self._schema, self._cells, self._crops, self._masks)
+        write_s = time.perf_counter() - start
+        for stage, seconds in finished.seconds.items():
+            stats.timer.add(stage, seconds)
+        stats.timer.add("write", write_s)
+        shared = (segment_s + sum(finished.seconds.values()) + write_s) / len(finished.reads)
+        for cells, item in zip(finished.measured, finished.reads, strict=True):
+            types = collections.Counter(cells.columns["cell_type"])
+            for cell_type in CELL_TYPES:
+                stats.cells[cell_type] += types[cell_type]
+            stats.tiles.append(
+                {
+                    "slide_id": cells.tile.slide_id,
+                    "tile_id": cells.tile.tile_id,
+                    "n_mk": types["MK"],
+                    "n_hspc": types["HSPC"],
+                    "seconds": round(item[3] + shared, 4),
+                }
+            )
+        self._bar.update(len(finished.reads))
 
 
 def segment_batch(
@@ -161,12 +256,13 @@ def segment_batch(
 ) -> dict[str, Any]:
     """Segment ``tiles`` and write the four outputs to ``out_dir``; return batch.json's content.
 
-    Three kinds of threads overlap: readers fetch tiles ahead, the calling thread runs the
-    segmenters, ``options.workers`` threads measure and embed finished groups; rows are
-    written in tile order. Segmenters are called from the calling thread on the tiles in the
-    given order, each tile exactly once per segmenter, in lists of up to
-    ``options.gpu_batch_tiles`` tiles. ``record`` (batch number, device, models) is copied into
-    batch.json. Tiles must have been checked (:func:`check_tiles`).
+    Four kinds of threads overlap: readers fetch tiles ahead, the calling thread runs the
+    segmenters and nothing else, ``options.workers`` threads check, measure and embed
+    finished groups, one writer thread writes their rows in tile order. Segmenters are called
+    from the calling thread on the tiles in the given order, each tile exactly once per
+    segmenter, in lists of up to ``options.gpu_batch_tiles`` tiles. ``record`` (batch number,
+    device, models) is copied into batch.json. Tiles must have been checked
+    (:func:`check_tiles`).
     """
     pixel_sizes = {t.slide_id: t.pixel_size_um for t in tiles}
     channel_sets: dict[str, list[Channel]] = {}
@@ -187,65 +283,32 @@ def segment_batch(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    bar = tqdm(total=len(tiles), unit="tile", desc="segment", disable=not options.progress)
+    writer = _Writer(out_dir, schema, stats, bar)
+    error: BaseException | None = None
     try:
-        with (
-            parquet_writer(out_dir / CELLS_FILE, schema) as cells_out,
-            parquet_writer(out_dir / CROPS_FILE, CROPS_SCHEMA) as crops_out,
-            masks_writer(out_dir / MASKS_FILE) as masks_out,
-            ThreadPoolExecutor(options.workers, thread_name_prefix="bmseg-measure") as workers,
-            tqdm(
-                total=len(tiles), unit="tile", desc="segment", disable=not options.progress
-            ) as bar,
-        ):
-
-            def write(finished: _Finished, segment_s: float) -> None:
-                start = time.perf_counter()
-                for cells, embeddings in zip(finished.measured, finished.embeddings, strict=True):
-                    uids = unique_cell_uids(cells.columns["cell_uid"], stats.uids)
-                    cells.columns["cell_uid"] = uids.tolist()
-                    write_tile(cells, embeddings, schema, cells_out, crops_out, masks_out)
-                write_s = time.perf_counter() - start
-                for stage, seconds in finished.seconds.items():
-                    stats.timer.add(stage, seconds)
-                stats.timer.add("write", write_s)
-                shared = (segment_s + sum(finished.seconds.values()) + write_s) / len(
-                    finished.reads
-                )
-                for cells, item in zip(finished.measured, finished.reads, strict=True):
-                    types = collections.Counter(cells.columns["cell_type"])
-                    for cell_type in CELL_TYPES:
-                        stats.cells[cell_type] += types[cell_type]
-                    stats.tiles.append(
-                        {
-                            "slide_id": cells.tile.slide_id,
-                            "tile_id": cells.tile.tile_id,
-                            "n_mk": types["MK"],
-                            "n_hspc": types["HSPC"],
-                            "seconds": round(item[3] + shared, 4),
-                        }
-                    )
-                bar.update(len(finished.reads))
-
-            pending: collections.deque[tuple[Future, float]] = collections.deque()
+        with ThreadPoolExecutor(options.workers, thread_name_prefix="bmseg-measure") as workers:
             reads = reader.iter_read(tiles, lookahead=options.gpu_batch_tiles)
             for group in _groups(reads, options.gpu_batch_tiles):
                 stats.timer.add("read", sum(item[3] for item in group))
+                rects = [hspc_rect(item[0], options.hspc_max_area_um2) for item in group]
                 start = time.perf_counter()
-                detected = _segment_group(group, segmenters, stats.timer, options)
+                found = _segment_group(group, rects, segmenters, stats.timer)
                 segment_s = time.perf_counter() - start
-                future = workers.submit(
-                    _finish_group, group, detected, channel_sets, embedder, options
+                finishing = workers.submit(
+                    _finish_group, group, rects, found, channel_sets, embedder, options
                 )
-                pending.append((future, segment_s))
-                # Write what is done, in order; never hold more groups than workers + 1.
-                while pending and (pending[0][0].done() or len(pending) > options.workers):
-                    done, seconds = pending.popleft()
-                    write(done.result(), seconds)
-            while pending:
-                done, seconds = pending.popleft()
-                write(done.result(), seconds)
+                writer.put(finishing, segment_s)
+                writer.wait(keep=options.workers)  # never more groups held than workers + 1
+    except BaseException as failure:
+        error = failure
+        raise
     finally:
-        reader.close()
+        try:
+            writer.close(error)
+        finally:
+            reader.close()
+            bar.close()
     elapsed = time.perf_counter() - started
     totals = stats.timer.take()
     summary = {
