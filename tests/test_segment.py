@@ -694,6 +694,69 @@ def test_a_failed_write_stops_the_batch_and_leaves_no_outputs(
     assert len(written) == 1 and list(out.iterdir()) == []
 
 
+class HostCrops:
+    """The embedder of the engine's host path: crops cut on the host, ``embed`` only."""
+
+    def __init__(self, embedder) -> None:
+        self.dim, self.crop_size, self._embedder = embedder.dim, embedder.crop_size, embedder
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        return self._embedder.embed(crops)
+
+
+def test_resnet_cuts_its_own_crops_and_embeds_as_the_host_path(
+    slide, coarse_batch, test_models_dir, tmp_path
+):
+    # The make-test ResNet-50 (random weights) through the engine three ways: host crops,
+    # embed_squares on the CPU (OpenCV crops), embed_squares by roi_align (the GPU's way).
+    from bmseg.models.base import SquareEmbedder
+    from bmseg.models.embedder import ResNetEmbedder
+    from bmseg.models.layout import read_manifest, weight_path
+    from bmseg.models.loading import load_resnet50
+    from bmseg.timing import StageTimer
+
+    slide_path, truth = slide
+    table = pq.read_table(coarse_batch)
+    busiest = int(np.argmax(table["tissue_fraction"].to_numpy()))
+    batch = write_parquet(table.slice(busiest, 1), tmp_path / "batch_0001.parquet")
+    manifest = read_manifest(test_models_dir)
+    cpu = torch.device("cpu")
+    net = load_resnet50(weight_path(test_models_dir, manifest.resnet50_weights), cpu)
+    resnet = ResNetEmbedder(net, cpu, StageTimer(cpu), crop_size=64, batch_size=8)
+    on_device = ResNetEmbedder(net, cpu, StageTimer(cpu), 64, 8, device_crops=True)
+    assert isinstance(resnet, SquareEmbedder) and not isinstance(HostCrops(resnet), SquareEmbedder)
+    calls = []
+    resnet.embed_squares = lambda *args, f=resnet.embed_squares: calls.append(1) or f(*args)
+    embedded = {}
+    for name, embedder in (("host", HostCrops(resnet)), ("squares", resnet), ("roi", on_device)):
+        number, tiles = read_batch_table(batch)
+        options = SegmentOptions(progress=False, embed_batch=8)
+        segment_batch(
+            tiles,
+            match_slides([t.slide_id for t in tiles], [str(slide_path)]),
+            OracleSegmenter("MK", truth, [t.read for t in tiles]),
+            OracleSegmenter("HSPC", truth, hspc_windows(tiles, options)),
+            embedder,
+            tmp_path / name,
+            options,
+            {"batch": number, "device": "cpu"},
+        )
+        table = pq.read_table(tmp_path / name / "cells.parquet")
+        embedded[name] = embeddings_to_numpy(table["embedding"]).astype(np.float32)
+    assert calls, "the engine called embed_squares"
+    host = embedded["host"]
+    assert len(host) >= 5 and not np.allclose(host[0], host[1], atol=1e-2)
+    # OpenCV crops both ways: the same numbers, up to float16 storage.
+    np.testing.assert_allclose(embedded["squares"], host, rtol=1e-2, atol=1e-3)
+    # roi_align and OpenCV's area resampling differ by rounding on a few pixels: each cell's
+    # embedding stays nearest its own host embedding, and close to it.
+    roi = embedded["roi"]
+    distances = np.linalg.norm(roi[:, None] - host[None], axis=2)
+    assert (distances.argmin(axis=1) == np.arange(len(host))).all()
+    relative = np.linalg.norm(roi - host, axis=1) / np.linalg.norm(host, axis=1)
+    assert relative.max() < 0.05, relative.max()
+
+
 def test_fluorescence_slide_end_to_end(tmp_path):
     slide_path = tmp_path / "fluo.czi"
     truth = pq.read_table(

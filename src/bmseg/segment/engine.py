@@ -145,7 +145,7 @@ def _finish_group(
         )
     features_s = time.perf_counter() - start
     start = time.perf_counter()
-    embeddings = embed_cells(embedder, measured, options.embed_batch)
+    embeddings = embed_cells(embedder, measured, options.embed_batch, options.device)
     return _Finished(
         reads, measured, embeddings, {"features": features_s, "embed": time.perf_counter() - start}
     )
