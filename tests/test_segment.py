@@ -530,6 +530,11 @@ def test_real_models_end_to_end_write_valid_outputs(slide, small_batch, test_mod
     assert record["device"] == "cpu"
     assert record["models"]["manifest"]["random_init"] is True
     assert record["models"]["mk"]["points_per_side"] == 4
+    # The models' own stages, as their timer measured them, beside the engine's.
+    model_stages = record["model_timings_s"]
+    assert {"sam2_encode", "mk_masks", "cellpose_net", "hspc_flows_to_masks"} <= set(model_stages)
+    assert all(seconds >= 0 for seconds in model_stages.values())
+    assert model_stages["sam2_encode"] + model_stages["mk_masks"] <= record["timings_s"]["mk"]
     cells = pq.read_table(out / "cells.parquet")
     assert cells.schema.field("embedding").type == embedding_type(2048)
     assert cells.num_rows == sum(record["cells"].values())

@@ -253,6 +253,7 @@ def segment_batch(
     out_dir: Path,
     options: SegmentOptions,
     record: dict[str, Any],
+    model_timer: StageTimer | None = None,
 ) -> dict[str, Any]:
     """Segment ``tiles`` and write the four outputs to ``out_dir``; return batch.json's content.
 
@@ -261,8 +262,9 @@ def segment_batch(
     finished groups, one writer thread writes their rows in tile order. Segmenters are called
     from the calling thread on the tiles in the given order, each tile exactly once per
     segmenter, in lists of up to ``options.gpu_batch_tiles`` tiles. ``record`` (batch number,
-    device, models) is copied into batch.json. Tiles must have been checked
-    (:func:`check_tiles`).
+    device, models) is copied into batch.json; ``model_timer`` (the models' own,
+    ``ModelSet.timer``) gives its ``model_timings_s``: the models' stages as the device timed
+    them. Tiles must have been checked (:func:`check_tiles`).
     """
     pixel_sizes = {t.slide_id: t.pixel_size_um for t in tiles}
     channel_sets: dict[str, list[Channel]] = {}
@@ -282,6 +284,8 @@ def segment_batch(
         slide_paths, pixel_sizes, options.readers, options.intensity, options.slide_choices
     )
     out_dir.mkdir(parents=True, exist_ok=True)
+    if model_timer is not None:
+        model_timer.take()  # this batch's stages only
     started = time.perf_counter()
     bar = tqdm(total=len(tiles), unit="tile", desc="segment", disable=not options.progress)
     writer = _Writer(out_dir, schema, stats, bar)
@@ -315,6 +319,10 @@ def segment_batch(
         **record,
         "tiles": stats.tiles,
         "timings_s": {stage: round(totals.get(stage, 0.0), 4) for stage in SEGMENT_STAGES},
+        "model_timings_s": {
+            stage: round(seconds, 4)
+            for stage, seconds in sorted((model_timer.take() if model_timer else {}).items())
+        },
         "wall_s": round(elapsed, 4),
         "tiles_per_s": round(len(tiles) / elapsed, 4) if elapsed > 0 else None,
         "cells": stats.cells,

@@ -119,4 +119,5 @@ def segment_batch_file(
             staging,
             options,
             {"batch": number, "device": str(models.device), "models": record},
+            model_timer=models.timer,
         )
