@@ -507,6 +507,17 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(slide, coarse_batch, t
     )
 
 
+def test_compile_is_a_flag_or_the_value_a_param_renders():
+    parser = cli.build_parser()
+    base = ["segment", "b.parquet", "--slides", "s.czi", "--models", "m", "--out", "o"]
+    assert parser.parse_args(base).compile is False
+    assert parser.parse_args([*base, "--compile"]).compile is True
+    assert parser.parse_args([*base, "--compile", "true"]).compile is True
+    assert parser.parse_args([*base, "--compile", "false", "--readers", "1"]).compile is False
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--compile", "yes"])
+
+
 def test_slide_files_match_batch_ids(tmp_path):
     a, b = tmp_path / "A.czi", tmp_path / "B.ome.tiff"
     assert match_slides(["A", "B"], [str(a), str(b)]) == {"A": a, "B": b}
@@ -521,11 +532,28 @@ def small_batch(slide, tmp_path_factory) -> Path:
     return one_tile_batch(batch_path, work / "one_tile.parquet")
 
 
-def test_real_models_end_to_end_write_valid_outputs(slide, small_batch, test_models_dir, tmp_path):
+def test_real_models_end_to_end_write_valid_outputs(
+    slide, small_batch, test_models_dir, tmp_path, monkeypatch
+):
+    from bmseg.segment import run
+
+    loaded = []
+
+    def load_and_look(*args, **kwargs):
+        models = load_models(*args, **kwargs)
+        net = models.hspc.cellpose.net
+        loaded.append({type(m).__name__ for m in net.modules() if "Attention" in type(m).__name__})
+        return models
+
+    load_models = run.load_models
+    monkeypatch.setattr(run, "load_models", load_and_look)
     out = tmp_path / "real"
     args = [small_batch, "--slides", slide[0], "--models", test_models_dir, "--out", out]
-    assert run_cli(*args, "--device", "cpu", "--mk-points-per-side", "4", "--no-progress") == 0
+    flags = ["--device", "cpu", "--mk-points-per-side", "4", "--no-progress"]
+    assert run_cli(*args, *flags, "--attention", "stock", "--compile") == 0
+    assert loaded == [{"Attention"}]  # segment_anything's own, as --attention stock asks
     record = json.loads((out / "batch.json").read_text())
+    assert (record["models"]["attention"], record["models"]["compiled"]) == ("stock", False)
     assert record["batch"] == pq.read_table(small_batch)["batch"][0].as_py()
     assert record["device"] == "cpu"
     assert record["models"]["manifest"]["random_init"] is True
@@ -869,6 +897,7 @@ def test_segment_runs_on_a_marrow_density_tile_with_default_settings(
     record = json.loads((out / "batch.json").read_text())
     assert record["models"]["mk"]["points_per_side"] is None  # derived from the smallest MK
     assert record["models"]["hspc"]["refine"] is False
+    assert (record["models"]["attention"], record["models"]["compiled"]) == ("sdpa", False)
     cells = pq.read_table(out / "cells.parquet")
     assert cells.num_rows == sum(record["cells"].values())
     assert "overlap_fraction" in cells.column_names

@@ -10,10 +10,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from bmseg.argtypes import add_slide_ids_and_models
+from bmseg.argtypes import add_slide_ids_and_models, switch
 from bmseg.contract import GALLERY_CROP_PX, GPU_OUT_OF_MEMORY_EXIT
 from bmseg.errors import BmsegError
-from bmseg.models.choices import DEVICE_CHOICES, FLOWS_METHODS
+from bmseg.models.choices import (
+    ATTENTION_KINDS,
+    DEFAULT_ATTENTION,
+    DEVICE_CHOICES,
+    FLOWS_METHODS,
+)
 from bmseg.models.settings import EmbedderSettings, HSPCSettings, MKSettings
 
 
@@ -53,6 +58,8 @@ def _run(args: argparse.Namespace) -> int:
             workers=args.workers,
             gpu_batch_tiles=args.gpu_batch_tiles,
             crop_px=args.crop_px,
+            attention=args.attention,
+            compile_networks=args.compile,
             progress=not args.no_progress,
         )
     except torch.OutOfMemoryError as error:
@@ -194,6 +201,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="typical HSPC diameter, µm: Cellpose rescales the image so it is 30 px (default: "
         "no rescaling)",
+    )
+    parser.add_argument(
+        "--attention",
+        default=DEFAULT_ATTENTION,
+        choices=ATTENTION_KINDS,
+        help="Cellpose-SAM's attention: sdpa (the same function through fused "
+        "scaled_dot_product_attention, the default) or stock (segment_anything's own)",
+    )
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        type=switch,
+        metavar="true|false",
+        help="compile SAM2's encoder, Cellpose-SAM and ResNet-50 with torch.compile on a GPU "
+        "(the first tiles pay the compilation; ignored on the CPU). Off by default",
     )
     parser.add_argument(
         "--readers", type=int, default=2, metavar="N", help="tile reader threads (2)"

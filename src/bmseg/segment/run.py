@@ -12,6 +12,7 @@ from typing import Any
 from bmseg.contract import GALLERY_CROP_PX
 from bmseg.errors import BmsegError
 from bmseg.models import load_models
+from bmseg.models.choices import DEFAULT_ATTENTION
 from bmseg.models.settings import EmbedderSettings, HSPCSettings, MKSettings
 from bmseg.segment.engine import segment_batch
 from bmseg.segment.options import SegmentOptions
@@ -39,6 +40,8 @@ def segment_batch_file(
     workers: int = 2,
     gpu_batch_tiles: int = 1,
     crop_px: int = GALLERY_CROP_PX,
+    attention: str = DEFAULT_ATTENTION,
+    compile_networks: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Segment the batch table ``batch`` into ``out``; return batch.json's content.
@@ -46,7 +49,9 @@ def segment_batch_file(
     Everything is validated before the models load: the batch table, which of ``slides`` (file
     names, or ``ID=PATH``) is which slide, the counts, ``plans`` (the slides' slide.json) and
     every tile's window against its slide. ``slide_ids`` names each of ``slides`` in order,
-    instead of their file names. The outputs reach ``out`` together when the batch is
+    instead of their file names. ``attention`` and ``compile_networks`` go to
+    :func:`bmseg.models.load_models` (Cellpose-SAM's attention; ``torch.compile`` on a GPU). The
+    outputs reach ``out`` together when the batch is
     done (:func:`bmseg.storage.output_set`); an error, a GPU out of memory included, leaves
     ``out`` as it was.
     """
@@ -86,7 +91,13 @@ def segment_batch_file(
         for slide_id, path in slide_paths.items():
             log.info("slide %s: %s", slide_id, path)
         models = load_models(
-            Path(models_dir), device, mk_settings=mk, hspc_settings=hspc, embedder_settings=embedder
+            Path(models_dir),
+            device,
+            mk_settings=mk,
+            hspc_settings=hspc,
+            embedder_settings=embedder,
+            attention=attention,
+            compile_networks=compile_networks,
         )
         record = {
             "dir": str(models_dir),
@@ -94,6 +105,8 @@ def segment_batch_file(
             "mk": asdict(mk),
             "hspc": asdict(hspc),
             "embedder": asdict(embedder),
+            "attention": attention,
+            "compiled": compile_networks and models.device.type == "cuda",
         }
         options = SegmentOptions(
             mk_min_area_um2=mk.min_area_um2,
