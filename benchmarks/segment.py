@@ -243,7 +243,8 @@ class GilProbe:
 
 def run_host_only(args: argparse.Namespace) -> None:
     """SEGMENT's engine on production-density tiles with instant networks: the host work of
-    the calling (device) thread, and the CPU seconds of the reader, worker and writer threads."""
+    the calling (device) thread, and the CPU seconds of the reader, worker and writer threads
+    and of the measuring processes."""
     from bmseg.plan import default_margin
     from bmseg.segment import SegmentOptions, Tile, hspc_windows, segment_batch
     from bmseg.slide import Rect
@@ -263,7 +264,9 @@ def run_host_only(args: argparse.Namespace) -> None:
         )
         for index in range(args.tiles)
     ]
-    options = SegmentOptions(progress=False, device="cpu", gpu_batch_tiles=1)
+    options = SegmentOptions(
+        progress=False, device="cpu", gpu_batch_tiles=1, measure_processes=args.measure_processes
+    )
     outlines = {
         kind: [c.outline for c in layout.cells if c.cell_type == kind] for kind in ("MK", "HSPC")
     }
@@ -310,7 +313,8 @@ def run_host_only(args: argparse.Namespace) -> None:
     cells = sum(summary["cells"].values()) / len(tiles)
     print(
         f"{len(tiles)} tiles of {size}² (read {size + 2 * margin}²) wholly marrow, "
-        f"{cells:.0f} cells per tile; {options.workers} workers, {options.readers} readers"
+        f"{cells:.0f} cells per tile; {options.workers} workers, {options.readers} readers, "
+        f"measuring on {'processes' if options.measure_processes else 'the worker threads'}"
     )
     for stage, seconds in summary["timings_s"].items():
         print(f"stage {stage:9s} {seconds / len(tiles):8.3f} s per tile (summed over threads)")
@@ -322,6 +326,9 @@ def run_host_only(args: argparse.Namespace) -> None:
             f"p99 {np.percentile(waits, 99):.2f} ms ({len(waits)} releases)"
         )
     print(f"CPU of the reader, worker and writer threads: {others / len(tiles):.3f} s per tile")
+    measuring = summary["measure_cpu_s"] / len(tiles)
+    where = "processes (not in the line above)" if options.measure_processes else "threads"
+    print(f"CPU of measuring, on the {options.workers} worker {where}: {measuring:.3f} s per tile")
     print(f"host work on the device thread: {1000 * device_thread / len(tiles):.0f} ms per tile")
 
 
@@ -346,6 +353,11 @@ def main() -> None:
         "--no-warmup", action="store_true", help="skip the untimed first pass (GPU kernels)"
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--measure-processes",
+        action="store_true",
+        help="with --host-only: measure cells in worker processes (bmseg segment's flag)",
+    )
     parser.add_argument(
         "--host-only",
         action="store_true",

@@ -646,11 +646,14 @@ class ThreadRecordingSegmenter(OracleSegmenter):
         return super().segment(tiles, pixel_size_um)
 
 
+@pytest.mark.parametrize("measure_processes", [False, True], ids=["threads", "processes"])
 def test_host_work_runs_off_the_thread_that_calls_the_segmenters(
-    slide, coarse_batch, tmp_path, monkeypatch
+    slide, coarse_batch, tmp_path, monkeypatch, measure_processes
 ):
-    # The thread that drives the device only calls the networks: validating their labels,
-    # placing the HSPC window, measuring, uid suffixing and every write happen elsewhere.
+    # The thread that drives the device only calls the networks: uid suffixing and every
+    # write happen on other threads; validating their labels, placing the HSPC window and
+    # measuring on the worker threads, or in other processes (never here, where these
+    # stand-ins would record it).
     from bmseg.segment import engine
     from bmseg.storage import MaskWriter
 
@@ -669,7 +672,7 @@ def test_host_work_runs_off_the_thread_that_calls_the_segmenters(
     for name in ("checked", "write_tile", "unique_cell_uids", "measure_tile", "_placed"):
         monkeypatch.setattr(engine, name, recorded(name, getattr(engine, name)))
     monkeypatch.setattr(MaskWriter, "add", recorded("masks.h5", MaskWriter.add))
-    options = SegmentOptions(progress=False, gpu_batch_tiles=2)
+    options = SegmentOptions(progress=False, gpu_batch_tiles=2, measure_processes=measure_processes)
     summary = segment_batch(
         tiles,
         match_slides([t.slide_id for t in tiles], [str(slide_path)]),
@@ -683,8 +686,9 @@ def test_host_work_runs_off_the_thread_that_calls_the_segmenters(
         {"batch": 0, "device": "cpu"},
     )
     assert device_threads == {threading.get_ident()}
-    assert set(host_threads) == {"checked", "write_tile", "unique_cell_uids", "measure_tile",
-                                 "_placed", "masks.h5"}  # fmt: skip
+    measuring = {"checked", "_placed", "measure_tile"}
+    written = {"write_tile", "unique_cell_uids", "masks.h5"}
+    assert set(host_threads) == written if measure_processes else written | measuring
     for name, threads in host_threads.items():
         assert not threads & device_threads, f"{name} ran on the device thread"
     cells = pq.read_table(tmp_path / "out" / "cells.parquet", columns=["tile_id"])
@@ -692,6 +696,39 @@ def test_host_work_runs_off_the_thread_that_calls_the_segmenters(
     tile_order = [t["tile_id"] for t in summary["tiles"] if t["n_mk"] + t["n_hspc"]]
     assert written == tile_order == [t.tile_id for t in tiles if t.tile_id in set(written)]
     assert sum(summary["cells"].values()) == len(truth)
+    assert summary["measure_cpu_s"] > 0
+    assert summary["settings"]["measure_processes"] is measure_processes
+
+
+class WrongShapeSegmenter(OracleSegmenter):
+    """The oracle with its label images cut short by a row: a broken backend."""
+
+    def segment(self, tiles: Sequence[np.ndarray], pixel_size_um: float) -> list[Detections]:
+        found = super().segment(tiles, pixel_size_um)
+        return [Detections(labels=d.labels[1:], scores=d.scores) for d in found]
+
+
+@pytest.mark.parametrize("measure_processes", [False, True], ids=["threads", "processes"])
+def test_a_segmenter_breaking_the_interface_fails_the_batch(
+    slide, coarse_batch, tmp_path, measure_processes
+):
+    # Checked where it is measured (a worker thread or process): the error still arrives.
+    slide_path, truth = slide
+    _, tiles = read_batch_table(coarse_batch)
+    options = SegmentOptions(progress=False, measure_processes=measure_processes)
+    out = tmp_path / "broken"
+    with pytest.raises(RuntimeError, match="hspc segmenter returned labels of shape"):
+        segment_batch(
+            tiles,
+            match_slides([t.slide_id for t in tiles], [str(slide_path)]),
+            OracleSegmenter("MK", truth, [t.read for t in tiles]),
+            WrongShapeSegmenter("HSPC", truth, hspc_windows(tiles, options)),
+            MeanColourEmbedder(),
+            out,
+            options,
+            {"batch": 0, "device": "cpu"},
+        )
+    assert list(out.iterdir()) == []
 
 
 def test_a_failed_write_stops_the_batch_and_leaves_no_outputs(

@@ -56,6 +56,7 @@ def _run(args: argparse.Namespace) -> int:
             embedder=EmbedderSettings(batch_size=args.embed_batch),
             readers=args.readers,
             workers=args.workers,
+            measure_processes=args.measure_processes,
             gpu_batch_tiles=args.gpu_batch_tiles,
             crop_px=args.crop_px,
             attention=args.attention,
@@ -228,6 +229,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=2,
         help="threads measuring and embedding segmented tiles while the device goes on (2)",
+    )
+    parser.add_argument(
+        "--measure-processes",
+        action="store_true",
+        help="measure cells in --workers processes instead of threads: free of the GIL the "
+        "device thread needs, for hosts with many cores; each batch pays the processes' start "
+        "(seconds) and each tile the copying of its arrays to them",
     )
     parser.add_argument(
         "--gpu-batch-tiles",

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
+import multiprocessing
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,12 @@ from bmseg.versions import package_versions
 
 log = logging.getLogger(__name__)
 
+_PROCESSES = multiprocessing.get_context("forkserver")
+"""How measuring processes start: forked from a clean server process, never from this one,
+whose reader, worker and device threads (and their locks) a fork would copy mid-flight. The
+server imports this module once (numpy, OpenCV, torch), so a batch's processes start at once."""
+_PROCESSES.set_forkserver_preload([__name__])
+
 
 @dataclass
 class _Stats:
@@ -56,6 +64,7 @@ class _Stats:
     cells: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CELL_TYPES, 0))
     tiles: list[dict[str, Any]] = field(default_factory=list)
     uids: set[str] = field(default_factory=set)  # written so far: a later equal one is suffixed
+    measure_cpu_s: float = 0.0
 
 
 # ---------------------------------------------------------------------------------- batch
@@ -81,6 +90,7 @@ class _Finished:
     measured: list[TileCells]
     embeddings: list[np.ndarray]
     seconds: dict[str, float]
+    measure_cpu_s: float
 
 
 def _segment_group(
@@ -122,6 +132,31 @@ def _placed(detections: Detections, shape: tuple[int, int], rect: Rect) -> Detec
     return Detections(labels=labels, scores=detections.scores)
 
 
+_NO_RGB = np.zeros((0, 0, 3), np.uint8)
+
+
+def _measure(
+    tile: Tile,
+    pixels: np.ndarray,
+    rgb: np.ndarray,
+    channels: list[Channel],
+    mk: Detections,
+    hspc: Detections,
+    rect: Rect,
+    options: SegmentOptions,
+) -> tuple[TileCells, float]:
+    """One tile's segmenter output checked, its HSPC window placed into the read window and
+    its cells measured: on the worker thread, or with ``options.measure_processes`` in a
+    measuring process, where its per-cell Python holds no GIL the device thread needs. Returns
+    the cells without the RGB image (the caller holds it: it need not cross back) and the CPU
+    seconds spent."""
+    start = time.thread_time()
+    mk = checked(mk, rgb.shape[:2], "mk segmenter")
+    hspc = _placed(checked(hspc, (rect.h, rect.w), "hspc segmenter"), rgb.shape[:2], rect)
+    cells = measure_tile(tile, pixels, rgb, channels, mk, hspc, options)
+    return dataclasses.replace(cells, rgb=_NO_RGB), time.thread_time() - start
+
+
 def _finish_group(
     reads: list[ReadTile],
     rects: list[Rect],
@@ -129,26 +164,48 @@ def _finish_group(
     channel_sets: dict[str, list[Channel]],
     embedder: Embedder,
     options: SegmentOptions,
+    measurers: Executor,
 ) -> _Finished:
-    """Check the segmenters' output, place the HSPC windows into the read windows, measure the
-    group's tiles and embed their cells (runs on a worker thread)."""
+    """Have the group's tiles measured by ``measurers`` (at once on this worker thread, or in
+    processes: the thread hands the arrays over and waits) and embed their cells."""
     start = time.perf_counter()
-    measured = []
-    for (tile, pixels, rgb, _), rect, mk, hspc in zip(
-        reads, rects, found["mk"], found["hspc"], strict=True
-    ):
-        window = (rect.h, rect.w)
-        mk = checked(mk, rgb.shape[:2], "mk segmenter")
-        hspc = _placed(checked(hspc, window, "hspc segmenter"), rgb.shape[:2], rect)
-        measured.append(
-            measure_tile(tile, pixels, rgb, channel_sets[tile.slide_id], mk, hspc, options)
+    jobs = [
+        measurers.submit(
+            _measure, tile, pixels, rgb, channel_sets[tile.slide_id], mk, hspc, rect, options
         )
+        for (tile, pixels, rgb, _), rect, mk, hspc in zip(
+            reads, rects, found["mk"], found["hspc"], strict=True
+        )
+    ]
+    measured, cpu_s = [], 0.0
+    for job, item in zip(jobs, reads, strict=True):
+        cells, seconds = job.result()
+        measured.append(dataclasses.replace(cells, rgb=item[2]))
+        cpu_s += seconds
     features_s = time.perf_counter() - start
     start = time.perf_counter()
     embeddings = embed_cells(embedder, measured, options.embed_batch, options.device)
-    return _Finished(
-        reads, measured, embeddings, {"features": features_s, "embed": time.perf_counter() - start}
-    )
+    seconds = {"features": features_s, "embed": time.perf_counter() - start}
+    return _Finished(reads, measured, embeddings, seconds, cpu_s)
+
+
+class _HereAndNow(Executor):
+    """Runs each job at once on the thread that submits it (measuring on the worker threads)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        done: Future = Future()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except BaseException as error:
+            done.set_exception(error)
+        return done
+
+
+def _measurers(options: SegmentOptions) -> Executor:
+    """Where tiles are measured: ``options.workers`` processes, or the worker threads."""
+    if options.measure_processes:
+        return ProcessPoolExecutor(options.workers, mp_context=_PROCESSES)
+    return _HereAndNow()
 
 
 class _Writer:
@@ -227,6 +284,7 @@ class _Writer:
         for stage, seconds in finished.seconds.items():
             stats.timer.add(stage, seconds)
         stats.timer.add("write", write_s)
+        stats.measure_cpu_s += finished.measure_cpu_s
         shared = (segment_s + sum(finished.seconds.values()) + write_s) / len(finished.reads)
         for cells, item in zip(finished.measured, finished.reads, strict=True):
             types = collections.Counter(cells.columns["cell_type"])
@@ -291,7 +349,10 @@ def segment_batch(
     writer = _Writer(out_dir, schema, stats, bar)
     error: BaseException | None = None
     try:
-        with ThreadPoolExecutor(options.workers, thread_name_prefix="bmseg-measure") as workers:
+        with (
+            _measurers(options) as measurers,
+            ThreadPoolExecutor(options.workers, thread_name_prefix="bmseg-embed") as workers,
+        ):
             reads = reader.iter_read(tiles, lookahead=options.gpu_batch_tiles)
             for group in _groups(reads, options.gpu_batch_tiles):
                 stats.timer.add("read", sum(item[3] for item in group))
@@ -300,7 +361,7 @@ def segment_batch(
                 found = _segment_group(group, rects, segmenters, stats.timer)
                 segment_s = time.perf_counter() - start
                 finishing = workers.submit(
-                    _finish_group, group, rects, found, channel_sets, embedder, options
+                    _finish_group, group, rects, found, channel_sets, embedder, options, measurers
                 )
                 writer.put(finishing, segment_s)
                 writer.wait(keep=options.workers)  # never more groups held than workers + 1
@@ -323,6 +384,7 @@ def segment_batch(
             stage: round(seconds, 4)
             for stage, seconds in sorted((model_timer.take() if model_timer else {}).items())
         },
+        "measure_cpu_s": round(stats.measure_cpu_s, 4),
         "wall_s": round(elapsed, 4),
         "tiles_per_s": round(len(tiles) / elapsed, 4) if elapsed > 0 else None,
         "cells": stats.cells,
@@ -334,6 +396,7 @@ def segment_batch(
             "hspc_margin_um": round(2 * math.sqrt(options.hspc_max_area_um2 / math.pi), 4),
             "readers": options.readers,
             "workers": options.workers,
+            "measure_processes": options.measure_processes,
             "gpu_batch_tiles": options.gpu_batch_tiles,
             "embed_batch": options.embed_batch,
             "crop_px": options.crop_px,
