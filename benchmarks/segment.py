@@ -21,6 +21,7 @@ with real weights; pass ``--models DIR`` with fetched weights for production fig
 
     python benchmarks/segment.py                                      # 2 tiles of 3000², GPU
     python benchmarks/segment.py --tile-size 512 --points-per-side 8 --tiles 1   # a CPU
+    OMP_NUM_THREADS=1 python benchmarks/segment.py --host-only    # the engine's host work
 """
 
 from __future__ import annotations

@@ -316,7 +316,8 @@ def segment_batch(
     """Segment ``tiles`` and write the four outputs to ``out_dir``; return batch.json's content.
 
     Four kinds of threads overlap: readers fetch tiles ahead, the calling thread runs the
-    segmenters and nothing else, ``options.workers`` threads check, measure and embed
+    segmenters and nothing else, ``options.workers`` threads check, measure (themselves, or
+    hand the arrays to as many processes with ``options.measure_processes``) and embed
     finished groups, one writer thread writes their rows in tile order. Segmenters are called
     from the calling thread on the tiles in the given order, each tile exactly once per
     segmenter, in lists of up to ``options.gpu_batch_tiles`` tiles. ``record`` (batch number,
