@@ -305,7 +305,9 @@ def centroid_matches(truth_xy: np.ndarray, found_xy: np.ndarray, radius_px: floa
 
     if not len(truth_xy) or not len(found_xy):
         return 0
-    near = cKDTree(truth_xy).sparse_distance_matrix(cKDTree(found_xy), radius_px, "coo_matrix")
+    near = cKDTree(truth_xy).sparse_distance_matrix(
+        cKDTree(found_xy), radius_px, output_type="coo_matrix"
+    )
     adjacency = near.tocsr()
     adjacency.data[:] = 1  # a pair at distance 0 is still a pair
     adjacency.eliminate_zeros()
