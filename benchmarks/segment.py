@@ -21,6 +21,7 @@ with real weights; pass ``--models DIR`` with fetched weights for production fig
 
     python benchmarks/segment.py                                      # 2 tiles of 3000², GPU
     python benchmarks/segment.py --tile-size 512 --points-per-side 8 --tiles 1   # a CPU
+    OMP_NUM_THREADS=1 python benchmarks/segment.py --host-only    # the engine's host work
 """
 
 from __future__ import annotations
@@ -180,13 +181,13 @@ class InstantEmbedder:
         return np.zeros((len(crops), self.dim), np.float32)
 
 
-def drawn_cells(truth, windows) -> list:
-    """Per window (slide px), the planted cells of ``truth`` drawn as a label image."""
+def drawn_cells(contours: list[np.ndarray], windows) -> list:
+    """Per window (slide px), the (N, 2) x, y polygons ``contours`` drawn as a label image."""
     import cv2
 
     from bmseg.models.base import Detections
 
-    contours = [np.stack(xy, axis=1).astype(np.int32) for xy in zip(*truth, strict=True)]
+    contours = [np.rint(c).astype(np.int32) for c in contours]
     out = []
     for window in windows:
         labels = np.zeros((window.h, window.w), np.int32)
@@ -201,60 +202,134 @@ def drawn_cells(truth, windows) -> list:
     return out
 
 
+def marrow_everywhere(width: int, height: int, seed: int):
+    """A ``bmseg.synth`` marrow-density layout that is tissue from edge to edge, so every tile
+    carries production load (~7 000 cells per 3000² core); a drawn slide's tissue blobs leave
+    no 3616² window wholly in tissue below ~15 000² px."""
+    from bmseg.synth import SyntheticLayout
+
+    class MarrowEverywhere(SyntheticLayout):
+        def tissue_mask(self, x: int, y: int, w: int, h: int, step: int = 1) -> np.ndarray:
+            rows, columns = y + np.arange(0, h, step), x + np.arange(0, w, step)
+            inside_rows = (rows >= 0) & (rows < self.height)
+            return inside_rows[:, None] & ((columns >= 0) & (columns < self.width))[None, :]
+
+    return MarrowEverywhere(width, height, seed, "brightfield", "marrow")
+
+
+class GilProbe:
+    """Stands for the device thread's kernel launches: a thread that releases the GIL (as a
+    CUDA wait does) every millisecond and records how long it then waits to run again, i.e.
+    what the other Python threads cost a thread that drives the device."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.perf_counter()
+            time.sleep(0.001)
+            self.waits.append(time.perf_counter() - start - 0.001)
+
+    def __enter__(self) -> GilProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run_host_only(args: argparse.Namespace) -> None:
-    """SEGMENT's engine on a production-density slide with instant networks: the host work of
-    the calling (device) thread, and the CPU seconds of the reader and worker threads."""
-    import pyarrow.parquet as pq
+    """SEGMENT's engine on production-density tiles with instant networks: the host work of
+    the calling (device) thread, and the CPU seconds of the reader, worker and writer threads
+    and of the measuring processes."""
+    from bmseg.plan import default_margin
+    from bmseg.segment import SegmentOptions, Tile, hspc_windows, segment_batch
+    from bmseg.slide import Rect
+    from bmseg.synth import describe_channels, write_frames_czi
+    from bmseg.synthetic import MOSAIC_TILE
 
-    from bmseg.cli import main as bmseg
-    from bmseg.segment import SegmentOptions, hspc_windows, read_batch_table, segment_batch
-    from bmseg.slide_args import match_slides
-    from bmseg.storage import write_parquet
-
+    size, margin = args.tile_size, default_margin(PIXEL_SIZE_UM)
+    width, height = args.tiles * size + 2 * margin, size + 2 * margin
+    layout = marrow_everywhere(width, height, args.seed)
+    tiles = [
+        Tile(
+            "marrow",
+            f"t{index}",
+            Rect(margin + index * size, margin, size, size),
+            Rect(index * size, 0, size + 2 * margin, height),
+            PIXEL_SIZE_UM,
+        )
+        for index in range(args.tiles)
+    ]
+    options = SegmentOptions(
+        progress=False, device="cpu", gpu_batch_tiles=1, measure_processes=args.measure_processes
+    )
+    outlines = {
+        kind: [c.outline for c in layout.cells if c.cell_type == kind] for kind in ("MK", "HSPC")
+    }
+    mk = InstantSegmenter(drawn_cells(outlines["MK"], [t.read for t in tiles]))
+    hspc_rects = hspc_windows(tiles, options.hspc_max_area_um2)
+    hspc = InstantSegmenter(drawn_cells(outlines["HSPC"], hspc_rects))
     with tempfile.TemporaryDirectory(prefix="bmseg-host-") as scratch:
         work = Path(scratch)
         slide = work / "marrow.czi"
-        side = args.tile_size + 2 * 400
-        size = ["--width", str(side * args.tiles), "--height", str(side)]
-        synth = ["-q", "synth", str(slide), *size, "--seed", str(args.seed), "--density", "marrow"]
-        assert bmseg(synth) == 0
-        plan = ["-q", "plan", str(slide), "--out", str(work / "plans")]
-        assert bmseg([*plan, "--tile-size", str(args.tile_size), "--min-tissue-fraction", "0"]) == 0
-        tables = [str(p) for p in (work / "plans").glob("*.tiles.parquet")]
-        assert bmseg(["-q", "batch", *tables, "--out", str(work / "b"), "--batch-size", "999"]) == 0
-        table = pq.read_table(next((work / "b").glob("batch_*.parquet")))
-        busiest = np.argsort(-table["tissue_fraction"].to_numpy())[: args.tiles]
-        batch = write_parquet(table.take(np.sort(busiest)), work / "batch_0001.parquet")
-        _, tiles = read_batch_table(batch)
-        options = SegmentOptions(progress=False, device="cpu", gpu_batch_tiles=1)
-        truth = pq.read_table(slide.with_name("marrow.truth.parquet"))
-        types = np.asarray(truth["cell_type"].to_pylist())
-        xs, ys = truth["contour_x_px"].to_pylist(), truth["contour_y_px"].to_pylist()
-        contours = {
-            kind: (
-                [x for x, t in zip(xs, types, strict=True) if t == kind],
-                [y for y, t in zip(ys, types, strict=True) if t == kind],
+        frames = [
+            (
+                x,
+                y,
+                layout.render(
+                    Rect(x, y, min(MOSAIC_TILE, width - x), min(MOSAIC_TILE, height - y))
+                ),
+                {},
+                0,
             )
-            for kind in ("MK", "HSPC")
-        }
-        mk = InstantSegmenter(drawn_cells(contours["MK"], [t.read for t in tiles]))
-        hspc_rects = hspc_windows(tiles, options.hspc_max_area_um2)
-        hspc = InstantSegmenter(drawn_cells(contours["HSPC"], hspc_rects))
-        slides = match_slides([t.slide_id for t in tiles], [str(slide)])
+            for y in range(0, height, MOSAIC_TILE)
+            for x in range(0, width, MOSAIC_TILE)
+        ]
+        write_frames_czi(slide, frames, PIXEL_SIZE_UM)
+        describe_channels(slide, [{"ContrastMethod": "Brightfield"}])
+        del frames
+        with GilProbe() as idle:
+            time.sleep(1.0)
         process_start, thread_start = time.process_time(), time.thread_time()
         wall_start = time.perf_counter()
-        summary = segment_batch(
-            tiles, slides, mk, hspc, InstantEmbedder(), work / "out", options, {"batch": 1}
-        )
+        with GilProbe() as busy:
+            summary = segment_batch(
+                tiles,
+                {"marrow": slide},
+                mk,
+                hspc,
+                InstantEmbedder(),
+                work / "out",
+                options,
+                {"batch": 1},
+            )
         wall = time.perf_counter() - wall_start
         device_thread = time.thread_time() - thread_start
         others = time.process_time() - process_start - device_thread
     cells = sum(summary["cells"].values()) / len(tiles)
-    print(f"{len(tiles)} tiles of {args.tile_size}² at marrow density, {cells:.0f} cells per tile")
+    print(
+        f"{len(tiles)} tiles of {size}² (read {size + 2 * margin}²) wholly marrow, "
+        f"{cells:.0f} cells per tile; {options.workers} workers, {options.readers} readers, "
+        f"measuring on {'processes' if options.measure_processes else 'the worker threads'}"
+    )
     for stage, seconds in summary["timings_s"].items():
         print(f"stage {stage:9s} {seconds / len(tiles):8.3f} s per tile (summed over threads)")
     print(f"wall {wall / len(tiles):.3f} s per tile")
-    print(f"CPU of the reader and worker threads: {others / len(tiles):.3f} s per tile")
+    for name, probe in (("idle", idle), ("during the batch", busy)):
+        waits = 1000 * np.asarray(probe.waits)
+        print(
+            f"GIL wait after a release, {name}: median {np.median(waits):.2f} ms, "
+            f"p99 {np.percentile(waits, 99):.2f} ms ({len(waits)} releases)"
+        )
+    print(f"CPU of the reader, worker and writer threads: {others / len(tiles):.3f} s per tile")
+    measuring = summary["measure_cpu_s"] / len(tiles)
+    where = "processes (not in the line above)" if options.measure_processes else "threads"
+    print(f"CPU of measuring, on the {options.workers} worker {where}: {measuring:.3f} s per tile")
     print(f"host work on the device thread: {1000 * device_thread / len(tiles):.0f} ms per tile")
 
 
@@ -280,9 +355,14 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
+        "--measure-processes",
+        action="store_true",
+        help="with --host-only: measure cells in worker processes (bmseg segment's flag)",
+    )
+    parser.add_argument(
         "--host-only",
         action="store_true",
-        help="SEGMENT's engine with instant networks on a marrow-density slide: host time only",
+        help="SEGMENT's engine with instant networks on wholly-marrow tiles: host time only",
     )
     args = parser.parse_args()
     if args.host_only:

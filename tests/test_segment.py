@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import shutil
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -506,6 +507,17 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(slide, coarse_batch, t
     )
 
 
+def test_compile_is_a_flag_or_the_value_a_param_renders():
+    parser = cli.build_parser()
+    base = ["segment", "b.parquet", "--slides", "s.czi", "--models", "m", "--out", "o"]
+    assert parser.parse_args(base).compile is False
+    assert parser.parse_args([*base, "--compile"]).compile is True
+    assert parser.parse_args([*base, "--compile", "true"]).compile is True
+    assert parser.parse_args([*base, "--compile", "false", "--readers", "1"]).compile is False
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--compile", "yes"])
+
+
 def test_slide_files_match_batch_ids(tmp_path):
     a, b = tmp_path / "A.czi", tmp_path / "B.ome.tiff"
     assert match_slides(["A", "B"], [str(a), str(b)]) == {"A": a, "B": b}
@@ -520,15 +532,37 @@ def small_batch(slide, tmp_path_factory) -> Path:
     return one_tile_batch(batch_path, work / "one_tile.parquet")
 
 
-def test_real_models_end_to_end_write_valid_outputs(slide, small_batch, test_models_dir, tmp_path):
+def test_real_models_end_to_end_write_valid_outputs(
+    slide, small_batch, test_models_dir, tmp_path, monkeypatch
+):
+    from bmseg.segment import run
+
+    loaded = []
+
+    def load_and_look(*args, **kwargs):
+        models = load_models(*args, **kwargs)
+        net = models.hspc.cellpose.net
+        loaded.append({type(m).__name__ for m in net.modules() if "Attention" in type(m).__name__})
+        return models
+
+    load_models = run.load_models
+    monkeypatch.setattr(run, "load_models", load_and_look)
     out = tmp_path / "real"
     args = [small_batch, "--slides", slide[0], "--models", test_models_dir, "--out", out]
-    assert run_cli(*args, "--device", "cpu", "--mk-points-per-side", "4", "--no-progress") == 0
+    flags = ["--device", "cpu", "--mk-points-per-side", "4", "--no-progress"]
+    assert run_cli(*args, *flags, "--attention", "stock", "--compile") == 0
+    assert loaded == [{"Attention"}]  # segment_anything's own, as --attention stock asks
     record = json.loads((out / "batch.json").read_text())
+    assert (record["models"]["attention"], record["models"]["compiled"]) == ("stock", False)
     assert record["batch"] == pq.read_table(small_batch)["batch"][0].as_py()
     assert record["device"] == "cpu"
     assert record["models"]["manifest"]["random_init"] is True
     assert record["models"]["mk"]["points_per_side"] == 4
+    # The models' own stages, as their timer measured them, beside the engine's.
+    model_stages = record["model_timings_s"]
+    assert {"sam2_encode", "mk_masks", "cellpose_net", "hspc_flows_to_masks"} <= set(model_stages)
+    assert all(seconds >= 0 for seconds in model_stages.values())
+    assert model_stages["sam2_encode"] + model_stages["mk_masks"] <= record["timings_s"]["mk"]
     cells = pq.read_table(out / "cells.parquet")
     assert cells.schema.field("embedding").type == embedding_type(2048)
     assert cells.num_rows == sum(record["cells"].values())
@@ -598,6 +632,199 @@ def test_a_failed_batch_leaves_no_outputs(slide, coarse_batch, tmp_path):
             {"batch": 0, "device": "cpu"},
         )
     assert list(out.iterdir()) == []
+
+
+class ThreadRecordingSegmenter(OracleSegmenter):
+    """The oracle, recording the thread each call comes from (SEGMENT's device thread)."""
+
+    def __init__(self, *args, threads: set[int]) -> None:
+        super().__init__(*args)
+        self.threads = threads
+
+    def segment(self, tiles: Sequence[np.ndarray], pixel_size_um: float) -> list[Detections]:
+        self.threads.add(threading.get_ident())
+        return super().segment(tiles, pixel_size_um)
+
+
+@pytest.mark.parametrize("measure_processes", [False, True], ids=["threads", "processes"])
+def test_host_work_runs_off_the_thread_that_calls_the_segmenters(
+    slide, coarse_batch, tmp_path, monkeypatch, measure_processes
+):
+    # The thread that drives the device only calls the networks: uid suffixing and every
+    # write happen on other threads; validating their labels, placing the HSPC window and
+    # measuring on the worker threads, or in other processes (never here, where these
+    # stand-ins would record it).
+    from bmseg.segment import engine
+    from bmseg.storage import MaskWriter
+
+    slide_path, truth = slide
+    _, tiles = read_batch_table(coarse_batch)
+    device_threads: set[int] = set()
+    host_threads: dict[str, set[int]] = collections.defaultdict(set)
+
+    def recorded(name: str, function):
+        def call(*args, **kwargs):
+            host_threads[name].add(threading.get_ident())
+            return function(*args, **kwargs)
+
+        return call
+
+    for name in ("checked", "write_tile", "unique_cell_uids", "measure_tile", "_placed"):
+        monkeypatch.setattr(engine, name, recorded(name, getattr(engine, name)))
+    monkeypatch.setattr(MaskWriter, "add", recorded("masks.h5", MaskWriter.add))
+    options = SegmentOptions(progress=False, gpu_batch_tiles=2, measure_processes=measure_processes)
+    summary = segment_batch(
+        tiles,
+        match_slides([t.slide_id for t in tiles], [str(slide_path)]),
+        ThreadRecordingSegmenter("MK", truth, [t.read for t in tiles], threads=device_threads),
+        ThreadRecordingSegmenter(
+            "HSPC", truth, hspc_windows(tiles, options), threads=device_threads
+        ),
+        MeanColourEmbedder(),
+        tmp_path / "out",
+        options,
+        {"batch": 0, "device": "cpu"},
+    )
+    assert device_threads == {threading.get_ident()}
+    measuring = {"checked", "_placed", "measure_tile"}
+    written = {"write_tile", "unique_cell_uids", "masks.h5"}
+    assert set(host_threads) == written if measure_processes else written | measuring
+    for name, threads in host_threads.items():
+        assert not threads & device_threads, f"{name} ran on the device thread"
+    cells = pq.read_table(tmp_path / "out" / "cells.parquet", columns=["tile_id"])
+    written = list(dict.fromkeys(cells["tile_id"].to_pylist()))
+    tile_order = [t["tile_id"] for t in summary["tiles"] if t["n_mk"] + t["n_hspc"]]
+    assert written == tile_order == [t.tile_id for t in tiles if t.tile_id in set(written)]
+    assert sum(summary["cells"].values()) == len(truth)
+    assert summary["measure_cpu_s"] > 0
+    assert summary["settings"]["measure_processes"] is measure_processes
+
+
+class WrongShapeSegmenter(OracleSegmenter):
+    """The oracle with its label images cut short by a row: a broken backend."""
+
+    def segment(self, tiles: Sequence[np.ndarray], pixel_size_um: float) -> list[Detections]:
+        found = super().segment(tiles, pixel_size_um)
+        return [Detections(labels=d.labels[1:], scores=d.scores) for d in found]
+
+
+@pytest.mark.parametrize("measure_processes", [False, True], ids=["threads", "processes"])
+def test_a_segmenter_breaking_the_interface_fails_the_batch(
+    slide, coarse_batch, tmp_path, measure_processes
+):
+    # Checked where it is measured (a worker thread or process): the error still arrives.
+    slide_path, truth = slide
+    _, tiles = read_batch_table(coarse_batch)
+    options = SegmentOptions(progress=False, measure_processes=measure_processes)
+    out = tmp_path / "broken"
+    with pytest.raises(RuntimeError, match="hspc segmenter returned labels of shape"):
+        segment_batch(
+            tiles,
+            match_slides([t.slide_id for t in tiles], [str(slide_path)]),
+            OracleSegmenter("MK", truth, [t.read for t in tiles]),
+            WrongShapeSegmenter("HSPC", truth, hspc_windows(tiles, options)),
+            MeanColourEmbedder(),
+            out,
+            options,
+            {"batch": 0, "device": "cpu"},
+        )
+    assert list(out.iterdir()) == []
+
+
+def test_a_failed_write_stops_the_batch_and_leaves_no_outputs(
+    slide, coarse_batch, tmp_path, monkeypatch
+):
+    # Writes run on the writer thread: its error still reaches the caller, files deleted.
+    from bmseg.segment import engine
+
+    slide_path, truth = slide
+    _, tiles = read_batch_table(coarse_batch)
+    written = []
+
+    def write_then_fail(*args, **kwargs):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(args)
+        return engine_write_tile(*args, **kwargs)
+
+    engine_write_tile = engine.write_tile
+    monkeypatch.setattr(engine, "write_tile", write_then_fail)
+    out = tmp_path / "failed"
+    with pytest.raises(OSError, match="No space left"):
+        segment_batch(
+            tiles,
+            match_slides([t.slide_id for t in tiles], [str(slide_path)]),
+            OracleSegmenter("MK", truth, [t.read for t in tiles]),
+            OracleSegmenter("HSPC", truth, hspc_windows(tiles, SegmentOptions())),
+            MeanColourEmbedder(),
+            out,
+            SegmentOptions(progress=False),
+            {"batch": 0, "device": "cpu"},
+        )
+    assert len(written) == 1 and list(out.iterdir()) == []
+
+
+class HostCrops:
+    """The embedder of the engine's host path: crops cut on the host, ``embed`` only."""
+
+    def __init__(self, embedder) -> None:
+        self.dim, self.crop_size, self._embedder = embedder.dim, embedder.crop_size, embedder
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        return self._embedder.embed(crops)
+
+
+def test_resnet_cuts_its_own_crops_and_embeds_as_the_host_path(
+    slide, coarse_batch, test_models_dir, tmp_path
+):
+    # The make-test ResNet-50 (random weights) through the engine three ways: host crops,
+    # embed_squares on the CPU (OpenCV crops), embed_squares by roi_align (the GPU's way).
+    from bmseg.models.base import SquareEmbedder
+    from bmseg.models.embedder import ResNetEmbedder
+    from bmseg.models.layout import read_manifest, weight_path
+    from bmseg.models.loading import load_resnet50
+    from bmseg.timing import StageTimer
+
+    slide_path, truth = slide
+    table = pq.read_table(coarse_batch)
+    busiest = int(np.argmax(table["tissue_fraction"].to_numpy()))
+    batch = write_parquet(table.slice(busiest, 1), tmp_path / "batch_0001.parquet")
+    manifest = read_manifest(test_models_dir)
+    cpu = torch.device("cpu")
+    net = load_resnet50(weight_path(test_models_dir, manifest.resnet50_weights), cpu)
+    resnet = ResNetEmbedder(net, cpu, StageTimer(cpu), crop_size=64, batch_size=8)
+    on_device = ResNetEmbedder(net, cpu, StageTimer(cpu), 64, 8, device_crops=True)
+    assert isinstance(resnet, SquareEmbedder) and not isinstance(HostCrops(resnet), SquareEmbedder)
+    calls = []
+    resnet.embed_squares = lambda *args, f=resnet.embed_squares: calls.append(1) or f(*args)
+    embedded = {}
+    for name, embedder in (("host", HostCrops(resnet)), ("squares", resnet), ("roi", on_device)):
+        number, tiles = read_batch_table(batch)
+        options = SegmentOptions(progress=False, embed_batch=8)
+        segment_batch(
+            tiles,
+            match_slides([t.slide_id for t in tiles], [str(slide_path)]),
+            OracleSegmenter("MK", truth, [t.read for t in tiles]),
+            OracleSegmenter("HSPC", truth, hspc_windows(tiles, options)),
+            embedder,
+            tmp_path / name,
+            options,
+            {"batch": number, "device": "cpu"},
+        )
+        table = pq.read_table(tmp_path / name / "cells.parquet")
+        embedded[name] = embeddings_to_numpy(table["embedding"]).astype(np.float32)
+    assert calls, "the engine called embed_squares"
+    host = embedded["host"]
+    assert len(host) >= 5 and not np.allclose(host[0], host[1], atol=1e-2)
+    # OpenCV crops both ways: the same numbers, up to float16 storage.
+    np.testing.assert_allclose(embedded["squares"], host, rtol=1e-2, atol=1e-3)
+    # roi_align and OpenCV's area resampling differ by rounding on a few pixels: each cell's
+    # embedding stays nearest its own host embedding, and close to it.
+    roi = embedded["roi"]
+    distances = np.linalg.norm(roi[:, None] - host[None], axis=2)
+    assert (distances.argmin(axis=1) == np.arange(len(host))).all()
+    relative = np.linalg.norm(roi - host, axis=1) / np.linalg.norm(host, axis=1)
+    assert relative.max() < 0.05, relative.max()
 
 
 def test_fluorescence_slide_end_to_end(tmp_path):
@@ -707,6 +934,7 @@ def test_segment_runs_on_a_marrow_density_tile_with_default_settings(
     record = json.loads((out / "batch.json").read_text())
     assert record["models"]["mk"]["points_per_side"] is None  # derived from the smallest MK
     assert record["models"]["hspc"]["refine"] is False
+    assert (record["models"]["attention"], record["models"]["compiled"]) == ("sdpa", False)
     cells = pq.read_table(out / "cells.parquet")
     assert cells.num_rows == sum(record["cells"].values())
     assert "overlap_fraction" in cells.column_names

@@ -46,6 +46,14 @@ def nullable_choice(choices: tuple[str, ...]) -> Callable[[str], str | None]:
     return choice
 
 
+def switch(text: str) -> bool:
+    """An on/off value a param renders (``true`` / ``false``), for a flag that also stands
+    alone (``nargs="?", const=True``): ``--compile`` and ``--compile ${params.compile}``."""
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give true or false")
+    return text.lower() == "true"
+
+
 def id_list(text: str) -> list[str]:
     """A comma-separated list, e.g. slide ids ``S1,S2``: the order of the files it pairs with."""
     items = text.split(",")

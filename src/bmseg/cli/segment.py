@@ -10,10 +10,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from bmseg.argtypes import add_slide_ids_and_models
+from bmseg.argtypes import add_slide_ids_and_models, switch
 from bmseg.contract import GALLERY_CROP_PX, GPU_OUT_OF_MEMORY_EXIT
 from bmseg.errors import BmsegError
-from bmseg.models.choices import DEVICE_CHOICES, FLOWS_METHODS
+from bmseg.models.choices import (
+    ATTENTION_KINDS,
+    DEFAULT_ATTENTION,
+    DEVICE_CHOICES,
+    FLOWS_METHODS,
+)
 from bmseg.models.settings import EmbedderSettings, HSPCSettings, MKSettings
 
 
@@ -51,8 +56,11 @@ def _run(args: argparse.Namespace) -> int:
             embedder=EmbedderSettings(batch_size=args.embed_batch),
             readers=args.readers,
             workers=args.workers,
+            measure_processes=args.measure_processes,
             gpu_batch_tiles=args.gpu_batch_tiles,
             crop_px=args.crop_px,
+            attention=args.attention,
+            compile_networks=args.compile,
             progress=not args.no_progress,
         )
     except torch.OutOfMemoryError as error:
@@ -196,6 +204,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "no rescaling)",
     )
     parser.add_argument(
+        "--attention",
+        default=DEFAULT_ATTENTION,
+        choices=ATTENTION_KINDS,
+        help="Cellpose-SAM's attention: sdpa (the same function through fused "
+        "scaled_dot_product_attention, the default) or stock (segment_anything's own)",
+    )
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        type=switch,
+        metavar="true|false",
+        help="compile SAM2's encoder, Cellpose-SAM and ResNet-50 with torch.compile on a GPU "
+        "(the first tiles pay the compilation; ignored on the CPU). Off by default",
+    )
+    parser.add_argument(
         "--readers", type=int, default=2, metavar="N", help="tile reader threads (2)"
     )
     parser.add_argument(
@@ -204,6 +229,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=2,
         help="threads measuring and embedding segmented tiles while the device goes on (2)",
+    )
+    parser.add_argument(
+        "--measure-processes",
+        action="store_true",
+        help="measure cells in --workers processes instead of threads: free of the GIL the "
+        "device thread needs, for hosts with many cores; each batch pays the processes' start "
+        "(seconds) and each tile the copying of its arrays to them",
     )
     parser.add_argument(
         "--gpu-batch-tiles",

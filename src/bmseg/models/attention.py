@@ -21,9 +21,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
-#: Attention implementations :func:`set_attention` can select.
-ATTENTION_KINDS = ("stock", "sdpa")
-DEFAULT_ATTENTION = "sdpa"
+from bmseg.models.choices import ATTENTION_KINDS, DEFAULT_ATTENTION
 
 
 def decomposed_rel_pos_bias(

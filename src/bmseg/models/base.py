@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -50,4 +50,14 @@ class Embedder(Protocol):
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """Embed (N, crop_size, crop_size, 3) uint8 crops into an (N, dim) float32 array."""
+        ...
+
+
+@runtime_checkable
+class SquareEmbedder(Embedder, Protocol):
+    """An embedder that cuts its own crops from the tile, where it runs (on a GPU: on the
+    device, no crops on the host). SEGMENT prefers this way in when an embedder offers it."""
+
+    def embed_squares(self, rgb: np.ndarray, squares: np.ndarray) -> np.ndarray:
+        """Embed the (N, 3) ``x, y, side`` squares of an (H, W, 3) uint8 tile: (N, dim)."""
         ...

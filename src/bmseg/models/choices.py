@@ -12,5 +12,9 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 FLOWS_METHODS = ("bmseg", "cellpose")
 """Methods :func:`bmseg.flows.flows_to_masks` can use: ours and Cellpose 4's own post-processing."""
 DEFAULT_FLOWS_METHOD = "bmseg"
+ATTENTION_KINDS = ("stock", "sdpa")
+"""Cellpose-SAM's attention (``--attention``): segment_anything's own, or the same function
+through fused ``scaled_dot_product_attention`` (:mod:`bmseg.models.attention`)."""
+DEFAULT_ATTENTION = "sdpa"
 FINETUNE_SPLITS = ("tile", "slide")
 """How ``bmseg finetune`` holds out validation data: whole tiles or whole slides."""

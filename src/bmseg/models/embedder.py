@@ -43,8 +43,12 @@ class ResNetEmbedder:
         timer: StageTimer,
         crop_size: int = 224,
         batch_size: int = 128,
+        device_crops: bool | None = None,
     ) -> None:
         self.net = net
+        self.device_crops = device.type == "cuda" if device_crops is None else device_crops
+        """Whether :meth:`embed_squares` cuts crops by roi_align on ``device`` (default: on a
+        GPU only, roi_align's CPU kernel being slow); else by OpenCV on the host."""
         self.timer = timer
         self.device = device
         self.crop_size = crop_size
@@ -64,12 +68,13 @@ class ResNetEmbedder:
         self, rgb: np.ndarray | torch.Tensor, squares: np.ndarray, size: int | None = None
     ) -> np.ndarray:
         """Embed the (N, 3) ``x, y, side`` squares of an (H, W, 3) uint8 tile, resampled to
-        ``size`` (the embedder's ``crop_size`` by default): (N, 2048) float32. On a GPU the
-        tile is uploaded once (or taken as the device tensor given) and the crops never leave
-        it; on the CPU they are cut on the host, as for :meth:`embed`."""
+        ``size`` (the embedder's ``crop_size`` by default): (N, 2048) float32. With
+        ``device_crops`` (a GPU) the tile is uploaded once (or taken as the device tensor
+        given) and the crops never leave the device; else they are cut on the host by OpenCV,
+        as for :meth:`embed`."""
         size = size or self.crop_size
         with self.timer("embed"):
-            if self.device.type == "cuda":
+            if self.device_crops:
                 return self._embed_on_device(rgb, squares, size)
             host = rgb.cpu().numpy() if isinstance(rgb, torch.Tensor) else rgb
             sampler = CropSampler(host, device="cpu")

@@ -21,8 +21,9 @@ from sam2.build_sam import build_sam2
 from torchvision.models import resnet50
 
 from bmseg.errors import BmsegError
-from bmseg.models.attention import DEFAULT_ATTENTION, use_sdpa_attention
+from bmseg.models.attention import use_sdpa_attention
 from bmseg.models.cellpose_models import CellposeHSPCSegmenter, sam_encoder_as
+from bmseg.models.choices import DEFAULT_ATTENTION
 from bmseg.models.device import resolve_device, use_bf16
 from bmseg.models.embedder import ResNetEmbedder, fold_batch_norms
 from bmseg.models.layout import Manifest, check_sha256, corrupt, read_manifest, weight_path
@@ -71,7 +72,7 @@ def load_models(
 
     Every weight file is checked before the first heavy load, so a missing file fails fast
     with a one-line error naming it and ``bmseg models fetch``. ``attention`` picks Cellpose-SAM's
-    attention (:data:`bmseg.models.attention.ATTENTION_KINDS`); ``compile_networks`` compiles
+    attention (:data:`bmseg.models.choices.ATTENTION_KINDS`); ``compile_networks`` compiles
     the three networks with ``torch.compile`` on a GPU (:func:`compile_on_gpu`).
     """
     models_dir = Path(models_dir)

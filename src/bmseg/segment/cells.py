@@ -12,7 +12,7 @@ import numpy as np
 
 from bmseg import features
 from bmseg.label_images import keep_where
-from bmseg.models.base import Detections, Embedder
+from bmseg.models.base import Detections, Embedder, SquareEmbedder
 from bmseg.models.settings import hspc_margin_px
 from bmseg.segment.options import SegmentOptions
 from bmseg.segment.tiles import Tile
@@ -95,7 +95,7 @@ class TileCells:
     hspc_labels: np.ndarray
     columns: dict[str, Any]
     squares: np.ndarray
-    sampler: Any
+    rgb: np.ndarray
     jpegs: list[bytes]
     jpeg_sides: np.ndarray
 
@@ -164,7 +164,7 @@ def measure_tile(
         hspc_labels=hspc_layer,
         columns=columns,
         squares=squares,
-        sampler=features.CropSampler(rgb, device=options.device),
+        rgb=rgb,
         jpegs=jpegs,
         jpeg_sides=jpeg_sides,
     )
@@ -177,21 +177,34 @@ def _concat(first: Any, second: Any) -> Any:
     return np.concatenate([first, second])
 
 
-def embed_cells(embedder: Embedder, tiles: Sequence[TileCells], batch: int) -> list[np.ndarray]:
-    """Each tile's (N, dim) float16 embeddings; crops of all tiles pooled, ``batch`` per call.
+def embed_cells(
+    embedder: Embedder, tiles: Sequence[TileCells], batch: int, device: str = "cpu"
+) -> list[np.ndarray]:
+    """Each tile's (N, dim) float16 embeddings.
 
-    Crops are cut just before their forward pass, so at most ``batch`` of them exist at once.
+    An embedder that cuts its own crops (:class:`SquareEmbedder`, ResNet-50: on a GPU by
+    roi_align on the device) gets each tile and its squares. Any other gets host crops, cut by
+    a :class:`bmseg.features.CropSampler` on ``device`` just before their forward pass and
+    pooled over the tiles, ``batch`` per call, so at most ``batch`` of them exist at once.
     """
     counts = np.array([len(t.squares) for t in tiles], dtype=np.int64)
     starts = np.concatenate(([0], np.cumsum(counts)))
     out = np.zeros((int(starts[-1]), embedder.dim), dtype=np.float16)
+    if isinstance(embedder, SquareEmbedder):
+        for cells, (start, stop) in zip(tiles, itertools.pairwise(starts), strict=True):
+            if stop > start:
+                out[start:stop] = np.asarray(
+                    embedder.embed_squares(cells.rgb, cells.squares), dtype=np.float32
+                )
+        return [out[start:stop] for start, stop in itertools.pairwise(starts)]
+    samplers = [features.CropSampler(cells.rgb, device=device) for cells in tiles]
     for first in range(0, int(starts[-1]), batch):
         last = min(first + batch, int(starts[-1]))
         crops = [
-            cells.sampler.sample(
-                cells.squares[max(first - start, 0) : last - start], embedder.crop_size
+            sampler.sample(cells.squares[max(first - start, 0) : last - start], embedder.crop_size)
+            for cells, sampler, (start, stop) in zip(
+                tiles, samplers, itertools.pairwise(starts), strict=True
             )
-            for cells, (start, stop) in zip(tiles, itertools.pairwise(starts), strict=True)
             if start < last and stop > first
         ]
         out[first:last] = np.asarray(embedder.embed(np.concatenate(crops)), dtype=np.float32)

@@ -18,6 +18,11 @@ class SegmentOptions:
     hspc_max_area_um2: float = HSPCSettings.max_area_um2
     readers: int = 2
     workers: int = 2
+    measure_processes: bool = False
+    """Measure cells in ``workers`` processes (free of the GIL, for hosts with many cores)
+    instead of on the worker threads; docs/benchmarks.md has what each costs. The processes
+    import the caller's main script as multiprocessing does: a script that turns this on must
+    keep its work under ``if __name__ == "__main__":``."""
     gpu_batch_tiles: int = 1
     embed_batch: int = EmbedderSettings.batch_size
     crop_px: int = GALLERY_CROP_PX

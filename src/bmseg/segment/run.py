@@ -12,6 +12,7 @@ from typing import Any
 from bmseg.contract import GALLERY_CROP_PX
 from bmseg.errors import BmsegError
 from bmseg.models import load_models
+from bmseg.models.choices import DEFAULT_ATTENTION
 from bmseg.models.settings import EmbedderSettings, HSPCSettings, MKSettings
 from bmseg.segment.engine import segment_batch
 from bmseg.segment.options import SegmentOptions
@@ -37,8 +38,11 @@ def segment_batch_file(
     embedder: EmbedderSettings | None = None,
     readers: int = 2,
     workers: int = 2,
+    measure_processes: bool = False,
     gpu_batch_tiles: int = 1,
     crop_px: int = GALLERY_CROP_PX,
+    attention: str = DEFAULT_ATTENTION,
+    compile_networks: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Segment the batch table ``batch`` into ``out``; return batch.json's content.
@@ -46,7 +50,9 @@ def segment_batch_file(
     Everything is validated before the models load: the batch table, which of ``slides`` (file
     names, or ``ID=PATH``) is which slide, the counts, ``plans`` (the slides' slide.json) and
     every tile's window against its slide. ``slide_ids`` names each of ``slides`` in order,
-    instead of their file names. The outputs reach ``out`` together when the batch is
+    instead of their file names. ``attention`` and ``compile_networks`` go to
+    :func:`bmseg.models.load_models` (Cellpose-SAM's attention; ``torch.compile`` on a GPU). The
+    outputs reach ``out`` together when the batch is
     done (:func:`bmseg.storage.output_set`); an error, a GPU out of memory included, leaves
     ``out`` as it was.
     """
@@ -86,7 +92,13 @@ def segment_batch_file(
         for slide_id, path in slide_paths.items():
             log.info("slide %s: %s", slide_id, path)
         models = load_models(
-            Path(models_dir), device, mk_settings=mk, hspc_settings=hspc, embedder_settings=embedder
+            Path(models_dir),
+            device,
+            mk_settings=mk,
+            hspc_settings=hspc,
+            embedder_settings=embedder,
+            attention=attention,
+            compile_networks=compile_networks,
         )
         record = {
             "dir": str(models_dir),
@@ -94,6 +106,8 @@ def segment_batch_file(
             "mk": asdict(mk),
             "hspc": asdict(hspc),
             "embedder": asdict(embedder),
+            "attention": attention,
+            "compiled": compile_networks and models.device.type == "cuda",
         }
         options = SegmentOptions(
             mk_min_area_um2=mk.min_area_um2,
@@ -102,6 +116,7 @@ def segment_batch_file(
             hspc_max_area_um2=hspc.max_area_um2,
             readers=readers,
             workers=workers,
+            measure_processes=measure_processes,
             gpu_batch_tiles=gpu_batch_tiles,
             embed_batch=embedder.batch_size,
             crop_px=crop_px,
@@ -119,4 +134,5 @@ def segment_batch_file(
             staging,
             options,
             {"batch": number, "device": str(models.device), "models": record},
+            model_timer=models.timer,
         )
