@@ -240,3 +240,31 @@ def test_centroid_matches_pairs_each_cell_once_within_the_radius():
     assert centroid_matches(truth, found, radius_px=15.0) == 2
     assert centroid_matches(truth, found[:1], radius_px=15.0) == 1
     assert centroid_matches(truth, found[:0], radius_px=15.0) == 0
+
+
+def test_contrast_windows_span_whole_tile_contrast_and_leave_the_crops_alone():
+    """Share 0 is Cellpose's own normalisation; share 1 maps each channel by an affine window
+    inside the measured range (low end ≤ 0.65, width ≥ 0.05 of the crop's 0–1 range), keeps a
+    channel without range at 0 and never writes into the caller's crops."""
+    from cellpose.transforms import normalize_img
+
+    from bmseg.models.training import contrast_windowed
+
+    rng = np.random.default_rng(0)
+    crops = [rng.uniform(0, 255, (3, 64, 64)).astype(np.float32) for _ in range(40)]
+    for crop in crops:
+        crop[2] = 0
+    before = [c.copy() for c in crops]
+    plain = contrast_windowed(crops, 0.0, np.random.default_rng(1))
+    for crop, out in zip(before, plain, strict=True):
+        np.testing.assert_allclose(out, normalize_img(crop.copy(), axis=0), atol=1e-6)
+    windowed = contrast_windowed(crops, 1.0, np.random.default_rng(1))
+    for crop, base, out in zip(crops, plain, windowed, strict=True):
+        assert not out[2].any()
+        for channel in range(2):
+            # out = (base - low) / width: a line fit recovers both; check their bounds
+            slope, low_over_width = np.polyfit(base[channel].ravel(), out[channel].ravel(), 1)
+            width, low = 1 / slope, -low_over_width / slope
+            assert 0.05 - 1e-6 <= width <= 1 - low + 1e-6 and 0 <= low <= 0.65 + 1e-6
+    assert all(np.array_equal(c, b) for c, b in zip(crops, before, strict=True))
+    assert max(float(o.max()) for o in windowed) > 2  # some windows as narrow as a sparse tile's
