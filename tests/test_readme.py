@@ -102,10 +102,7 @@ def test_readme_step_by_step_runs_as_written_in_an_empty_folder(tmp_path, demo_m
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     for block in blocks:
         if "bmseg train" in block:
-            if found_hspcs(tmp_path) < 20:
-                # Known limit (README "Models"): make-demo's network finds part of the HSPCs
-                # only; every block before training has run.
-                pytest.xfail("make-demo's network finds too few HSPCs to label 10 yes and 10 no")
+            assert found_hspcs(tmp_path) >= 20, "too few HSPCs found to label 10 yes and 10 no"
             write_labels(tmp_path)
         done = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", block],

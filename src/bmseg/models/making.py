@@ -198,7 +198,7 @@ DEMO_TRAIN_LAYOUTS = 2
 DEMO_DESCRIPTION = (
     "DEMO weights: a small Cellpose-SAM trained here on synthetic slides (bmseg synth, "
     "brightfield and fluorescence) to segment their HSPC-like discs, with random-initialised "
-    "SAM2 and ResNet-50. It finds part of them (validation AP@0.5 is in the training "
+    "SAM2 and ResNet-50. It finds most of them (validation AP@0.5 is in the training "
     "record), and it does NOT segment real bone marrow (use `bmseg models fetch` for the "
     "real weights)."
 )

@@ -156,9 +156,10 @@ def crops_around(
 CONTRAST_LOW_MAX = 0.65
 """Highest low end of a contrast window, in a crop's own 0–1 range: brightfield's 1st
 percentile over a 3000² window that is mostly light background (measured: 0.63)."""
-CONTRAST_WIDTH_MIN = 0.05
+CONTRAST_WIDTH_MIN = 0.2
 """Narrowest contrast window: fluorescence's 99th percentile over a window with under 1 % of
-cell pixels, where the cells stand at 4–16× it (measured: 0.24 for DAPI, 0.06 for CD41)."""
+cell pixels, where the cells stand at ~4× it (measured for DAPI: 0.24; CD41's 0.06 is left out:
+windows down to 0.05 halved the validation AP@0.5, docs/benchmarks.md)."""
 
 
 def contrast_windowed(
