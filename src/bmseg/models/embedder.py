@@ -11,6 +11,8 @@ any crop size, so HSPCs (~70 px across) can be embedded at :data:`HSPC_CROP_SIZE
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -44,8 +46,15 @@ class ResNetEmbedder:
         crop_size: int = 224,
         batch_size: int = 128,
         device_crops: bool | None = None,
+        compiled: bool = False,
     ) -> None:
         self.net = net
+        self._calling: contextlib.AbstractContextManager = (
+            threading.Lock() if compiled else contextlib.nullcontext()
+        )
+        """Held around each call of a ``compiled`` (``torch.compile``) network: compiled modules
+        are not thread-safe (pytorch issues 118260, 136833) and SEGMENT's worker threads embed
+        at once, so they take turns; an eager network is called from all of them freely."""
         self.device_crops = device.type == "cuda" if device_crops is None else device_crops
         """Whether :meth:`embed_squares` cuts crops by roi_align on ``device`` (default: on a
         GPU only, roi_align's CPU kernel being slow); else by OpenCV on the host."""
@@ -88,7 +97,7 @@ class ResNetEmbedder:
         images = (crops / 255.0 - self.mean) / self.std
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        with inference(self.device):
+        with self._calling, inference(self.device):
             return self.net(images).float()
 
     def _embed_on_device(
