@@ -507,15 +507,19 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(slide, coarse_batch, t
     )
 
 
-def test_compile_is_a_flag_or_the_value_a_param_renders():
+@pytest.mark.parametrize("flag", ["compile", "measure_processes"])
+def test_switches_are_a_flag_or_the_value_a_param_renders(flag: str):
+    """``--compile`` and ``--measure-processes`` stand alone or take the true/false a pipeline
+    param renders in SEGMENT's ext.args."""
     parser = cli.build_parser()
     base = ["segment", "b.parquet", "--slides", "s.czi", "--models", "m", "--out", "o"]
-    assert parser.parse_args(base).compile is False
-    assert parser.parse_args([*base, "--compile"]).compile is True
-    assert parser.parse_args([*base, "--compile", "true"]).compile is True
-    assert parser.parse_args([*base, "--compile", "false", "--readers", "1"]).compile is False
+    option = "--" + flag.replace("_", "-")
+    assert getattr(parser.parse_args(base), flag) is False
+    assert getattr(parser.parse_args([*base, option]), flag) is True
+    assert getattr(parser.parse_args([*base, option, "true"]), flag) is True
+    assert getattr(parser.parse_args([*base, option, "false", "--readers", "1"]), flag) is False
     with pytest.raises(SystemExit):
-        parser.parse_args([*base, "--compile", "yes"])
+        parser.parse_args([*base, option, "yes"])
 
 
 def test_slide_files_match_batch_ids(tmp_path):

@@ -232,10 +232,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--measure-processes",
-        action="store_true",
+        nargs="?",
+        const=True,
+        default=False,
+        type=switch,
+        metavar="true|false",
         help="measure cells in --workers processes instead of threads: free of the GIL the "
         "device thread needs, for hosts with many cores; each batch pays the processes' start "
-        "(seconds) and each tile the copying of its arrays to them",
+        "(seconds) and each tile the copying of its arrays to them. Off by default",
     )
     parser.add_argument(
         "--gpu-batch-tiles",
