@@ -60,6 +60,7 @@ class ResNetEmbedder:
         GPU only, roi_align's CPU kernel being slow); else by OpenCV on the host."""
         self.timer = timer
         self.device = device
+        self._streams = threading.local()
         self.crop_size = crop_size
         self.batch_size = batch_size
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
@@ -70,7 +71,7 @@ class ResNetEmbedder:
         expected = (self.crop_size, self.crop_size, 3)
         if crops.ndim != 4 or crops.shape[1:] != expected or crops.dtype != np.uint8:
             raise ValueError(f"crops must be (N, *{expected}) uint8: {crops.shape} {crops.dtype}")
-        with self.timer("embed"):
+        with self._own_stream(), self.timer("embed"):
             return self._embed_batches(len(crops), lambda part: crops[part])
 
     def embed_squares(
@@ -82,7 +83,7 @@ class ResNetEmbedder:
         given) and the crops never leave the device; else they are cut on the host by OpenCV,
         as for :meth:`embed`."""
         size = size or self.crop_size
-        with self.timer("embed"):
+        with self._own_stream(), self.timer("embed"):
             if self.device_crops:
                 return self._embed_on_device(rgb, squares, size)
             host = rgb.cpu().numpy() if isinstance(rgb, torch.Tensor) else rgb
@@ -90,6 +91,18 @@ class ResNetEmbedder:
             return self._embed_batches(
                 len(squares), lambda part: sampler.sample(squares[part], size)
             )
+
+    def _own_stream(self) -> contextlib.AbstractContextManager:
+        """On CUDA, this thread's own stream (made on its first call) as the current one: the
+        worker threads' embeddings queue apart from the device thread's segmentation and from
+        each other, and the ``embed`` stage's events time this stream only. On the CPU,
+        nothing."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(stream)
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         """The network on (N, 3, S, S) float crops with values 0–255, ImageNet-normalised, on a
