@@ -180,12 +180,15 @@ def _concat(first: Any, second: Any) -> Any:
 def embed_cells(
     embedder: Embedder, tiles: Sequence[TileCells], batch: int, device: str = "cpu"
 ) -> list[np.ndarray]:
-    """Each tile's (N, dim) float16 embeddings.
+    """Each tile's (N, dim) float16 embeddings, on the calling (worker) thread.
 
     An embedder that cuts its own crops (:class:`SquareEmbedder`, ResNet-50: on a GPU by
-    roi_align on the device) gets each tile and its squares. Any other gets host crops, cut by
-    a :class:`bmseg.features.CropSampler` on ``device`` just before their forward pass and
+    roi_align on the device, on the CPU by OpenCV) gets each tile and its squares, one call
+    per tile, and batches them itself by its own batch size (``EmbedderSettings.batch_size``);
+    ``batch`` and ``device`` are then unused. Any other embedder gets host crops, cut by a
+    :class:`bmseg.features.CropSampler` on ``device`` just before their forward pass and
     pooled over the tiles, ``batch`` per call, so at most ``batch`` of them exist at once.
+    ``bmseg segment --embed-batch`` sets ``batch`` and ResNet-50's batch size to one value.
     """
     counts = np.array([len(t.squares) for t in tiles], dtype=np.int64)
     starts = np.concatenate(([0], np.cumsum(counts)))
