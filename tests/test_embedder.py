@@ -137,3 +137,31 @@ def test_a_compiled_network_is_called_by_one_worker_thread_at_a_time(compiled: b
         results = list(pool.map(lambda _: embedder.embed(crops), range(8)))
     assert all(r.shape == (4, ResNetEmbedder.dim) for r in results)
     assert (probe.most_inside == 1) == compiled
+
+
+class _SizeRecorder:
+    """A square embedder whose embedding of each square is the crop side it was asked for."""
+
+    dim = 2
+    crop_size = 224
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        raise AssertionError("a square embedder is given squares")
+
+    def embed_squares(self, rgb, squares, size=None) -> np.ndarray:
+        return np.full((len(squares), self.dim), size or self.crop_size, np.float32)
+
+
+@pytest.mark.parametrize("hspc_px", [None, 224, 112])
+def test_hspc_crops_are_embedded_at_the_hspc_crop_side(hspc_px) -> None:
+    """``--hspc-embed-px 112``: HSPC squares are resampled to 112² (same 2048-d embedding), MK
+    squares stay at the embedder's 224²; rows keep the cells' order."""
+    from bmseg.segment.cells import TileCells, embed_cells
+
+    tile, squares = tile_and_squares()
+    types = ["MK", "HSPC", "HSPC", "MK", "HSPC", "MK"]
+    cells = TileCells(None, None, None, {"cell_type": types}, squares, tile, [], np.zeros(6))
+    (out,) = embed_cells(_SizeRecorder(), [cells], 8, hspc_px=hspc_px)
+    hspc = np.array(types) == "HSPC"
+    assert (out[~hspc] == 224).all()
+    assert (out[hspc] == (hspc_px or 224)).all()

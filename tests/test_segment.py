@@ -554,7 +554,9 @@ def test_real_models_end_to_end_write_valid_outputs(
     out = tmp_path / "real"
     args = [small_batch, "--slides", slide[0], "--models", test_models_dir, "--out", out]
     flags = ["--device", "cpu", "--mk-points-per-side", "4", "--no-progress"]
-    assert run_cli(*args, *flags, "--attention", "stock", "--compile") == 0
+    assert (
+        run_cli(*args, *flags, "--attention", "stock", "--compile", "--hspc-embed-px", "112") == 0
+    )
     assert loaded == [{"Attention"}]  # segment_anything's own, as --attention stock asks
     record = json.loads((out / "batch.json").read_text())
     assert (record["models"]["attention"], record["models"]["compiled"]) == ("stock", False)
@@ -562,6 +564,7 @@ def test_real_models_end_to_end_write_valid_outputs(
     assert record["device"] == "cpu"
     assert record["models"]["manifest"]["random_init"] is True
     assert record["models"]["mk"]["points_per_side"] == 4
+    assert record["settings"]["hspc_embed_px"] == 112
     # The models' own stages, as their timer measured them, beside the engine's.
     model_stages = record["model_timings_s"]
     assert {"sam2_encode", "mk_masks", "cellpose_net", "hspc_flows_to_masks"} <= set(model_stages)

@@ -23,11 +23,9 @@ from torchvision.ops import roi_align
 
 from bmseg.features import CropSampler
 from bmseg.models.device import inference
+from bmseg.models.settings import HSPC_CROP_SIZE  # noqa: F401  (the module docstring's)
 from bmseg.models.transfer import upload
 from bmseg.timing import StageTimer
-
-HSPC_CROP_SIZE = 112
-"""The smaller crop side offered for HSPC crops (a quarter of the pixels of 224², same 2048-d)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -184,7 +184,9 @@ def _finish_group(
         cpu_s += seconds
     features_s = time.perf_counter() - start
     start = time.perf_counter()
-    embeddings = embed_cells(embedder, measured, options.embed_batch, options.device)
+    embeddings = embed_cells(
+        embedder, measured, options.embed_batch, options.device, options.hspc_embed_px
+    )
     seconds = {"features": features_s, "embed": time.perf_counter() - start}
     return _Finished(reads, measured, embeddings, seconds, cpu_s)
 
@@ -405,6 +407,7 @@ def segment_batch(
             "measure_processes": options.measure_processes,
             "gpu_batch_tiles": options.gpu_batch_tiles,
             "embed_batch": options.embed_batch,
+            "hspc_embed_px": options.hspc_embed_px or embedder.crop_size,
             "crop_px": options.crop_px,
         },
         "versions": package_versions(),
