@@ -21,7 +21,12 @@ with real weights; pass ``--models DIR`` with fetched weights for production fig
 
     python benchmarks/segment.py                                      # 2 tiles of 3000², GPU
     python benchmarks/segment.py --tile-size 512 --points-per-side 8 --tiles 1   # a CPU
-    OMP_NUM_THREADS=1 python benchmarks/segment.py --host-only    # the engine's host work
+    OMP_NUM_THREADS=1 python benchmarks/segment.py --host-only    # host work, networks instant
+
+``--host-only`` runs SEGMENT (engine, real segmenters and embedder) with every network
+swapped for an instant module and models the device thread's host work as its wall time in
+the segmenters − its torch operators' self time (torch.profiler) + 10 µs per top-level
+operator (:func:`run_host_only`).
 """
 
 from __future__ import annotations
@@ -33,9 +38,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 PIXEL_SIZE_UM = 0.1725
 CROP = 224
+DEVICE_THREAD_MARK = "bmseg-device-thread"
+LAUNCH_US = 10.0
+"""--host-only's cost of launching one operator's kernel on a GPU, in µs."""
 
 
 def synthetic_tiles(count: int, size: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -160,27 +169,6 @@ def run_baseline(models, tiles, centres, points_per_side: int) -> tuple[dict[str
     return stages, busy.mean
 
 
-class InstantSegmenter:
-    """Stands for a segmentation network: hands out label images drawn before the clock
-    starts, in SEGMENT's call order, so what is timed is everything but the network."""
-
-    def __init__(self, prepared: list) -> None:
-        self._prepared = iter(prepared)
-
-    def segment(self, tiles, pixel_size_um: float) -> list:
-        return [next(self._prepared) for _ in tiles]
-
-
-class InstantEmbedder:
-    """Stands for ResNet-50: the production embedding size, zeros at once (crops are still cut)."""
-
-    dim = 2048
-    crop_size = CROP
-
-    def embed(self, crops: np.ndarray) -> np.ndarray:
-        return np.zeros((len(crops), self.dim), np.float32)
-
-
 def drawn_cells(contours: list[np.ndarray], windows) -> list:
     """Per window (slide px), the (N, 2) x, y polygons ``contours`` drawn as a label image."""
     import cv2
@@ -242,15 +230,46 @@ class GilProbe:
         self._thread.join()
 
 
+def device_thread_ops(prof) -> tuple[float, int, list]:
+    """From a CPU torch.profiler run: the self time (s) of the torch operators recorded on the
+    thread that recorded :data:`DEVICE_THREAD_MARK` (user annotations left out), how many were
+    called from outside another operator (each a kernel launch on a GPU), and the operators
+    by self time."""
+    events = prof.events()
+    marks = [e for e in events if e.name == DEVICE_THREAD_MARK]
+    events = [e for e in events if e.thread == marks[0].thread and not e.is_user_annotation]
+    ids = {id(e) for e in events}
+    top_level = sum(1 for e in events if e.cpu_parent is None or id(e.cpu_parent) not in ids)
+    by_name: dict[str, float] = {}
+    for event in events:
+        by_name[event.name] = by_name.get(event.name, 0.0) + event.self_cpu_time_total / 1e6
+    ranked = sorted(by_name.items(), key=lambda item: -item[1])
+    return sum(by_name.values()), top_level, ranked
+
+
 def run_host_only(args: argparse.Namespace) -> None:
-    """SEGMENT's engine on production-density tiles with instant networks: the host work of
-    the calling (device) thread, and the CPU seconds of the reader, worker and writer threads
-    and of the measuring processes."""
+    """SEGMENT on production-density tiles with the real segmenters and embedder, their
+    networks swapped for instant modules (``instant_networks.instant_models``): the host work of the
+    calling (device) thread, and the CPU seconds of the reader, worker and writer threads and
+    of the measuring processes.
+
+    The batch runs once, under torch.profiler (CPU activity), which records the torch
+    operators the device thread runs. On a CPU those operators are the compute a GPU runs as
+    kernels (flows → masks, block stitching, filters, painting), so the host work a GPU would
+    leave on that thread is modelled as: the thread's wall time inside the segmenters (the
+    ``mk`` and ``hspc`` stages) − the operators' self time + 10 µs (:data:`LAUNCH_US`) per
+    top-level operator (one launch each). Wall time on both sides, as the profiler times
+    operators by the clock: on a shared 2-core host an operator's time includes the thread
+    being preempted, which CPU time (also printed) would not. The profiler's own bookkeeping
+    between operators counts as host work (an overestimate).
+    """
+    from bmseg.models.making import make_test_models
     from bmseg.plan import default_margin
     from bmseg.segment import SegmentOptions, Tile, hspc_windows, segment_batch
     from bmseg.slide import Rect
     from bmseg.synth import describe_channels, write_frames_czi
     from bmseg.synthetic import MOSAIC_TILE
+    from instant_networks import instant_models
 
     size, margin = args.tile_size, default_margin(PIXEL_SIZE_UM)
     width, height = args.tiles * size + 2 * margin, size + 2 * margin
@@ -268,14 +287,15 @@ def run_host_only(args: argparse.Namespace) -> None:
     options = SegmentOptions(
         progress=False, device="cpu", gpu_batch_tiles=1, measure_processes=args.measure_processes
     )
-    outlines = {
-        kind: [c.outline for c in layout.cells if c.cell_type == kind] for kind in ("MK", "HSPC")
-    }
-    mk = InstantSegmenter(drawn_cells(outlines["MK"], [t.read for t in tiles]))
-    hspc_rects = hspc_windows(tiles, options.hspc_max_area_um2)
-    hspc = InstantSegmenter(drawn_cells(outlines["HSPC"], hspc_rects))
+    every_cell = [cell.outline for cell in layout.cells]
+    truth = [
+        d.labels for d in drawn_cells(every_cell, hspc_windows(tiles, options.hspc_max_area_um2))
+    ]
     with tempfile.TemporaryDirectory(prefix="bmseg-host-") as scratch:
         work = Path(scratch)
+        make_test_models(work / "models")
+        mk, hspc, embedder, model_timer = instant_models(work / "models", truth, PIXEL_SIZE_UM)
+        del truth
         slide = work / "marrow.czi"
         frames = [
             (
@@ -293,44 +313,69 @@ def run_host_only(args: argparse.Namespace) -> None:
         write_frames_czi(slide, frames, PIXEL_SIZE_UM)
         describe_channels(slide, [{"ContrastMethod": "Brightfield"}])
         del frames
-        with GilProbe() as idle:
-            time.sleep(1.0)
-        process_start, thread_start = time.process_time(), time.thread_time()
-        wall_start = time.perf_counter()
-        with GilProbe() as busy:
-            summary = segment_batch(
+
+        def batch(name: str) -> dict:
+            return segment_batch(
                 tiles,
                 {"marrow": slide},
                 mk,
                 hspc,
-                InstantEmbedder(),
-                work / "out",
+                embedder,
+                work / name,
                 options,
                 {"batch": 1},
+                model_timer,
             )
+
+        with GilProbe() as idle:
+            time.sleep(1.0)
+        process_start, thread_start = time.process_time(), time.thread_time()
+        wall_start = time.perf_counter()
+        profiling = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        with GilProbe() as busy, profiling as prof:
+            with torch.profiler.record_function(DEVICE_THREAD_MARK):
+                pass  # the profiler numbers threads its own way: this names the device thread
+            summary = batch("out")
         wall = time.perf_counter() - wall_start
         device_thread = time.thread_time() - thread_start
         others = time.process_time() - process_start - device_thread
-    cells = sum(summary["cells"].values()) / len(tiles)
+        op_s, launches, ranked = device_thread_ops(prof)
+    per_tile = len(tiles)
+    cells = sum(summary["cells"].values()) / per_tile
     print(
-        f"{len(tiles)} tiles of {size}² (read {size + 2 * margin}²) wholly marrow, "
-        f"{cells:.0f} cells per tile; {options.workers} workers, {options.readers} readers, "
-        f"measuring on {'processes' if options.measure_processes else 'the worker threads'}"
+        f"{per_tile} tiles of {size}² (read {size + 2 * margin}²) wholly marrow, "
+        f"{cells:.0f} cells per tile ({summary['cells']['HSPC'] / per_tile:.0f} HSPC; MK "
+        f"candidates fail the filters on zero logits); {options.workers} workers, "
+        f"{options.readers} readers, measuring on "
+        f"{'processes' if options.measure_processes else 'the worker threads'}"
     )
     for stage, seconds in summary["timings_s"].items():
-        print(f"stage {stage:9s} {seconds / len(tiles):8.3f} s per tile (summed over threads)")
-    print(f"wall {wall / len(tiles):.3f} s per tile")
+        print(f"stage {stage:9s} {seconds / per_tile:8.3f} s per tile (summed over threads)")
+    for stage, seconds in summary["model_timings_s"].items():
+        print(f"model stage {stage:20s} {seconds / per_tile:8.3f} s per tile")
+    print(f"wall {wall / per_tile:.3f} s per tile")
     for name, probe in (("idle", idle), ("during the batch", busy)):
         waits = 1000 * np.asarray(probe.waits)
         print(
             f"GIL wait after a release, {name}: median {np.median(waits):.2f} ms, "
             f"p99 {np.percentile(waits, 99):.2f} ms ({len(waits)} releases)"
         )
-    print(f"CPU of the reader, worker and writer threads: {others / len(tiles):.3f} s per tile")
-    measuring = summary["measure_cpu_s"] / len(tiles)
+    print(f"CPU of the reader, worker and writer threads: {others / per_tile:.3f} s per tile")
+    measuring = summary["measure_cpu_s"] / per_tile
     where = "processes (not in the line above)" if options.measure_processes else "threads"
     print(f"CPU of measuring, on the {options.workers} worker {where}: {measuring:.3f} s per tile")
-    print(f"host work on the device thread: {1000 * device_thread / len(tiles):.0f} ms per tile")
+    print("device thread's torch operators by self time, s per tile:")
+    for name, seconds in ranked[:8]:
+        print(f"  {name:40s} {seconds / per_tile:8.3f}")
+    segmenting = summary["timings_s"]["mk"] + summary["timings_s"]["hspc"]
+    print(
+        f"device thread: CPU {1000 * device_thread / per_tile:.0f} ms per tile; in the "
+        f"segmenters {1000 * segmenting / per_tile:.0f} ms wall, of which torch operators "
+        f"{1000 * op_s / per_tile:.0f} ms ({launches / per_tile:.0f} top-level operators per "
+        f"tile, {LAUNCH_US:.0f} µs each as GPU launches)"
+    )
+    host = segmenting - op_s + launches * LAUNCH_US / 1e6
+    print(f"host work on the device thread: {1000 * host / per_tile:.0f} ms per tile")
 
 
 def main() -> None:

@@ -4,6 +4,9 @@ output. CPU, float32, the `make-test` ResNet-50 (random weights)."""
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +105,63 @@ def test_upload_on_the_cpu_is_the_array_itself() -> None:
     tile, _ = tile_and_squares()
     tensor = upload(tile, CPU)
     assert tensor.dtype == torch.uint8 and np.shares_memory(tensor.numpy(), tile)
+
+
+class _OverlapProbe(torch.nn.Module):
+    """A stand-in network that counts how many threads are inside its forward at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = 0
+        self.most_inside = 0
+        self._count = threading.Lock()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with self._count:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        time.sleep(0.02)
+        with self._count:
+            self.inside -= 1
+        return torch.zeros((len(images), ResNetEmbedder.dim))
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_compiled_network_is_called_by_one_worker_thread_at_a_time(compiled: bool) -> None:
+    """torch.compile'd modules are not thread-safe (pytorch issues 118260, 136833): with
+    ``compiled`` the embedder's worker threads take turns at the network; eager, they overlap."""
+    probe = _OverlapProbe()
+    embedder = ResNetEmbedder(probe, CPU, StageTimer(CPU), 16, 4, compiled=compiled)
+    crops = np.zeros((4, 16, 16, 3), np.uint8)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: embedder.embed(crops), range(8)))
+    assert all(r.shape == (4, ResNetEmbedder.dim) for r in results)
+    assert (probe.most_inside == 1) == compiled
+
+
+class _SizeRecorder:
+    """A square embedder whose embedding of each square is the crop side it was asked for."""
+
+    dim = 2
+    crop_size = 224
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        raise AssertionError("a square embedder is given squares")
+
+    def embed_squares(self, rgb, squares, size=None) -> np.ndarray:
+        return np.full((len(squares), self.dim), size or self.crop_size, np.float32)
+
+
+@pytest.mark.parametrize("hspc_px", [None, 224, 112])
+def test_hspc_crops_are_embedded_at_the_hspc_crop_side(hspc_px) -> None:
+    """``--hspc-embed-px 112``: HSPC squares are resampled to 112² (same 2048-d embedding), MK
+    squares stay at the embedder's 224²; rows keep the cells' order."""
+    from bmseg.segment.cells import TileCells, embed_cells
+
+    tile, squares = tile_and_squares()
+    types = ["MK", "HSPC", "HSPC", "MK", "HSPC", "MK"]
+    cells = TileCells(None, None, None, {"cell_type": types}, squares, tile, [], np.zeros(6))
+    (out,) = embed_cells(_SizeRecorder(), [cells], 8, hspc_px=hspc_px)
+    hspc = np.array(types) == "HSPC"
+    assert (out[~hspc] == 224).all()
+    assert (out[hspc] == (hspc_px or 224)).all()

@@ -507,15 +507,19 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(slide, coarse_batch, t
     )
 
 
-def test_compile_is_a_flag_or_the_value_a_param_renders():
+@pytest.mark.parametrize("flag", ["compile", "measure_processes"])
+def test_switches_are_a_flag_or_the_value_a_param_renders(flag: str):
+    """``--compile`` and ``--measure-processes`` stand alone or take the true/false a pipeline
+    param renders in SEGMENT's ext.args."""
     parser = cli.build_parser()
     base = ["segment", "b.parquet", "--slides", "s.czi", "--models", "m", "--out", "o"]
-    assert parser.parse_args(base).compile is False
-    assert parser.parse_args([*base, "--compile"]).compile is True
-    assert parser.parse_args([*base, "--compile", "true"]).compile is True
-    assert parser.parse_args([*base, "--compile", "false", "--readers", "1"]).compile is False
+    option = "--" + flag.replace("_", "-")
+    assert getattr(parser.parse_args(base), flag) is False
+    assert getattr(parser.parse_args([*base, option]), flag) is True
+    assert getattr(parser.parse_args([*base, option, "true"]), flag) is True
+    assert getattr(parser.parse_args([*base, option, "false", "--readers", "1"]), flag) is False
     with pytest.raises(SystemExit):
-        parser.parse_args([*base, "--compile", "yes"])
+        parser.parse_args([*base, option, "yes"])
 
 
 def test_slide_files_match_batch_ids(tmp_path):
@@ -550,7 +554,9 @@ def test_real_models_end_to_end_write_valid_outputs(
     out = tmp_path / "real"
     args = [small_batch, "--slides", slide[0], "--models", test_models_dir, "--out", out]
     flags = ["--device", "cpu", "--mk-points-per-side", "4", "--no-progress"]
-    assert run_cli(*args, *flags, "--attention", "stock", "--compile") == 0
+    assert (
+        run_cli(*args, *flags, "--attention", "stock", "--compile", "--hspc-embed-px", "112") == 0
+    )
     assert loaded == [{"Attention"}]  # segment_anything's own, as --attention stock asks
     record = json.loads((out / "batch.json").read_text())
     assert (record["models"]["attention"], record["models"]["compiled"]) == ("stock", False)
@@ -558,6 +564,7 @@ def test_real_models_end_to_end_write_valid_outputs(
     assert record["device"] == "cpu"
     assert record["models"]["manifest"]["random_init"] is True
     assert record["models"]["mk"]["points_per_side"] == 4
+    assert record["settings"]["hspc_embed_px"] == 112
     # The models' own stages, as their timer measured them, beside the engine's.
     model_stages = record["model_timings_s"]
     assert {"sam2_encode", "mk_masks", "cellpose_net", "hspc_flows_to_masks"} <= set(model_stages)

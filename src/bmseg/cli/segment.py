@@ -19,7 +19,7 @@ from bmseg.models.choices import (
     DEVICE_CHOICES,
     FLOWS_METHODS,
 )
-from bmseg.models.settings import EmbedderSettings, HSPCSettings, MKSettings
+from bmseg.models.settings import HSPC_CROP_SIZE, EmbedderSettings, HSPCSettings, MKSettings
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -53,7 +53,9 @@ def _run(args: argparse.Namespace) -> int:
                 refine_iou_thresh=args.hspc_refine_iou,
                 diameter_um=args.hspc_diameter_um,
             ),
-            embedder=EmbedderSettings(batch_size=args.embed_batch),
+            embedder=EmbedderSettings(
+                batch_size=args.embed_batch, hspc_crop_size=args.hspc_embed_px
+            ),
             readers=args.readers,
             workers=args.workers,
             measure_processes=args.measure_processes,
@@ -232,10 +234,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--measure-processes",
-        action="store_true",
+        nargs="?",
+        const=True,
+        default=False,
+        type=switch,
+        metavar="true|false",
         help="measure cells in --workers processes instead of threads: free of the GIL the "
         "device thread needs, for hosts with many cores; each batch pays the processes' start "
-        "(seconds) and each tile the copying of its arrays to them",
+        "(seconds) and each tile the copying of its arrays to them. Off by default",
     )
     parser.add_argument(
         "--gpu-batch-tiles",
@@ -257,6 +263,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="a retry's attempt number: each earlier attempt (a GPU out-of-memory) halves "
         "--gpu-batch-tiles (1)",
+    )
+    parser.add_argument(
+        "--hspc-embed-px",
+        type=int,
+        choices=(EmbedderSettings.crop_size, HSPC_CROP_SIZE),
+        default=EmbedderSettings.hspc_crop_size,
+        metavar="224|112",
+        help="side HSPC crops are resampled to for ResNet-50: 224 as MKs (default) or 112, a "
+        "quarter of the pixels for ~70 px cells; the embedding stays 2048-d",
     )
     parser.add_argument(
         "--embed-batch",

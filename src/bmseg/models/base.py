@@ -58,6 +58,9 @@ class SquareEmbedder(Embedder, Protocol):
     """An embedder that cuts its own crops from the tile, where it runs (on a GPU: on the
     device, no crops on the host). SEGMENT prefers this way in when an embedder offers it."""
 
-    def embed_squares(self, rgb: np.ndarray, squares: np.ndarray) -> np.ndarray:
-        """Embed the (N, 3) ``x, y, side`` squares of an (H, W, 3) uint8 tile: (N, dim)."""
+    def embed_squares(
+        self, rgb: np.ndarray, squares: np.ndarray, size: int | None = None
+    ) -> np.ndarray:
+        """Embed the (N, 3) ``x, y, side`` squares of an (H, W, 3) uint8 tile, resampled to
+        ``size``² (the embedder's ``crop_size`` by default): (N, dim)."""
         ...

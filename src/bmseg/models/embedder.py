@@ -11,6 +11,8 @@ any crop size, so HSPCs (~70 px across) can be embedded at :data:`HSPC_CROP_SIZE
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -21,11 +23,9 @@ from torchvision.ops import roi_align
 
 from bmseg.features import CropSampler
 from bmseg.models.device import inference
+from bmseg.models.settings import HSPC_CROP_SIZE  # noqa: F401  (the module docstring's)
 from bmseg.models.transfer import upload
 from bmseg.timing import StageTimer
-
-HSPC_CROP_SIZE = 112
-"""The smaller crop side offered for HSPC crops (a quarter of the pixels of 224², same 2048-d)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,13 +44,21 @@ class ResNetEmbedder:
         crop_size: int = 224,
         batch_size: int = 128,
         device_crops: bool | None = None,
+        compiled: bool = False,
     ) -> None:
         self.net = net
+        self._calling: contextlib.AbstractContextManager = (
+            threading.Lock() if compiled else contextlib.nullcontext()
+        )
+        """Held around each call of a ``compiled`` (``torch.compile``) network: compiled modules
+        are not thread-safe (pytorch issues 118260, 136833) and SEGMENT's worker threads embed
+        at once, so they take turns; an eager network is called from all of them freely."""
         self.device_crops = device.type == "cuda" if device_crops is None else device_crops
         """Whether :meth:`embed_squares` cuts crops by roi_align on ``device`` (default: on a
         GPU only, roi_align's CPU kernel being slow); else by OpenCV on the host."""
         self.timer = timer
         self.device = device
+        self._streams = threading.local()
         self.crop_size = crop_size
         self.batch_size = batch_size
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
@@ -61,7 +69,7 @@ class ResNetEmbedder:
         expected = (self.crop_size, self.crop_size, 3)
         if crops.ndim != 4 or crops.shape[1:] != expected or crops.dtype != np.uint8:
             raise ValueError(f"crops must be (N, *{expected}) uint8: {crops.shape} {crops.dtype}")
-        with self.timer("embed"):
+        with self._own_stream(), self.timer("embed"):
             return self._embed_batches(len(crops), lambda part: crops[part])
 
     def embed_squares(
@@ -73,7 +81,7 @@ class ResNetEmbedder:
         given) and the crops never leave the device; else they are cut on the host by OpenCV,
         as for :meth:`embed`."""
         size = size or self.crop_size
-        with self.timer("embed"):
+        with self._own_stream(), self.timer("embed"):
             if self.device_crops:
                 return self._embed_on_device(rgb, squares, size)
             host = rgb.cpu().numpy() if isinstance(rgb, torch.Tensor) else rgb
@@ -82,13 +90,25 @@ class ResNetEmbedder:
                 len(squares), lambda part: sampler.sample(squares[part], size)
             )
 
+    def _own_stream(self) -> contextlib.AbstractContextManager:
+        """On CUDA, this thread's own stream (made on its first call) as the current one: the
+        worker threads' embeddings queue apart from the device thread's segmentation and from
+        each other, and the ``embed`` stage's events time this stream only. On the CPU,
+        nothing."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(stream)
+
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         """The network on (N, 3, S, S) float crops with values 0–255, ImageNet-normalised, on a
         GPU in ``channels_last`` (the layout cuDNN's convolutions run fastest in)."""
         images = (crops / 255.0 - self.mean) / self.std
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        with inference(self.device):
+        with self._calling, inference(self.device):
             return self.net(images).float()
 
     def _embed_on_device(

@@ -89,9 +89,10 @@ def load_models(
     engine = Sam2Engine(sam2, torch_device, timer)
     cellpose_model = load_cellpose(paths["cellpose"], torch_device, attention=attention)
     resnet = load_resnet50(paths["resnet50"], torch_device)
-    if compile_networks:
-        for network in (sam2.image_encoder, cellpose_model.net, resnet):
-            compile_on_gpu(network, torch_device)
+    compiled = {
+        network: compile_networks and compile_on_gpu(network, torch_device)
+        for network in (sam2.image_encoder, cellpose_model.net, resnet)
+    }
     check_sha256(manifest, paths)  # after the loads: a file that does not load says so first
     log.info("loaded models from %s onto %s", models_dir, torch_device)
     return ModelSet(
@@ -100,7 +101,12 @@ def load_models(
             cellpose_model, engine, hspc_settings or HSPCSettings(), torch_device
         ),
         embedder=ResNetEmbedder(
-            resnet, torch_device, timer, embedder_settings.crop_size, embedder_settings.batch_size
+            resnet,
+            torch_device,
+            timer,
+            embedder_settings.crop_size,
+            embedder_settings.batch_size,
+            compiled=compiled[resnet],
         ),
         device=torch_device,
         timer=timer,

@@ -113,12 +113,18 @@ def hspc_margin_px(max_area_um2: float, pixel_size_um: float) -> int:
     return math.ceil(diameter_um / pixel_size_um)
 
 
+HSPC_CROP_SIZE = 112
+"""The smaller crop side offered for HSPC crops (a quarter of the pixels of 224², same 2048-d)."""
+
+
 @dataclass(frozen=True)
 class EmbedderSettings:
     """ResNet-50 embeddings of cell crops (ImageNet normalisation, 224 px crops)."""
 
     crop_size: int = 224
     batch_size: int = 128
+    hspc_crop_size: int = 224
+    """The side HSPC crops are resampled to (``--hspc-embed-px``): 224 as MKs, or 112."""
 
 
 def area_px(area_um2: float, pixel_size_um: float) -> float:

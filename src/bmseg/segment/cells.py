@@ -178,25 +178,45 @@ def _concat(first: Any, second: Any) -> Any:
 
 
 def embed_cells(
-    embedder: Embedder, tiles: Sequence[TileCells], batch: int, device: str = "cpu"
+    embedder: Embedder,
+    tiles: Sequence[TileCells],
+    batch: int,
+    device: str = "cpu",
+    hspc_px: int | None = None,
 ) -> list[np.ndarray]:
-    """Each tile's (N, dim) float16 embeddings.
+    """Each tile's (N, dim) float16 embeddings, on the calling (worker) thread.
 
     An embedder that cuts its own crops (:class:`SquareEmbedder`, ResNet-50: on a GPU by
-    roi_align on the device) gets each tile and its squares. Any other gets host crops, cut by
-    a :class:`bmseg.features.CropSampler` on ``device`` just before their forward pass and
+    roi_align on the device, on the CPU by OpenCV) gets each tile and its squares, one call
+    per tile, and batches them itself by its own batch size (``EmbedderSettings.batch_size``);
+    ``batch`` and ``device`` are then unused. Any other embedder gets host crops, cut by a
+    :class:`bmseg.features.CropSampler` on ``device`` just before their forward pass and
     pooled over the tiles, ``batch`` per call, so at most ``batch`` of them exist at once.
+    ``bmseg segment --embed-batch`` sets ``batch`` and ResNet-50's batch size to one value.
+    ``hspc_px`` (a square embedder only) resamples HSPC squares to that side instead (112:
+    a quarter of the pixels; ResNet-50's pooled embedding keeps its size); MKs keep the
+    embedder's crop size.
     """
     counts = np.array([len(t.squares) for t in tiles], dtype=np.int64)
     starts = np.concatenate(([0], np.cumsum(counts)))
     out = np.zeros((int(starts[-1]), embedder.dim), dtype=np.float16)
+    own_side = hspc_px in (None, embedder.crop_size)
     if isinstance(embedder, SquareEmbedder):
         for cells, (start, stop) in zip(tiles, itertools.pairwise(starts), strict=True):
-            if stop > start:
-                out[start:stop] = np.asarray(
-                    embedder.embed_squares(cells.rgb, cells.squares), dtype=np.float32
-                )
+            rows = out[start:stop]
+            if own_side:
+                parts = [(slice(None), None)]
+            else:
+                hspc = np.asarray(cells.columns["cell_type"]) == "HSPC"
+                parts = [(~hspc, None), (hspc, hspc_px)]
+            for part, size in parts:
+                squares = cells.squares[part]
+                if len(squares):
+                    embedded = embedder.embed_squares(cells.rgb, squares, size)
+                    rows[part] = np.asarray(embedded, dtype=np.float32)
         return [out[start:stop] for start, stop in itertools.pairwise(starts)]
+    if not own_side:
+        raise ValueError(f"HSPC crops at {hspc_px} px need an embedder that cuts its own crops")
     samplers = [features.CropSampler(cells.rgb, device=device) for cells in tiles]
     for first in range(0, int(starts[-1]), batch):
         last = min(first + batch, int(starts[-1]))

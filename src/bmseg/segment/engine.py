@@ -52,8 +52,8 @@ log = logging.getLogger(__name__)
 _PROCESSES = multiprocessing.get_context("forkserver")
 """How measuring processes start: forked from a clean server process, never from this one,
 whose reader, worker and device threads (and their locks) a fork would copy mid-flight. The
-server imports this module once (numpy, OpenCV, torch), so a batch's processes start at once."""
-_PROCESSES.set_forkserver_preload([__name__])
+server imports this module once (numpy, OpenCV, torch; :func:`_measurers` asks for that when
+it first makes a pool, not at import), so a batch's processes start at once."""
 
 
 @dataclass
@@ -184,7 +184,9 @@ def _finish_group(
         cpu_s += seconds
     features_s = time.perf_counter() - start
     start = time.perf_counter()
-    embeddings = embed_cells(embedder, measured, options.embed_batch, options.device)
+    embeddings = embed_cells(
+        embedder, measured, options.embed_batch, options.device, options.hspc_embed_px
+    )
     seconds = {"features": features_s, "embed": time.perf_counter() - start}
     return _Finished(reads, measured, embeddings, seconds, cpu_s)
 
@@ -204,6 +206,7 @@ class _HereAndNow(Executor):
 def _measurers(options: SegmentOptions) -> Executor:
     """Where tiles are measured: ``options.workers`` processes, or the worker threads."""
     if options.measure_processes:
+        _PROCESSES.set_forkserver_preload([__name__])
         return ProcessPoolExecutor(options.workers, mp_context=_PROCESSES)
     return _HereAndNow()
 
@@ -343,13 +346,15 @@ def segment_batch(
         slide_paths, pixel_sizes, options.readers, options.intensity, options.slide_choices
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    if model_timer is not None:
-        model_timer.take()  # this batch's stages only
-    started = time.perf_counter()
-    bar = tqdm(total=len(tiles), unit="tile", desc="segment", disable=not options.progress)
-    writer = _Writer(out_dir, schema, stats, bar)
+    bar: tqdm | None = None
+    writer: _Writer | None = None
     error: BaseException | None = None
     try:
+        if model_timer is not None:
+            model_timer.take()  # this batch's stages only
+        started = time.perf_counter()
+        bar = tqdm(total=len(tiles), unit="tile", desc="segment", disable=not options.progress)
+        writer = _Writer(out_dir, schema, stats, bar)
         with (
             _measurers(options) as measurers,
             ThreadPoolExecutor(options.workers, thread_name_prefix="bmseg-embed") as workers,
@@ -371,10 +376,12 @@ def segment_batch(
         raise
     finally:
         try:
-            writer.close(error)
+            if writer is not None:
+                writer.close(error)
         finally:
             reader.close()
-            bar.close()
+            if bar is not None:
+                bar.close()
     elapsed = time.perf_counter() - started
     totals = stats.timer.take()
     summary = {
@@ -400,6 +407,7 @@ def segment_batch(
             "measure_processes": options.measure_processes,
             "gpu_batch_tiles": options.gpu_batch_tiles,
             "embed_batch": options.embed_batch,
+            "hspc_embed_px": options.hspc_embed_px or embedder.crop_size,
             "crop_px": options.crop_px,
         },
         "versions": package_versions(),

@@ -25,6 +25,12 @@ class SegmentOptions:
     keep its work under ``if __name__ == "__main__":``."""
     gpu_batch_tiles: int = 1
     embed_batch: int = EmbedderSettings.batch_size
+    """Host crops cut and embedded per call for an embedder that takes crops only
+    (:func:`bmseg.segment.cells.embed_cells`). ResNet-50 cuts its own crops and batches them by
+    its ``EmbedderSettings.batch_size``; ``bmseg segment --embed-batch`` sets both to one value."""
+    hspc_embed_px: int | None = None
+    """The side HSPC crops are embedded at (None: the embedder's crop size, as MKs'); see
+    :func:`bmseg.segment.cells.embed_cells`."""
     crop_px: int = GALLERY_CROP_PX
     device: str = "cpu"
     progress: bool = True

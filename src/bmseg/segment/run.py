@@ -119,6 +119,7 @@ def segment_batch_file(
             measure_processes=measure_processes,
             gpu_batch_tiles=gpu_batch_tiles,
             embed_batch=embedder.batch_size,
+            hspc_embed_px=embedder.hspc_crop_size,
             crop_px=crop_px,
             device=str(models.device),
             progress=progress,
