@@ -72,12 +72,24 @@ def write_labels(path: Path, decisions: dict[str, str]) -> Path:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
-    """A gathered synthetic run (several batches) and labels: 80 % of HSPCs yes, 10 % no,
-    10 % unsure; unlabelled MKs."""
-    work = tmp_path_factory.mktemp("finetune_run")
+    """A gathered synthetic brightfield run (several batches) and labels: 80 % of HSPCs yes,
+    10 % no, 10 % unsure; unlabelled MKs."""
+    return gathered_run(tmp_path_factory.mktemp("finetune_run"), "brightfield")
+
+
+@pytest.fixture(scope="module")
+def fluorescence_run(tmp_path_factory) -> dict:
+    """The same run on a fluorescence slide. The demo segments brightfield HSPCs about as well
+    as its size allows (AP@0.5 0.93 on an unseen layout) and fluorescence ones less well (0.70),
+    so fine-tuning has room to show there."""
+    return gathered_run(tmp_path_factory.mktemp("finetune_fluorescence_run"), "fluorescence")
+
+
+def gathered_run(work: Path, modality: str) -> dict:
+    """Plan, batch, segment (planted cells) and gather one synthetic slide; write labels."""
     slide = work / "marrow.czi"
-    write_synthetic_slide(slide, RUN_SIDE, RUN_SIDE, seed=RUN_SEED)
-    layout = SyntheticLayout(RUN_SIDE, RUN_SIDE, RUN_SEED, "brightfield")
+    write_synthetic_slide(slide, RUN_SIDE, RUN_SIDE, seed=RUN_SEED, modality=modality)
+    layout = SyntheticLayout(RUN_SIDE, RUN_SIDE, RUN_SEED, modality)
     assert run_cli("plan", slide, "--tile-size", "1000", "--out", work / "plans") == 0
     tables = sorted((work / "plans").glob("*.tiles.parquet"))
     assert run_cli("batch", *tables, "--batch-size", "3", "--out", work / "batches") == 0
@@ -145,8 +157,9 @@ def finetune_args(run: dict, models: Path, out: Path, *extra) -> list:
 
 @pytest.mark.timeout(3600)  # may build the demo folder, then trains
 def test_finetune_improves_validation_ap_and_writes_a_models_folder(
-    run: dict, demo_models_dir: Path, tmp_path: Path
+    fluorescence_run: dict, demo_models_dir: Path, tmp_path: Path
 ):
+    run = fluorescence_run
     out = tmp_path / "tuned"
     extra = ["--epochs", "15", "--images-per-epoch", "8", "--learning-rate", "5e-4"]
     extra += ["--validation-fraction", "0.4"]
