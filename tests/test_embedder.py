@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from bmseg.features import CropSampler
-from bmseg.models.embedder import HSPC_CROP_SIZE, ResNetEmbedder, fold_batch_norms
+from bmseg.models.embedder import ResNetEmbedder, fold_batch_norms
+from bmseg.models.settings import HSPC_CROP_SIZE
 from bmseg.timing import StageTimer
 
 CPU = torch.device("cpu")

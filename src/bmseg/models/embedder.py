@@ -6,7 +6,8 @@ the crops there (``torchvision.ops.roi_align``, as :class:`bmseg.features.CropSa
 a GPU) and feeds them to the network without a host round trip, in ``channels_last``. On the
 CPU roi_align's kernel is slow (docs/benchmarks.md), so there the crops are cut by the
 CropSampler's OpenCV path as before. ResNet-50's global pooling makes the embedding 2048-d at
-any crop size, so HSPCs (~70 px across) can be embedded at :data:`HSPC_CROP_SIZE` instead of 224.
+any crop size, so HSPCs (~70 px across) can be embedded at
+:data:`bmseg.models.settings.HSPC_CROP_SIZE` instead of 224.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from torchvision.ops import roi_align
 
 from bmseg.features import CropSampler
 from bmseg.models.device import inference
-from bmseg.models.settings import HSPC_CROP_SIZE  # noqa: F401  (the module docstring's)
 from bmseg.models.transfer import upload
 from bmseg.timing import StageTimer
 
