@@ -35,6 +35,7 @@ from scipy.sparse.csgraph import maximum_bipartite_matching
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
+from bmseg.label_images import fill_single_mask_holes
 from bmseg.models.cellpose_models import CellposeHSPCSegmenter
 from bmseg.models.settings import HSPCSettings
 
@@ -248,9 +249,10 @@ def train_cellpose(
     """Train ``net`` (a Cellpose ``CPSAM``) in place with ``cellpose.train.train_seg`` and save
     it to ``dest`` in Cellpose's format; return the record (seconds, losses, crops).
 
-    Deterministic for a given seed and torch build: ``train_seg`` seeds NumPy per epoch itself,
-    torch (layer drop) is seeded here, and CPU kernels run on one thread while training (with
-    two, their sums land in a varying order and one seed gave two sets of weights).
+    Deterministic for a given seed and torch build on the CPU: ``train_seg`` seeds NumPy per
+    epoch itself, torch (layer drop) is seeded here, and CPU kernels run on
+    :data:`CPU_TRAIN_THREADS` threads with torch's deterministic algorithms while training
+    (:func:`_deterministic_cpu`).
     """
     if not images:
         raise ValueError("no training crops")
@@ -264,7 +266,7 @@ def train_cellpose(
             images, settings.contrast_share, np.random.default_rng([settings.seed, 1])
         )
     with (
-        _one_cpu_thread(),
+        _deterministic_cpu(net),
         tempfile.TemporaryDirectory(prefix=".train-", dir=dest.parent) as work,
         _progress(net, total, progress, desc),
         warnings.catch_warnings(),
@@ -295,18 +297,39 @@ def train_cellpose(
         "seconds": round(seconds, 1),
         "loss_first": round(float(train_losses[0]), 4),
         "loss_last": round(float(train_losses[-1]), 4),
-        "threads": 1,
+        "threads": CPU_TRAIN_THREADS if _on_cpu(net) else None,
     }
 
 
+CPU_TRAIN_THREADS = 2
+"""Torch threads for training on the CPU, whatever the machine's cores: the weights depend on
+how many threads split the sums, so a fixed count keeps a seed's weights the same everywhere
+(two threads train the demo network 1.5× faster than one)."""
+
+
+def _on_cpu(net: torch.nn.Module) -> bool:
+    return next(net.parameters()).device.type == "cpu"
+
+
 @contextlib.contextmanager
-def _one_cpu_thread() -> Iterator[None]:
-    """Torch's CPU kernels on one thread inside, the caller's thread count restored after."""
+def _deterministic_cpu(net: torch.nn.Module) -> Iterator[None]:
+    """For a network on the CPU: :data:`CPU_TRAIN_THREADS` threads and torch's deterministic
+    algorithms inside (the backward of segment_anything's relative-position lookup, an
+    accumulating ``index_put``, otherwise sums in a varying order on two threads and one
+    seed gave different weights), the caller's settings restored after. On a GPU, nothing
+    changes (cuBLAS would need its workspace configured to be deterministic)."""
+    if not _on_cpu(net):
+        yield
+        return
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(CPU_TRAIN_THREADS)
+    torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.set_num_threads(threads)
 
 
@@ -335,7 +358,9 @@ def hspc_masks(cellpose_model: Any, regions: Sequence[Region], pixel_size_um: fl
     masks = []
     for region in regions:
         d_p, cellprob = segmenter.flows(region.rgb, pixel_size_um)
-        masks.append(segmenter.masks(d_p, cellprob, pixel_size_um))
+        labels = segmenter.masks(d_p, cellprob, pixel_size_um).cpu().numpy()
+        fill_single_mask_holes(labels)  # what SEGMENT's workers do
+        masks.append(labels)
     return masks
 
 
