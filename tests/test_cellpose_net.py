@@ -161,7 +161,8 @@ def test_segmenter_flows_stay_tensors_and_skip_cellposes_numpy_path(
     np.testing.assert_allclose(d_p.numpy(), flows[1], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(cellprob.numpy(), flows[2], rtol=1e-4, atol=1e-4)
     labels = segmenter.masks(d_p, cellprob, PIXEL_UM)  # tensors go straight into bmseg.flows
-    assert labels.shape == (280, 310)
+    assert isinstance(labels, torch.Tensor)  # and the labels stay on the device
+    assert labels.shape == (280, 310) and labels.dtype == torch.int32
 
 
 def test_cellpose_sam_runs_in_its_own_dtype_without_autocast(cellpose_model, monkeypatch) -> None:

@@ -19,7 +19,9 @@ from bmseg.flows import (
     cellpose_compute_masks,
     centre_flows,
     compute_masks,
+    flows_to_labels,
     flows_to_masks,
+    label_flows,
 )
 from bmseg.testing.flows import add_noise, network_output, packed_cells, touching_disks
 
@@ -258,6 +260,35 @@ def test_fills_holes_enclosed_by_one_mask_only() -> None:
     assert (filled[hole_in_one] == filled[40, 40]).all() and filled[40, 40] > 0
     assert (filled[hole_between] == 0).all()
     assert np.array_equal(filled > 0, cellpose_filled > 0)
+
+
+def test_label_flows_keep_the_labels_on_the_device_and_leave_holes_to_the_cpu(
+    monkeypatch,
+) -> None:
+    """SEGMENT's path: the label image comes back as an int32 tensor, equal to the unfilled
+    masks, and no SciPy hole filling runs for it (that is the CPU workers' job)."""
+    import bmseg.flows
+
+    shape = (64, 64)
+    labels = np.zeros(shape, np.int32)
+    labels[disk(shape, (32, 32), 20)] = 1
+    hole = disk(shape, (28, 28), 2)
+    labels[hole] = 0
+    flows, cellprob = cellpose_flows(labels)
+    unfilled = compute_masks(flows, cellprob, fill_holes=False)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("hole filling ran on the device thread's path")
+
+    monkeypatch.setattr(bmseg.flows, "fill_single_mask_holes", forbidden)
+    for method in FLOWS_METHODS:
+        on_device = flows_to_labels(
+            torch.from_numpy(flows), torch.from_numpy(cellprob), method, device="cpu"
+        )
+        assert isinstance(on_device, torch.Tensor) and on_device.dtype == torch.int32
+        assert (on_device.numpy()[hole] == 0).all()
+    on_device = label_flows(torch.from_numpy(flows), torch.from_numpy(cellprob), device="cpu")
+    assert np.array_equal(on_device.numpy(), unfilled)
 
 
 def test_centre_flows_point_at_the_centre_cellpose_uses() -> None:

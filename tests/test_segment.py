@@ -1015,3 +1015,26 @@ def test_gpu_out_of_memory_exits_for_a_retry_with_fewer_tiles_and_writes_nothing
     message = capsys.readouterr().err.strip().splitlines()
     assert len(message) == 1 and "--gpu-batch-tiles 2" in message[0], message
     assert not out.exists()
+
+
+def test_holes_left_by_a_segmenter_are_filled_when_its_output_is_checked() -> None:
+    """The HSPC segmenter leaves Cellpose's hole filling (SciPy) to SEGMENT's CPU workers:
+    ``checked``, which runs there, fills a hole enclosed by one cell on a copy, and leaves
+    the holes of output that asks for none."""
+    from bmseg.models.base import Detections
+    from bmseg.segment.cells import checked
+
+    labels = np.zeros((40, 40), np.int32)
+    labels[5:35, 5:35] = 1
+    labels[15:20, 15:20] = 0  # enclosed by cell 1 only
+    labels[0:5, 0:10] = 2  # background between cell 2 and the border stays
+    scores = np.array([0.9, 0.8], np.float32)
+
+    filled = checked(Detections(labels, scores, fill_holes=True), (40, 40), "hspc")
+    kept = checked(Detections(labels, scores), (40, 40), "hspc")
+
+    assert (filled.labels[15:20, 15:20] == 1).all() and not filled.fill_holes
+    assert (labels[15:20, 15:20] == 0).all()  # the segmenter's array is not written
+    assert (kept.labels[15:20, 15:20] == 0).all()
+    assert np.array_equal(filled.labels[labels > 0], labels[labels > 0])
+    assert (filled.labels[35:, :] == 0).all()

@@ -18,7 +18,8 @@ a 3000² tile. :func:`compute_masks` keeps the parameters and meaning of
 * fills holes by labelling the background once, not cell by cell.
 
 docs/flows.md describes the method and where its results can differ from Cellpose's. One torch
-implementation serves every device; only hole filling runs on the CPU (SciPy).
+implementation serves every device; only hole filling runs on the CPU (SciPy): SEGMENT takes
+the labels on the device (:func:`label_flows`) and fills the holes on its CPU workers.
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from cellpose import dynamics, utils
-from scipy import ndimage
 
-from bmseg.label_images import keep_where, renumber
+from bmseg.label_images import fill_single_mask_holes, keep_where, renumber
 from bmseg.models.choices import DEFAULT_FLOWS_METHOD, FLOWS_METHODS
 from bmseg.models.device import resolve_device
 
@@ -62,26 +62,20 @@ def _torch_device(device: str | torch.device | None) -> torch.device:
     return resolve_device(device)
 
 
-def compute_masks(
-    dP: np.ndarray,
-    cellprob: np.ndarray,
+def label_flows(
+    dP: np.ndarray | torch.Tensor,
+    cellprob: np.ndarray | torch.Tensor,
     *,
     cellprob_threshold: float = 0.0,
     flow_threshold: float = 0.4,
     niter: int = 200,
     min_size: int = 15,
     max_size_fraction: float = 0.4,
-    fill_holes: bool = True,
     device: str | torch.device | None = None,
-) -> np.ndarray:
-    """Label image (H, W) int32, labels 1..n, from Cellpose flows ``dP`` (2, H, W; dy, dx) and
-    cell-probability logits ``cellprob`` (H, W).
-
-    Pixels with ``cellprob > cellprob_threshold`` follow their flow for ``niter`` steps; masks
-    larger than ``max_size_fraction`` of the image, with a flow error above ``flow_threshold``
-    (0 or less turns the QC off) or smaller than ``min_size`` pixels (0 or less keeps all) are
-    dropped; ``fill_holes`` fills background enclosed by a single mask.
-    """
+) -> torch.Tensor:
+    """:func:`compute_masks` up to its last step: the label image as an (H, W) int32 tensor on
+    ``device``, holes not yet filled, so that SEGMENT keeps it on the GPU and leaves the
+    filling (:func:`bmseg.label_images.fill_single_mask_holes`) to the CPU workers."""
     _check_inputs(dP, cellprob, niter)
     height, width = cellprob.shape
     torch_device = _torch_device(device)
@@ -94,7 +88,7 @@ def compute_masks(
         del prob
         if not bool(foreground.any()):
             log.debug("no pixel above cellprob_threshold %s", cellprob_threshold)
-            return np.zeros((height, width), np.int32)
+            return torch.zeros((height, width), dtype=torch.int32, device=torch_device)
         flows = _tensor(dP, torch_device).to(torch.float32)
         flows = torch.nan_to_num(flows, nan=0.0, posinf=0.0, neginf=0.0)
         ends = _follow(_neighbour_pointers(flows, foreground, niter), niter)
@@ -107,10 +101,29 @@ def compute_masks(
             drop |= _flow_errors(labels, flows, sizes) > flow_threshold
         if min_size > 0:
             drop |= sizes < min_size
-        masks = _drop_labels(labels, drop).cpu().numpy()
+        return _drop_labels(labels, drop)
+
+
+def compute_masks(
+    dP: np.ndarray | torch.Tensor,
+    cellprob: np.ndarray | torch.Tensor,
+    *,
+    fill_holes: bool = True,
+    **params: Any,
+) -> np.ndarray:
+    """Label image (H, W) int32, labels 1..n, from Cellpose flows ``dP`` (2, H, W; dy, dx) and
+    cell-probability logits ``cellprob`` (H, W).
+
+    Pixels with ``cellprob > cellprob_threshold`` follow their flow for ``niter`` steps; masks
+    larger than ``max_size_fraction`` of the image, with a flow error above ``flow_threshold``
+    (0 or less turns the QC off) or smaller than ``min_size`` pixels (0 or less keeps all) are
+    dropped (:func:`label_flows`, whose keyword parameters ``params`` are); ``fill_holes``
+    fills background enclosed by a single mask.
+    """
+    masks = label_flows(dP, cellprob, **params).cpu().numpy()
     if fill_holes:
-        _fill_single_mask_holes(masks)
-    log.debug("%d masks in a %dx%d image", int(masks.max()), height, width)
+        fill_single_mask_holes(masks)
+    log.debug("%d masks in a %dx%d image", int(masks.max(initial=0)), *masks.shape)
     return masks
 
 
@@ -124,6 +137,20 @@ def flows_to_masks(
     if method == "cellpose":
         return cellpose_compute_masks(dP, cellprob, **params)
     raise ValueError(f"unknown flows method {method!r}; use one of {FLOWS_METHODS}")
+
+
+def flows_to_labels(
+    dP: np.ndarray | torch.Tensor,
+    cellprob: np.ndarray | torch.Tensor,
+    method: str = DEFAULT_FLOWS_METHOD,
+    **params: Any,
+) -> torch.Tensor:
+    """:func:`flows_to_masks` without hole filling, as an int32 tensor on ``params["device"]``:
+    by "bmseg" the labels never leave the device (:func:`label_flows`)."""
+    if method == "bmseg":
+        return label_flows(dP, cellprob, **params)
+    labels = flows_to_masks(dP, cellprob, method, fill_holes=False, **params)
+    return torch.from_numpy(labels).to(_torch_device(params.get("device")))
 
 
 def cellpose_compute_masks(
@@ -359,30 +386,3 @@ def _flow_errors(labels: torch.Tensor, flows: torch.Tensor, sizes: torch.Tensor)
     error += (unit_x - flows[1] / _FLOW_SCALE).square_()
     total = torch.bincount(labels.reshape(-1), error.reshape(-1).to(torch.float64), sizes.numel())
     return total / sizes.clamp_min(1).to(torch.float64)
-
-
-def _fill_single_mask_holes(masks: np.ndarray) -> None:
-    """Fill, in place, every background region that does not reach the image border and touches
-    exactly one mask: the holes Cellpose fills mask by mask, found with one labelling of the
-    background (4-connected, as a flood fill from the border sees it)."""
-    regions, n_regions = ndimage.label(masks == 0)
-    enclosed = np.ones(n_regions + 1, bool)
-    enclosed[0] = False
-    enclosed[regions[[0, -1]]] = False
-    enclosed[regions[:, [0, -1]]] = False
-    if not enclosed.any():
-        return
-    width = masks.shape[1]
-    flat_masks, flat_regions = masks.reshape(-1), regions.reshape(-1)
-    hole_pixels = np.flatnonzero(enclosed[flat_regions])
-    hole_region = flat_regions[hole_pixels]
-    # An enclosed region never reaches the border, so its pixels' 4 neighbours exist.
-    lowest = np.full(n_regions + 1, np.iinfo(masks.dtype).max, masks.dtype)
-    highest = np.zeros(n_regions + 1, masks.dtype)
-    for offset in (-width, -1, 1, width):
-        neighbour = flat_masks[hole_pixels + offset]
-        touching = neighbour > 0
-        np.minimum.at(lowest, hole_region[touching], neighbour[touching])
-        np.maximum.at(highest, hole_region[touching], neighbour[touching])
-    fill = np.where(lowest == highest, highest, 0)
-    flat_masks[hole_pixels] = fill[hole_region]

@@ -1,7 +1,9 @@
-"""Label images (0 background, 1..n cells): the one way bmseg drops labels and renumbers the rest.
+"""Label images (0 background, 1..n cells): the one way bmseg drops labels and renumbers the
+rest, and fills the holes a single cell encloses.
 
-Used by SEGMENT (cells filtered by area and ownership), :mod:`bmseg.flows` (masks from flows),
-the MK mask painter and the fine-tuning step, on numpy arrays and on torch tensors alike.
+Used by SEGMENT (cells filtered by area and ownership; holes filled on its CPU workers),
+:mod:`bmseg.flows` (masks from flows), the MK mask painter and the fine-tuning step, on numpy
+arrays and on torch tensors alike (hole filling: numpy only).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 
 def relabel(labels: Any, kept: Sequence[int] | np.ndarray | Any, size: int | None = None) -> Any:
@@ -58,3 +61,30 @@ def renumber(labels: Any) -> Any:
         return keep_where(labels, present)
     values = labels.unique()
     return relabel(labels, values[values > 0])
+
+
+def fill_single_mask_holes(masks: np.ndarray) -> None:
+    """Fill, in place, every background region that does not reach the image border and touches
+    exactly one mask: the holes Cellpose fills mask by mask, found with one labelling of the
+    background (4-connected, as a flood fill from the border sees it)."""
+    regions, n_regions = ndimage.label(masks == 0)
+    enclosed = np.ones(n_regions + 1, bool)
+    enclosed[0] = False
+    enclosed[regions[[0, -1]]] = False
+    enclosed[regions[:, [0, -1]]] = False
+    if not enclosed.any():
+        return
+    width = masks.shape[1]
+    flat_masks, flat_regions = masks.reshape(-1), regions.reshape(-1)
+    hole_pixels = np.flatnonzero(enclosed[flat_regions])
+    hole_region = flat_regions[hole_pixels]
+    # An enclosed region never reaches the border, so its pixels' 4 neighbours exist.
+    lowest = np.full(n_regions + 1, np.iinfo(masks.dtype).max, masks.dtype)
+    highest = np.zeros(n_regions + 1, masks.dtype)
+    for offset in (-width, -1, 1, width):
+        neighbour = flat_masks[hole_pixels + offset]
+        touching = neighbour > 0
+        np.minimum.at(lowest, hole_region[touching], neighbour[touching])
+        np.maximum.at(highest, hole_region[touching], neighbour[touching])
+    fill = np.where(lowest == highest, highest, 0)
+    flat_masks[hole_pixels] = fill[hole_region]

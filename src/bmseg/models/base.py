@@ -24,6 +24,9 @@ class Detections:
 
     labels: np.ndarray
     scores: np.ndarray
+    fill_holes: bool = False
+    """Background a single cell encloses is still to be given to that cell (Cellpose's last
+    step): left by the HSPC segmenter to SEGMENT's CPU workers, off the device thread."""
 
     @property
     def count(self) -> int:

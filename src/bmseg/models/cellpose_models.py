@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from bmseg.flows import flows_to_masks
+from bmseg.flows import flows_to_labels
 from bmseg.models.base import Detections
 from bmseg.models.cellpose_net import Stitcher, network_output, normalise
 from bmseg.models.masks import (
@@ -195,12 +195,12 @@ class CellposeHSPCSegmenter:
         d_p: torch.Tensor | np.ndarray,
         cellprob: torch.Tensor | np.ndarray,
         pixel_size_um: float,
-    ) -> np.ndarray:
-        """Label image from flows (tensors on the device, or arrays), through
-        :func:`bmseg.flows.flows_to_masks`."""
+    ) -> torch.Tensor:
+        """Label image (int32 tensor on the device, holes not yet filled) from flows (tensors
+        on the device, or arrays), through :func:`bmseg.flows.flows_to_labels`."""
 
         s = self.settings
-        return flows_to_masks(
+        return flows_to_labels(
             d_p,
             cellprob,
             method=s.flows_method,
@@ -212,7 +212,7 @@ class CellposeHSPCSegmenter:
 
     def refine(
         self,
-        labels: np.ndarray,
+        labels: torch.Tensor,
         cellprob: torch.Tensor | np.ndarray,
         features: list[WindowFeatures] | None,
         pixel_size_um: float,
@@ -223,7 +223,7 @@ class CellposeHSPCSegmenter:
         tile_hw = (int(labels.shape[0]), int(labels.shape[1]))
         min_px = area_px(s.min_area_um2, pixel_size_um)
         max_px = area_px(s.max_area_um2, pixel_size_um)
-        labels_t = torch.from_numpy(labels.astype(np.int64)).to(self.device)
+        labels_t = labels.to(self.device, torch.int64)
         count = int(labels_t.max())
         flat = labels_t.flatten()
         area = torch.bincount(flat, minlength=count + 1)[1:]
@@ -239,7 +239,7 @@ class CellposeHSPCSegmenter:
             for chunk in window_chunks(boxes):
                 chosen = crop_labels(labels_t, boxes[chunk], ids[chunk])
                 painter.add(boxes[chunk], chosen, priority[chunk])
-            return painter.detections(scores, priority, min_px)
+            return painter.detections(scores, priority, min_px, fill_holes=True)
         home = home_windows(boxes, [f.window for f in features])
         refined_count = 0
         for w, window_features in enumerate(features):
@@ -266,4 +266,4 @@ class CellposeHSPCSegmenter:
                     refined_count += int(agree.sum())
                     painter.add(grown[chunk], chosen, priority[batch][chunk])
         log.debug("HSPC: %d of %d masks refined by SAM2", refined_count, len(ids))
-        return painter.detections(scores, priority, min_px)
+        return painter.detections(scores, priority, min_px, fill_holes=True)

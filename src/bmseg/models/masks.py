@@ -311,15 +311,21 @@ class Painter:
         return relabel(self.winner + 1, kept + 1, size).reshape(self.tile_hw), kept
 
     def detections(
-        self, scores: torch.Tensor, priority: torch.Tensor, min_area_px: float
+        self,
+        scores: torch.Tensor,
+        priority: torch.Tensor,
+        min_area_px: float,
+        fill_holes: bool = False,
     ) -> Detections:
-        """The painted cells as :class:`Detections`, ``scores[i]`` added with ``priority[i]``."""
+        """The painted cells as :class:`Detections`, ``scores[i]`` added with ``priority[i]``
+        (``fill_holes``: see :attr:`Detections.fill_holes`)."""
         labels, kept = self.labels(min_area_px)
         index_of = torch.empty_like(priority)
         index_of[priority] = torch.arange(len(priority), device=priority.device)
         return Detections(
             labels.cpu().numpy().astype(np.int32, copy=False),
             scores[index_of[kept]].clamp(0, 1).float().cpu().numpy(),
+            fill_holes,
         )
 
 

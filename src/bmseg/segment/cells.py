@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from bmseg import features
-from bmseg.label_images import keep_where
+from bmseg.label_images import fill_single_mask_holes, keep_where
 from bmseg.models.base import Detections, Embedder, SquareEmbedder
 from bmseg.models.settings import hspc_margin_px
 from bmseg.segment.options import SegmentOptions
@@ -28,14 +28,18 @@ def keep_labels(detections: Detections, keep: np.ndarray) -> Detections:
 
 
 def checked(detections: Detections, shape: tuple[int, int], who: str) -> Detections:
-    """Validate a segmenter's output against the interface (a bug if it fails)."""
+    """Validate a segmenter's output against the interface (a bug if it fails), and fill the
+    holes it left to the CPU (:attr:`Detections.fill_holes`): on SEGMENT's workers."""
     labels = np.asarray(detections.labels)
     if labels.shape != shape:
         raise RuntimeError(f"{who} returned labels of shape {labels.shape} for a {shape} tile")
     scores = np.asarray(detections.scores, dtype=np.float32).reshape(-1)
     if labels.size and int(labels.max()) > scores.size:
         raise RuntimeError(f"{who} returned label {labels.max()} but {scores.size} scores")
-    return Detections(labels=labels.astype(np.int32, copy=False), scores=scores)
+    labels = labels.astype(np.int32, copy=detections.fill_holes)
+    if detections.fill_holes:
+        fill_single_mask_holes(labels)
+    return Detections(labels=labels, scores=scores)
 
 
 def filter_area(
