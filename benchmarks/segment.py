@@ -24,9 +24,9 @@ with real weights; pass ``--models DIR`` with fetched weights for production fig
     OMP_NUM_THREADS=1 python benchmarks/segment.py --host-only    # host work, networks instant
 
 ``--host-only`` runs SEGMENT (engine, real segmenters and embedder) with every network
-swapped for an instant module and models the device thread's host work as its wall time in
-the segmenters − its torch operators' self time (torch.profiler) + 10 µs per top-level
-operator (:func:`run_host_only`).
+swapped for an instant module and models the device thread's host work as its CPU time in
+the segmenters − its CPU time inside torch's operators + 10 µs per operator
+(:func:`run_host_only`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ import torch
 
 PIXEL_SIZE_UM = 0.1725
 CROP = 224
-DEVICE_THREAD_MARK = "bmseg-device-thread"
 LAUNCH_US = 10.0
 """--host-only's cost of launching one operator's kernel on a GPU, in µs."""
 
@@ -77,7 +76,6 @@ class GpuBusy:
     """Mean GPU utilisation (%) sampled every 50 ms while active; None without NVML."""
 
     def __init__(self, device) -> None:
-        import torch
 
         self.samples: list[float] = []
         self._stop = threading.Event()
@@ -90,7 +88,6 @@ class GpuBusy:
             self._thread = threading.Thread(target=self._run, args=(device,), daemon=True)
 
     def _run(self, device) -> None:
-        import torch
 
         while not self._stop.wait(0.05):
             self.samples.append(float(torch.cuda.utilization(device)))
@@ -129,7 +126,6 @@ def run_ours(models, tiles, centres) -> tuple[dict[str, float], float]:
 
 def run_baseline(models, tiles, centres, points_per_side: int) -> tuple[dict[str, float], float]:
     """The naive per-tile pipeline on the same models; per-stage seconds and GPU busy share."""
-    import torch
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
     from bmseg.models.device import inference
@@ -230,21 +226,18 @@ class GilProbe:
         self._thread.join()
 
 
-def device_thread_ops(prof) -> tuple[float, int, list]:
-    """From a CPU torch.profiler run: the self time (s) of the torch operators recorded on the
-    thread that recorded :data:`DEVICE_THREAD_MARK` (user annotations left out), how many were
-    called from outside another operator (each a kernel launch on a GPU), and the operators
-    by self time."""
-    events = prof.events()
-    marks = [e for e in events if e.name == DEVICE_THREAD_MARK]
-    events = [e for e in events if e.thread == marks[0].thread and not e.is_user_annotation]
-    ids = {id(e) for e in events}
-    top_level = sum(1 for e in events if e.cpu_parent is None or id(e.cpu_parent) not in ids)
-    by_name: dict[str, float] = {}
-    for event in events:
-        by_name[event.name] = by_name.get(event.name, 0.0) + event.self_cpu_time_total / 1e6
-    ranked = sorted(by_name.items(), key=lambda item: -item[1])
-    return sum(by_name.values()), top_level, ranked
+def clocked(segment, clock, cpu_ns: list[int]):
+    """``segment`` run under ``clock`` (:class:`op_clock.OpClock`), its thread's CPU time
+    added to ``cpu_ns[0]``: the engine calls it on the device thread."""
+
+    def run(*args, **kwargs):
+        start = time.thread_time_ns()
+        with clock:
+            result = segment(*args, **kwargs)
+        cpu_ns[0] += time.thread_time_ns() - start
+        return result
+
+    return run
 
 
 def run_host_only(args: argparse.Namespace) -> None:
@@ -253,15 +246,14 @@ def run_host_only(args: argparse.Namespace) -> None:
     calling (device) thread, and the CPU seconds of the reader, worker and writer threads and
     of the measuring processes.
 
-    The batch runs once, under torch.profiler (CPU activity), which records the torch
-    operators the device thread runs. On a CPU those operators are the compute a GPU runs as
-    kernels (flows → masks, block stitching, filters, painting), so the host work a GPU would
-    leave on that thread is modelled as: the thread's wall time inside the segmenters (the
-    ``mk`` and ``hspc`` stages) − the operators' self time + 10 µs (:data:`LAUNCH_US`) per
-    top-level operator (one launch each). Wall time on both sides, as the profiler times
-    operators by the clock: on a shared 2-core host an operator's time includes the thread
-    being preempted, which CPU time (also printed) would not. The profiler's own bookkeeping
-    between operators counts as host work (an overestimate).
+    The batch runs once. On a CPU the torch operators the device thread runs are the compute
+    a GPU runs as kernels (flows → masks, block stitching, filters, painting), so the host work
+    a GPU would leave on that thread is modelled as: the thread's CPU time inside the
+    segmenters − its CPU time inside their torch operators (``op_clock.OpClock``) − the
+    clock's own cost per operator (calibrated in the same run) + 10 µs (:data:`LAUNCH_US`)
+    per operator (one launch each). CPU time, not the clock, on every side: the thread's
+    waits for the GIL and its preemption by other jobs are not work it does (the GIL probe
+    reports the waits).
     """
     from bmseg.models.making import make_test_models
     from bmseg.plan import default_margin
@@ -270,6 +262,7 @@ def run_host_only(args: argparse.Namespace) -> None:
     from bmseg.synth import describe_channels, write_frames_czi
     from bmseg.synthetic import MOSAIC_TILE
     from instant_networks import instant_models
+    from op_clock import OpClock, mode_overhead_ns
 
     size, margin = args.tile_size, default_margin(PIXEL_SIZE_UM)
     width, height = args.tiles * size + 2 * margin, size + 2 * margin
@@ -329,17 +322,17 @@ def run_host_only(args: argparse.Namespace) -> None:
 
         with GilProbe() as idle:
             time.sleep(1.0)
+        overhead_ns = mode_overhead_ns()
+        clock, segment_cpu_ns = OpClock(by_caller=args.by_caller), [0]
+        mk.segment = clocked(mk.segment, clock, segment_cpu_ns)
+        hspc.segment = clocked(hspc.segment, clock, segment_cpu_ns)
         process_start, thread_start = time.process_time(), time.thread_time()
         wall_start = time.perf_counter()
-        profiling = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-        with GilProbe() as busy, profiling as prof:
-            with torch.profiler.record_function(DEVICE_THREAD_MARK):
-                pass  # the profiler numbers threads its own way: this names the device thread
+        with GilProbe() as busy:
             summary = batch("out")
         wall = time.perf_counter() - wall_start
         device_thread = time.thread_time() - thread_start
         others = time.process_time() - process_start - device_thread
-        op_s, launches, ranked = device_thread_ops(prof)
     per_tile = len(tiles)
     cells = sum(summary["cells"].values()) / per_tile
     print(
@@ -364,17 +357,21 @@ def run_host_only(args: argparse.Namespace) -> None:
     measuring = summary["measure_cpu_s"] / per_tile
     where = "processes (not in the line above)" if options.measure_processes else "threads"
     print(f"CPU of measuring, on the {options.workers} worker {where}: {measuring:.3f} s per tile")
-    print("device thread's torch operators by self time, s per tile:")
-    for name, seconds in ranked[:8]:
-        print(f"  {name:40s} {seconds / per_tile:8.3f}")
-    segmenting = summary["timings_s"]["mk"] + summary["timings_s"]["hspc"]
+    if clock.by_caller is not None:
+        print("device thread's operators by the bmseg function that called them, per tile:")
+        for name, count in clock.by_caller.most_common(12):
+            print(f"  {name:60s} {count / per_tile:8.0f}")
+    segment_cpu, op_cpu = segment_cpu_ns[0] / 1e9, clock.op_cpu_ns / 1e9
+    clock_cost = clock.ops * overhead_ns / 1e9
     print(
-        f"device thread: CPU {1000 * device_thread / per_tile:.0f} ms per tile; in the "
-        f"segmenters {1000 * segmenting / per_tile:.0f} ms wall, of which torch operators "
-        f"{1000 * op_s / per_tile:.0f} ms ({launches / per_tile:.0f} top-level operators per "
-        f"tile, {LAUNCH_US:.0f} µs each as GPU launches)"
+        f"device thread: CPU {1000 * device_thread / per_tile:.0f} ms per tile, "
+        f"{1000 * segment_cpu / per_tile:.0f} ms of it in the segmenters, of which torch "
+        f"operators {1000 * op_cpu / per_tile:.0f} ms ({clock.ops / per_tile:.0f} operators "
+        f"per tile) and the operator clock {1000 * clock_cost / per_tile:.0f} ms "
+        f"({overhead_ns / 1000:.1f} µs per operator); {LAUNCH_US:.0f} µs per operator as GPU "
+        "launches"
     )
-    host = segmenting - op_s + launches * LAUNCH_US / 1e6
+    host = segment_cpu - op_cpu - clock_cost + clock.ops * LAUNCH_US / 1e6
     print(f"host work on the device thread: {1000 * host / per_tile:.0f} ms per tile")
 
 
@@ -403,6 +400,11 @@ def main() -> None:
         "--measure-processes",
         action="store_true",
         help="with --host-only: measure cells in worker processes (bmseg segment's flag)",
+    )
+    parser.add_argument(
+        "--by-caller",
+        action="store_true",
+        help="with --host-only: count the device thread's operators by bmseg function (slower)",
     )
     parser.add_argument(
         "--host-only",

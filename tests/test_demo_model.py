@@ -251,7 +251,7 @@ def test_contrast_windows_span_whole_tile_contrast_and_leave_the_crops_alone():
     for crop, out in zip(before, plain, strict=True):
         np.testing.assert_allclose(out, normalize_img(crop.copy(), axis=0), atol=1e-6)
     windowed = contrast_windowed(crops, 1.0, np.random.default_rng(1))
-    for crop, base, out in zip(crops, plain, windowed, strict=True):
+    for base, out in zip(plain, windowed, strict=True):
         assert not out[2].any()
         for channel in range(2):
             # out = (base - low) / width: a line fit recovers both; check their bounds
