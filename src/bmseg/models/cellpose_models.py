@@ -212,7 +212,7 @@ class CellposeHSPCSegmenter:
 
     def refine(
         self,
-        labels: torch.Tensor,
+        labels: torch.Tensor | np.ndarray,
         cellprob: torch.Tensor | np.ndarray,
         features: list[WindowFeatures] | None,
         pixel_size_um: float,
@@ -223,7 +223,7 @@ class CellposeHSPCSegmenter:
         tile_hw = (int(labels.shape[0]), int(labels.shape[1]))
         min_px = area_px(s.min_area_um2, pixel_size_um)
         max_px = area_px(s.max_area_um2, pixel_size_um)
-        labels_t = labels.to(self.device, torch.int64)
+        labels_t = torch.as_tensor(labels, device=self.device).to(torch.int64)
         count = int(labels_t.max())
         flat = labels_t.flatten()
         area = torch.bincount(flat, minlength=count + 1)[1:]

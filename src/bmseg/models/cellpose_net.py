@@ -91,12 +91,38 @@ def tile_starts(length: int, block: int, overlap: float) -> list[int]:
 
 
 class Stitcher:
-    """The taper ``average_tiles`` weights each block's output with, kept on the device."""
+    """The taper ``average_tiles`` weights each block's output with, and the reciprocal of the
+    summed taper of the last block layout (every tile of a run has the same), on the device."""
 
     def __init__(self, block: int, device: torch.device) -> None:
         self.block = block
         taper = torch.from_numpy(_taper_mask(ly=block, lx=block))
         self.taper = taper.to(device=device, dtype=torch.float32)
+        self._layout: tuple | None = None
+        self._inverse_weight: torch.Tensor | None = None
+
+    def inverse_weight(
+        self, shape: tuple[int, int], corners: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """1 / the summed taper over ``corners`` on a ``shape`` canvas, made once per layout."""
+        layout = (shape, tuple(corners))
+        if layout != self._layout:
+            weight = torch.zeros(shape, device=self.taper.device)
+            for y, x in corners:
+                weight[y : y + self.block, x : x + self.block].add_(self.taper)
+            self._layout, self._inverse_weight = layout, weight.reciprocal_()
+        return self._inverse_weight
+
+
+def _block_view(canvas: torch.Tensor, y: int, x: int, block: int) -> torch.Tensor:
+    """The (C, block, block) view of a contiguous (C, H, W) ``canvas`` at (y, x): one view
+    operation where slicing takes two."""
+    channel_stride, row_stride = canvas.stride()[:2]
+    return canvas.as_strided(
+        (canvas.shape[0], block, block),
+        (channel_stride, row_stride, 1),
+        canvas.storage_offset() + y * row_stride + x,
+    )
 
 
 def network_output(
@@ -123,26 +149,26 @@ def network_output(
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
     rows, cols = image.shape[-2:]
     top, bottom, left, right = get_pad_yx(rows, cols, min_size=(block, block))
-    padded = F.pad(image, (left, right, top, bottom))
+    padded = F.pad(image, (left, right, top, bottom)).contiguous()
     _, padded_rows, padded_cols = padded.shape
-    taper = (stitcher or Stitcher(block, image.device)).taper
+    stitcher = stitcher or Stitcher(block, image.device)
+    taper = stitcher.taper
     corners = [
         (y, x)
         for y in tile_starts(padded_rows, block, overlap)
         for x in tile_starts(padded_cols, block, overlap)
     ]
     summed: torch.Tensor | None = None
-    weight = torch.zeros((padded_rows, padded_cols), device=image.device)
     for start in range(0, len(corners), batch_size):
         chunk = corners[start : start + batch_size]
-        tiles = torch.stack([padded[:, y : y + block, x : x + block] for y, x in chunk])
+        tiles = torch.stack([_block_view(padded, y, x, block) for y, x in chunk])
         out = net(tiles.to(net.dtype))[0].float() * taper
         if summed is None:
             summed = torch.zeros((out.shape[1], padded_rows, padded_cols), device=image.device)
-        for (y, x), tile_out in zip(chunk, out, strict=True):
-            summed[:, y : y + block, x : x + block] += tile_out
-            weight[y : y + block, x : x + block] += taper
-    stitched = (summed / weight)[:, top : padded_rows - bottom, left : padded_cols - right]
+        for (y, x), tile_out in zip(chunk, out.unbind(0), strict=True):
+            _block_view(summed, y, x, block).add_(tile_out)
+    inverse = stitcher.inverse_weight((padded_rows, padded_cols), corners)
+    stitched = summed.mul_(inverse)[:, top : padded_rows - bottom, left : padded_cols - right]
     if rescale is not None:
         stitched = F.interpolate(
             stitched[None], size=(height, width), mode="bilinear", align_corners=False
