@@ -166,3 +166,15 @@ def test_hspc_crops_are_embedded_at_the_hspc_crop_side(hspc_px) -> None:
     hspc = np.array(types) == "HSPC"
     assert (out[~hspc] == 224).all()
     assert (out[hspc] == (hspc_px or 224)).all()
+
+
+def test_upload_takes_a_strided_window_without_copying_on_the_cpu() -> None:
+    """The HSPC window is a view into the read window: on the CPU its tensor is that view (no
+    numpy copy on the device thread), with the same pixels."""
+    from bmseg.models.transfer import upload
+
+    read = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    window = read[5:50, 7:70]
+    tensor = upload(window, torch.device("cpu"))
+    assert tensor.data_ptr() == window.__array_interface__["data"][0]
+    assert np.array_equal(tensor.numpy(), window)

@@ -33,8 +33,10 @@ def _pinned(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, t
 
 def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """``array`` as a tensor on ``device``: on CUDA copied through a pinned buffer without
-    blocking this thread (work queued after it on the thread's stream sees the data)."""
-    host = torch.from_numpy(np.ascontiguousarray(array))
+    blocking this thread (work queued after it on the thread's stream sees the data). A
+    strided view (the HSPC window of a read window) is taken as it is: on the CPU nothing is
+    copied, on CUDA the one copy into the pinned buffer gathers it."""
+    host = torch.from_numpy(array)
     if device.type != "cuda":
         return host.to(device)
     buffer, done = _pinned(tuple(host.shape), host.dtype)
