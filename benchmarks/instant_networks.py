@@ -4,6 +4,7 @@ of the right shape at once (Cellpose-SAM: the blocks of the planted cells' flows
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -98,13 +99,14 @@ class BlockRecorder(torch.nn.Module):
 class InstantCellposeNet(torch.nn.Module):
     """Stands for Cellpose-SAM: returns, call by call, the recorded blocks of the planted
     truth's flows (:func:`centre_flows`, in the network's (B, 3, 256, 256) output layout), so
-    flows → masks and everything after see realistic cells."""
+    flows → masks and everything after see realistic cells; after the last, from the first
+    again (the benchmark runs the batch twice)."""
 
     dtype = torch.float32
 
     def __init__(self, batches: list[torch.Tensor]) -> None:
         super().__init__()
-        self._batches = iter(batches)
+        self._batches = itertools.cycle(batches)
 
     def forward(self, blocks: torch.Tensor) -> tuple[torch.Tensor]:
         out = next(self._batches)
