@@ -577,3 +577,23 @@ def test_embedder_shape_dtype_and_batching(models) -> None:
     assert models.embedder.embed(crops[:0]).shape == (0, 2048)
     with pytest.raises(ValueError, match="crops must be"):
         models.embedder.embed(crops[:, :32])
+
+
+@pytest.mark.parametrize("labels", [(1,), (2, 3)], ids=["point", "box"])
+def test_prompt_tokens_equal_sam2s_prompt_encoder(models, labels: tuple[int, ...]) -> None:
+    """SEGMENT's prompt embedding (a few operators) gives what SAM2's own ``PromptEncoder``
+    gives for the same prompts: one positive point, or a box's two corners, padded."""
+    from bmseg.models.sam2_prompts import PromptTokens
+
+    encoder = models.mk.engine.model.sam_prompt_encoder
+    side = encoder.input_image_size[0]
+    coords = torch.from_numpy(np.random.default_rng(3).uniform(0, side, (9, len(labels), 2)))
+    stock_labels = torch.tensor([labels] * 9, dtype=torch.int)
+    with torch.no_grad():
+        stock_sparse, stock_dense = encoder(
+            points=(coords.float(), stock_labels), boxes=None, masks=None
+        )
+        sparse, dense = PromptTokens(encoder)(coords.float(), labels)
+    assert sparse.shape == stock_sparse.shape == (9, len(labels) + 1, encoder.embed_dim)
+    torch.testing.assert_close(sparse, stock_sparse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense, stock_dense, rtol=0, atol=0)

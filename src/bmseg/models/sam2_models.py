@@ -41,6 +41,7 @@ from bmseg.models.masks import (
     window_chunks,
     window_pixels,
 )
+from bmseg.models.sam2_prompts import PromptTokens
 from bmseg.models.settings import MKSettings, area_px
 from bmseg.models.transfer import upload
 from bmseg.timing import StageTimer
@@ -51,6 +52,10 @@ SAM2_MEAN = (0.485, 0.456, 0.406)
 SAM2_STD = (0.229, 0.224, 0.225)
 PAD_RGB = tuple(round(255 * m) for m in SAM2_MEAN)
 """Colour of a window's part beyond the tile: SAM2's mean, i.e. ~0 after its normalisation."""
+POINT_LABELS = (1,)
+"""SAM2's label of a positive point prompt."""
+BOX_LABELS = (2, 3)
+"""SAM2's labels of a box prompt's top-left and bottom-right corners (SAM2ImagePredictor's)."""
 EDGE_TOLERANCE_PX = 20.0
 """SAM2's ``is_box_near_crop_edge`` tolerance: masks this close to a window's inner edge go."""
 
@@ -133,6 +138,7 @@ class Sam2Engine:
         self.encode_batch = encode_batch
         self._cached: tuple[list[np.ndarray], list[list[Window]], list] | None = None
         self._dense_pe: torch.Tensor | None = None
+        self._prompt_tokens: PromptTokens | None = None
 
     @property
     def image_size(self) -> int:
@@ -220,16 +226,13 @@ class Sam2Engine:
         origin = torch.tensor([window.x, window.y], device=self.device, dtype=torch.float32)
         scale = self.image_size / window.side
         if boxes is not None:
-            coords = (boxes.float().reshape(-1, 2, 2) - origin) * scale
-            labels = torch.tensor([[2, 3]], dtype=torch.int, device=self.device)
+            coords, labels = (boxes.float().reshape(-1, 2, 2) - origin) * scale, BOX_LABELS
         else:
-            coords = (points.float()[:, None, :] - origin) * scale
-            labels = torch.ones((1, 1), dtype=torch.int, device=self.device)
-        labels = labels.repeat(len(coords), 1)
+            coords, labels = (points.float()[:, None, :] - origin) * scale, POINT_LABELS
+        if self._prompt_tokens is None:
+            self._prompt_tokens = PromptTokens(self.model.sam_prompt_encoder)
         with inference(self.device):
-            sparse, dense = self.model.sam_prompt_encoder(
-                points=(coords, labels), boxes=None, masks=None
-            )
+            sparse, dense = self._prompt_tokens(coords, labels)
             low_res, iou_preds, _, _ = self.model.sam_mask_decoder(
                 image_embeddings=features.image_embed,
                 image_pe=self._image_pe(),
