@@ -15,20 +15,25 @@ import sys
 import time
 from collections import Counter
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class OpClock(TorchDispatchMode):
     """Counts the operators the thread that enters it calls and sums the thread's CPU time
-    inside them; with ``by_caller``, also counts them, and the CPU time since the operator
-    before (the clock's own cost included), by the innermost bmseg function."""
+    inside them, views (which launch no kernel on a GPU: their cost is host work there too)
+    apart; with ``by_caller``, also counts them, and the CPU time since the operator before
+    (the clock's own cost included), by the innermost bmseg function."""
 
     def __init__(self, by_caller: bool = False) -> None:
         super().__init__()
         self.ops = 0
         self.op_cpu_ns = 0
+        self.views = 0
+        self.view_cpu_ns = 0
         self.by_caller: Counter[str] | None = Counter() if by_caller else None
         self.gap_ns_by_caller: Counter[str] = Counter()
+        self.view_ns_by_name: Counter[str] = Counter()
         self._last_end: int | None = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -37,7 +42,12 @@ class OpClock(TorchDispatchMode):
         end = time.thread_time_ns()
         self.op_cpu_ns += end - start
         self.ops += 1
+        if _is_view(func, args, out):
+            self.views += 1
+            self.view_cpu_ns += end - start
         if self.by_caller is not None:
+            if _is_view(func, args, out):
+                self.view_ns_by_name[str(func)] += end - start
             caller = _bmseg_caller()
             self.by_caller[caller] += 1
             if self._last_end is not None:
@@ -48,6 +58,18 @@ class OpClock(TorchDispatchMode):
     def __exit__(self, *exc):
         self._last_end = None
         return super().__exit__(*exc)
+
+
+def _is_view(func, args, out) -> bool:
+    """Whether the operator returned a view of its first tensor argument: a view operator
+    that did not copy (``to``, ``reshape`` and ``contiguous`` may alias or copy)."""
+    if not func.is_view:
+        return False
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    result = out[0] if isinstance(out, (tuple, list)) and out else out
+    if first is None or not isinstance(result, torch.Tensor):
+        return False
+    return result.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
 
 
 def _bmseg_caller() -> str:

@@ -25,7 +25,7 @@ with real weights; pass ``--models DIR`` with fetched weights for production fig
 
 ``--host-only`` runs SEGMENT (engine, real segmenters and embedder) with every network
 swapped for an instant module and models the device thread's host work as its time in the
-segmenters outside torch's operators + 10 µs per operator (:func:`run_host_only`).
+segmenters outside torch's kernel operators + 10 µs per kernel (:func:`run_host_only`).
 """
 
 from __future__ import annotations
@@ -286,8 +286,8 @@ def run_host_only(args: argparse.Namespace) -> None:
     On a CPU the torch operators the device thread runs are the compute a GPU runs as kernels
     (flows → masks, block stitching, filters, painting), so the host work a GPU would leave on
     that thread is its time inside the segmenters outside their operators, plus 10 µs
-    (:data:`LAUNCH_US`) per operator (one launch each). The batch runs three times on the same
-    tiles (the stage and thread figures printed are the last run's):
+    (:data:`LAUNCH_US`) per operator that is not a view (one launch each). The batch runs
+    three times on the same tiles (the stage and thread figures printed are the last run's):
 
     1. under ``op_clock.OpClock`` (also the warm-up): the operators as a GPU would be asked for
        them (their count gives the launches) and the thread's CPU time inside them. The
@@ -297,8 +297,9 @@ def run_host_only(args: argparse.Namespace) -> None:
     2. under torch.profiler (operators timed in C++, ~1 µs each): the time between the
        operators by the clock, scaled by the thread's CPU / wall share in the segmenters (the
        clock also runs while other threads or jobs hold the core, and this takes such waits
-       to fall between and inside operators alike). This, plus the launches, is the figure
-       printed last;
+       to fall between and inside operators alike). This, plus the views' CPU time (views
+       launch no kernel on a GPU, so what they cost stays host work) and the launches of the
+       other operators, is the figure printed last;
     3. plain: the device thread's CPU time in the segmenters.
 
     ``main`` runs the process with glibc keeping freed memory (:data:`CACHING_MALLOC`), as
@@ -425,26 +426,33 @@ def run_host_only(args: argparse.Namespace) -> None:
         print("CPU time before those operators (the clock's own included), ms per tile:")
         for name, gap_ns in ops.gap_ns_by_caller.most_common(12):
             print(f"  {name:60s} {gap_ns / 1e6 / per_tile:8.1f}")
-    op_cpu, launches = ops.op_cpu_ns / 1e9, ops.ops * LAUNCH_US / 1e6
+        print("CPU time inside views, by view, ms per tile:")
+        for name, view_ns in ops.view_ns_by_name.most_common(8):
+            print(f"  {name:60s} {view_ns / 1e6 / per_tile:8.1f}")
+    # Views launch nothing on a GPU and their (host) cost stays host work there.
+    kernels, view_cpu = ops.ops - ops.views, ops.view_cpu_ns / 1e9
+    op_cpu, launches = ops.op_cpu_ns / 1e9 - view_cpu, kernels * LAUNCH_US / 1e6
     lower = plain.cpu_ns / 1e9 - op_cpu + launches
     upper = clock.cpu_ns / 1e9 - op_cpu + launches
     wall, cpu = profiled.wall_ns / 1e9, profiled.cpu_ns / 1e9
-    host = (wall - op_wall) * cpu / wall + launches
+    host = (wall - op_wall) * cpu / wall + view_cpu + launches
     print(
         f"device thread: CPU {1000 * device_thread / per_tile:.0f} ms per tile, "
         f"{1000 * plain.cpu_ns / 1e9 / per_tile:.0f} ms of it in the segmenters; "
-        f"{ops.ops / per_tile:.0f} operators per tile ({LAUNCH_US:.0f} µs each as GPU launches)"
+        f"{ops.ops / per_tile:.0f} operators per tile, {kernels / per_tile:.0f} of them kernels "
+        f"({LAUNCH_US:.0f} µs each as GPU launches) and {ops.views / per_tile:.0f} views "
+        f"({1000 * view_cpu / per_tile:.1f} ms of CPU, host work on a GPU too)"
     )
     print(
         f"operator clock: {1000 * clock.cpu_ns / 1e9 / per_tile:.0f} ms of CPU in the "
-        f"segmenters, {1000 * op_cpu / per_tile:.0f} ms of it in operators: host work between "
-        f"{1000 * lower / per_tile:.0f} ms (CPU without the clock) and "
+        f"segmenters, {1000 * op_cpu / per_tile:.0f} ms of it in kernel operators: host work "
+        f"between {1000 * lower / per_tile:.0f} ms (CPU without the clock) and "
         f"{1000 * upper / per_tile:.0f} ms (with it) per tile"
     )
     print(
         f"profiler: {1000 * wall / per_tile:.0f} ms in the segmenters by the clock, "
         f"{1000 * cpu / per_tile:.0f} ms of CPU, operators {1000 * op_wall / per_tile:.0f} ms "
-        "by the clock; between the operators, by the clock × CPU share"
+        "by the clock; between the operators, by the clock × CPU share, plus the views"
     )
     print(f"host work on the device thread: {1000 * host / per_tile:.0f} ms per tile")
 
