@@ -265,8 +265,9 @@ def test_fills_holes_enclosed_by_one_mask_only() -> None:
 def test_label_flows_keep_the_labels_on_the_device_and_leave_holes_to_the_cpu(
     monkeypatch,
 ) -> None:
-    """SEGMENT's path: the label image comes back as an int32 tensor, equal to the unfilled
-    masks, and no SciPy hole filling runs for it (that is the CPU workers' job)."""
+    """SEGMENT's path: by bmseg.flows the label image comes back as an int32 tensor, equal to
+    the unfilled masks, and no SciPy hole filling runs for it (that is the CPU workers' job);
+    by Cellpose's method, Cellpose's own result."""
     import bmseg.flows
 
     shape = (64, 64)
@@ -281,14 +282,16 @@ def test_label_flows_keep_the_labels_on_the_device_and_leave_holes_to_the_cpu(
         raise AssertionError("hole filling ran on the device thread's path")
 
     monkeypatch.setattr(bmseg.flows, "fill_single_mask_holes", forbidden)
-    for method in FLOWS_METHODS:
-        on_device = flows_to_labels(
-            torch.from_numpy(flows), torch.from_numpy(cellprob), method, device="cpu"
-        )
-        assert isinstance(on_device, torch.Tensor) and on_device.dtype == torch.int32
-        assert (on_device.numpy()[hole] == 0).all()
+    on_device = flows_to_labels(
+        torch.from_numpy(flows), torch.from_numpy(cellprob), "bmseg", device="cpu"
+    )
+    assert isinstance(on_device, torch.Tensor) and on_device.dtype == torch.int32
+    assert np.array_equal(on_device.numpy(), unfilled) and (unfilled[hole] == 0).all()
     on_device = label_flows(torch.from_numpy(flows), torch.from_numpy(cellprob), device="cpu")
     assert np.array_equal(on_device.numpy(), unfilled)
+    # The baseline stays Cellpose 4's own post-processing, its hole filling included.
+    baseline = flows_to_labels(flows, cellprob, "cellpose", device="cpu")
+    assert np.array_equal(baseline.numpy(), cellpose_compute_masks(flows, cellprob))
 
 
 def test_centre_flows_point_at_the_centre_cellpose_uses() -> None:

@@ -557,8 +557,10 @@ def test_hspc_segmentation_runs_cellpose_and_sam2(models, refine: bool) -> None:
     )
     found = segmenter.segment([random_tile(300, 4)], PIXEL_UM)  # refine: 2 x 2 windows
     assert len(found) == 1 and found[0].labels.shape == (300, 300)
+    # Holes unfilled: down to half the minimum here; SEGMENT's workers fill and filter.
     areas = np.bincount(found[0].labels.ravel())[1:] * PIXEL_UM**2
-    assert len(areas) == found[0].count and ((areas >= 20.0) & (areas <= 100.0)).all()
+    assert len(areas) == found[0].count and ((areas >= 10.0) & (areas <= 100.0)).all()
+    assert found[0].fill_holes
     if refine:
         assert len(segmenter.windows((300, 300), PIXEL_UM)) == 4
 
@@ -579,21 +581,53 @@ def test_embedder_shape_dtype_and_batching(models) -> None:
         models.embedder.embed(crops[:, :32])
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
 @pytest.mark.parametrize("labels", [(1,), (2, 3)], ids=["point", "box"])
-def test_prompt_tokens_equal_sam2s_prompt_encoder(models, labels: tuple[int, ...]) -> None:
+def test_prompt_tokens_equal_sam2s_prompt_encoder(
+    models, labels: tuple[int, ...], autocast: bool
+) -> None:
     """SEGMENT's prompt embedding (a few operators) gives what SAM2's own ``PromptEncoder``
-    gives for the same prompts: one positive point, or a box's two corners, padded."""
+    gives for the same prompts: one positive point, or a box's two corners, padded; also
+    under the bf16 autocast SEGMENT runs SAM2 in on capable GPUs (here on the CPU)."""
     from bmseg.models.sam2_prompts import PromptTokens
 
     encoder = models.mk.engine.model.sam_prompt_encoder
     side = encoder.input_image_size[0]
     coords = torch.from_numpy(np.random.default_rng(3).uniform(0, side, (9, len(labels), 2)))
     stock_labels = torch.tensor([labels] * 9, dtype=torch.int)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         stock_sparse, stock_dense = encoder(
             points=(coords.float(), stock_labels), boxes=None, masks=None
         )
         sparse, dense = PromptTokens(encoder)(coords.float(), labels)
+    assert sparse.dtype == stock_sparse.dtype
     assert sparse.shape == stock_sparse.shape == (9, len(labels) + 1, encoder.embed_dim)
     torch.testing.assert_close(sparse, stock_sparse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dense, stock_dense, rtol=0, atol=0)
+
+
+def test_hspc_area_rules_see_the_cells_as_filled(models) -> None:
+    """SEGMENT fills Cellpose's holes on its CPU workers, after the HSPC segmenter's area
+    filter: a cell whose filled area meets the minimum is kept, whole, even though its
+    pixels without the hole fall short of it (holes only grow a cell; SEGMENT's own area
+    filter on the workers has the last word)."""
+    from bmseg.segment.cells import checked, filter_area
+
+    segmenter = type(models.hspc)(
+        models.hspc.cellpose,
+        models.hspc.engine,
+        HSPCSettings(min_area_um2=20.0, max_area_um2=100.0, refine=False),
+        models.device,
+    )
+    labels = np.zeros((64, 64), np.int32)
+    labels[10:19, 10:19] = 1  # 81 px = 20.25 µm² filled
+    labels[14, 14] = 0  # a one-pixel hole: 80 px = 20 µm² ...
+    labels[13, 13] = 0  # ... two: 79 px, under the minimum until filled
+    labels[40:50, 40:50] = 2  # 100 px = 25 µm², no hole
+    cellprob = np.where(labels > 0, 3.0, -3.0).astype(np.float32)
+
+    found = checked(segmenter.refine(labels, cellprob, None, PIXEL_UM), (64, 64), "hspc")
+    kept = filter_area(found, PIXEL_UM, 20.0, 100.0)
+
+    assert kept.count == 2
+    assert sorted(np.bincount(kept.labels.ravel())[1:]) == [81, 100]

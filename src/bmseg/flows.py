@@ -145,11 +145,13 @@ def flows_to_labels(
     method: str = DEFAULT_FLOWS_METHOD,
     **params: Any,
 ) -> torch.Tensor:
-    """:func:`flows_to_masks` without hole filling, as an int32 tensor on ``params["device"]``:
-    by "bmseg" the labels never leave the device (:func:`label_flows`)."""
+    """:func:`flows_to_masks` as an int32 tensor on ``params["device"]``: by "bmseg" the labels
+    never leave the device and their holes are left unfilled (:func:`label_flows`; SEGMENT's
+    workers fill them); by "cellpose", Cellpose 4's own post-processing, its hole filling
+    included, on the CPU."""
     if method == "bmseg":
         return label_flows(dP, cellprob, **params)
-    labels = flows_to_masks(dP, cellprob, method, fill_holes=False, **params)
+    labels = flows_to_masks(dP, cellprob, method, **params)
     return torch.from_numpy(labels).to(_torch_device(params.get("device")))
 
 

@@ -53,6 +53,11 @@ CELLPOSE_DIAMETER_PX = 30.0
 """The cell diameter Cellpose rescales images to when a diameter is given."""
 REFINE_WINDOW_GROWTH = 0.25
 """Refined masks are computed in the Cellpose box grown by this fraction on each side."""
+UNFILLED_MIN_AREA_SHARE = 0.5
+"""The segmenter's area filter sees Cellpose's cells before SEGMENT's workers fill their
+holes (:attr:`Detections.fill_holes`), which can only grow a cell: it keeps cells down to this
+share of the minimum area and leaves the exact bounds to SEGMENT's area filter on the filled
+cells. A cell is lost only if its holes exceed half the minimum area."""
 
 
 _REGISTRY_LOCK = threading.Lock()
@@ -217,11 +222,13 @@ class CellposeHSPCSegmenter:
         features: list[WindowFeatures] | None,
         pixel_size_um: float,
     ) -> Detections:
-        """Area-filter Cellpose's cells, refine them with SAM2 if given ``features`` (the
-        tile's windows), and paint one label image."""
+        """Area-filter Cellpose's cells (holes unfilled, so down to
+        :data:`UNFILLED_MIN_AREA_SHARE` of the minimum), refine them with SAM2 if given
+        ``features`` (the tile's windows), and paint one label image. Scores are the mean
+        cell probability over a cell's own pixels."""
         s = self.settings
         tile_hw = (int(labels.shape[0]), int(labels.shape[1]))
-        min_px = area_px(s.min_area_um2, pixel_size_um)
+        min_px = UNFILLED_MIN_AREA_SHARE * area_px(s.min_area_um2, pixel_size_um)
         max_px = area_px(s.max_area_um2, pixel_size_um)
         labels_t = torch.as_tensor(labels, device=self.device).to(torch.int64)
         count = int(labels_t.max())

@@ -46,8 +46,9 @@ class PromptTokens:
         angles = (unit @ gaussian).mul_(2 * math.pi)
         tokens = torch.cat([angles.sin(), angles.cos()], dim=-1)
         weights = torch.cat([encoder.point_embeddings[label].weight for label in labels])
+        points = tokens + weights  # float32 under autocast too: the weights are
         padding = encoder.not_a_point_embed.weight.expand(len(coords), 1, -1)
-        sparse = torch.cat([tokens + weights, padding.to(tokens.dtype)], dim=1)
+        sparse = torch.cat([points, padding.to(points.dtype)], dim=1)
         dense = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         dense = dense.expand(len(coords), -1, *encoder.image_embedding_size)
         return sparse, dense
