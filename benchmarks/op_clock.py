@@ -42,11 +42,12 @@ class OpClock(TorchDispatchMode):
         end = time.thread_time_ns()
         self.op_cpu_ns += end - start
         self.ops += 1
-        if _is_view(func, args, out):
+        view = _is_view(func, args, out)
+        if view:
             self.views += 1
             self.view_cpu_ns += end - start
         if self.by_caller is not None:
-            if _is_view(func, args, out):
+            if view:
                 self.view_ns_by_name[str(func)] += end - start
             caller = _bmseg_caller()
             self.by_caller[caller] += 1

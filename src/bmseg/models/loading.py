@@ -89,10 +89,11 @@ def load_models(
     engine = Sam2Engine(sam2, torch_device, timer)
     cellpose_model = load_cellpose(paths["cellpose"], torch_device, attention=attention)
     resnet = load_resnet50(paths["resnet50"], torch_device)
-    compiled = {
-        network: compile_networks and compile_on_gpu(network, torch_device)
-        for network in (sam2.image_encoder, cellpose_model.net, resnet)
-    }
+    resnet_compiled = False
+    if compile_networks:
+        compile_on_gpu(sam2.image_encoder, torch_device)
+        compile_on_gpu(cellpose_model.net, torch_device)
+        resnet_compiled = compile_on_gpu(resnet, torch_device)
     check_sha256(manifest, paths)  # after the loads: a file that does not load says so first
     log.info("loaded models from %s onto %s", models_dir, torch_device)
     return ModelSet(
@@ -106,7 +107,7 @@ def load_models(
             timer,
             embedder_settings.crop_size,
             embedder_settings.batch_size,
-            compiled=compiled[resnet],
+            compiled=resnet_compiled,
         ),
         device=torch_device,
         timer=timer,

@@ -137,7 +137,6 @@ class Sam2Engine:
         self.timer = timer
         self.encode_batch = encode_batch
         self._cached: tuple[list[np.ndarray], list[list[Window]], list] | None = None
-        self._dense_pe: torch.Tensor | None = None
         self._prompt_tokens: PromptTokens | None = None
 
     @property
@@ -235,7 +234,7 @@ class Sam2Engine:
             sparse, dense = self._prompt_tokens(coords, labels)
             low_res, iou_preds, _, _ = self.model.sam_mask_decoder(
                 image_embeddings=features.image_embed,
-                image_pe=self._image_pe(),
+                image_pe=self._prompt_tokens.dense_pe(),
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask,
@@ -243,13 +242,6 @@ class Sam2Engine:
                 high_res_features=features.high_res,
             )
         return low_res.float(), iou_preds.float()
-
-    def _image_pe(self) -> torch.Tensor:
-        """The prompt encoder's dense positional encoding: the same for every window, so made
-        once (about 20 operations a decode call otherwise)."""
-        if self._dense_pe is None:
-            self._dense_pe = self.model.sam_prompt_encoder.get_dense_pe()
-        return self._dense_pe
 
 
 def window_points(window: Window, points_per_side: int, device: torch.device) -> torch.Tensor:

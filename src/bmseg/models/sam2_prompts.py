@@ -23,6 +23,14 @@ class PromptTokens:
     def __init__(self, encoder: torch.nn.Module) -> None:
         self.encoder = encoder
         self._affine: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._dense_pe: torch.Tensor | None = None
+
+    def dense_pe(self) -> torch.Tensor:
+        """The encoder's dense positional encoding (``get_dense_pe``): the same for every
+        window, so made once (19 operators a decode call otherwise)."""
+        if self._dense_pe is None:
+            self._dense_pe = self.encoder.get_dense_pe()
+        return self._dense_pe
 
     def _normalising(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Offset and scale taking model-input px to SAM2's [−1, 1] at pixel centres (SAM2:
