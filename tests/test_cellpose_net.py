@@ -7,15 +7,19 @@ the CPU) loaded by SEGMENT's loader; the stock side is cellpose 4's own function
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from cellpose import core, transforms
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bmseg.models.cellpose_net import (
     SUBSAMPLE_ABOVE_PX,
+    Stitcher,
+    disjoint_step,
     network_output,
     normalise,
     percentiles_uint8,
@@ -106,6 +110,7 @@ def test_tile_starts_are_make_tiles_corners(length: int, overlap: float) -> None
         ((200, 170), None, 0.1, 8),  # smaller than a block: padded up to it
         ((420, 300), None, 0.25, 3),  # batches that split the tiles unevenly
         ((240, 260), 30 * PIXEL_UM / 8.0, 0.1, 8),  # 8 µm cells: resized by 1.875 and back
+        ((257, 700), None, 0.5, 4),  # repeated row starts; blocks 3 apart are the first disjoint
     ],
 )
 def test_network_output_equals_run_net(cellpose_model, shape, rescale, overlap, batch) -> None:
@@ -134,6 +139,55 @@ def test_network_output_equals_run_net(cellpose_model, shape, rescale, overlap, 
     assert ours.shape == (3, *shape) and ours.dtype == torch.float32
     assert np.ptp(stock[..., 2]) > 0.01  # the random network's output is not flat
     np.testing.assert_allclose(ours.numpy(), stock.transpose(2, 0, 1), rtol=1e-4, atol=1e-4)
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the operators torch is asked for (each a kernel launch or a view on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class ThreeChannels(torch.nn.Module):
+    """A network of Cellpose-SAM's interface that computes nothing: blocks in, blocks out."""
+
+    dtype = torch.float32
+
+    def forward(self, blocks: torch.Tensor) -> tuple[torch.Tensor]:
+        return (blocks,)
+
+
+def test_block_operators_do_not_grow_with_the_blocks() -> None:
+    """Cutting and stitching cost the device thread a fixed number of operators per tile and
+    per batch, not per block: a 36-block image asks for as many as a 4-block one (one batch
+    each, the layout made beforehand), and both give ``run_net``'s tiling of the identity."""
+    net, counts = ThreeChannels(), []
+    for side, batch in [(300, 4), (1100, 36)]:
+        image = torch.from_numpy(stock_normalised(textured(side, side, side)))
+        assert len(tile_starts(side, 256, 0.1)) ** 2 == batch
+        stitcher = Stitcher(256, torch.device("cpu"))
+        with torch.no_grad():
+            run = functools.partial(
+                network_output, net, image, block=256, overlap=0.1, batch_size=batch
+            )
+            run(stitcher=stitcher)  # makes the layout
+            with OperatorCount() as ops:
+                out = run(stitcher=stitcher)
+        torch.testing.assert_close(out, image, rtol=1e-6, atol=1e-6)  # tapers cancel
+        counts.append(ops.count)
+    assert counts[0] == counts[1], counts
+
+
+@pytest.mark.parametrize(
+    ("starts", "step"), [([0], 1), ([0, 44], 2), ([0, 186, 372, 558], 2), ([0, 0, 1], 3)]
+)
+def test_disjoint_step(starts: list[int], step: int) -> None:
+    assert disjoint_step(starts, 256) == step
 
 
 def test_segmenter_flows_stay_tensors_and_skip_cellposes_numpy_path(

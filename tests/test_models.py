@@ -448,6 +448,30 @@ def build_grid(n: int) -> np.ndarray:
     return build_point_grid(n)
 
 
+@pytest.mark.parametrize(("count", "most", "sizes"), [(1296, 768, [648, 648]), (10, 4, [3, 4, 3])])
+def test_window_points_decode_in_even_batches(models, count, most, sizes, monkeypatch) -> None:
+    """A window's points reach the decoder in as few calls as ``points_per_batch`` allows, all
+    of one size (± 1), every point once, in order."""
+    import dataclasses
+
+    segmenter = Sam2MKSegmenter(
+        models.mk.engine, dataclasses.replace(models.mk.settings, points_per_batch=most)
+    )
+    points = torch.arange(2 * count, dtype=torch.float32).view(count, 2)
+    monkeypatch.setattr("bmseg.models.sam2_models.window_points", lambda *args: points)
+    seen = []
+
+    def decode(features, points):
+        seen.append(points)
+        return torch.zeros((len(points), 3, 4, 4)), torch.zeros((len(points), 3))
+
+    monkeypatch.setattr(segmenter.engine, "decode", decode)
+    window = WindowFeatures(None, [], Window(0, 0, 16, 16, 16))
+    segmenter._candidates(window, 0, segmenter._rules(PIXEL_UM))
+    assert [len(batch) for batch in seen] == sizes
+    assert torch.equal(torch.cat(seen), points)
+
+
 def test_mk_segmentation_through_sam2(models) -> None:
     tiles = [random_tile(256, 1), random_tile(200, 2)]
     found = models.mk.segment(tiles, PIXEL_UM)

@@ -10,9 +10,10 @@ tensor operations where the tile already lives:
   statistics), on the same strided subsample ``normalize99(downsample=True)`` takes above
   224³ pixels;
 - :func:`network_output`: the image resized (bilinear, as cv2's ``INTER_LINEAR``) and padded as
-  ``run_net`` does, tiles cut at ``make_tiles``' corners (slices), the network called
+  ``run_net`` does, tiles cut at ``make_tiles``' corners (one gather), the network called
   directly in batches (in its own dtype: bf16 on GPUs, float32 on the CPU, no autocast), and
-  the outputs stitched with ``average_tiles``' taper, added in place.
+  the outputs stitched with ``average_tiles``' taper (one scatter per group of disjoint
+  blocks).
 
 The test of this module runs both on the same input and compares.
 """
@@ -90,39 +91,84 @@ def tile_starts(length: int, block: int, overlap: float) -> list[int]:
     return [int(i * step) for i in range(count - 1)] + [length - block]
 
 
+def disjoint_step(starts: list[int], block: int) -> int:
+    """The least ``k`` such that blocks ``k`` or more places apart along an axis never overlap
+    (``starts`` ascending, as :func:`tile_starts` gives them; repeats allowed)."""
+    for k in range(1, len(starts)):
+        if all(later - earlier >= block for earlier, later in zip(starts, starts[k:])):
+            return k
+    return max(1, len(starts))
+
+
+class BlockGrid:
+    """The blocks ``make_tiles`` cuts from a padded (C, H, W) image, as index tensors on the
+    device: every block is cut by one gather and added back by a few scatters, whatever their
+    number (a slice and an in-place add per block cost the thread that drives the device ~3
+    operators per block, 225 blocks per tile).
+
+    Blocks ``k`` places apart along both axes (:func:`disjoint_step`, 2 at Cellpose's overlap)
+    never overlap, so each such group is added by one ``index_put_`` in which no pixel is
+    written twice: the sums are the same on every device, thread count and run.
+    """
+
+    def __init__(self, shape: tuple[int, int], block: int, overlap: float, taper: torch.Tensor):
+        rows, cols = shape
+        device = taper.device
+        ys, xs = tile_starts(rows, block, overlap), tile_starts(cols, block, overlap)
+        self.key = (shape, block, overlap)
+        self.grid = (len(ys), len(xs))
+        span = torch.arange(block, device=device)
+        self._rows = (torch.tensor(ys, device=device)[:, None] + span).view(-1, 1, 1, block, 1)
+        self._cols = (torch.tensor(xs, device=device)[:, None] + span).view(1, -1, 1, 1, block)
+        self._steps = (disjoint_step(ys, block), disjoint_step(xs, block))
+        weight = torch.zeros((1, rows, cols), device=device)
+        self.add(weight, taper.expand(len(ys) * len(xs), 1, block, block))
+        self.inverse_weight = weight.reciprocal_()
+        """1 / the summed taper: what the summed tapered outputs are divided by."""
+
+    def __len__(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def _index(self, channels: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Broadcasting (channel, row, column) indices of every block's pixels: blocks in
+        rows then columns (``make_tiles``' order), then channels, then the block's pixels."""
+        return torch.arange(channels, device=device).view(1, 1, -1, 1, 1), self._rows, self._cols
+
+    def cut(self, image: torch.Tensor) -> torch.Tensor:
+        """The (N, C, block, block) blocks of a (C, H, W) image, one gather."""
+        return image[self._index(image.shape[0], image.device)].flatten(0, 1)
+
+    def add(self, canvas: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """Add (N, C, block, block) ``blocks`` into the (C, H, W) ``canvas`` where they were
+        cut, in place: one ``index_put_`` per group of mutually disjoint blocks."""
+        channels, rows, cols = self._index(canvas.shape[0], canvas.device)
+        grid = blocks.view(*self.grid, *blocks.shape[1:])
+        step_y, step_x = self._steps
+        for y in range(step_y):
+            for x in range(step_x):
+                canvas.index_put_(
+                    (channels, rows[y::step_y], cols[:, x::step_x]),
+                    grid[y::step_y, x::step_x],
+                    accumulate=True,
+                )
+        return canvas
+
+
 class Stitcher:
-    """The taper ``average_tiles`` weights each block's output with, and the reciprocal of the
-    summed taper of the last block layout (every tile of a run has the same), on the device."""
+    """The taper ``average_tiles`` weights each block's output with, and the
+    :class:`BlockGrid` of the last layout (every tile of a run has the same), on the device."""
 
     def __init__(self, block: int, device: torch.device) -> None:
         self.block = block
         taper = torch.from_numpy(_taper_mask(ly=block, lx=block))
         self.taper = taper.to(device=device, dtype=torch.float32)
-        self._layout: tuple | None = None
-        self._inverse_weight: torch.Tensor | None = None
+        self._grid: BlockGrid | None = None
 
-    def inverse_weight(
-        self, shape: tuple[int, int], corners: list[tuple[int, int]]
-    ) -> torch.Tensor:
-        """1 / the summed taper over ``corners`` on a ``shape`` canvas, made once per layout."""
-        layout = (shape, tuple(corners))
-        if layout != self._layout:
-            weight = torch.zeros(shape, device=self.taper.device)
-            for y, x in corners:
-                weight[y : y + self.block, x : x + self.block].add_(self.taper)
-            self._layout, self._inverse_weight = layout, weight.reciprocal_()
-        return self._inverse_weight
-
-
-def _block_view(canvas: torch.Tensor, y: int, x: int, block: int) -> torch.Tensor:
-    """The (C, block, block) view of a contiguous (C, H, W) ``canvas`` at (y, x): one view
-    operation where slicing takes two."""
-    channel_stride, row_stride = canvas.stride()[:2]
-    return canvas.as_strided(
-        (canvas.shape[0], block, block),
-        (channel_stride, row_stride, 1),
-        canvas.storage_offset() + y * row_stride + x,
-    )
+    def grid(self, shape: tuple[int, int], overlap: float) -> BlockGrid:
+        """The block grid of a padded ``shape``, made once per layout."""
+        if self._grid is None or self._grid.key != (shape, self.block, overlap):
+            self._grid = BlockGrid(shape, self.block, overlap, self.taper)
+        return self._grid
 
 
 def network_output(
@@ -139,9 +185,9 @@ def network_output(
     (dy, dx) and cell probability logits, on the image's device.
 
     The image is resized by ``rescale`` (if given), padded as ``run_net`` pads it, cut into
-    ``block``² tiles at ``make_tiles``' corners (views, stacked per batch), the network runs
-    ``batch_size`` tiles at a time, and the tapered outputs are added back in place, divided
-    by the summed taper and brought back to (H, W).
+    ``block``² tiles at ``make_tiles``' corners (one gather, :class:`BlockGrid`), the network
+    runs ``batch_size`` tiles at a time, and the tapered outputs are added back (a few
+    scatters), divided by the summed taper and brought back to (H, W).
     """
     _, height, width = image.shape
     if rescale is not None:
@@ -149,26 +195,22 @@ def network_output(
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
     rows, cols = image.shape[-2:]
     top, bottom, left, right = get_pad_yx(rows, cols, min_size=(block, block))
-    padded = F.pad(image, (left, right, top, bottom)).contiguous()
+    padded = F.pad(image, (left, right, top, bottom))
     _, padded_rows, padded_cols = padded.shape
     stitcher = stitcher or Stitcher(block, image.device)
-    taper = stitcher.taper
-    corners = [
-        (y, x)
-        for y in tile_starts(padded_rows, block, overlap)
-        for x in tile_starts(padded_cols, block, overlap)
+    grid = stitcher.grid((padded_rows, padded_cols), overlap)
+    blocks = grid.cut(padded)
+    outputs: torch.Tensor | None = None
+    for start in range(0, len(grid), batch_size):
+        out = net(blocks[start : start + batch_size].to(net.dtype))[0]
+        if outputs is None:
+            outputs = torch.empty((len(grid), *out.shape[1:]), device=image.device)
+        outputs[start : start + len(out)] = out
+    summed = torch.zeros((outputs.shape[1], padded_rows, padded_cols), device=image.device)
+    grid.add(summed, outputs.mul_(stitcher.taper))
+    stitched = summed.mul_(grid.inverse_weight)[
+        :, top : padded_rows - bottom, left : padded_cols - right
     ]
-    summed: torch.Tensor | None = None
-    for start in range(0, len(corners), batch_size):
-        chunk = corners[start : start + batch_size]
-        tiles = torch.stack([_block_view(padded, y, x, block) for y, x in chunk])
-        out = net(tiles.to(net.dtype))[0].float() * taper
-        if summed is None:
-            summed = torch.zeros((out.shape[1], padded_rows, padded_cols), device=image.device)
-        for (y, x), tile_out in zip(chunk, out.unbind(0), strict=True):
-            _block_view(summed, y, x, block).add_(tile_out)
-    inverse = stitcher.inverse_weight((padded_rows, padded_cols), corners)
-    stitched = summed.mul_(inverse)[:, top : padded_rows - bottom, left : padded_cols - right]
     if rescale is not None:
         stitched = F.interpolate(
             stitched[None], size=(height, width), mode="bilinear", align_corners=False

@@ -252,6 +252,16 @@ def window_points(window: Window, points_per_side: int, device: torch.device) ->
     return points[inside]
 
 
+def even_batches(count: int, most: int) -> list[slice]:
+    """``count`` items in as few batches of at most ``most`` as possible, their sizes differing
+    by at most one (1 296 points at 768: two calls of 648, not 768 + 528): every call has one
+    shape (one compiled graph under ``torch.compile``) and the peak memory is no larger than
+    the count needs."""
+    batches = math.ceil(count / most)
+    bounds = [round(i * count / batches) for i in range(batches + 1)]
+    return [slice(start, end) for start, end in zip(bounds, bounds[1:])]
+
+
 def derived_points_per_side(settings: MKSettings, side: int, pixel_size_um: float) -> int:
     """Points per window side: the setting, or one point every ``point_spacing_radii`` radii of
     the smallest MK (as a disc), so every MK of the minimum area holds a prompt."""
@@ -315,10 +325,8 @@ class Sam2MKSegmenter:
         s = self.settings
         points = window_points(features.window, points_per_side, self.engine.device)
         kept_logits, kept_iou = [], []
-        for start in range(0, len(points), s.points_per_batch):
-            logits, iou = self.engine.decode(
-                features, points=points[start : start + s.points_per_batch]
-            )
+        for batch in even_batches(len(points), s.points_per_batch):
+            logits, iou = self.engine.decode(features, points=points[batch])
             logits, iou = logits.flatten(0, 1), iou.flatten(0, 1)
             side = features.window.side
             low_px = (side / logits.shape[-2]) * (side / logits.shape[-1])
