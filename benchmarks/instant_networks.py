@@ -100,7 +100,7 @@ class InstantCellposeNet(torch.nn.Module):
     """Stands for Cellpose-SAM: returns, call by call, the recorded blocks of the planted
     truth's flows (:func:`centre_flows`, in the network's (B, 3, 256, 256) output layout), so
     flows → masks and everything after see realistic cells; after the last, from the first
-    again (the benchmark runs the batch twice)."""
+    again (the benchmark runs the batch several times)."""
 
     dtype = torch.float32
 

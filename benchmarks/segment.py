@@ -45,6 +45,7 @@ PIXEL_SIZE_UM = 0.1725
 CROP = 224
 DEVICE_THREAD_MARK = "bmseg-device-thread"
 CACHING_MALLOC = {
+    "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": str(10**12),
     "MALLOC_TOP_PAD_": str(2**30),
@@ -52,7 +53,10 @@ CACHING_MALLOC = {
 }
 """--host-only's environment: glibc serves large blocks from its heap and never gives freed
 memory back (as a GPU's caching allocator keeps it), and torch's CPU operators run on the
-calling thread, so that its CPU time holds them."""
+calling thread, so that its CPU time holds them. One arena: a thread other than the main one
+allocates from an arena of its own, which maps a block too large for it (over 64 MB) and
+unmaps it on free whatever ``MALLOC_MMAP_MAX_`` says (6–10 ms of the device thread's CPU per
+127 MB tensor freed, measured; 15 µs in the one arena)."""
 LAUNCH_US = 10.0
 """--host-only's cost of launching one operator's kernel on a GPU, in µs."""
 
@@ -287,9 +291,11 @@ def run_host_only(args: argparse.Namespace) -> None:
     (flows → masks, block stitching, filters, painting), so the host work a GPU would leave on
     that thread is its time inside the segmenters outside their operators, plus 10 µs
     (:data:`LAUNCH_US`) per operator that is not a view (one launch each). The batch runs
-    three times on the same tiles (the stage and thread figures printed are the last run's):
+    four times on the same tiles (the stage and thread figures printed are the last run's):
+    first untimed, as the warm-up a SEGMENT task's first tiles give the rest of its batch (the
+    heap grows, block layouts and prompt encodings are made once), then
 
-    1. under ``op_clock.OpClock`` (also the warm-up): the operators as a GPU would be asked for
+    1. under ``op_clock.OpClock``: the operators as a GPU would be asked for
        them (their count gives the launches) and the thread's CPU time inside them. The
        clock's Python costs the thread CPU time of its own, partly inside the operators and
        partly outside, so the host work lies between (run 3's CPU − operators' CPU) and (run
@@ -304,8 +310,9 @@ def run_host_only(args: argparse.Namespace) -> None:
 
     ``main`` runs the process with glibc keeping freed memory (:data:`CACHING_MALLOC`), as
     the CUDA caching allocator keeps device memory: otherwise every free of a large tensor on
-    the CPU returns its pages to the kernel (3.1 ms per 40 MB tensor here, between
-    operators) and every new one faults them in again, work a GPU host does not do.
+    the CPU returns its pages to the kernel (3.1 ms per 40 MB tensor here, 6–10 ms per
+    127 MB one on the device thread, between operators) and every new one faults them in
+    again, work a GPU host does not do.
     """
     from bmseg.models.making import make_test_models
     from bmseg.plan import default_margin
@@ -377,8 +384,9 @@ def run_host_only(args: argparse.Namespace) -> None:
         plain, clock = SegmenterClock(), SegmenterClock(OpClock(by_caller=args.by_caller))
         profiled = SegmenterClock()
         segment_mk, segment_hspc = mk.segment, hspc.segment
+        batch("warm-up")  # the heap grows to its size; layouts and caches are made once
         mk.segment, hspc.segment = clock.wrap(segment_mk), clock.wrap(segment_hspc)
-        batch("clocked")  # also the warm-up: the heap grows to its size here
+        batch("clocked")
         mk.segment, hspc.segment = profiled.wrap(segment_mk), profiled.wrap(segment_hspc)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             with torch.profiler.record_function(DEVICE_THREAD_MARK):

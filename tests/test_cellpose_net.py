@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from cellpose import core, transforms
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bmseg.models.cellpose_net import (
     SUBSAMPLE_ABOVE_PX,
@@ -25,6 +24,7 @@ from bmseg.models.cellpose_net import (
     percentiles_uint8,
     tile_starts,
 )
+from bmseg.testing.operators import OperatorCount
 
 PIXEL_UM = 0.5
 
@@ -139,18 +139,6 @@ def test_network_output_equals_run_net(cellpose_model, shape, rescale, overlap, 
     assert ours.shape == (3, *shape) and ours.dtype == torch.float32
     assert np.ptp(stock[..., 2]) > 0.01  # the random network's output is not flat
     np.testing.assert_allclose(ours.numpy(), stock.transpose(2, 0, 1), rtol=1e-4, atol=1e-4)
-
-
-class OperatorCount(TorchDispatchMode):
-    """Counts the operators torch is asked for (each a kernel launch or a view on a GPU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 class ThreeChannels(torch.nn.Module):

@@ -48,6 +48,7 @@ from bmseg.models.sam2_models import (
     window_overlap_px,
     window_points,
 )
+from bmseg.testing.operators import OperatorCount
 from bmseg.timing import StageTimer
 
 PIXEL_UM = 0.5  # 4 px per µm²: areas stay small on small test tiles
@@ -294,8 +295,11 @@ class DiscDecoder:
     def encode(self, tiles, windows):
         return [[WindowFeatures(None, [], window) for window in ws] for ws in windows]
 
-    def decode(self, features, points=None, boxes=None, multimask=True):
-        window = features.window
+    def prompts(self, window, points=None, boxes=None):
+        return points, points  # the points stand for their own embeddings
+
+    def decode(self, features, prompts, multimask=True):
+        points, window = prompts[0], features.window
         low = self.image_size // 4
         step = window.side / low
         centres = (torch.arange(low) + 0.5) * step - 0.5
@@ -459,17 +463,44 @@ def test_window_points_decode_in_even_batches(models, count, most, sizes, monkey
     )
     points = torch.arange(2 * count, dtype=torch.float32).view(count, 2)
     monkeypatch.setattr("bmseg.models.sam2_models.window_points", lambda *args: points)
+    monkeypatch.setattr(segmenter.engine, "prompts", lambda window, points: (points, points))
     seen = []
 
-    def decode(features, points):
-        seen.append(points)
-        return torch.zeros((len(points), 3, 4, 4)), torch.zeros((len(points), 3))
+    def decode(features, prompts):
+        seen.append(prompts[0])
+        return torch.zeros((len(prompts[0]), 3, 4, 4)), torch.zeros((len(prompts[0]), 3))
 
     monkeypatch.setattr(segmenter.engine, "decode", decode)
     window = WindowFeatures(None, [], Window(0, 0, 16, 16, 16))
     segmenter._candidates(window, 0, segmenter._rules(PIXEL_UM))
     assert [len(batch) for batch in seen] == sizes
     assert torch.equal(torch.cat(seen), points)
+
+
+def test_window_prompts_are_embedded_once_for_every_tile(models, monkeypatch) -> None:
+    """A window's point grid embeds the same for every tile: the second tile of a run reuses
+    the first's embeddings, and its candidates are those of a segmenter embedding afresh."""
+    import dataclasses
+
+    engine = models.mk.engine
+    calls = []
+    real = engine.prompts
+    monkeypatch.setattr(engine, "prompts", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    settings = dataclasses.replace(models.mk.settings, min_area_um2=0.0, max_area_um2=1e6)
+    reusing = Sam2MKSegmenter(engine, settings)
+    tiles = [random_tile(256, 3), random_tile(256, 4)]
+    reusing.segment(tiles[:1], PIXEL_UM)
+    reusing.segment(tiles[1:], PIXEL_UM)
+    windows = reusing.windows((256, 256), PIXEL_UM)
+    assert calls == windows  # once per window, not per tile
+    features = engine.encode(tiles[1:], [windows])[0]
+    rules = reusing._rules(PIXEL_UM)
+    for window_features in features:
+        kept = reusing._candidates(window_features, 4, rules)
+        fresh = Sam2MKSegmenter(engine, settings)._candidates(window_features, 4, rules)
+        assert len(kept[1]) > 0  # no area filter: random weights' candidates pass
+        for ours, theirs in zip(kept, fresh, strict=True):
+            assert torch.equal(ours, theirs)
 
 
 def test_mk_segmentation_through_sam2(models) -> None:
@@ -569,6 +600,40 @@ def test_hspc_area_filter_and_fallback_to_cellpose(models) -> None:
     kept = np.isin(cellpose_labels, [1, 4])
     assert np.array_equal(found.labels > 0, kept)
     assert found.scores == pytest.approx([1 / (1 + np.exp(-3.0))] * 2, rel=1e-5)
+
+
+def test_unrefined_hspcs_are_cellposes_cells_painted_by_score(models) -> None:
+    """Without refinement the HSPCs are Cellpose's cells in the area range, numbered as the
+    painter numbers overlapping masks (score descending), in a fixed handful of operators
+    however many cells there are."""
+    from scipy import ndimage
+
+    from bmseg.models.cellpose_models import CellposeHSPCSegmenter
+
+    rng = np.random.default_rng(8)
+    labels, _ = ndimage.label(ndimage.gaussian_filter(rng.random((300, 300)), 2) > 0.52)
+    labels = labels.astype(np.int32)
+    count = int(labels.max())
+    cellprob = rng.uniform(-2.0, 3.0, count + 1)[labels].astype(np.float32)
+    settings = HSPCSettings(min_area_um2=5.0, max_area_um2=30.0)  # 20-120 px at 0.5 µm
+    segmenter = CellposeHSPCSegmenter(None, None, settings, torch.device("cpu"))
+    with OperatorCount() as ops:
+        found = segmenter.refine(torch.from_numpy(labels), torch.from_numpy(cellprob), None, 0.5)
+    # The painter, fed every cell in range as a mask of its own:
+    area = np.bincount(labels.ravel())[1:]
+    ids = np.flatnonzero((area >= 0.5 * 5.0 / 0.25) & (area <= 30.0 / 0.25)) + 1
+    assert 20 < len(ids) < count  # some cells fall out of range
+    scores = torch.sigmoid(torch.tensor([cellprob[labels == i][0] for i in ids]))
+    boxes = label_boxes(torch.from_numpy(labels), count)[torch.from_numpy(ids - 1)]
+    painter = Painter((300, 300), torch.device("cpu"))
+    priority = score_priority(scores)
+    for i, (x0, y0, x1, y1), p in zip(ids, boxes.tolist(), priority, strict=True):
+        ys, xs = np.nonzero(labels[y0:y1, x0:x1] == i)
+        painter.add_pixels(torch.from_numpy((ys + y0) * 300 + xs + x0), p.expand(len(ys)))
+    expected = painter.detections(scores, priority, 0.0)
+    assert found.fill_holes and np.array_equal(found.labels, expected.labels)
+    np.testing.assert_allclose(found.scores, expected.scores, rtol=1e-5)  # float32 means
+    assert ops.count < 40, ops.count  # 149 when the cells were painted
 
 
 @pytest.mark.parametrize("refine", [False, True])

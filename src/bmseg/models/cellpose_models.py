@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from bmseg.flows import flows_to_labels
+from bmseg.label_images import relabel
 from bmseg.models.base import Detections
 from bmseg.models.cellpose_net import Stitcher, network_output, normalise
 from bmseg.models.masks import (
@@ -239,14 +240,18 @@ class CellposeHSPCSegmenter:
         keep = torch.nonzero((area > 0) & (area >= min_px) & (area <= max_px)).flatten()
         log.debug("HSPC: %d Cellpose cells, %d within the area range", count, len(keep))
         ids, scores, area = keep + 1, scores[keep], area[keep]
+        if features is None:
+            # Cellpose's cells never overlap: painting them by score is renumbering them in
+            # the painter's order (score descending, ties to the lower label), one lookup.
+            order = torch.argsort(scores, stable=True, descending=True)
+            return Detections(
+                relabel(labels_t, ids[order], count + 1).cpu().numpy(),
+                scores[order].clamp(0, 1).float().cpu().numpy(),
+                fill_holes=True,
+            )
         boxes = label_boxes(labels_t, count)[keep]
         priority = score_priority(scores)
         painter = Painter(tile_hw, self.device)
-        if features is None:
-            for chunk in window_chunks(boxes):
-                chosen = crop_labels(labels_t, boxes[chunk], ids[chunk])
-                painter.add(boxes[chunk], chosen, priority[chunk])
-            return painter.detections(scores, priority, min_px, fill_holes=True)
         home = home_windows(boxes, [f.window for f in features])
         refined_count = 0
         for w, window_features in enumerate(features):
@@ -255,7 +260,8 @@ class CellposeHSPCSegmenter:
             limit = boxes.new_tensor(window.crop_box)
             for start in range(0, len(members), s.refine_box_batch):
                 batch = members[start : start + s.refine_box_batch]
-                logits, _ = self.engine.decode(window_features, boxes=boxes[batch], multimask=False)
+                prompts = self.engine.prompts(window, boxes=boxes[batch])
+                logits, _ = self.engine.decode(window_features, prompts, multimask=False)
                 grown = grow_boxes(boxes[batch], REFINE_WINDOW_GROWTH, tile_hw)
                 grown = torch.minimum(
                     torch.maximum(grown, limit[:2].repeat(2)), limit[2:].repeat(2)

@@ -40,24 +40,24 @@ def percentiles_uint8(image: torch.Tensor, quantiles: tuple[float, ...]) -> torc
     """Per channel of an (H, W, C) uint8 image, its ``quantiles`` (percent) as numpy's default
     (linear) ``np.percentile`` gives them: a (C, len(quantiles)) float64 tensor.
 
-    The order statistics come from each channel's 256-bin histogram: one pass, no sort, and
-    no host round trip.
+    The order statistics come from one histogram of 256 bins per channel: one pass, no sort,
+    and no host round trip; the ranks they are read at are known from the shape alone.
     """
-    channels = image.shape[-1]
-    counts = torch.stack(
-        [torch.bincount(image[..., c].flatten(), minlength=256) for c in range(channels)]
-    )
-    cumulative = counts.cumsum(dim=1)
+    channels, device = image.shape[-1], image.device
     n = image.numel() // channels
-    position = torch.tensor(quantiles, dtype=torch.float64, device=image.device) / 100 * (n - 1)
-    below = position.floor()
-    ranks = torch.stack([below, (below + 1).clamp(max=n - 1)]).long()  # (2, Q)
+    bins = torch.arange(0, 256 * channels, 256, dtype=torch.int32, device=device)
+    counts = torch.bincount((image.to(torch.int32) + bins).flatten(), minlength=256 * channels)
+    cumulative = counts.view(channels, 256).cumsum(dim=1)
+    positions = [q / 100 * (n - 1) for q in quantiles]
+    ranks = [rank for p in positions for rank in (math.floor(p), min(math.floor(p) + 1, n - 1))]
     # The value of order statistic r is the first grey level whose cumulative count exceeds r.
     order = torch.searchsorted(
-        cumulative, ranks.T.reshape(1, -1).expand(channels, -1).contiguous(), right=True
+        cumulative, torch.tensor([ranks] * channels, device=device), right=True
     )
     order = order.view(channels, len(quantiles), 2).double()
-    return order[..., 0] + (position - below) * (order[..., 1] - order[..., 0])
+    fraction = [p - math.floor(p) for p in positions]
+    fraction = torch.tensor(fraction, dtype=torch.float64, device=device)
+    return torch.addcmul(order[..., 0], fraction, order[..., 1] - order[..., 0])
 
 
 def normalise(tile: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,9 @@ def disjoint_step(starts: list[int], block: int) -> int:
     """The least ``k`` such that blocks ``k`` or more places apart along an axis never overlap
     (``starts`` ascending, as :func:`tile_starts` gives them; repeats allowed)."""
     for k in range(1, len(starts)):
-        if all(later - earlier >= block for earlier, later in zip(starts, starts[k:])):
+        if all(
+            later - earlier >= block for earlier, later in zip(starts, starts[k:], strict=False)
+        ):
             return k
     return max(1, len(starts))
 
@@ -120,7 +122,17 @@ class BlockGrid:
         span = torch.arange(block, device=device)
         self._rows = (torch.tensor(ys, device=device)[:, None] + span).view(-1, 1, 1, block, 1)
         self._cols = (torch.tensor(xs, device=device)[:, None] + span).view(1, -1, 1, 1, block)
-        self._steps = (disjoint_step(ys, block), disjoint_step(xs, block))
+        step_y, step_x = disjoint_step(ys, block), disjoint_step(xs, block)
+        self._groups = [
+            (
+                self._rows[y::step_y],
+                self._cols[:, x::step_x],
+                slice(y, None, step_y),
+                slice(x, None, step_x),
+            )
+            for y in range(step_y)
+            for x in range(step_x)
+        ]
         weight = torch.zeros((1, rows, cols), device=device)
         self.add(weight, taper.expand(len(ys) * len(xs), 1, block, block))
         self.inverse_weight = weight.reciprocal_()
@@ -129,28 +141,24 @@ class BlockGrid:
     def __len__(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def _index(self, channels: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Broadcasting (channel, row, column) indices of every block's pixels: blocks in
-        rows then columns (``make_tiles``' order), then channels, then the block's pixels."""
-        return torch.arange(channels, device=device).view(1, 1, -1, 1, 1), self._rows, self._cols
+    @staticmethod
+    def _channels(count: int, device: torch.device) -> torch.Tensor:
+        """The channel index that broadcasts with the block rows and columns: blocks in rows
+        then columns (``make_tiles``' order), then channels, then the block's pixels."""
+        return torch.arange(count, device=device).view(1, 1, -1, 1, 1)
 
     def cut(self, image: torch.Tensor) -> torch.Tensor:
         """The (N, C, block, block) blocks of a (C, H, W) image, one gather."""
-        return image[self._index(image.shape[0], image.device)].flatten(0, 1)
+        channels = self._channels(image.shape[0], image.device)
+        return image[channels, self._rows, self._cols].flatten(0, 1)
 
     def add(self, canvas: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """Add (N, C, block, block) ``blocks`` into the (C, H, W) ``canvas`` where they were
         cut, in place: one ``index_put_`` per group of mutually disjoint blocks."""
-        channels, rows, cols = self._index(canvas.shape[0], canvas.device)
+        channels = self._channels(canvas.shape[0], canvas.device)
         grid = blocks.view(*self.grid, *blocks.shape[1:])
-        step_y, step_x = self._steps
-        for y in range(step_y):
-            for x in range(step_x):
-                canvas.index_put_(
-                    (channels, rows[y::step_y], cols[:, x::step_x]),
-                    grid[y::step_y, x::step_x],
-                    accumulate=True,
-                )
+        for rows, cols, grid_rows, grid_cols in self._groups:
+            canvas.index_put_((channels, rows, cols), grid[grid_rows, grid_cols], accumulate=True)
         return canvas
 
 

@@ -10,6 +10,7 @@ inside its own box. A set of masks is carried as ``boxes`` (K, 4) int64 ``x0, y0
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,10 +50,11 @@ def filter_lowres(
     10 % slack either side: exact areas and the stability score are decided on the upsampled
     logits (:func:`upsampled_stats`), where they are checked again.
     """
-    keep = iou_preds > rules.pred_iou_thresh
-    area = (logits > rules.mask_threshold).sum(dim=(-2, -1)).float() * px_per_lowres_px
-    keep &= (area >= 0.9 * rules.min_area_px) & (area <= 1.1 * rules.max_area_px)
-    return keep
+    # The slack-widened range in whole low-res pixels: one clamp tests both ends.
+    fewest = math.ceil(0.9 * rules.min_area_px / px_per_lowres_px)
+    most = math.floor(1.1 * rules.max_area_px / px_per_lowres_px)
+    count = (logits > rules.mask_threshold).sum(dim=(-2, -1))
+    return (count.clamp(fewest, most) == count) & (iou_preds > rules.pred_iou_thresh)
 
 
 def upsampled_stats(

@@ -15,6 +15,7 @@ are then suppressed, so one cell gives one MK.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import operator
@@ -56,6 +57,8 @@ POINT_LABELS = (1,)
 """SAM2's label of a positive point prompt."""
 BOX_LABELS = (2, 3)
 """SAM2's labels of a box prompt's top-left and bottom-right corners (SAM2ImagePredictor's)."""
+CACHED_WINDOWS = 16
+"""Windows whose point prompts' embeddings the MK segmenter keeps (a run's tiles share a few)."""
 EDGE_TOLERANCE_PX = 20.0
 """SAM2's ``is_box_near_crop_edge`` tolerance: masks this close to a window's inner edge go."""
 
@@ -138,6 +141,7 @@ class Sam2Engine:
         self.encode_batch = encode_batch
         self._cached: tuple[list[np.ndarray], list[list[Window]], list] | None = None
         self._prompt_tokens: PromptTokens | None = None
+        self._normalise: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def image_size(self) -> int:
@@ -175,18 +179,26 @@ class Sam2Engine:
         crop = tile[window.y : window.y + window.height, window.x : window.x + window.width]
         square = upload(crop, self.device)  # through a pinned buffer on CUDA
         if crop.shape[:2] != (window.side, window.side):
-            padded = square.new_tensor(PAD_RGB).expand(window.side, window.side, 3).clone()
+            padded = torch.tensor(PAD_RGB, dtype=square.dtype, device=square.device)
+            padded = padded.expand(window.side, window.side, 3).clone()
             padded[: window.height, : window.width] = square
             square = padded
-        image = square.permute(2, 0, 1)[None].float() / 255.0
+        image = square.permute(2, 0, 1)[None].float()
         size = self.image_size
         if window.side != size:
             image = F.interpolate(
                 image, size=(size, size), mode="bilinear", align_corners=False, antialias=True
             )
-        mean = torch.tensor(SAM2_MEAN, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(SAM2_STD, device=self.device).view(1, 3, 1, 1)
-        return (image - mean) / std
+        shift, scale = self._normalising()
+        return torch.addcmul(shift, image, scale)  # (x / 255 − mean) / std, resizing is linear
+
+    def _normalising(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM2's input normalisation of 0–255 values as one multiply-add, made once."""
+        if self._normalise is None:
+            mean = torch.tensor(SAM2_MEAN, device=self.device).view(1, 3, 1, 1)
+            std = torch.tensor(SAM2_STD, device=self.device).view(1, 3, 1, 1)
+            self._normalise = (-mean / std, 1.0 / (255.0 * std))
+        return self._normalise
 
     def _encode(self, items: Sequence[tuple[np.ndarray, Window]]) -> list[WindowFeatures]:
         batch = torch.cat([self.window_input(tile, window) for tile, window in items])
@@ -208,33 +220,40 @@ class Sam2Engine:
             for i, (_, window) in enumerate(items)
         ]
 
-    def decode(
-        self,
-        features: WindowFeatures,
-        points: torch.Tensor | None = None,
-        boxes: torch.Tensor | None = None,
-        multimask: bool = True,
+    def prompts(
+        self, window: Window, points: torch.Tensor | None = None, boxes: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-res logits (N, M, h, w) float32 of the window and predicted IoUs (N, M).
-
-        ``points`` (N, 2) or ``boxes`` (N, 4, xyxy) are in tile pixels; one positive point or
-        one box per prompt. The logits cover the whole (padded) window, unclamped, as SAM2
-        upsamples them.
-        """
-        window = features.window
+        """SAM2's sparse (N, K + 1, C) and dense (N, C, h, w) embeddings of ``points`` (N, 2)
+        or ``boxes`` (N, 4, xyxy) in tile pixels: one positive point or one box per prompt,
+        placed in ``window``'s model input."""
         origin = torch.tensor([window.x, window.y], device=self.device, dtype=torch.float32)
         scale = self.image_size / window.side
         if boxes is not None:
             coords, labels = (boxes.float().reshape(-1, 2, 2) - origin) * scale, BOX_LABELS
         else:
             coords, labels = (points.float()[:, None, :] - origin) * scale, POINT_LABELS
+        with inference(self.device):
+            return self._tokens()(coords, labels)
+
+    def _tokens(self) -> PromptTokens:
         if self._prompt_tokens is None:
             self._prompt_tokens = PromptTokens(self.model.sam_prompt_encoder)
+        return self._prompt_tokens
+
+    def decode(
+        self,
+        features: WindowFeatures,
+        prompts: tuple[torch.Tensor, torch.Tensor],
+        multimask: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res logits (N, M, h, w) float32 of the window and predicted IoUs (N, M) for N
+        ``prompts`` (:meth:`prompts`' embeddings, or a slice of them). The logits cover the
+        whole (padded) window, unclamped, as SAM2 upsamples them."""
+        sparse, dense = prompts
         with inference(self.device):
-            sparse, dense = self._prompt_tokens(coords, labels)
             low_res, iou_preds, _, _ = self.model.sam_mask_decoder(
                 image_embeddings=features.image_embed,
-                image_pe=self._prompt_tokens.dense_pe(),
+                image_pe=self._tokens().dense_pe(),
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask,
@@ -259,7 +278,7 @@ def even_batches(count: int, most: int) -> list[slice]:
     the count needs."""
     batches = math.ceil(count / most)
     bounds = [round(i * count / batches) for i in range(batches + 1)]
-    return [slice(start, end) for start, end in zip(bounds, bounds[1:])]
+    return [slice(start, end) for start, end in itertools.pairwise(bounds)]
 
 
 def derived_points_per_side(settings: MKSettings, side: int, pixel_size_um: float) -> int:
@@ -289,6 +308,7 @@ class Sam2MKSegmenter:
     def __init__(self, engine: Sam2Engine, settings: MKSettings) -> None:
         self.engine = engine
         self.settings = settings
+        self._prompts: dict[tuple[Window, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def windows(self, tile_hw: tuple[int, int], pixel_size_um: float) -> list[Window]:
         """The windows SAM2 encodes for a tile of this size."""
@@ -318,15 +338,29 @@ class Sam2MKSegmenter:
             max_area_px=area_px(s.max_area_um2, pixel_size_um),
         )
 
+    def _window_prompts(
+        self, window: Window, points_per_side: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt embeddings of a window's point grid (:func:`window_points`). They depend
+        on the window's place in its tile, not on the tile, so every tile of a run reuses
+        them: made once per window (the last :data:`CACHED_WINDOWS`, ~2.7 MB each)."""
+        key = (window, points_per_side)
+        if key not in self._prompts:
+            if len(self._prompts) >= CACHED_WINDOWS:
+                del self._prompts[next(iter(self._prompts))]
+            points = window_points(window, points_per_side, self.engine.device)
+            self._prompts[key] = self.engine.prompts(window, points=points)
+        return self._prompts[key]
+
     def _candidates(
         self, features: WindowFeatures, points_per_side: int, rules: LowResFilter
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-res logits and predicted IoUs of a window's candidates passing the pre-filter."""
         s = self.settings
-        points = window_points(features.window, points_per_side, self.engine.device)
+        sparse, dense = self._window_prompts(features.window, points_per_side)
         kept_logits, kept_iou = [], []
-        for batch in even_batches(len(points), s.points_per_batch):
-            logits, iou = self.engine.decode(features, points=points[batch])
+        for batch in even_batches(len(sparse), s.points_per_batch):
+            logits, iou = self.engine.decode(features, (sparse[batch], dense[batch]))
             logits, iou = logits.flatten(0, 1), iou.flatten(0, 1)
             side = features.window.side
             low_px = (side / logits.shape[-2]) * (side / logits.shape[-1])
