@@ -14,16 +14,31 @@ SAM2_IMAGE_SIZE = 1024
 """SAM2's production input side (make-test's tiny SAM2 is built at 256 by default)."""
 
 
+class Zeros:
+    """Zeros of a shape (one zero expanded: nothing is computed or written), made once per
+    shape, so that a stand-in asks torch for no operator at all: a network's own launches are
+    not the host work ``--host-only`` measures."""
+
+    def __init__(self) -> None:
+        self._made: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, like: torch.Tensor, *shape: int) -> torch.Tensor:
+        key = (like.dtype, like.device, shape)
+        if key not in self._made:
+            self._made[key] = like.new_zeros(()).expand(*shape)
+        return self._made[key]
+
+
 class InstantConv(torch.nn.Module):
-    """Stands for a convolution of SAM2's: zeros of its output channels at once (one zero
-    expanded: nothing is computed or written)."""
+    """Stands for a convolution of SAM2's: zeros of its output channels at once."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.channels = channels
+        self.zeros = Zeros()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(()).expand(len(x), self.channels, *x.shape[-2:])
+        return self.zeros(x, len(x), self.channels, *x.shape[-2:])
 
 
 class InstantImageEncoder(torch.nn.Module):
@@ -34,11 +49,11 @@ class InstantImageEncoder(torch.nn.Module):
         super().__init__()
         self.fpn = [t.shape[1:] for t in example["backbone_fpn"]]
         self.pos = [t.shape[1:] for t in example["vision_pos_enc"]]
+        self.zeros = Zeros()
 
     def forward(self, images: torch.Tensor) -> dict:
-        zero = images.new_zeros(())
-        fpn = [zero.expand(len(images), *shape) for shape in self.fpn]
-        pos = [zero.expand(len(images), *shape) for shape in self.pos]
+        fpn = [self.zeros(images, len(images), *shape) for shape in self.fpn]
+        pos = [self.zeros(images, len(images), *shape) for shape in self.pos]
         return {"vision_features": fpn[-1], "vision_pos_enc": pos, "backbone_fpn": fpn}
 
 
@@ -52,6 +67,7 @@ class InstantMaskDecoder(torch.nn.Module):
         self.conv_s0 = InstantConv(real.conv_s0.out_channels)
         self.conv_s1 = InstantConv(real.conv_s1.out_channels)
         self.token_dim = real.transformer_dim
+        self.zeros = Zeros()
 
     def forward(
         self,
@@ -65,20 +81,24 @@ class InstantMaskDecoder(torch.nn.Module):
     ):
         count, masks = len(sparse_prompt_embeddings), 3 if multimask_output else 1
         side = [4 * s for s in image_embeddings.shape[-2:]]
-        zero = image_embeddings.new_zeros(())
+        like = image_embeddings
         return (
-            zero.expand(count, masks, *side),
-            zero.expand(count, masks),
-            zero.expand(count, masks, self.token_dim),
-            zero.expand(count, 1),
+            self.zeros(like, count, masks, *side),
+            self.zeros(like, count, masks),
+            self.zeros(like, count, masks, self.token_dim),
+            self.zeros(like, count, 1),
         )
 
 
 class InstantResNet(torch.nn.Module):
     """Stands for ResNet-50 without its classifier: (N, 2048) zeros at once."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.zeros = Zeros()
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return images.new_zeros(()).expand(len(images), 2048)
+        return self.zeros(images, len(images), 2048)
 
 
 class BlockRecorder(torch.nn.Module):

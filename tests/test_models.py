@@ -633,7 +633,7 @@ def test_unrefined_hspcs_are_cellposes_cells_painted_by_score(models) -> None:
     expected = painter.detections(scores, priority, 0.0)
     assert found.fill_holes and np.array_equal(found.labels, expected.labels)
     np.testing.assert_allclose(found.scores, expected.scores, rtol=1e-5)  # float32 means
-    assert ops.count < 40, ops.count  # 149 when the cells were painted
+    assert ops.count <= 40, ops.count  # 37; 149 when the cells were painted
 
 
 @pytest.mark.parametrize("refine", [False, True])
