@@ -301,13 +301,14 @@ def run_host_only(args: argparse.Namespace) -> None:
        clock's Python costs the thread CPU time of its own, partly inside the operators and
        partly outside, so the host work lies between (run 3's CPU − operators' CPU) and (run
        1's CPU − operators' CPU), launches added to both, and both are printed;
-    2. under torch.profiler (operators timed in C++, ~1 µs each), ``--repeats`` times, the
-       least kept (other jobs on the machine only ever add to it): the time between the
-       operators by the clock, scaled by the thread's CPU / wall share in the segmenters (the
-       clock also runs while other threads or jobs hold the core, and this takes such waits
-       to fall between and inside operators alike). This, plus the views' CPU time (views
-       launch no kernel on a GPU, so what they cost stays host work) and the launches of the
-       other operators, is the figure printed last;
+    2. under torch.profiler (operators timed in C++, ~1 µs each), ``--repeats`` times: the
+       time between the operators by the clock. Waits for the core or the GIL that fall
+       inside an operator lengthen it and the segmenters' time alike and cancel; those
+       between operators only add, so the least of the runs is kept. It, plus the views' CPU
+       time (views launch no kernel on a GPU, so what they cost stays host work) and the
+       launches of the other operators, is the figure printed last. (Each run's time between
+       the operators scaled by the thread's CPU / wall share is printed too: that takes waits
+       to fall between and inside operators alike, which noise can bend either way.)
     3. plain: the device thread's CPU time in the segmenters.
 
     ``main`` runs the process with glibc keeping freed memory (:data:`CACHING_MALLOC`), as
@@ -446,10 +447,11 @@ def run_host_only(args: argparse.Namespace) -> None:
     op_cpu, launches = ops.op_cpu_ns / 1e9 - view_cpu, kernels * LAUNCH_US / 1e6
     lower = plain.cpu_ns / 1e9 - op_cpu + launches
     upper = clock.cpu_ns / 1e9 - op_cpu + launches
-    between = []  # per profiled run: time between the operators, by the clock × CPU share
+    between, shared = [], []  # per profiled run: between the operators by the clock (× CPU share)
     for profiled, op_wall in profiled_runs:
         wall, cpu = profiled.wall_ns / 1e9, profiled.cpu_ns / 1e9
-        between.append((wall - op_wall) * cpu / wall)
+        between.append(wall - op_wall)
+        shared.append((wall - op_wall) * cpu / wall)
     best = int(np.argmin(between))
     (profiled, op_wall), host = profiled_runs[best], between[best] + view_cpu + launches
     wall, cpu = profiled.wall_ns / 1e9, profiled.cpu_ns / 1e9
@@ -466,12 +468,15 @@ def run_host_only(args: argparse.Namespace) -> None:
         f"between {1000 * lower / per_tile:.0f} ms (CPU without the clock) and "
         f"{1000 * upper / per_tile:.0f} ms (with it) per tile"
     )
-    runs = ", ".join(f"{1000 * (b + view_cpu + launches) / per_tile:.0f}" for b in between)
+
+    def runs(gaps: list[float]) -> str:
+        return ", ".join(f"{1000 * (gap + view_cpu + launches) / per_tile:.0f}" for gap in gaps)
+
     print(
-        f"profiler, best of {len(between)} runs ({runs} ms): {1000 * wall / per_tile:.0f} ms in "
-        f"the segmenters by the clock, {1000 * cpu / per_tile:.0f} ms of CPU, operators "
-        f"{1000 * op_wall / per_tile:.0f} ms by the clock; host work: between the operators, "
-        "by the clock × CPU share, plus the views and launches"
+        f"profiler, least of {len(between)} runs ({runs(between)} ms; × CPU share "
+        f"{runs(shared)} ms): {1000 * wall / per_tile:.0f} ms in the segmenters by the clock, "
+        f"{1000 * cpu / per_tile:.0f} ms of CPU, operators {1000 * op_wall / per_tile:.0f} ms "
+        "by the clock; host work: between the operators by the clock, plus views and launches"
     )
     print(f"host work on the device thread: {1000 * host / per_tile:.0f} ms per tile")
 
@@ -511,7 +516,7 @@ def main() -> None:
         "--repeats",
         type=int,
         default=3,
-        help="with --host-only: profiled runs, the least host work printed (noise only adds)",
+        help="with --host-only: profiled runs; the least host work is printed (noise only adds)",
     )
     parser.add_argument(
         "--host-only",

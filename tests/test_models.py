@@ -191,6 +191,19 @@ def test_lowres_filter_applies_predicted_iou() -> None:
     assert keep.tolist() == [True, False]
 
 
+def test_lowres_filter_range_without_a_whole_count_keeps_nothing() -> None:
+    """[0.9 × 40, 1.1 × 40] px at 16 px per low-res pixel is [2.25, 2.75] low-res pixels: no
+    whole count lies in it, so no mask passes (a clamp to an empty range would keep count 2);
+    an upper bound beyond int64 still works."""
+    logits = torch.full((4, 8, 8), -1.0)
+    for k, count in enumerate([1, 2, 3, 64]):
+        logits[k].view(-1)[:count] = 1.0
+    narrow = LowResFilter(0.0, 0.5, 0.0, 1.0, min_area_px=40, max_area_px=40)
+    assert filter_lowres(logits, torch.ones(4), 16.0, narrow).tolist() == [False] * 4
+    huge = LowResFilter(0.0, 0.5, 0.0, 1.0, min_area_px=20, max_area_px=1e30)
+    assert filter_lowres(logits, torch.ones(4), 16.0, huge).tolist() == [False, True, True, True]
+
+
 RULES_ANY = LowResFilter(0.0, 0.5, 0.0, 1.0, min_area_px=1, max_area_px=1e9)
 
 

@@ -12,8 +12,8 @@ tensor operations where the tile already lives:
 - :func:`network_output`: the image resized (bilinear, as cv2's ``INTER_LINEAR``) and padded as
   ``run_net`` does, tiles cut at ``make_tiles``' corners (one gather), the network called
   directly in batches (in its own dtype: bf16 on GPUs, float32 on the CPU, no autocast), and
-  the outputs stitched with ``average_tiles``' taper (one scatter per group of disjoint
-  blocks).
+  the outputs stitched with ``average_tiles``' taper (one gather, add and scatter per group
+  of disjoint blocks).
 
 The test of this module runs both on the same input and compares.
 """
@@ -38,7 +38,8 @@ MIN_SPAN = 1e-3
 
 def percentiles_uint8(image: torch.Tensor, quantiles: tuple[float, ...]) -> torch.Tensor:
     """Per channel of an (H, W, C) uint8 image, its ``quantiles`` (percent) as numpy's default
-    (linear) ``np.percentile`` gives them: a (C, len(quantiles)) float64 tensor.
+    (linear) ``np.percentile`` gives them, to float64 rounding: a (C, len(quantiles)) float64
+    tensor.
 
     The order statistics come from one histogram of 256 bins per channel: one pass, no sort,
     and no host round trip; the ranks they are read at are known from the shape alone.
@@ -109,8 +110,10 @@ class BlockGrid:
     operators per block, 225 blocks per tile).
 
     Blocks ``k`` places apart along both axes (:func:`disjoint_step`, 2 at Cellpose's overlap)
-    never overlap, so each such group is added by one ``index_put_`` in which no pixel is
-    written twice: the sums are the same on every device, thread count and run.
+    never overlap, so each such group is added by reading its pixels, adding and writing them
+    back (gather, add, ``index_put_``) with no pixel written twice: the sums are the same on
+    every device, thread count and run, and no accumulating ``index_put_`` is needed (on CUDA
+    that one sorts its indices and reads their bounds back to the host, a sync per call).
     """
 
     def __init__(self, shape: tuple[int, int], block: int, overlap: float, taper: torch.Tensor):
@@ -154,11 +157,12 @@ class BlockGrid:
 
     def add(self, canvas: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """Add (N, C, block, block) ``blocks`` into the (C, H, W) ``canvas`` where they were
-        cut, in place: one ``index_put_`` per group of mutually disjoint blocks."""
+        cut, in place: per group of mutually disjoint blocks, one gather, add and scatter."""
         channels = self._channels(canvas.shape[0], canvas.device)
         grid = blocks.view(*self.grid, *blocks.shape[1:])
         for rows, cols, grid_rows, grid_cols in self._groups:
-            canvas.index_put_((channels, rows, cols), grid[grid_rows, grid_cols], accumulate=True)
+            index = (channels, rows, cols)
+            canvas.index_put_(index, canvas[index] + grid[grid_rows, grid_cols])
         return canvas
 
 

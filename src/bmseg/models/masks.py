@@ -50,9 +50,13 @@ def filter_lowres(
     10 % slack either side: exact areas and the stability score are decided on the upsampled
     logits (:func:`upsampled_stats`), where they are checked again.
     """
-    # The slack-widened range in whole low-res pixels: one clamp tests both ends.
+    # The slack-widened range in whole low-res pixels (at most all of them): one clamp tests
+    # both ends; a range holding no whole count keeps nothing.
     fewest = math.ceil(0.9 * rules.min_area_px / px_per_lowres_px)
-    most = math.floor(1.1 * rules.max_area_px / px_per_lowres_px)
+    pixels = logits.shape[-2] * logits.shape[-1]
+    most = math.floor(min(1.1 * rules.max_area_px / px_per_lowres_px, pixels))
+    if fewest > most:
+        return torch.zeros_like(iou_preds, dtype=torch.bool)
     count = (logits > rules.mask_threshold).sum(dim=(-2, -1))
     return (count.clamp(fewest, most) == count) & (iou_preds > rules.pred_iou_thresh)
 
