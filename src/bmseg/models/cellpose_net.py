@@ -12,8 +12,8 @@ tensor operations where the tile already lives:
 - :func:`network_output`: the image resized (bilinear, as cv2's ``INTER_LINEAR``) and padded as
   ``run_net`` does, tiles cut at ``make_tiles``' corners (one gather), the network called
   directly in batches (in its own dtype: bf16 on GPUs, float32 on the CPU, no autocast), and
-  the outputs stitched with ``average_tiles``' taper (one gather, add and scatter per group
-  of disjoint blocks).
+  the outputs stitched with ``average_tiles``' taper (one ``index_add_`` per group of
+  disjoint blocks).
 
 The test of this module runs both on the same input and compares.
 """
@@ -104,16 +104,16 @@ def disjoint_step(starts: list[int], block: int) -> int:
 
 
 class BlockGrid:
-    """The blocks ``make_tiles`` cuts from a padded (C, H, W) image, as index tensors on the
-    device: every block is cut by one gather and added back by a few scatters, whatever their
-    number (a slice and an in-place add per block cost the thread that drives the device ~3
-    operators per block, 225 blocks per tile).
+    """The blocks ``make_tiles`` cuts from a padded (C, H, W) image, as flat pixel indices on
+    the device: every block is cut by one gather and added back by a few scatters, whatever
+    their number (a slice and an in-place add per block cost the thread that drives the
+    device ~3 operators per block, 225 blocks per tile).
 
     Blocks ``k`` places apart along both axes (:func:`disjoint_step`, 2 at Cellpose's overlap)
-    never overlap, so each such group is added by reading its pixels, adding and writing them
-    back (gather, add, ``index_put_``) with no pixel written twice: the sums are the same on
-    every device, thread count and run, and no accumulating ``index_put_`` is needed (on CUDA
-    that one sorts its indices and reads their bounds back to the host, a sync per call).
+    never overlap, so each such group is added by one ``index_add_`` in which no pixel is
+    added to twice: the sums are the same on every device, thread count and run (no
+    accumulating ``index_put_``, which on CUDA sorts its indices and syncs with the host).
+    The indices take 6 bytes per block pixel (225 blocks of 256²: 89 MB).
     """
 
     def __init__(self, shape: tuple[int, int], block: int, overlap: float, taper: torch.Tensor):
@@ -122,17 +122,18 @@ class BlockGrid:
         ys, xs = tile_starts(rows, block, overlap), tile_starts(cols, block, overlap)
         self.key = (shape, block, overlap)
         self.grid = (len(ys), len(xs))
+        self.block = block
         span = torch.arange(block, device=device)
-        self._rows = (torch.tensor(ys, device=device)[:, None] + span).view(-1, 1, 1, block, 1)
-        self._cols = (torch.tensor(xs, device=device)[:, None] + span).view(1, -1, 1, 1, block)
+        block_rows = torch.tensor(ys, device=device)[:, None] + span  # (rows of blocks, block)
+        block_cols = torch.tensor(xs, device=device)[:, None] + span
+        pixels = block_rows[:, None, :, None] * cols + block_cols[None, :, None, :]
+        # (rows of blocks, columns of blocks, block, block) flat pixel indices; gathers read
+        # int32 fastest, index_add_ int64 (on the CPU), so the cut's copy is int32 if it fits.
+        small = torch.int32 if rows * cols < 2**31 else torch.int64
+        self._pixels = pixels.flatten().to(small)
         step_y, step_x = disjoint_step(ys, block), disjoint_step(xs, block)
         self._groups = [
-            (
-                self._rows[y::step_y],
-                self._cols[:, x::step_x],
-                slice(y, None, step_y),
-                slice(x, None, step_x),
-            )
+            (pixels[y::step_y, x::step_x].flatten(), slice(y, None, step_y), slice(x, None, step_x))
             for y in range(step_y)
             for x in range(step_x)
         ]
@@ -144,25 +145,22 @@ class BlockGrid:
     def __len__(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    @staticmethod
-    def _channels(count: int, device: torch.device) -> torch.Tensor:
-        """The channel index that broadcasts with the block rows and columns: blocks in rows
-        then columns (``make_tiles``' order), then channels, then the block's pixels."""
-        return torch.arange(count, device=device).view(1, 1, -1, 1, 1)
-
     def cut(self, image: torch.Tensor) -> torch.Tensor:
-        """The (N, C, block, block) blocks of a (C, H, W) image, one gather."""
-        channels = self._channels(image.shape[0], image.device)
-        return image[channels, self._rows, self._cols].flatten(0, 1)
+        """The (N, C, block, block) blocks of a contiguous (C, H, W) image, in ``make_tiles``'
+        order (rows of blocks, then columns): one gather and one copy."""
+        channels = image.shape[0]
+        flat = image.view(channels, -1).index_select(1, self._pixels)
+        return flat.view(channels, len(self), self.block, self.block).transpose(0, 1).contiguous()
 
     def add(self, canvas: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """Add (N, C, block, block) ``blocks`` into the (C, H, W) ``canvas`` where they were
-        cut, in place: per group of mutually disjoint blocks, one gather, add and scatter."""
-        channels = self._channels(canvas.shape[0], canvas.device)
+        """Add (N, C, block, block) ``blocks`` into the contiguous (C, H, W) ``canvas`` where
+        they were cut, in place: one ``index_add_`` per group of mutually disjoint blocks."""
+        channels = canvas.shape[0]
+        flat = canvas.view(channels, -1)
         grid = blocks.view(*self.grid, *blocks.shape[1:])
-        for rows, cols, grid_rows, grid_cols in self._groups:
-            index = (channels, rows, cols)
-            canvas.index_put_(index, canvas[index] + grid[grid_rows, grid_cols])
+        for pixels, grid_rows, grid_cols in self._groups:
+            values = grid[grid_rows, grid_cols].permute(2, 0, 1, 3, 4).reshape(channels, -1)
+            flat.index_add_(1, pixels, values)
         return canvas
 
 
