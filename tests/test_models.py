@@ -490,6 +490,14 @@ def test_window_points_decode_in_even_batches(models, count, most, sizes, monkey
     assert torch.equal(torch.cat(seen), points)
 
 
+def test_a_window_without_points_decodes_nothing() -> None:
+    """An edge window narrower than half a grid step holds no point: no decoder call."""
+    from bmseg.models.sam2_models import even_batches
+
+    assert even_batches(0, 768) == []
+    assert even_batches(5, 768) == [slice(0, 5)]
+
+
 def test_window_prompts_are_embedded_once_for_every_tile(models, monkeypatch) -> None:
     """A window's point grid embeds the same for every tile: the second tile of a run reuses
     the first's embeddings, and its candidates are those of a segmenter embedding afresh."""

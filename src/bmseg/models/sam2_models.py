@@ -276,6 +276,8 @@ def even_batches(count: int, most: int) -> list[slice]:
     by at most one (1 296 points at 768: two calls of 648, not 768 + 528): every call has one
     shape and the peak memory is no larger than the count needs."""
     batches = math.ceil(count / most)
+    if not batches:
+        return []  # an edge window too narrow to hold a point of the grid
     bounds = [round(i * count / batches) for i in range(batches + 1)]
     return [slice(start, end) for start, end in itertools.pairwise(bounds)]
 
